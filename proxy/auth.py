@@ -1,0 +1,102 @@
+"""Client API keys: who may call, and which models each key may see."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from fnmatch import translate
+
+from proxy.errors import AuthenticationFailed
+
+_BEARER = re.compile(r"\s*bearer\s+(\S+)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What one authenticated caller may do. `key_id` namespaces its sessions."""
+
+    key_id: str
+    patterns: tuple[str, ...]
+    _match: re.Pattern[str] | None
+
+    def allows(self, model: str) -> bool:
+        return self._match is None or self._match.match(model) is not None
+
+
+def make_grant(key: str, patterns: Iterable[str]) -> Grant:
+    pats = tuple(patterns)
+    # A single regex per key, compiled once per route table, keeps the per-request check cheap.
+    match = None if "*" in pats else re.compile("|".join(f"(?:{translate(p)})" for p in pats))
+    return Grant(key_id=key_id(key), patterns=pats, _match=match)
+
+
+def key_id(key: str) -> str:
+    """A stable, non-reversible name for a key: sessions are namespaced by it, logs may show it."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def generate_key() -> str:
+    return "sk-" + secrets.token_urlsafe(24)
+
+
+def env_keys(value: str | None) -> list[str]:
+    """`AGENTPROXY_API_KEYS=k1,k2`: blanks and surrounding spaces are ignored."""
+    return [k.strip() for k in (value or "").split(",") if k.strip()]
+
+
+OPEN_GRANT = Grant(key_id="anonymous", patterns=("*",), _match=None)
+
+
+class Authenticator:
+    """Checks the presented key against the configured ones.
+
+    Keys are looked up by their SHA-256 digest and then confirmed with a constant-time compare,
+    so neither the lookup nor the compare leaks how much of a guessed key was right.
+    """
+
+    __slots__ = ("_by_digest", "open")
+
+    def __init__(self, grants: Mapping[str, Grant], *, open: bool = False) -> None:
+        self._by_digest = {
+            hashlib.sha256(key.encode()).digest(): (key.encode(), grant)
+            for key, grant in grants.items()
+        }
+        self.open = open
+
+    def check(self, authorization: str | None, x_api_key: str | None) -> Grant:
+        presented = _presented_key(authorization, x_api_key)
+        if presented is None:
+            if self.open:
+                return OPEN_GRANT
+            raise AuthenticationFailed(
+                "Incorrect API key provided: none was sent. Send it as "
+                "'Authorization: Bearer <key>' or 'X-Api-Key: <key>'."
+            )
+        raw = presented.encode()
+        found = self._by_digest.get(hashlib.sha256(raw).digest())
+        if found is not None and hmac.compare_digest(found[0], raw):
+            return found[1]
+        if self.open:
+            return OPEN_GRANT
+        raise AuthenticationFailed(f"Incorrect API key provided: {_redact(presented)}.")
+
+
+def _presented_key(authorization: str | None, x_api_key: str | None) -> str | None:
+    if authorization:
+        m = _BEARER.match(authorization)
+        if m:
+            return m.group(1)
+    if x_api_key and x_api_key.strip():
+        return x_api_key.strip()
+    return None
+
+
+def _redact(key: str) -> str:
+    # OpenAI shows a few characters of a wrong key; a key this short is shown as stars only.
+    if len(key) < 12:
+        return "*" * len(key)
+    return f"{key[:3]}{'*' * 8}{key[-4:]}"

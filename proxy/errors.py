@@ -1,0 +1,172 @@
+"""The one error tree of the proxy and its one renderer.
+
+Every failure a client can see is a ProxyError: it knows its HTTP status, the OpenAI error
+`type` and `code`, and a message that is safe to show (no secrets, no stack traces).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+
+class ProxyError(Exception):
+    # Subclasses set these; an instance may refine them (an upstream's own status or code).
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.body())
+
+
+class InvalidRequest(ProxyError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request_error"
+
+
+class AuthenticationFailed(ProxyError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(ProxyError):
+    status = 403
+    type = "invalid_request_error"
+    code = "permission_denied"
+
+
+class NotFound(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model `{model}` does not exist or you do not have access to it.",
+            param="model",
+        )
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class Conflict(ProxyError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class UnsupportedMediaType(ProxyError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class RateLimited(ProxyError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class UpstreamClientError(ProxyError):
+    """An upstream refused the request as the client's fault: its 4xx status is kept."""
+
+    type = "invalid_request_error"
+    code = "upstream_rejected"
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        error_type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message, param=param, code=code)
+        self.status = status
+        if error_type:
+            self.type = error_type
+
+
+class UpstreamUnavailable(ProxyError):
+    """The upstream could not be reached (refused, reset, DNS)."""
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_unavailable"
+
+
+class UpstreamFailed(ProxyError):
+    """The upstream answered, but with a server error or something that is not valid."""
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_error"
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    type = "upstream_error"
+    code = "upstream_timeout"
+
+
+class ServiceUnavailable(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+
+class InternalError(ProxyError):
+    """A bug in the proxy. The message shown never carries the exception's text."""
+
+    def __init__(self, request_id: str | None = None) -> None:
+        ref = f" (request id {request_id})" if request_id else ""
+        super().__init__(f"The proxy failed to handle the request{ref}.")
+
+
+def error_event(err: ProxyError) -> bytes:
+    """The SSE event that ends a stream whose 200 was already committed."""
+    return b"data: " + err.to_json() + b"\n\n"

@@ -1,0 +1,65 @@
+"""What every upstream kind implements, and what a request hands it."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from proxy.config import UpstreamSpec
+
+
+@dataclass(slots=True)
+class Call:
+    """One chat-completions request, as the handler hands it to an upstream adapter."""
+
+    body: dict[str, Any]
+    client_model: str
+    upstream_model: str | None
+    stream: bool
+    include_usage: bool
+    headers: Mapping[str, str]
+    request_id: str
+    key_id: str
+    session_hint: str | None = None
+    route_options: Mapping[str, Any] = field(default_factory=dict)
+    # Filled in by the adapter: when the upstream answered, for Server-Timing and metrics.
+    upstream_ms: float = 0.0
+    response_headers: list[tuple[str, str]] = field(default_factory=list)
+
+    def mark_answered(self, started: float) -> None:
+        self.upstream_ms = (time.perf_counter() - started) * 1000.0
+
+
+class Upstream(ABC):
+    """One configured upstream. Adapters raise only ProxyError subclasses.
+
+    `open_stream` returns only once the upstream accepted the request, so the handler commits
+    the 200 after that; errors raised while iterating become the stream's terminal error event.
+    The iterator yields whole SSE events (bytes) and never the final `data: [DONE]`, which the
+    handler writes; it raises instead of ending quietly when the upstream stream was truncated.
+    """
+
+    kind: str = ""
+
+    def __init__(self, spec: UpstreamSpec) -> None:
+        self.spec = spec
+        self.name = spec.name
+
+    @abstractmethod
+    async def complete(self, call: Call, http: aiohttp.ClientSession) -> bytes:
+        """The JSON body of an OpenAI chat.completion."""
+
+    @abstractmethod
+    async def open_stream(
+        self, call: Call, http: aiohttp.ClientSession
+    ) -> AsyncGenerator[bytes, None]:
+        """SSE events, already encoded, after the upstream accepted the request."""
+
+    async def list_models(self, http: aiohttp.ClientSession) -> list[dict[str, Any]]:
+        """Model cards the upstream offers, for `prefix/*` routes."""
+        return []

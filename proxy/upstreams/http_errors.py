@@ -1,0 +1,93 @@
+"""Mapping an upstream's HTTP failures to the proxy's error tree, shared by every HTTP kind."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+import orjson
+
+from proxy.errors import (
+    ProxyError,
+    RateLimited,
+    UpstreamClientError,
+    UpstreamFailed,
+    UpstreamUnavailable,
+)
+
+_MAX_ERROR_BODY = 64 * 1024
+
+
+async def read_error_body(resp: aiohttp.ClientResponse) -> bytes:
+    """At most 64 KiB: an error page is read to explain the failure, never relayed whole."""
+    try:
+        return await resp.content.read(_MAX_ERROR_BODY)
+    except aiohttp.ClientError:
+        return b""
+
+
+def connection_error(upstream: str, exc: aiohttp.ClientError) -> UpstreamUnavailable:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        reason = exc.strerror or type(exc.os_error).__name__
+        what = f"cannot connect to {exc.host}:{exc.port} ({reason})"
+    elif isinstance(exc, aiohttp.ServerDisconnectedError):
+        what = "the connection was closed before an answer"
+    else:
+        what = f"connection failed ({type(exc).__name__})"
+    return UpstreamUnavailable(f"Upstream '{upstream}' is unavailable: {what}.")
+
+
+def _parse_error(body: bytes) -> dict[str, Any]:
+    """The upstream's own error fields, from the shapes servers actually send."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return {}
+    if not isinstance(parsed, dict):
+        return {}
+    err = parsed.get("error")
+    if isinstance(err, dict):  # OpenAI, vLLM, LM Studio
+        return err
+    if isinstance(err, str):  # Ollama
+        return {"message": err}
+    detail = parsed.get("detail")  # FastAPI servers, Letta
+    if isinstance(detail, str):
+        return {"message": detail}
+    if detail is not None:
+        return {"message": orjson.dumps(detail).decode()[:1000]}
+    if isinstance(parsed.get("message"), str):
+        return {"message": parsed["message"]}
+    return {}
+
+
+def error_from_response(
+    upstream: str, status: int, body: bytes, headers: Mapping[str, str]
+) -> ProxyError:
+    err = _parse_error(body)
+    message = str(err.get("message") or "")[:2000]
+    if status in (401, 403):
+        # The client's key is the proxy's business; the upstream's key is the operator's, so
+        # the client must not see an auth error it cannot fix.
+        return UpstreamFailed(
+            f"Upstream '{upstream}' refused the proxy's credentials (HTTP {status})."
+        )
+    if status == 429:
+        retry = headers.get("Retry-After")
+        return RateLimited(
+            message or f"Upstream '{upstream}' is rate limiting requests.",
+            headers={"Retry-After": retry} if retry else None,
+        )
+    if 400 <= status < 500:
+        param = err.get("param")
+        code = err.get("code")
+        etype = err.get("type")
+        return UpstreamClientError(
+            status,
+            message or f"Upstream '{upstream}' rejected the request (HTTP {status}).",
+            error_type=etype if isinstance(etype, str) else None,
+            param=param if isinstance(param, str) else None,
+            code=code if isinstance(code, str) else None,
+        )
+    detail = f": {message}" if message else ""
+    return UpstreamFailed(f"Upstream '{upstream}' failed with HTTP {status}{detail}")

@@ -1,0 +1,265 @@
+"""The `openai` kind: any server that speaks `/v1/chat/completions` (vLLM, LM Studio, Ollama...).
+
+Streams are relayed event by event without parsing each chunk's JSON: the proxy only frames
+the SSE stream (so a truncated stream is noticed) and looks for a finish_reason with a regex.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any
+
+import aiohttp
+import orjson
+from yarl import URL
+
+from proxy.config import UpstreamSpec
+from proxy.errors import ProxyError, UpstreamFailed, UpstreamTimeout
+from proxy.sse import SSEDecoder, SSEError, encode_comment
+from proxy.upstreams.base import Call, Upstream
+from proxy.upstreams.http_errors import connection_error, error_from_response, read_error_body
+
+# A finish chunk carries a string finish_reason; every other chunk has null or nothing.
+_FINISH = re.compile(r'"finish_reason"\s*:\s*"')
+_KEEPALIVE = encode_comment()
+
+# Response headers the proxy sets itself, or that describe one hop only (RFC 9110 §7.6.1).
+_NOT_RELAYED = frozenset(
+    {
+        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+        "trailer", "trailers", "transfer-encoding", "upgrade", "content-length",
+        "content-type", "content-encoding", "date", "server", "x-request-id",
+        "server-timing", "set-cookie", "cache-control", "x-accel-buffering",
+    }
+)
+
+
+def relayable_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in headers.items() if k.lower() not in _NOT_RELAYED]
+
+
+class OpenAI(Upstream):
+    kind = "openai"
+
+    def __init__(self, spec: UpstreamSpec) -> None:
+        super().__init__(spec)
+        assert spec.url is not None
+        self.chat_url = URL(spec.url + "/chat/completions")
+        self.models_url = URL(spec.url + "/models")
+        headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+        if spec.api_key:
+            headers["Authorization"] = f"Bearer {spec.api_key}"
+        headers.update(spec.headers)
+        self._headers = headers
+        self._forward = spec.forward_headers
+        t = spec.timeouts
+        self._first_event = t.first_event
+        self._timeout = aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect)
+
+    def _request_headers(self, call: Call) -> dict[str, str]:
+        if not self._forward:
+            return self._headers
+        headers = dict(self._headers)
+        for name in self._forward:
+            value = call.headers.get(name)
+            if value is not None:
+                headers[name] = value
+        return headers
+
+    def _payload(self, call: Call) -> bytes:
+        body = call.body
+        if call.upstream_model is not None and body.get("model") != call.upstream_model:
+            body = {**body, "model": call.upstream_model}
+        return orjson.dumps(body)
+
+    def _timed_out(self, what: str, seconds: float | None) -> UpstreamTimeout:
+        return UpstreamTimeout(
+            f"Upstream '{self.name}' sent nothing within {seconds:g} s (timeouts.{what})."
+        )
+
+    async def _post(self, call: Call, http: aiohttp.ClientSession) -> aiohttp.ClientResponse:
+        try:
+            return await http.post(
+                self.chat_url,
+                data=self._payload(call),
+                headers=self._request_headers(call),
+                timeout=self._timeout,
+            )
+        except TimeoutError:
+            raise self._timed_out("connect", self._timeout.sock_connect) from None
+        except aiohttp.ClientError as exc:
+            raise connection_error(self.name, exc) from None
+
+    async def complete(self, call: Call, http: aiohttp.ClientSession) -> bytes:
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self._first_event):
+                resp = await self._post(call, http)
+                try:
+                    if resp.status >= 300:
+                        raise error_from_response(
+                            self.name, resp.status, await read_error_body(resp), resp.headers
+                        )
+                    data = await resp.read()
+                finally:
+                    resp.release()
+        except TimeoutError:
+            raise self._timed_out("first_event", self._first_event) from None
+        except aiohttp.ClientError as exc:
+            raise connection_error(self.name, exc) from None
+        call.mark_answered(started)
+        try:
+            parsed = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, dict) or not isinstance(parsed.get("choices"), list):
+            raise UpstreamFailed(
+                f"Upstream '{self.name}' answered with a body that is not a chat completion."
+            )
+        call.response_headers = relayable_headers(resp.headers)
+        return data
+
+    async def open_stream(
+        self, call: Call, http: aiohttp.ClientSession
+    ) -> AsyncGenerator[bytes, None]:
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self._first_event):
+                resp = await self._post(call, http)
+                if resp.status >= 300:
+                    try:
+                        body = await read_error_body(resp)
+                    finally:
+                        resp.release()
+                    raise error_from_response(self.name, resp.status, body, resp.headers)
+        except TimeoutError:
+            raise self._timed_out("first_event", self._first_event) from None
+        except aiohttp.ClientError as exc:
+            raise connection_error(self.name, exc) from None
+        if not resp.headers.get("Content-Type", "").startswith("text/event-stream"):
+            resp.close()
+            raise UpstreamFailed(
+                f"Upstream '{self.name}' answered a streaming request without an event stream "
+                f"(Content-Type {resp.headers.get('Content-Type', 'missing')!r})."
+            )
+        call.mark_answered(started)
+        call.response_headers = relayable_headers(resp.headers)
+        return self._relay(resp)
+
+    async def _relay(self, resp: aiohttp.ClientResponse) -> AsyncGenerator[bytes, None]:
+        decoder = SSEDecoder()
+        state = _RelayState()
+        try:
+            async for chunk in resp.content.iter_any():
+                comments = decoder.comments
+                out = state.frame(self.name, decoder.feed(chunk))
+                if out:
+                    yield out
+                elif decoder.comments != comments:
+                    # Pass the upstream's own keep-alives on, so the client's idle timer resets.
+                    yield _KEEPALIVE
+                if state.error is not None:
+                    raise state.error
+                if state.done:
+                    break
+            else:
+                out = state.frame(self.name, decoder.flush())
+                if out:
+                    yield out
+                if state.error is not None:
+                    raise state.error
+        except SSEError as exc:
+            raise UpstreamFailed(f"Upstream '{self.name}' sent a malformed stream: {exc}") from None
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"Upstream '{self.name}' stopped sending (timeouts.total)."
+            ) from None
+        except aiohttp.ClientError:
+            raise UpstreamFailed(
+                f"Upstream '{self.name}' closed the connection in the middle of the stream."
+            ) from None
+        finally:
+            if state.done:
+                resp.release()
+            else:
+                resp.close()
+        if not state.finished:
+            raise UpstreamFailed(
+                f"Upstream '{self.name}' ended the stream without a finish_reason."
+            )
+        if not state.done:
+            raise UpstreamFailed(f"Upstream '{self.name}' ended the stream without [DONE].")
+
+    async def list_models(self, http: aiohttp.ClientSession) -> list[dict[str, Any]]:
+        try:
+            async with asyncio.timeout(self._first_event):
+                async with http.get(
+                    self.models_url, headers=self._headers, timeout=self._timeout
+                ) as resp:
+                    if resp.status >= 300:
+                        raise error_from_response(
+                            self.name, resp.status, await read_error_body(resp), resp.headers
+                        )
+                    data = await resp.read()
+        except TimeoutError:
+            raise self._timed_out("first_event", self._first_event) from None
+        except aiohttp.ClientError as exc:
+            raise connection_error(self.name, exc) from None
+        try:
+            listing = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            listing = None
+        cards = listing.get("data") if isinstance(listing, dict) else None
+        if not isinstance(cards, list):
+            raise UpstreamFailed(f"Upstream '{self.name}' answered /models with no model list.")
+        return [c for c in cards if isinstance(c, dict) and isinstance(c.get("id"), str)]
+
+
+class _RelayState:
+    """What the relay must know to enforce the stream guarantees, and nothing more."""
+
+    __slots__ = ("done", "error", "finished")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.finished = False
+        # Raised only after the events before it were passed on.
+        self.error: ProxyError | None = None
+
+    def frame(self, upstream: str, events: list[Any]) -> bytes:
+        out: list[bytes] = []
+        for ev in events:
+            if self.done or self.error is not None:
+                break
+            data: str = ev.data
+            if data == "[DONE]":
+                self.done = True
+                break
+            if ev.event == "error" or data.startswith('{"error"'):
+                self.error = stream_error(upstream, data)
+                break
+            if not data:
+                continue
+            if not self.finished and _FINISH.search(data) is not None:
+                self.finished = True
+            out.append(b"data: " + data.encode() + b"\n\n")
+        return b"".join(out)
+
+
+def stream_error(upstream: str, data: str) -> ProxyError:
+    message = ""
+    try:
+        parsed = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict):
+        err = parsed.get("error", parsed)
+        if isinstance(err, dict):
+            message = str(err.get("message") or "")
+        elif isinstance(err, str):
+            message = err
+    detail = f": {message[:500]}" if message else ""
+    return UpstreamFailed(f"Upstream '{upstream}' reported an error mid-stream{detail}")

@@ -1,0 +1,122 @@
+"""The `agentproxy` command as a user runs it: real processes, real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = Path(sys.executable).parent / "agentproxy"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_check(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "check", *args],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+
+
+def test_check_accepts_the_shipped_routes_file() -> None:
+    done = run_check("routes.yaml")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "routes.yaml: ok" in done.stdout
+
+
+def test_check_prints_file_line_path_and_exits_1(tmp_path: Path) -> None:
+    bad = tmp_path / "routes.yaml"
+    bad.write_text("upstreams:\n  demo: {kind: echo}\nmodels:\n  m:\n    upstream: nowhere\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "check", "routes.yaml"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    assert done.returncode == 1
+    assert re.match(r"routes\.yaml:5 models\.m\.upstream: ", done.stdout), done.stdout
+
+
+def test_check_reports_a_missing_file() -> None:
+    done = run_check("does-not-exist.yaml")
+    assert done.returncode == 1
+    assert "does-not-exist.yaml" in done.stdout
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int, Path]]:
+    port = free_port()
+    log = tmp_path / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k != "AGENTPROXY_API_KEYS"}
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [str(SCRIPT), "serve", "--port", str(port)],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True, env=env,
+        )
+    try:
+        yield proc, port, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+async def wait_healthy(port: int, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 20
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "serve exited"
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+    raise AssertionError("no answer on /healthz")
+
+
+async def test_serve_prints_a_generated_key_and_requires_it(
+    served: tuple[subprocess.Popen[str], int, Path],
+) -> None:
+    proc, port, log = served
+    await wait_healthy(port, proc)
+    key_match = re.search(r"sk-[A-Za-z0-9_-]{32}", log.read_text())
+    assert key_match, log.read_text()
+    key = key_match.group(0)
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(base + "/v1/models") as resp:
+            assert resp.status == 401
+        async with http.get(base + "/v1/models", headers={"Authorization": f"Bearer {key}"}) as r:
+            assert r.status == 200
+            assert [m["id"] for m in (await r.json())["data"]] == ["echo"]
+        async with http.post(
+            base + "/v1/chat/completions",
+            json={"model": "echo", "messages": [{"role": "user", "content": "hi cli"}]},
+            headers={"Authorization": f"Bearer {key}"},
+        ) as r:
+            assert (await r.json())["choices"][0]["message"]["content"] == "hi cli"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+
+
+def test_python_dash_m_proxy_runs_the_same_cli() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0
+    assert "serve" in done.stdout and "check" in done.stdout

@@ -1,0 +1,639 @@
+"""routes.yaml validation: every problem is reported as `file:line path: message`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from proxy.config import (
+    AuthSpec,
+    Config,
+    ConfigError,
+    KeySpec,
+    ModelSpec,
+    Problem,
+    Timeouts,
+    UpstreamSpec,
+    load_config,
+    parse_config,
+)
+
+INLINE = "secret written inline; use ${VAR} so it comes from the environment"
+ECHO_ONLY = "upstreams:\n  demo: {kind: echo}\nmodels:\n  echo: {upstream: demo}\n"
+
+
+def problems(text: str, environ: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "routes.yaml", environ or {})
+    return [str(p) for p in info.value.problems]
+
+
+INVALID = [
+    pytest.param(
+        "upstreams:\n  demo:\n    kind: echo\n   url: x\n",
+        ["routes.yaml:4 (file): invalid YAML: expected <block end>, but found '<block mapping start>'"],
+        id="invalid-yaml",
+    ),
+    pytest.param(
+        "upstreams:\n\tdemo: {kind: echo}\n",
+        ["routes.yaml:2 (file): invalid YAML: found character '\\t' that cannot start any token"],
+        id="invalid-yaml-tab",
+    ),
+    pytest.param(
+        "# nothing here yet\n\n",
+        ["routes.yaml:1 (file): the file is empty"],
+        id="empty-file",
+    ),
+    pytest.param(
+        "",
+        ["routes.yaml:1 (file): the file is empty"],
+        id="zero-bytes",
+    ),
+    pytest.param(
+        "- upstreams\n- models\n",
+        ["routes.yaml:1 (file): expected a mapping with upstreams, models and auth, got a list"],
+        id="top-level-list",
+    ),
+    pytest.param(
+        ECHO_ONLY + "authh: {}\n",
+        ["routes.yaml:5 authh: unknown key 'authh'; did you mean 'auth'?"],
+        id="unknown-top-level-key",
+    ),
+    pytest.param(
+        "upstreams:\n  demo: {kind: echo}\n",
+        ["routes.yaml:1 (file): missing required key 'models'"],
+        id="missing-models",
+    ),
+    pytest.param(
+        "upstreams:\nmodels: {}\n",
+        [
+            "routes.yaml:1 upstreams: no upstreams defined; at least one is required",
+            "routes.yaml:2 models: no models defined; at least one is required",
+        ],
+        id="empty-sections",
+    ),
+    pytest.param(
+        "upstreams:\n  vllm:\n    kind: openai\n    urll: http://127.0.0.1:8000/v1\n"
+        "models:\n  m: {upstream: vllm}\n",
+        [
+            "routes.yaml:2 upstreams.vllm: missing required key 'url' (the server's base URL, "
+            "e.g. http://127.0.0.1:8000/v1)",
+            "routes.yaml:4 upstreams.vllm.urll: unknown key 'urll'; did you mean 'url'?",
+        ],
+        id="unknown-upstream-key-with-suggestion",
+    ),
+    pytest.param(
+        "upstreams:\n  vllm:\n    url: http://127.0.0.1:8000/v1\nmodels:\n  m: {upstream: vllm}\n",
+        ["routes.yaml:2 upstreams.vllm: missing required key 'kind' (openai or echo)"],
+        id="missing-kind",
+    ),
+    pytest.param(
+        "upstreams:\n  vllm: {kind: vllm, url: 'http://h/v1'}\nmodels:\n  m: {upstream: vllm}\n",
+        ["routes.yaml:2 upstreams.vllm.kind: unknown kind 'vllm'; expected one of: openai, echo"],
+        id="bad-kind",
+    ),
+    pytest.param(
+        "upstreams:\n  vllm: {kind: opnai, url: 'http://h/v1'}\nmodels:\n  m: {upstream: vllm}\n",
+        ["routes.yaml:2 upstreams.vllm.kind: unknown kind 'opnai'; did you mean 'openai'?"],
+        id="misspelt-kind",
+    ),
+    pytest.param(
+        "upstreams:\n  letta:\n    kind: letta\n    url: http://127.0.0.1:8283\n"
+        "models:\n  support:\n    upstream: letta\n    agent: support-bot\n",
+        [
+            "routes.yaml:3 upstreams.letta.kind: upstream kind 'letta' is not yet supported",
+            "routes.yaml:8 models.support.agent: 'agent' belongs to letta upstreams, and upstream "
+            "kind 'letta' is not yet supported",
+        ],
+        id="letta-kind-reserved",
+    ),
+    pytest.param(
+        "upstreams:\n  x: {kind: custom}\nmodels:\n  m: {upstream: x}\n",
+        ["routes.yaml:2 upstreams.x.kind: upstream kind 'custom' is not yet supported"],
+        id="custom-kind-reserved",
+    ),
+    pytest.param(
+        "upstreams:\n  vllm:\n    kind: openai\nmodels:\n  m: {upstream: vllm}\n",
+        [
+            "routes.yaml:2 upstreams.vllm: missing required key 'url' (the server's base URL, "
+            "e.g. http://127.0.0.1:8000/v1)"
+        ],
+        id="openai-without-url",
+    ),
+    pytest.param(
+        "upstreams:\n  vllm:\n    kind: openai\n    url: ftp://127.0.0.1/v1\n"
+        "models:\n  m: {upstream: vllm}\n",
+        [
+            "routes.yaml:4 upstreams.vllm.url: expected an absolute http:// or https:// URL, "
+            "e.g. http://127.0.0.1:8000/v1"
+        ],
+        id="bad-url-scheme",
+    ),
+    pytest.param(
+        "upstreams:\n  vllm:\n    kind: openai\n    url: 127.0.0.1:8000/v1\n"
+        "models:\n  m: {upstream: vllm}\n",
+        [
+            "routes.yaml:4 upstreams.vllm.url: expected an absolute http:// or https:// URL, "
+            "e.g. http://127.0.0.1:8000/v1"
+        ],
+        id="url-without-scheme",
+    ),
+    pytest.param(
+        "upstreams:\n  vllm:\n    kind: openai\n    url: http://127.0.0.1:80000/v1\n"
+        "models:\n  m: {upstream: vllm}\n",
+        ["routes.yaml:4 upstreams.vllm.url: the port is not a number from 0 to 65535"],
+        id="url-bad-port",
+    ),
+    pytest.param(
+        "upstreams:\n  demo:\n    kind: echo\n    url: http://127.0.0.1:8000/v1\n"
+        "    api_key: ${KEY}\nmodels:\n  m: {upstream: demo}\n",
+        [
+            "routes.yaml:4 upstreams.demo.url: not used by kind echo",
+            "routes.yaml:5 upstreams.demo.api_key: not used by kind echo",
+        ],
+        id="url-on-echo",
+    ),
+    pytest.param(
+        "upstreams:\n  bad name: {kind: echo}\nmodels:\n  m: {upstream: bad name}\n",
+        [
+            "routes.yaml:2 upstreams.bad name: an upstream name may only contain letters, "
+            "digits, '_', '.' and '-'"
+        ],
+        id="bad-upstream-name",
+    ),
+    pytest.param(
+        "upstreams:\n  demo: {kind: echo}\nmodels:\n  m:\n    upstream: dmeo\n",
+        ["routes.yaml:5 models.m.upstream: unknown upstream 'dmeo'; did you mean 'demo'?"],
+        id="dangling-upstream",
+    ),
+    pytest.param(
+        "upstreams:\n  vllm: {kind: openai, url: 'http://h/v1'}\n  demo: {kind: echo}\n"
+        "models:\n  m:\n    upstream:\n      - vllm\n      - elsewhere\n",
+        [
+            "routes.yaml:8 models.m.upstream[1]: unknown upstream 'elsewhere'; "
+            "expected one of: vllm, demo"
+        ],
+        id="dangling-upstream-in-list",
+    ),
+    pytest.param(
+        "upstreams:\n  demo: {kind: echo}\nmodels:\n  m:\n    upstream: [demo, demo]\n",
+        ["routes.yaml:5 models.m.upstream[1]: upstream 'demo' is listed twice"],
+        id="upstream-listed-twice",
+    ),
+    pytest.param(
+        "upstreams:\n  demo: {kind: echo}\nmodels:\n  m:\n    upstream: []\n",
+        ["routes.yaml:5 models.m.upstream: the list is empty; name at least one upstream"],
+        id="empty-upstream-list",
+    ),
+    pytest.param(
+        ECHO_ONLY + "  echo:\n    upstream: demo\n",
+        ["routes.yaml:5 models.echo: duplicate model name 'echo' (first on line 4)"],
+        id="duplicate-model-name",
+    ),
+    pytest.param(
+        "upstreams:\n  demo:\n    kind: echo\n    kind: echo\nmodels:\n  m: {upstream: demo}\n",
+        ["routes.yaml:4 upstreams.demo.kind: duplicate key 'kind' (first on line 3)"],
+        id="duplicate-key",
+    ),
+    pytest.param(
+        "upstreams:\n  lm: {kind: openai, url: 'http://h/v1'}\n"
+        "models:\n  local/*:\n    upstream: lm\n    model: qwen\n",
+        [
+            "routes.yaml:6 models.local/*.model: a wildcard forwards the upstream's own model "
+            "ids; 'model' cannot be set"
+        ],
+        id="wildcard-with-model",
+    ),
+    pytest.param(
+        "upstreams:\n  demo: {kind: echo}\nmodels:\n  demo/*:\n    upstream: demo\n",
+        [
+            "routes.yaml:5 models.demo/*.upstream: 'demo' is kind echo, which has no model list "
+            "for a wildcard to expand"
+        ],
+        id="wildcard-on-echo",
+    ),
+    pytest.param(
+        "upstreams:\n  demo: {kind: echo}\nmodels:\n  '*':\n    upstream: demo\n",
+        ["routes.yaml:4 models.*: a wildcard model must have the form 'prefix/*'"],
+        id="wildcard-star-alone",
+    ),
+    pytest.param(
+        "upstreams:\n  demo: {kind: echo}\nmodels:\n  a*:\n    upstream: demo\n",
+        ["routes.yaml:4 models.a*: a wildcard model must have the form 'prefix/*'"],
+        id="wildcard-without-slash",
+    ),
+    pytest.param(
+        "upstreams:\n  demo: {kind: echo}\nmodels:\n  a/*/b:\n    upstream: demo\n",
+        ["routes.yaml:4 models.a/*/b: a wildcard model must have the form 'prefix/*'"],
+        id="wildcard-in-the-middle",
+    ),
+    pytest.param(
+        "upstreams:\n  demo: {kind: echo}\nmodels:\n  /*:\n    upstream: demo\n",
+        ["routes.yaml:4 models./*: a wildcard model must have the form 'prefix/*'"],
+        id="wildcard-empty-prefix",
+    ),
+    pytest.param(
+        "upstreams:\n  demo: {kind: echo}\nmodels:\n  m:\n    upstream: 3\n",
+        ["routes.yaml:5 models.m.upstream: expected an upstream name or a list of names, got a number"],
+        id="upstream-is-a-number",
+    ),
+    pytest.param(
+        "upstreams:\n  vllm:\n    kind: openai\n    url: http://h/v1\n    timeouts:\n"
+        "      connect: fast\n      idle: -1\nmodels:\n  m: {upstream: vllm}\n",
+        [
+            "routes.yaml:6 upstreams.vllm.timeouts.connect: expected a number of seconds, "
+            "got a string",
+            "routes.yaml:7 upstreams.vllm.timeouts.idle: must be a positive number of seconds",
+        ],
+        id="timeouts-wrong-type-and-negative",
+    ),
+    pytest.param(
+        "upstreams:\n  vllm:\n    kind: openai\n    url: http://h/v1\n    timeouts:\n"
+        "      total: -5\n      connnect: 3\nmodels:\n  m: {upstream: vllm}\n",
+        [
+            "routes.yaml:6 upstreams.vllm.timeouts.total: must be a positive number of seconds, "
+            "or 0 or null for no limit",
+            "routes.yaml:7 upstreams.vllm.timeouts.connnect: unknown key 'connnect'; "
+            "did you mean 'connect'?",
+        ],
+        id="timeouts-total-negative-and-typo",
+    ),
+    pytest.param(
+        "upstreams:\n  vllm:\n    kind: openai\n    url: http://h/v1\n    headers: [X-A]\n"
+        "    forward_headers: X-Session-Id\nmodels:\n  m: {upstream: vllm}\n",
+        [
+            "routes.yaml:5 upstreams.vllm.headers: expected a mapping, got a list",
+            "routes.yaml:6 upstreams.vllm.forward_headers: expected a list of header names, "
+            "got a string",
+        ],
+        id="headers-wrong-types",
+    ),
+    pytest.param(
+        "upstreams:\n  vllm:\n    kind: openai\n    url: http://h/v1\n    headers:\n"
+        "      X Bad: v\n      X-Team: 7\n    forward_headers: [Authorization, X-Api-Key]\n"
+        "models:\n  m: {upstream: vllm}\n",
+        [
+            "routes.yaml:6 upstreams.vllm.headers.X Bad: not a valid header name",
+            "routes.yaml:7 upstreams.vllm.headers.X-Team: expected a string, got a number",
+            "routes.yaml:8 upstreams.vllm.forward_headers[0]: 'Authorization' cannot be "
+            "forwarded: the proxy sets it or it carries the client's key for this proxy",
+            "routes.yaml:8 upstreams.vllm.forward_headers[1]: 'X-Api-Key' cannot be "
+            "forwarded: the proxy sets it or it carries the client's key for this proxy",
+        ],
+        id="bad-headers",
+    ),
+    pytest.param(
+        ECHO_ONLY + "auth:\n  allow_unauthenticated: 'yes'\n",
+        ["routes.yaml:6 auth.allow_unauthenticated: expected true or false, got a string"],
+        id="allow-unauthenticated-string",
+    ),
+    pytest.param(
+        ECHO_ONLY + "auth:\n  keys:\n    - key: ${OPENWEBUI_KEY}\n",
+        ["routes.yaml:7 auth.keys[0].key: environment variable OPENWEBUI_KEY is not set"],
+        id="missing-env-var",
+    ),
+    pytest.param(
+        "upstreams:\n  vllm:\n    kind: openai\n    url: ${VLLM_URL}\n"
+        "models:\n  m: {upstream: vllm}\n",
+        ["routes.yaml:4 upstreams.vllm.url: environment variable VLLM_URL is not set"],
+        id="missing-env-var-in-url",
+    ),
+    pytest.param(
+        ECHO_ONLY + "auth:\n  keys:\n    - key: ${OPENWEBUI_KEY:-}\n",
+        ["routes.yaml:7 auth.keys[0].key: empty API key"],
+        id="empty-key",
+    ),
+    pytest.param(
+        ECHO_ONLY + "auth:\n  keys:\n    - key: ${K\n",
+        [
+            "routes.yaml:7 auth.keys[0].key: malformed ${...}: expected ${VAR} or "
+            "${VAR:-default} (write $${ for a literal ${)"
+        ],
+        id="malformed-reference",
+    ),
+    pytest.param(
+        ECHO_ONLY + "auth:\n  keys:\n    - key: ${A}\n    - key: ${B}\n      name: laptop\n",
+        ["routes.yaml:8 auth.keys[1].key: same key as auth.keys[0].key"],
+        id="duplicate-auth-keys",
+    ),
+    pytest.param(
+        ECHO_ONLY + "auth:\n  keys:\n    - name: laptop\n    - key: ${A}\n      models: []\n"
+        "      scope: all\n",
+        [
+            "routes.yaml:7 auth.keys[0]: missing required key 'key'",
+            "routes.yaml:9 auth.keys[1].models: the list is empty, so this key would grant "
+            "no model",
+            "routes.yaml:10 auth.keys[1].scope: unknown key 'scope'; expected one of: key, "
+            "models, name",
+        ],
+        id="bad-key-entries",
+    ),
+    pytest.param(
+        "upstreams:\n"
+        "  vllm:\n"
+        "    kind: openai\n"
+        "    url: http://127.0.0.1:8000/v1\n"
+        "    timeouts: {connect: fast}\n"
+        "  demo:\n"
+        "    kind: echo\n"
+        "    api_key: x\n"
+        "models:\n"
+        "  mistral:\n"
+        "    upstream: [vllm, lmstudio]\n"
+        "  local/*:\n"
+        "    upstream: demo\n"
+        "auth:\n"
+        "  keys:\n"
+        "    - key: ${MISSING}\n",
+        [
+            "routes.yaml:5 upstreams.vllm.timeouts.connect: expected a number of seconds, "
+            "got a string",
+            "routes.yaml:8 upstreams.demo.api_key: not used by kind echo",
+            "routes.yaml:11 models.mistral.upstream[1]: unknown upstream 'lmstudio'; "
+            "expected one of: vllm, demo",
+            "routes.yaml:13 models.local/*.upstream: 'demo' is kind echo, which has no model "
+            "list for a wildcard to expand",
+            "routes.yaml:16 auth.keys[0].key: environment variable MISSING is not set",
+        ],
+        id="several-problems-together",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), INVALID)
+def test_invalid_file_reports_every_problem(text: str, expected: list[str]) -> None:
+    assert problems(text, {"A": "sk-same", "B": "sk-same", "KEY": "k"}) == expected
+
+
+def test_problem_str_is_file_line_path_message() -> None:
+    problem = Problem("routes.yaml", 12, "models.support.upstream", "what is wrong")
+    assert str(problem) == "routes.yaml:12 models.support.upstream: what is wrong"
+    error = ConfigError([problem, Problem("routes.yaml", 1, "(file)", "other")])
+    assert str(error) == "routes.yaml:12 models.support.upstream: what is wrong\nroutes.yaml:1 (file): other"
+
+
+def test_no_message_contains_a_secret() -> None:
+    text = ECHO_ONLY + "auth:\n  keys:\n    - key: sk-topsecret-1\n    - key: sk-topsecret-1\n"
+    found = problems(text)
+    assert found == ["routes.yaml:8 auth.keys[1].key: same key as auth.keys[0].key"]
+    assert "topsecret" not in "".join(found)
+
+
+FULL = """\
+upstreams:
+  vllm:
+    kind: openai
+    url: http://127.0.0.1:8000/v1/
+    api_key: ${VLLM_API_KEY:-}
+  lmstudio:
+    kind: openai
+    url: http://127.0.0.1:1234/v1
+    api_key: ${LMSTUDIO_KEY}
+    headers:
+      X-Team: research
+    forward_headers: [X-Session-Id]
+    timeouts:
+      connect: 2
+      first_event: 60
+      idle: 30.5
+      total: 600
+  demo:
+    kind: echo
+models:
+  mistral:
+    upstream: [vllm, lmstudio]
+    model: mistralai/Mistral-7B-Instruct-v0.2
+  "local/*":
+    upstream: lmstudio
+    owned_by: lab
+  echo:
+    upstream: demo
+auth:
+  keys:
+    - key: ${OPENWEBUI_KEY}
+      models: ["mistral", "local/*"]
+      name: open-webui
+    - key: ${ADMIN_KEY}
+  allow_unauthenticated: false
+"""
+
+
+def test_full_example_parses_to_dataclasses() -> None:
+    env = {"LMSTUDIO_KEY": "lm-key", "OPENWEBUI_KEY": "sk-webui", "ADMIN_KEY": "sk-admin"}
+    config = parse_config(FULL, "routes.yaml", env)
+    assert config == Config(
+        source="routes.yaml",
+        version=config.version,
+        upstreams={
+            "vllm": UpstreamSpec(
+                name="vllm", kind="openai", line=2, url="http://127.0.0.1:8000/v1", api_key=None
+            ),
+            "lmstudio": UpstreamSpec(
+                name="lmstudio",
+                kind="openai",
+                line=6,
+                url="http://127.0.0.1:1234/v1",
+                api_key="lm-key",
+                headers={"X-Team": "research"},
+                forward_headers=("x-session-id",),
+                timeouts=Timeouts(connect=2, first_event=60, idle=30.5, total=600),
+            ),
+            "demo": UpstreamSpec(name="demo", kind="echo", line=18),
+        },
+        models=(
+            ModelSpec(
+                name="mistral",
+                upstreams=("vllm", "lmstudio"),
+                line=21,
+                model="mistralai/Mistral-7B-Instruct-v0.2",
+            ),
+            ModelSpec(name="local/*", upstreams=("lmstudio",), line=24, owned_by="lab"),
+            ModelSpec(name="echo", upstreams=("demo",), line=27),
+        ),
+        auth=AuthSpec(
+            keys=(
+                KeySpec(key="sk-webui", line=31, models=("mistral", "local/*"), name="open-webui"),
+                KeySpec(key="sk-admin", line=34),
+            ),
+        ),
+        warnings=(),
+    )
+    assert [m.wildcard_prefix for m in config.models] == [None, "local/", None]
+    assert list(config.upstreams) == ["vllm", "lmstudio", "demo"]
+
+
+def test_defaults() -> None:
+    config = parse_config(
+        "upstreams:\n  v: {kind: openai, url: 'https://api.example.com/v1'}\n"
+        "models:\n  m: {upstream: v}\n",
+        environ={},
+    )
+    spec = config.upstreams["v"]
+    assert spec.timeouts == Timeouts(connect=10.0, first_event=300.0, idle=300.0, total=None)
+    assert (spec.api_key, dict(spec.headers), spec.forward_headers) == (None, {}, ())
+    assert config.auth == AuthSpec(keys=(), allow_unauthenticated=False)
+
+
+@pytest.mark.parametrize(
+    ("total", "expected"),
+    [("0", None), ("null", None), ("", None), ("1.5", 1.5)],
+    ids=["zero", "null", "empty", "number"],
+)
+def test_total_timeout_zero_or_null_means_no_limit(total: str, expected: float | None) -> None:
+    text = (
+        "upstreams:\n  v:\n    kind: openai\n    url: http://h/v1\n"
+        f"    timeouts:\n      total: {total}\nmodels:\n  m: {{upstream: v}}\n"
+    )
+    assert parse_config(text, environ={}).upstreams["v"].timeouts.total == expected
+
+
+@pytest.mark.parametrize(
+    ("written", "environ", "expected"),
+    [
+        ("${NAME}", {"NAME": "value"}, "value"),
+        ("${NAME:-fallback}", {}, "fallback"),
+        ("${NAME:-fallback}", {"NAME": "set"}, "set"),
+        ("${NAME:-fallback}", {"NAME": ""}, "fallback"),
+        ("${NAME:-}", {}, ""),
+        ("${NAME}", {"NAME": ""}, ""),
+        ("pre-${A}-${B:-b}-post", {"A": "a"}, "pre-a-b-post"),
+        ("$${NAME}", {}, "${NAME}"),
+        ("cost $5 {x}", {}, "cost $5 {x}"),
+        ("${A}$${A}", {"A": "a"}, "a${A}"),
+    ],
+    ids=[
+        "set", "default", "set-beats-default", "empty-takes-default", "empty-default",
+        "set-but-empty", "several", "escape", "lone-dollar", "value-then-escape",
+    ],
+)
+def test_interpolation(written: str, environ: dict[str, str], expected: str) -> None:
+    text = f"upstreams:\n  d: {{kind: echo}}\nmodels:\n  m:\n    upstream: d\n    owned_by: '{written}x'\n"
+    assert parse_config(text, environ=environ).models[0].owned_by == expected + "x"
+
+
+def test_interpolation_works_in_any_string() -> None:
+    text = (
+        "upstreams:\n  ${KIND_IS_NOT_A_KEY}:\n    kind: ${KIND}\n    url: ${BASE}/v1\n"
+        "    headers: {X-Org: '${ORG}'}\nmodels:\n  m:\n    upstream: [\"${UP}\"]\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, environ={"KIND": "openai", "BASE": "http://h", "ORG": "o", "UP": "u"})
+    # Keys are names, not values: they are never interpolated.
+    assert [str(p) for p in info.value.problems] == [
+        "routes.yaml:2 upstreams.${KIND_IS_NOT_A_KEY}: an upstream name may only contain "
+        "letters, digits, '_', '.' and '-'",
+        "routes.yaml:7 models.m.upstream[0]: unknown upstream 'u'; "
+        "expected one of: ${KIND_IS_NOT_A_KEY}",
+    ]
+    ok = text.replace("${KIND_IS_NOT_A_KEY}", "u")
+    spec = parse_config(ok, environ={"KIND": "openai", "BASE": "http://h", "ORG": "o", "UP": "u"})
+    assert spec.upstreams["u"].url == "http://h/v1"
+    assert spec.upstreams["u"].headers == {"X-Org": "o"}
+
+
+def test_parse_config_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGENTPROXY_TEST_KEY", "sk-from-env")
+    text = ECHO_ONLY + "auth:\n  keys:\n    - key: ${AGENTPROXY_TEST_KEY}\n"
+    assert parse_config(text).auth.keys[0].key == "sk-from-env"
+
+
+def test_list_upstream_order_is_kept() -> None:
+    text = (
+        "upstreams:\n  a: {kind: echo}\n  b: {kind: echo}\n  c: {kind: echo}\n"
+        "models:\n  m: {upstream: [c, a, b]}\n  n: {upstream: b}\n"
+    )
+    models = parse_config(text, environ={}).models
+    assert [m.upstreams for m in models] == [("c", "a", "b"), ("b",)]
+
+
+def test_models_order_is_kept() -> None:
+    names = ["zeta", "alpha", "x/*", "mid", "beta"]
+    text = "upstreams:\n  v: {kind: openai, url: 'http://h/v1'}\nmodels:\n" + "".join(
+        f"  {name}: {{upstream: v}}\n" for name in names
+    )
+    assert [m.name for m in parse_config(text, environ={}).models] == names
+
+
+def test_inline_secrets_warn_without_failing() -> None:
+    text = (
+        "upstreams:\n  v:\n    kind: openai\n    url: http://h/v1\n    api_key: sk-upstream\n"
+        "models:\n  m: {upstream: v}\n"
+        "auth:\n  keys:\n    - key: sk-client\n    - key: ${FROM_ENV}\n    - key: 'prefix-${FROM_ENV}'\n"
+    )
+    config = parse_config(text, environ={"FROM_ENV": "sk-env"})
+    assert [str(w) for w in config.warnings] == [
+        f"routes.yaml:5 upstreams.v.api_key: {INLINE}",
+        f"routes.yaml:10 auth.keys[0].key: {INLINE}",
+    ]
+    assert config.upstreams["v"].api_key == "sk-upstream"
+    assert [k.key for k in config.auth.keys] == ["sk-client", "sk-env", "prefix-sk-env"]
+
+
+def test_empty_api_key_means_none_and_does_not_warn() -> None:
+    text = "upstreams:\n  v: {kind: openai, url: 'http://h/v1', api_key: ''}\nmodels:\n  m: {upstream: v}\n"
+    config = parse_config(text, environ={})
+    assert config.upstreams["v"].api_key is None
+    assert config.warnings == ()
+
+
+def test_forward_headers_are_lowercased_once() -> None:
+    text = (
+        "upstreams:\n  v:\n    kind: openai\n    url: http://h/v1\n"
+        "    forward_headers: [X-Session-Id, x-session-id, X-User]\nmodels:\n  m: {upstream: v}\n"
+    )
+    assert parse_config(text, environ={}).upstreams["v"].forward_headers == (
+        "x-session-id",
+        "x-user",
+    )
+
+
+def test_version_is_stable_and_follows_content() -> None:
+    first = parse_config(ECHO_ONLY, environ={})
+    again = parse_config(ECHO_ONLY, "other.yaml", environ={"UNRELATED": "1"})
+    changed = parse_config(ECHO_ONLY + "# a comment changes the text\n", environ={})
+    assert first.version == again.version
+    assert len(first.version) == 12 and int(first.version, 16) >= 0
+    assert changed.version != first.version
+
+
+def test_load_config_uses_the_path_as_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "routes.yaml").write_text(ECHO_ONLY + "  bad:\n    upstream: nowhere\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        load_config("routes.yaml", environ={})
+    assert [str(p) for p in info.value.problems] == [
+        "routes.yaml:6 models.bad.upstream: unknown upstream 'nowhere'; expected one of: demo"
+    ]
+
+
+def test_load_config_reads_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(ECHO_ONLY, encoding="utf-8")
+    config = load_config(path, environ={})
+    assert config.source == str(path)
+    assert config.version == parse_config(ECHO_ONLY, environ={}).version
+    assert [m.name for m in config.models] == ["echo"]
+
+
+def test_load_config_rejects_a_file_that_is_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_bytes(ECHO_ONLY.encode() + b"# caf\xe9\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert [str(p) for p in info.value.problems] == [f"{path}:5 (file): the file is not UTF-8 text"]
+
+
+def test_load_config_missing_file_is_an_os_error(tmp_path: Path) -> None:
+    with pytest.raises(OSError):
+        load_config(tmp_path / "absent.yaml", environ={})
+
+
+def test_shipped_routes_file_is_valid() -> None:
+    root = Path(__file__).resolve().parent.parent
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("AGENTPROXY")}
+    config = load_config(root / "routes.yaml", environ)
+    assert config.models and config.warnings == ()
