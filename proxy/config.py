@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -19,8 +19,9 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.reader import ReaderError
 
 UpstreamKind = Literal["openai", "echo", "letta", "custom"]
-SUPPORTED_KINDS: tuple[str, ...] = ("openai", "echo")
-RESERVED_KINDS: tuple[str, ...] = ("letta", "custom")
+SUPPORTED_KINDS: tuple[str, ...] = ("openai", "echo", "letta")
+RESERVED_KINDS: tuple[str, ...] = ("custom",)
+SHOW_OPTIONS: tuple[str, ...] = ("reasoning", "tools")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,12 +64,30 @@ class UpstreamSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionSpec:
+    """How a letta route maps callers to Letta conversations."""
+
+    # Without a session hint: "agent" uses the agent's default thread, "per_key" gives each
+    # API key a conversation of its own.
+    without_hint: Literal["agent", "per_key"] = "agent"
+    # The body's `user` field is a session hint only where the route opts in.
+    from_user: bool = False
+    # How long a request waits for another request on the same conversation before a 409.
+    busy_timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class ModelSpec:
     name: str
     upstreams: tuple[str, ...]
     line: int
     model: str | None = None
     owned_by: str | None = None
+    # letta routes only:
+    agent: str | None = None
+    client_system: Literal["drop", "prepend"] = "drop"
+    show: tuple[str, ...] = ()
+    session: SessionSpec = field(default_factory=SessionSpec)
 
     @property
     def wildcard_prefix(self) -> str | None:
@@ -107,7 +126,7 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         line = exc.object[: exc.start].count(b"\n") + 1
-        raise ConfigError([Problem(filename, line, FILE, "the file is not UTF-8 text")]) from None
+        raise ConfigError([Problem(filename, line, _FILE, "the file is not UTF-8 text")]) from None
     return parse_config(text, filename, environ)
 
 
@@ -118,6 +137,7 @@ def parse_config(
     reader = _Reader(filename, os.environ if environ is None else environ)
     built = reader.read(text)
     if reader.problems or built is None:
+        # Models are checked after upstreams wherever they sit in the file; report in file order.
         raise ConfigError(sorted(reader.problems, key=lambda p: p.line))
     upstreams, models, auth = built
     return Config(
@@ -130,14 +150,17 @@ def parse_config(
     )
 
 
-FILE = "(file)"
-TOP_KEYS = ("upstreams", "models", "auth")
-OPENAI_KEYS = ("kind", "url", "api_key", "headers", "forward_headers", "timeouts")
-TIMEOUT_KEYS = ("connect", "first_event", "idle", "total")
-MODEL_KEYS = ("upstream", "model", "owned_by", "agent")
-AUTH_KEYS = ("keys", "allow_unauthenticated")
-KEY_KEYS = ("key", "models", "name")
-INLINE_SECRET = "secret written inline; use ${VAR} so it comes from the environment"
+_FILE = "(file)"
+_TOP_KEYS = ("upstreams", "models", "auth")
+_OPENAI_KEYS = ("kind", "url", "api_key", "headers", "forward_headers", "timeouts")
+_TIMEOUT_KEYS = ("connect", "first_event", "idle", "total")
+_LETTA_KEYS = ("kind", "url", "api_key", "headers", "timeouts")
+_LETTA_ROUTE_KEYS = ("agent", "client_system", "show", "session")
+_SESSION_KEYS = ("without_hint", "from_user", "busy_timeout")
+_MODEL_KEYS = ("upstream", "model", "owned_by", *_LETTA_ROUTE_KEYS)
+_AUTH_KEYS = ("keys", "allow_unauthenticated")
+_KEY_KEYS = ("key", "models", "name")
+_INLINE_SECRET = "secret written inline; use ${VAR} so it comes from the environment"
 
 _STR = "tag:yaml.org,2002:str"
 _INT = "tag:yaml.org,2002:int"
@@ -237,7 +260,7 @@ class _Reader:
         self.warnings: list[Problem] = []
 
     def error(self, node: Node, path: str, message: str) -> None:
-        self.problems.append(Problem(self.file, _line(node), path or FILE, message))
+        self.problems.append(Problem(self.file, _line(node), path or _FILE, message))
 
     def warn(self, node: Node, path: str, message: str) -> None:
         self.warnings.append(Problem(self.file, _line(node), path, message))
@@ -249,14 +272,14 @@ class _Reader:
         if root is None:
             return None
         if not isinstance(root, MappingNode):
-            self.error(root, FILE, "expected a mapping with upstreams, models and auth, "
+            self.error(root, _FILE, "expected a mapping with upstreams, models and auth, "
                        f"got {_describe(root)}")
             return None
         entries = self.mapping(root, "")
-        self.known_keys(entries, TOP_KEYS, "")
+        self.known_keys(entries, _TOP_KEYS, "")
         for required in ("upstreams", "models"):
             if required not in entries:
-                self.error(root, FILE, f"missing required key '{required}'")
+                self.error(root, _FILE, f"missing required key '{required}'")
         kinds: dict[str, str | None] = {}
         upstreams: dict[str, UpstreamSpec] = {}
         if "upstreams" in entries:
@@ -272,15 +295,15 @@ class _Reader:
             mark = exc.problem_mark or exc.context_mark
             line = mark.line + 1 if mark is not None else 1
             problem = exc.problem or exc.context or "cannot be parsed"
-            self.problems.append(Problem(self.file, line, FILE, f"invalid YAML: {problem}"))
+            self.problems.append(Problem(self.file, line, _FILE, f"invalid YAML: {problem}"))
             return None
         except ReaderError as exc:
             line = text[: exc.position].count("\n") + 1
             message = f"invalid YAML: character {exc.character!r} is not allowed"
-            self.problems.append(Problem(self.file, line, FILE, message))
+            self.problems.append(Problem(self.file, line, _FILE, message))
             return None
         if root is None:
-            self.problems.append(Problem(self.file, 1, FILE, "the file is empty"))
+            self.problems.append(Problem(self.file, 1, _FILE, "the file is empty"))
         return root
 
     # -- generic node readers --------------------------------------------------------------
@@ -382,7 +405,7 @@ class _Reader:
     def secret(self, node: Node, path: str) -> str | None:
         value = self.string(node, path)
         if value and isinstance(node, ScalarNode) and not _has_reference(str(node.value)):
-            self.warn(node, path, INLINE_SECRET)
+            self.warn(node, path, _INLINE_SECRET)
         return value
 
     # -- upstreams -------------------------------------------------------------------------
@@ -395,7 +418,7 @@ class _Reader:
         if entries is None:
             return {}
         if not entries:
-            self.error(node if not _is_null(node) else key, "upstreams",
+            self.error(key, "upstreams",
                        "no upstreams defined; at least one is required")
         specs: dict[str, UpstreamSpec] = {}
         for name, (name_node, body) in entries.items():
@@ -421,12 +444,15 @@ class _Reader:
         if kind == "echo":
             self.echo_keys(entries, path)
             return kind, UpstreamSpec(name=name, kind="echo", line=_line(name_node))
-        spec = self.openai(name, name_node, entries, path, url_required=kind == "openai")
+        if kind == "letta":
+            return kind, self.http_upstream(name, name_node, entries, path, "letta")
+        spec = self.http_upstream(name, name_node, entries, path, "openai",
+                                  url_required=kind == "openai")
         return kind, spec if kind == "openai" else None
 
     def kind(self, entries: Entries, name_node: ScalarNode, path: str) -> str | None:
         if "kind" not in entries:
-            self.error(name_node, path, "missing required key 'kind' (openai or echo)")
+            self.error(name_node, path, "missing required key 'kind' (openai, letta or echo)")
             return None
         node = entries["kind"][1]
         kind = self.string(node, _join(path, "kind"))
@@ -441,21 +467,27 @@ class _Reader:
 
     def echo_keys(self, entries: Entries, path: str) -> None:
         for name, (key, _) in entries.items():
-            if name in OPENAI_KEYS and name != "kind":
+            if name in _OPENAI_KEYS and name != "kind":
                 self.error(key, _join(path, name), "not used by kind echo")
             elif name != "kind":
                 self.error(key, _join(path, name), _unknown("key", name, ("kind",)))
 
-    def openai(
-        self, name: str, name_node: ScalarNode, entries: Entries, path: str, url_required: bool
+    def http_upstream(
+        self, name: str, name_node: ScalarNode, entries: Entries, path: str,
+        kind: UpstreamKind, url_required: bool = True,
     ) -> UpstreamSpec | None:
-        self.known_keys(entries, OPENAI_KEYS, path)
+        letta = kind == "letta"
+        self.known_keys(entries, _LETTA_KEYS if letta else _OPENAI_KEYS, path)
         url = None
         if "url" in entries:
             url = self.url(entries["url"][1], _join(path, "url"))
+            if letta and url is not None and url.endswith("/v1"):
+                # Letta's routes all start with /v1; accept the root with or without it.
+                url = url[: -len("/v1")]
         elif url_required:
+            example = "http://127.0.0.1:8283" if letta else "http://127.0.0.1:8000/v1"
             self.error(name_node, path, "missing required key 'url' (the server's base URL, "
-                       "e.g. http://127.0.0.1:8000/v1)")
+                       f"e.g. {example})")
         api_key = None
         if "api_key" in entries:
             api_key = self.secret(entries["api_key"][1], _join(path, "api_key")) or None
@@ -472,7 +504,7 @@ class _Reader:
         if url is None:
             return None
         return UpstreamSpec(
-            name=name, kind="openai", line=_line(name_node), url=url, api_key=api_key,
+            name=name, kind=kind, line=_line(name_node), url=url, api_key=api_key,
             headers=headers, forward_headers=forward, timeouts=timeouts,
         )
 
@@ -525,9 +557,9 @@ class _Reader:
         entries = self.optional_mapping(node, path)
         if not entries:
             return Timeouts()
-        self.known_keys(entries, TIMEOUT_KEYS, path)
+        self.known_keys(entries, _TIMEOUT_KEYS, path)
         values: dict[str, float | None] = {}
-        for name in TIMEOUT_KEYS:
+        for name in _TIMEOUT_KEYS:
             if name in entries:
                 value_node = entries[name][1]
                 values[name] = self.seconds(value_node, _join(path, name), name == "total")
@@ -565,8 +597,7 @@ class _Reader:
         if entries is None:
             return []
         if not entries:
-            self.error(node if not _is_null(node) else key, "models",
-                       "no models defined; at least one is required")
+            self.error(key, "models", "no models defined; at least one is required")
         specs = []
         for name, (name_node, body) in entries.items():
             spec = self.model(name, name_node, body, kinds)
@@ -585,20 +616,26 @@ class _Reader:
         entries = self.optional_mapping(node, path)
         if entries is None:
             return None
-        self.known_keys(entries, MODEL_KEYS, path)
-        if "agent" in entries:
-            self.error(entries["agent"][0], _join(path, "agent"), "'agent' belongs to letta "
-                       "upstreams, and upstream kind 'letta' is not yet supported")
+        self.known_keys(entries, _MODEL_KEYS, path)
         upstreams: tuple[str, ...] = ()
         if "upstream" in entries:
             upstreams = self.upstream_refs(entries["upstream"][1], _join(path, "upstream"),
                                            kinds, wildcard)
         else:
             self.error(name_node, path, "missing required key 'upstream'")
+        route_kinds = {kinds.get(u) for u in upstreams}
+        letta = "letta" in route_kinds
+        if letta and len(route_kinds) > 1:
+            self.error(entries["upstream"][1], _join(path, "upstream"), "a route to letta "
+                       "upstreams cannot also list upstreams of another kind")
+        options = self.letta_route(entries, path, name_node, letta=letta, wildcard=wildcard)
         rewrite = None
         if "model" in entries:
             model_key, model_node = entries["model"]
-            if wildcard:
+            if letta:
+                self.error(model_key, _join(path, "model"), "a letta route names its agent "
+                           "with 'agent', not 'model'")
+            elif wildcard:
                 self.error(model_key, _join(path, "model"), "a wildcard forwards the upstream's "
                            "own model ids; 'model' cannot be set")
             else:
@@ -609,7 +646,77 @@ class _Reader:
         if not upstreams:
             return None
         return ModelSpec(name=name, upstreams=upstreams, line=_line(name_node), model=rewrite,
-                         owned_by=owned_by)
+                         owned_by=owned_by, **options)
+
+    def letta_route(
+        self, entries: Entries, path: str, name_node: ScalarNode, *, letta: bool, wildcard: bool
+    ) -> dict[str, Any]:
+        """The letta-only route options, checked; keyword arguments for ModelSpec."""
+        if not letta:
+            for name in _LETTA_ROUTE_KEYS:
+                if name in entries:
+                    self.error(entries[name][0], _join(path, name),
+                               f"'{name}' is only for routes to letta upstreams")
+            return {}
+        options: dict[str, Any] = {}
+        if "agent" in entries:
+            key, node = entries["agent"]
+            if wildcard:
+                self.error(key, _join(path, "agent"), "a wildcard serves every agent of the "
+                           "server; 'agent' cannot be set")
+            else:
+                options["agent"] = self.nonempty_string(node, _join(path, "agent"))
+        elif not wildcard:
+            self.error(name_node, path, "missing required key 'agent' (the Letta agent's id "
+                       "or name)")
+        if "client_system" in entries:
+            node = entries["client_system"][1]
+            value = self.string(node, _join(path, "client_system"))
+            if value in ("drop", "prepend"):
+                options["client_system"] = value
+            elif value is not None:
+                self.error(node, _join(path, "client_system"),
+                           f"expected drop or prepend, got '{value}'")
+        if "show" in entries:
+            options["show"] = self.show(entries["show"][1], _join(path, "show"))
+        if "session" in entries:
+            options["session"] = self.session(entries["session"][1], _join(path, "session"))
+        return options
+
+    def show(self, node: Node, path: str) -> tuple[str, ...]:
+        shown: list[str] = []
+        for i, item in enumerate(self.optional_sequence(node, path, "a list")):
+            value = self.string(item, f"{path}[{i}]")
+            if value is None:
+                continue
+            if value not in SHOW_OPTIONS:
+                self.error(item, f"{path}[{i}]", _unknown("value", value, SHOW_OPTIONS))
+            elif value not in shown:
+                shown.append(value)
+        return tuple(shown)
+
+    def session(self, node: Node, path: str) -> SessionSpec:
+        entries = self.mapping_of(node, path)
+        if entries is None:
+            return SessionSpec()
+        self.known_keys(entries, _SESSION_KEYS, path)
+        without_hint: Literal["agent", "per_key"] = "agent"
+        if "without_hint" in entries:
+            item = entries["without_hint"][1]
+            value = self.string(item, _join(path, "without_hint"))
+            if value == "per_key":
+                without_hint = "per_key"
+            elif value is not None and value != "agent":
+                self.error(item, _join(path, "without_hint"),
+                           f"expected agent or per_key, got '{value}'")
+        from_user = False
+        if "from_user" in entries:
+            from_user = bool(self.boolean(entries["from_user"][1], _join(path, "from_user")))
+        busy = 30.0
+        if "busy_timeout" in entries:
+            busy = self.seconds(entries["busy_timeout"][1], _join(path, "busy_timeout"),
+                                False) or busy
+        return SessionSpec(without_hint=without_hint, from_user=from_user, busy_timeout=busy)
 
     def upstream_refs(
         self, node: Node, path: str, kinds: Mapping[str, str | None], wildcard: bool
@@ -645,7 +752,7 @@ class _Reader:
         entries = self.optional_mapping(node, "auth")
         if not entries:
             return AuthSpec()
-        self.known_keys(entries, AUTH_KEYS, "auth")
+        self.known_keys(entries, _AUTH_KEYS, "auth")
         keys: list[KeySpec] = []
         if "keys" in entries:
             keys = self.keys(entries["keys"][1], "auth.keys")
@@ -659,23 +766,24 @@ class _Reader:
         specs: list[KeySpec] = []
         first_path: dict[str, str] = {}
         for i, item in enumerate(self.optional_sequence(node, path, "keys")):
-            item_path = f"{path}[{i}]"
-            spec = self.key(item, item_path)
-            if spec is None:
+            key_path = f"{path}[{i}].key"
+            found = self.key(item, f"{path}[{i}]")
+            if found is None:
                 continue
+            spec, key_node = found
             if spec.key in first_path:
                 # Names the earlier entry, never the key itself: messages end up in logs.
-                self.error(item, _join(item_path, "key"), f"same key as {first_path[spec.key]}")
+                self.error(key_node, key_path, f"same key as {first_path[spec.key]}")
                 continue
-            first_path[spec.key] = _join(item_path, "key")
+            first_path[spec.key] = key_path
             specs.append(spec)
         return specs
 
-    def key(self, node: Node, path: str) -> KeySpec | None:
+    def key(self, node: Node, path: str) -> tuple[KeySpec, Node] | None:
         entries = self.optional_mapping(node, path)
         if entries is None:
             return None
-        self.known_keys(entries, KEY_KEYS, path)
+        self.known_keys(entries, _KEY_KEYS, path)
         models: tuple[str, ...] = ("*",)
         if "models" in entries:
             models = self.patterns(entries["models"][1], _join(path, "models"))
@@ -689,9 +797,13 @@ class _Reader:
         key = self.secret(key_node, _join(path, "key"))
         if key == "":
             self.error(key_node, _join(path, "key"), "empty API key")
+        elif key is not None and any(c.isspace() for c in key):
+            # Clients send the key as `Bearer <key>`, which cannot carry whitespace.
+            self.error(key_node, _join(path, "key"), "an API key cannot contain whitespace")
+            return None
         if not key:
             return None
-        return KeySpec(key=key, line=_line(node), models=models, name=name)
+        return KeySpec(key=key, line=_line(node), models=models, name=name), key_node
 
     def patterns(self, node: Node, path: str) -> tuple[str, ...]:
         items = self.sequence(node, path, "model patterns")

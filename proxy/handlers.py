@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from typing import TypeVar
 
@@ -15,8 +15,9 @@ from proxy.auth import Grant
 from proxy.chat_request import check_content_type, parse_chat_request
 from proxy.errors import InternalError, InvalidRequest, ProxyError, UpstreamUnavailable
 from proxy.routing import Route, RouteTable
+from proxy.sessions import session_hint
 from proxy.sse import DONE
-from proxy.upstreams.base import Call, Upstream
+from proxy.upstreams.base import Call, EventStream, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         headers=request.headers,
         request_id=request[REQUEST_ID],
         key_id=grant.key_id,
+        route=route.spec,
     )
+    if route.stateful:
+        call.session_hint = session_hint(
+            request.headers, chat.body, model, from_user=route.spec.session.from_user
+        )
     http = request.app[HTTP]
     if not chat.stream:
         body = await _first_available(route, lambda up: up.complete(call, http))
@@ -114,7 +120,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _relay_stream(
-    request: web.Request, call: Call, events: AsyncGenerator[bytes, None]
+    request: web.Request, call: Call, events: EventStream
 ) -> web.StreamResponse:
     response = web.StreamResponse(headers=SSE_HEADERS)
     response.headers.extend(call.response_headers)

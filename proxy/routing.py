@@ -31,6 +31,11 @@ class Route:
     _listed_at: float = -LISTING_TTL
 
     @property
+    def stateful(self) -> bool:
+        """Its upstream keeps conversations, so requests carry a session hint."""
+        return self.upstreams[0].kind == "letta"
+
+    @property
     def name(self) -> str:
         return self.spec.name
 

@@ -33,7 +33,10 @@ def problems(text: str, environ: dict[str, str] | None = None) -> list[str]:
 INVALID = [
     pytest.param(
         "upstreams:\n  demo:\n    kind: echo\n   url: x\n",
-        ["routes.yaml:4 (file): invalid YAML: expected <block end>, but found '<block mapping start>'"],
+        [
+            "routes.yaml:4 (file): invalid YAML: expected <block end>, "
+            "but found '<block mapping start>'"
+        ],
         id="invalid-yaml",
     ),
     pytest.param(
@@ -86,12 +89,15 @@ INVALID = [
     ),
     pytest.param(
         "upstreams:\n  vllm:\n    url: http://127.0.0.1:8000/v1\nmodels:\n  m: {upstream: vllm}\n",
-        ["routes.yaml:2 upstreams.vllm: missing required key 'kind' (openai or echo)"],
+        ["routes.yaml:2 upstreams.vllm: missing required key 'kind' (openai, letta or echo)"],
         id="missing-kind",
     ),
     pytest.param(
         "upstreams:\n  vllm: {kind: vllm, url: 'http://h/v1'}\nmodels:\n  m: {upstream: vllm}\n",
-        ["routes.yaml:2 upstreams.vllm.kind: unknown kind 'vllm'; expected one of: openai, echo"],
+        [
+            "routes.yaml:2 upstreams.vllm.kind: unknown kind 'vllm'; expected one of: openai, "
+            "echo, letta"
+        ],
         id="bad-kind",
     ),
     pytest.param(
@@ -100,14 +106,37 @@ INVALID = [
         id="misspelt-kind",
     ),
     pytest.param(
-        "upstreams:\n  letta:\n    kind: letta\n    url: http://127.0.0.1:8283\n"
-        "models:\n  support:\n    upstream: letta\n    agent: support-bot\n",
+        "upstreams:\n  bot:\n    kind: custom\n    url: http://127.0.0.1:9000\n"
+        "models:\n  support:\n    upstream: bot\n",
+        ["routes.yaml:3 upstreams.bot.kind: upstream kind 'custom' is not yet supported"],
+        id="custom-kind-reserved",
+    ),
+    pytest.param(
+        "upstreams:\n  letta: {kind: letta, url: 'http://h:8283'}\n  demo: {kind: echo}\n"
+        "models:\n  a: {upstream: letta}\n  b: {upstream: demo, agent: x, show: [tools]}\n"
+        "  c: {upstream: letta, agent: x, model: y}\n  'l/*': {upstream: letta, agent: x}\n"
+        "  d: {upstream: [letta, demo], agent: x}\n"
+        "  e: {upstream: letta, agent: x, show: [thoughts], client_system: keep}\n"
+        "  f: {upstream: letta, agent: x, session: {without_hint: nobody, colour: 1}}\n",
         [
-            "routes.yaml:3 upstreams.letta.kind: upstream kind 'letta' is not yet supported",
-            "routes.yaml:8 models.support.agent: 'agent' belongs to letta upstreams, and upstream "
-            "kind 'letta' is not yet supported",
+            "routes.yaml:5 models.a: missing required key 'agent' (the Letta agent's id or name)",
+            "routes.yaml:6 models.b.agent: 'agent' is only for routes to letta upstreams",
+            "routes.yaml:6 models.b.show: 'show' is only for routes to letta upstreams",
+            "routes.yaml:7 models.c.model: a letta route names its agent with 'agent', not "
+            "'model'",
+            "routes.yaml:8 models.l/*.agent: a wildcard serves every agent of the server; "
+            "'agent' cannot be set",
+            "routes.yaml:9 models.d.upstream: a route to letta upstreams cannot also list "
+            "upstreams of another kind",
+            "routes.yaml:10 models.e.client_system: expected drop or prepend, got 'keep'",
+            "routes.yaml:10 models.e.show[0]: unknown value 'thoughts'; expected one of: "
+            "reasoning, tools",
+            "routes.yaml:11 models.f.session.colour: unknown key 'colour'; expected one of: "
+            "without_hint, from_user, busy_timeout",
+            "routes.yaml:11 models.f.session.without_hint: expected agent or per_key, got "
+            "'nobody'",
         ],
-        id="letta-kind-reserved",
+        id="letta-route-options",
     ),
     pytest.param(
         "upstreams:\n  x: {kind: custom}\nmodels:\n  m: {upstream: x}\n",
@@ -236,7 +265,10 @@ INVALID = [
     ),
     pytest.param(
         "upstreams:\n  demo: {kind: echo}\nmodels:\n  m:\n    upstream: 3\n",
-        ["routes.yaml:5 models.m.upstream: expected an upstream name or a list of names, got a number"],
+        [
+            "routes.yaml:5 models.m.upstream: expected an upstream name or a list of names, "
+            "got a number"
+        ],
         id="upstream-is-a-number",
     ),
     pytest.param(
@@ -314,9 +346,14 @@ INVALID = [
         id="malformed-reference",
     ),
     pytest.param(
-        ECHO_ONLY + "auth:\n  keys:\n    - key: ${A}\n    - key: ${B}\n      name: laptop\n",
-        ["routes.yaml:8 auth.keys[1].key: same key as auth.keys[0].key"],
+        ECHO_ONLY + "auth:\n  keys:\n    - key: ${A}\n    - name: laptop\n      key: ${B}\n",
+        ["routes.yaml:9 auth.keys[1].key: same key as auth.keys[0].key"],
         id="duplicate-auth-keys",
+    ),
+    pytest.param(
+        ECHO_ONLY + "auth:\n  keys:\n    - key: '${A} ${B}'\n",
+        ["routes.yaml:7 auth.keys[0].key: an API key cannot contain whitespace"],
+        id="key-with-whitespace",
     ),
     pytest.param(
         ECHO_ONLY + "auth:\n  keys:\n    - name: laptop\n    - key: ${A}\n      models: []\n"
@@ -371,7 +408,7 @@ def test_problem_str_is_file_line_path_message() -> None:
     problem = Problem("routes.yaml", 12, "models.support.upstream", "what is wrong")
     assert str(problem) == "routes.yaml:12 models.support.upstream: what is wrong"
     error = ConfigError([problem, Problem("routes.yaml", 1, "(file)", "other")])
-    assert str(error) == "routes.yaml:12 models.support.upstream: what is wrong\nroutes.yaml:1 (file): other"
+    assert str(error) == f"{problem}\nroutes.yaml:1 (file): other"
 
 
 def test_no_message_contains_a_secret() -> None:
@@ -509,7 +546,10 @@ def test_total_timeout_zero_or_null_means_no_limit(total: str, expected: float |
     ],
 )
 def test_interpolation(written: str, environ: dict[str, str], expected: str) -> None:
-    text = f"upstreams:\n  d: {{kind: echo}}\nmodels:\n  m:\n    upstream: d\n    owned_by: '{written}x'\n"
+    text = (
+        "upstreams:\n  d: {kind: echo}\nmodels:\n  m:\n    upstream: d\n"
+        f"    owned_by: '{written}x'\n"
+    )
     assert parse_config(text, environ=environ).models[0].owned_by == expected + "x"
 
 
@@ -524,7 +564,7 @@ def test_interpolation_works_in_any_string() -> None:
     assert [str(p) for p in info.value.problems] == [
         "routes.yaml:2 upstreams.${KIND_IS_NOT_A_KEY}: an upstream name may only contain "
         "letters, digits, '_', '.' and '-'",
-        "routes.yaml:7 models.m.upstream[0]: unknown upstream 'u'; "
+        "routes.yaml:8 models.m.upstream[0]: unknown upstream 'u'; "
         "expected one of: ${KIND_IS_NOT_A_KEY}",
     ]
     ok = text.replace("${KIND_IS_NOT_A_KEY}", "u")
@@ -560,7 +600,8 @@ def test_inline_secrets_warn_without_failing() -> None:
     text = (
         "upstreams:\n  v:\n    kind: openai\n    url: http://h/v1\n    api_key: sk-upstream\n"
         "models:\n  m: {upstream: v}\n"
-        "auth:\n  keys:\n    - key: sk-client\n    - key: ${FROM_ENV}\n    - key: 'prefix-${FROM_ENV}'\n"
+        "auth:\n  keys:\n    - key: sk-client\n    - key: ${FROM_ENV}\n"
+        "    - key: 'prefix-${FROM_ENV}'\n"
     )
     config = parse_config(text, environ={"FROM_ENV": "sk-env"})
     assert [str(w) for w in config.warnings] == [
@@ -572,7 +613,10 @@ def test_inline_secrets_warn_without_failing() -> None:
 
 
 def test_empty_api_key_means_none_and_does_not_warn() -> None:
-    text = "upstreams:\n  v: {kind: openai, url: 'http://h/v1', api_key: ''}\nmodels:\n  m: {upstream: v}\n"
+    text = (
+        "upstreams:\n  v: {kind: openai, url: 'http://h/v1', api_key: ''}\n"
+        "models:\n  m: {upstream: v}\n"
+    )
     config = parse_config(text, environ={})
     assert config.upstreams["v"].api_key is None
     assert config.warnings == ()

@@ -194,7 +194,7 @@ def test_decoder_refuses_input_after_an_overlong_line() -> None:
         dec.feed(b"data: 0123456789")
     # Resuming would read the rest of the long line as a line of its own.
     with pytest.raises(SSEError):
-        dec.feed(b"\nevent: injected\ndata: x\n\n")
+        dec.feed(b"\nevent:x\ndata:x\n\n")
     with pytest.raises(SSEError):
         dec.flush()
 

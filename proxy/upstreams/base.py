@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
-from proxy.config import UpstreamSpec
+from proxy.config import ModelSpec, UpstreamSpec
 
 
 @dataclass(slots=True)
@@ -25,14 +25,44 @@ class Call:
     headers: Mapping[str, str]
     request_id: str
     key_id: str
+    route: ModelSpec | None = None
     session_hint: str | None = None
-    route_options: Mapping[str, Any] = field(default_factory=dict)
     # Filled in by the adapter: when the upstream answered, for Server-Timing and metrics.
     upstream_ms: float = 0.0
     response_headers: list[tuple[str, str]] = field(default_factory=list)
 
     def mark_answered(self, started: float) -> None:
         self.upstream_ms = (time.perf_counter() - started) * 1000.0
+
+
+class EventStream:
+    """The SSE events of one upstream answer, and what must be let go when it ends.
+
+    Iterating yields the events themselves (no wrapper per event); `aclose()` closes the
+    generator and then runs `on_close` exactly once, even if iteration never started, which
+    a bare async generator would not do.
+    """
+
+    __slots__ = ("_events", "_on_close")
+
+    def __init__(
+        self,
+        events: AsyncGenerator[bytes, None],
+        on_close: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self._events = events
+        self._on_close = on_close
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._events
+
+    async def aclose(self) -> None:
+        try:
+            await self._events.aclose()
+        finally:
+            on_close, self._on_close = self._on_close, None
+            if on_close is not None:
+                await on_close()
 
 
 class Upstream(ABC):
@@ -55,9 +85,7 @@ class Upstream(ABC):
         """The JSON body of an OpenAI chat.completion."""
 
     @abstractmethod
-    async def open_stream(
-        self, call: Call, http: aiohttp.ClientSession
-    ) -> AsyncGenerator[bytes, None]:
+    async def open_stream(self, call: Call, http: aiohttp.ClientSession) -> EventStream:
         """SSE events, already encoded, after the upstream accepted the request."""
 
     async def list_models(self, http: aiohttp.ClientSession) -> list[dict[str, Any]]:

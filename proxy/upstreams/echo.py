@@ -11,7 +11,7 @@ import orjson
 
 from proxy.openai_types import ChatChunk, ChunkFactory, accumulate, make_usage
 from proxy.sse import encode_data
-from proxy.upstreams.base import Call, Upstream
+from proxy.upstreams.base import Call, EventStream, Upstream
 
 _PIECES = re.compile(r"\S+\s*|\s+")
 _TOKENS = re.compile(r"\w+|[^\w\s]")
@@ -58,10 +58,8 @@ class Echo(Upstream):
     async def complete(self, call: Call, http: aiohttp.ClientSession) -> bytes:
         return orjson.dumps(accumulate(self._chunks(call)))
 
-    async def open_stream(
-        self, call: Call, http: aiohttp.ClientSession
-    ) -> AsyncGenerator[bytes, None]:
-        return self._events(call)
+    async def open_stream(self, call: Call, http: aiohttp.ClientSession) -> EventStream:
+        return EventStream(self._events(call))
 
     async def _events(self, call: Call) -> AsyncGenerator[bytes, None]:
         for chunk in self._chunks(call):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -19,7 +19,7 @@ from yarl import URL
 from proxy.config import UpstreamSpec
 from proxy.errors import ProxyError, UpstreamFailed, UpstreamTimeout
 from proxy.sse import SSEDecoder, SSEError, encode_comment
-from proxy.upstreams.base import Call, Upstream
+from proxy.upstreams.base import Call, EventStream, Upstream
 from proxy.upstreams.http_errors import connection_error, error_from_response, read_error_body
 
 # A finish chunk carries a string finish_reason; every other chunk has null or nothing.
@@ -122,9 +122,7 @@ class OpenAI(Upstream):
         call.response_headers = relayable_headers(resp.headers)
         return data
 
-    async def open_stream(
-        self, call: Call, http: aiohttp.ClientSession
-    ) -> AsyncGenerator[bytes, None]:
+    async def open_stream(self, call: Call, http: aiohttp.ClientSession) -> EventStream:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._first_event):
@@ -147,7 +145,7 @@ class OpenAI(Upstream):
             )
         call.mark_answered(started)
         call.response_headers = relayable_headers(resp.headers)
-        return self._relay(resp)
+        return EventStream(self._relay(resp), _closer(resp))
 
     async def _relay(self, resp: aiohttp.ClientResponse) -> AsyncGenerator[bytes, None]:
         decoder = SSEDecoder()
@@ -216,6 +214,14 @@ class OpenAI(Upstream):
         if not isinstance(cards, list):
             raise UpstreamFailed(f"Upstream '{self.name}' answered /models with no model list.")
         return [c for c in cards if isinstance(c, dict) and isinstance(c.get("id"), str)]
+
+
+def _closer(resp: aiohttp.ClientResponse) -> Callable[[], Awaitable[None]]:
+    async def close() -> None:
+        # A no-op once the relay released the connection after [DONE].
+        resp.close()
+
+    return close
 
 
 class _RelayState:

@@ -1,0 +1,437 @@
+"""End to end: the OpenAI SDK -> agentproxy -> a fake Letta server replaying captured traffic."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from proxy import routing
+from tests.conftest import KEY, Proxy, ProxyFactory, serving
+from tests.fake_letta import FakeLetta, Scenario, make_app
+
+AGENT = "agent-ef37cb35-73b3-4511-b1bb-1c9635553e28"
+RUN_ID = "run-f4ded9a4-5697-46b8-80e3-18a12f6139d7"
+OTHER_KEY = "sk-other-0000000000000000"
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+async def letta() -> AsyncIterator[tuple[FakeLetta, str]]:
+    state = FakeLetta()
+    async with serving(make_app(state)) as url:
+        yield state, url
+    for scenario in [state.default_scenario, *state.scenarios]:
+        scenario.release.set()
+
+
+def routes(url: str, model_extra: str = "", extra: str = "") -> str:
+    return f"""
+upstreams:
+  letta:
+    kind: letta
+    url: {url}
+    api_key: ${{LETTA_PASS:-letta-pass}}
+models:
+  support:
+    upstream: letta
+    agent: support-bot
+{model_extra}
+  "letta/*":
+    upstream: letta
+{extra}
+"""
+
+
+async def make(make_proxy: ProxyFactory, url: str, model_extra: str = "", extra: str = "") -> Proxy:
+    return await make_proxy(routes(url, model_extra, extra), keys=(KEY, OTHER_KEY))
+
+
+def message_posts(state: FakeLetta) -> list[Any]:
+    return [r for r in state.requests if r.method == "POST" and r.path.endswith("/messages")]
+
+
+async def wait_for(predicate: Any, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_sync_chat_answers_with_the_agents_text_and_real_usage(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
+) -> None:
+    state, url = letta
+    client = (await make(make_proxy, url)).client()
+    reply = await client.chat.completions.create(model="support", messages=HI)
+    assert reply.choices[0].message.content == "Echo: token streaming please"
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.model == "support"
+    assert reply.usage is not None
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (460, 4)
+    post = message_posts(state)[-1]
+    assert post.path == f"/v1/agents/{AGENT}/messages"
+    assert post.json["streaming"] is True and post.json["stream_tokens"] is True
+    assert post.json["messages"] == [{"role": "user", "content": "hi"}]
+    assert post.headers["X-Stainless-Package-Version"] == "1.0.0"
+    assert post.headers["Authorization"] == "Bearer letta-pass"
+    assert KEY not in str(post.headers)
+
+
+async def test_stream_delivers_tokens_then_usage_chunk(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
+) -> None:
+    _, url = letta
+    client = (await make(make_proxy, url)).client()
+    stream = await client.chat.completions.create(
+        model="support", messages=HI, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = [c async for c in stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    pieces = [
+        c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content
+    ]
+    assert pieces == ["Echo: ", "token ", "streaming ", "please"]
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 464
+    assert len({c.id for c in chunks}) == 1
+
+
+async def test_agent_given_by_id_needs_no_lookup(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
+) -> None:
+    state, url = letta
+    proxy = await make_proxy(
+        f"upstreams:\n  letta: {{kind: letta, url: '{url}/v1'}}\n"
+        f"models:\n  bot: {{upstream: letta, agent: {AGENT}}}\n"
+    )
+    reply = await proxy.client().chat.completions.create(model="bot", messages=HI)
+    assert reply.choices[0].message.content == "Echo: token streaming please"
+    assert not [r for r in state.requests if r.path == "/v1/agents/"]
+    assert "Authorization" not in message_posts(state)[-1].headers
+
+
+async def test_wildcard_lists_every_agent_and_shared_names_by_id(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state, url = letta
+    monkeypatch.setattr(routing, "LISTING_TTL", 0.0)
+    client = (await make(make_proxy, url)).client()
+    ids = [m.id for m in (await client.models.list()).data]
+    assert ids == ["support", "letta/support-bot"]
+    twin = copy.deepcopy(state.agents[0]) | {
+        "id": "agent-11111111-2222-4333-8444-555555555555", "name": "support-bot"}
+    solo = copy.deepcopy(state.agents[0]) | {
+        "id": "agent-99999999-2222-4333-8444-555555555555", "name": "billing"}
+    state.agents += [twin, solo]
+    ids = [m.id for m in (await client.models.list()).data]
+    assert ids == ["support", f"letta/{AGENT}", f"letta/{twin['id']}", "letta/billing"]
+    reply = await client.chat.completions.create(model="letta/billing", messages=HI)
+    assert reply.choices[0].message.content == "Echo: token streaming please"
+    assert message_posts(state)[-1].path == f"/v1/agents/{solo['id']}/messages"
+    await client.chat.completions.create(model=f"letta/{twin['id']}", messages=HI)
+    assert message_posts(state)[-1].path == f"/v1/agents/{twin['id']}/messages"
+    with pytest.raises(openai.NotFoundError):
+        await client.chat.completions.create(model="letta/nobody", messages=HI)
+
+
+async def test_full_history_resent_by_open_webui_reaches_the_agent_as_the_new_turn_only(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
+) -> None:
+    state, url = letta
+    client = (await make(make_proxy, url)).client()
+    await client.chat.completions.create(
+        model="support",
+        messages=[
+            {"role": "system", "content": "You are helpful."},
+            {"role": "user", "content": "first question"},
+            {"role": "assistant", "content": "first answer"},
+            {"role": "user", "content": "second question"},
+        ],
+    )
+    assert message_posts(state)[-1].json["messages"] == [
+        {"role": "user", "content": "second question"}
+    ]
+
+
+async def test_client_system_prepend_puts_the_system_text_before_the_user_text(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
+) -> None:
+    state, url = letta
+    client = (await make(make_proxy, url, "    client_system: prepend")).client()
+    await client.chat.completions.create(
+        model="support",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+    )
+    content = message_posts(state)[-1].json["messages"][0]["content"]
+    text = content if isinstance(content, str) else content[0]["text"]
+    assert text.startswith("Be brief.") and text.endswith("hi")
+
+
+async def test_image_parts_become_letta_image_content(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
+) -> None:
+    state, url = letta
+    client = (await make(make_proxy, url)).client()
+    await client.chat.completions.create(
+        model="support",
+        messages=[{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"},
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+        ]}],
+    )
+    parts = message_posts(state)[-1].json["messages"][0]["content"]
+    assert parts[0] == {"type": "text", "text": "what is this?"}
+    assert parts[1]["type"] == "image"
+    assert parts[1]["source"]["url"] == "https://example.com/cat.png"
+
+
+async def test_session_ids_get_separate_conversations_namespaced_by_key(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
+) -> None:
+    state, url = letta
+    proxy = await make(make_proxy, url)
+    alice, other = proxy.client(), proxy.client(OTHER_KEY)
+
+    async def ask(client: openai.AsyncOpenAI, session: str) -> str:
+        reply = await client.chat.completions.create(
+            model="support", messages=HI, extra_headers={"X-Session-Id": session}
+        )
+        assert reply.choices[0].message.content == "Echo: hello from alice thread"
+        return str(message_posts(state)[-1].path)
+
+    first = await ask(alice, "alice")
+    again = await ask(alice, "alice")
+    bob = await ask(alice, "bob")
+    same_hint_other_key = await ask(other, "alice")
+    assert first == again
+    assert first.startswith("/v1/conversations/conv-")
+    assert len({first, bob, same_hint_other_key}) == 3
+    assert len(state.conversations) == 3
+    summaries = [c["summary"] for c in state.conversations]
+    assert all("alice" not in s and KEY not in s for s in summaries)
+    await alice.chat.completions.create(model="support", messages=HI)
+    assert message_posts(state)[-1].path == f"/v1/agents/{AGENT}/messages"
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["X-Session-Id", "X-OpenWebUI-Chat-Id", "X-LibreChat-Conversation-Id"],
+)
+async def test_each_client_session_header_selects_a_conversation(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str], header: str
+) -> None:
+    state, url = letta
+    client = (await make(make_proxy, url)).client()
+    await client.chat.completions.create(
+        model="support", messages=HI, extra_headers={header: "chat-42"}
+    )
+    assert message_posts(state)[-1].path.startswith("/v1/conversations/conv-")
+
+
+async def test_user_field_is_a_session_hint_only_where_the_route_opts_in(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
+) -> None:
+    state, url = letta
+    client = (await make(make_proxy, url, "    session: {from_user: true}")).client()
+    await client.chat.completions.create(model="support", messages=HI, user="u-7")
+    assert message_posts(state)[-1].path.startswith("/v1/conversations/")
+    await client.chat.completions.create(model="letta/support-bot", messages=HI, user="u-7")
+    assert message_posts(state)[-1].path == f"/v1/agents/{AGENT}/messages"
+
+
+async def test_per_key_default_gives_each_key_its_own_thread_without_a_hint(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
+) -> None:
+    state, url = letta
+    proxy = await make(make_proxy, url, "    session: {without_hint: per_key}")
+    await proxy.client().chat.completions.create(model="support", messages=HI)
+    await proxy.client(OTHER_KEY).chat.completions.create(model="support", messages=HI)
+    paths = [p.path for p in message_posts(state)]
+    assert all(p.startswith("/v1/conversations/") for p in paths)
+    assert paths[0] != paths[1]
+
+
+async def test_racing_first_requests_settle_on_the_oldest_conversation(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
+) -> None:
+    state, url = letta
+    proxy = await make(make_proxy, url)
+    client = proxy.client()
+    await asyncio.gather(*[
+        client.chat.completions.create(
+            model="support", messages=HI, extra_headers={"X-Session-Id": "race"}
+        )
+        for _ in range(3)
+    ])
+    oldest = min(state.conversations, key=lambda c: c["created_at"])
+    assert {p.path for p in message_posts(state)} == {f"/v1/conversations/{oldest['id']}/messages"}
+
+
+async def test_closing_the_client_mid_stream_cancels_the_letta_run(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
+) -> None:
+    state, url = letta
+    state.default_scenario = Scenario(hold_after=2)
+    proxy = await make(make_proxy, url)
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(
+            proxy.url + "/v1/chat/completions",
+            json={"model": "support", "stream": True, "messages": HI},
+            headers={"Authorization": f"Bearer {KEY}"},
+        )
+        await resp.content.readline()
+        await state.default_scenario.held.wait()
+        resp.close()
+    await wait_for(lambda: RUN_ID in state.cancelled_run_ids)
+    await wait_for(lambda: len(state.disconnected) == 1)
+
+
+async def test_sync_client_that_gives_up_cancels_the_letta_run(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
+) -> None:
+    state, url = letta
+    state.default_scenario = Scenario(hold_after=2)
+    proxy = await make(make_proxy, url)
+    client = openai.AsyncOpenAI(
+        base_url=proxy.url + "/v1", api_key=KEY, max_retries=0, timeout=30
+    )
+    task = asyncio.create_task(client.chat.completions.create(model="support", messages=HI))
+    await state.default_scenario.held.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await client.close()
+    await wait_for(lambda: RUN_ID in state.cancelled_run_ids)
+
+
+async def test_llm_error_mid_stream_ends_with_an_error_event(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
+) -> None:
+    state, url = letta
+    state.default_scenario = Scenario(sse="stream_llm_error")
+    client = (await make(make_proxy, url)).client()
+    stream = await client.chat.completions.create(model="support", messages=HI, stream=True)
+    with pytest.raises(openai.APIError) as info:
+        [c async for c in stream]
+    assert "Letta" in info.value.message
+    with pytest.raises(openai.APIStatusError) as sync_info:
+        await client.chat.completions.create(model="support", messages=HI)
+    assert sync_info.value.status_code == 502
+
+
+async def test_agent_tools_are_hidden_by_default_and_never_tool_calls(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
+) -> None:
+    state, url = letta
+    state.default_scenario = Scenario(sse="stream_tokens_think_tool")
+    client = (await make(make_proxy, url)).client()
+    stream = await client.chat.completions.create(model="support", messages=HI, stream=True)
+    chunks = [c async for c in stream]
+    assert all(not c.choices or not c.choices[0].delta.tool_calls for c in chunks)
+    assert all(
+        not c.choices or "reasoning_content" not in (c.choices[0].delta.model_extra or {})
+        for c in chunks
+    )
+
+
+async def test_show_tools_summarises_them_in_reasoning_content(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
+) -> None:
+    state, url = letta
+    state.default_scenario = Scenario(sse="stream_tokens_think_tool")
+    client = (await make(make_proxy, url, "    show: [reasoning, tools]")).client()
+    reply = await client.chat.completions.create(model="support", messages=HI)
+    message = reply.choices[0].message
+    assert message.tool_calls is None
+    assert "[tool]" in (message.model_extra or {}).get("reasoning_content", "")
+
+
+async def test_same_session_is_serialised_and_a_long_wait_is_409(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
+) -> None:
+    state, url = letta
+    held = Scenario(sse="conversation_stream", hold_after=2)
+    state.scenarios.append(held)
+    client = (await make(make_proxy, url, "    session: {busy_timeout: 0.2}")).client()
+    headers = {"X-Session-Id": "shared"}
+    first = asyncio.create_task(
+        client.chat.completions.create(model="support", messages=HI, extra_headers=headers)
+    )
+    await held.held.wait()
+    with pytest.raises(openai.ConflictError) as info:
+        await client.chat.completions.create(model="support", messages=HI, extra_headers=headers)
+    assert info.value.code == "session_busy"
+    other = await client.chat.completions.create(
+        model="support", messages=HI, extra_headers={"X-Session-Id": "elsewhere"}
+    )
+    assert other.choices[0].message.content
+    held.release.set()
+    assert (await first).choices[0].message.content == "Echo: hello from alice thread"
+    again = await client.chat.completions.create(
+        model="support", messages=HI, extra_headers=headers
+    )
+    assert again.choices[0].message.content
+
+
+async def test_unknown_agent_name_is_a_502_naming_route_and_agent(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
+) -> None:
+    _, url = letta
+    proxy = await make_proxy(
+        f"upstreams:\n  letta: {{kind: letta, url: '{url}'}}\n"
+        "models:\n  helper: {upstream: letta, agent: nobody}\n"
+    )
+    with pytest.raises(openai.APIStatusError) as info:
+        await proxy.client().chat.completions.create(model="helper", messages=HI)
+    assert info.value.status_code == 502
+    assert "'helper'" in info.value.message and "'nobody'" in info.value.message
+
+
+async def test_agent_name_shared_by_two_agents_is_a_502_listing_their_ids(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
+) -> None:
+    state, url = letta
+    twin = copy.deepcopy(state.agents[0]) | {"id": "agent-11111111-2222-4333-8444-555555555555"}
+    state.agents.append(twin)
+    client = (await make(make_proxy, url)).client()
+    with pytest.raises(openai.APIStatusError) as info:
+        await client.chat.completions.create(model="support", messages=HI)
+    assert info.value.status_code == 502
+    assert AGENT in info.value.message and twin["id"] in info.value.message
+
+
+async def test_letta_down_is_502_upstream_unavailable(make_proxy: ProxyFactory) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proxy = await make_proxy(
+        f"upstreams:\n  letta: {{kind: letta, url: 'http://127.0.0.1:{port}'}}\n"
+        "models:\n  helper: {upstream: letta, agent: someone}\n"
+    )
+    with pytest.raises(openai.APIStatusError) as info:
+        await proxy.client().chat.completions.create(model="helper", messages=HI)
+    assert info.value.status_code == 502
+    assert info.value.code == "upstream_unavailable"
+
+
+async def test_conversation_with_nothing_new_to_send_is_a_400(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
+) -> None:
+    state, url = letta
+    client = (await make(make_proxy, url)).client()
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.chat.completions.create(
+            model="support",
+            messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+        )
+    assert info.value.param == "messages"
+    assert not message_posts(state)
