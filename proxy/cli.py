@@ -62,17 +62,19 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate a route table and exit")
     check.add_argument("routes", nargs="?", default=_env("ROUTES", "routes.yaml"))
+    check.add_argument("--probe", action="store_true",
+                       help="also contact the upstreams: reachable, Letta agents resolve")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check":
-        return check(args.routes)
+        return check(args.routes, probe=args.probe)
     return serve(args)
 
 
-def check(path: str) -> int:
+def check(path: str, *, probe: bool = False) -> int:
     try:
         config = load_config(path)
     except ConfigError as exc:
@@ -84,6 +86,14 @@ def check(path: str) -> int:
         return 1
     for warning in config.warnings:
         print(f"{warning} (warning)")
+    if probe:
+        from proxy.probe import probe as run_probe
+
+        problems = asyncio.run(run_probe(config))
+        for problem in problems:
+            print(problem)
+        if problems:
+            return 1
     print(
         f"{path}: ok ({len(config.upstreams)} upstreams, {len(config.models)} models, "
         f"version {config.version})"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -435,3 +436,34 @@ async def test_conversation_with_nothing_new_to_send_is_a_400(
         )
     assert info.value.param == "messages"
     assert not message_posts(state)
+
+
+async def test_check_probe_reports_agents_that_do_not_resolve(
+    letta: tuple[FakeLetta, str], tmp_path: Any
+) -> None:
+    _, url = letta
+    path = tmp_path / "routes.yaml"
+    path.write_text(
+        f"upstreams:\n  letta: {{kind: letta, url: '{url}'}}\n"
+        "models:\n"
+        "  good: {upstream: letta, agent: support-bot}\n"
+        "  bad: {upstream: letta, agent: nobody}\n"
+    )
+
+    async def probe() -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "check", "--probe", "routes.yaml",
+            cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        return proc.returncode or 0, out.decode()
+
+    code, out = await probe()
+    assert code == 1
+    assert out.splitlines() == [
+        "routes.yaml:5 models.bad.agent: Route 'bad': no Letta agent named 'nobody' on "
+        "upstream 'letta'."
+    ]
+    path.write_text(path.read_text().replace("agent: nobody", "agent: support-bot"))
+    code, out = await probe()
+    assert code == 0, out
