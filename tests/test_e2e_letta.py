@@ -467,3 +467,66 @@ async def test_check_probe_reports_agents_that_do_not_resolve(
     path.write_text(path.read_text().replace("agent: nobody", "agent: support-bot"))
     code, out = await probe()
     assert code == 0, out
+
+
+async def test_letta_pings_reach_the_client_as_keep_alive_comments(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
+) -> None:
+    state, url = letta
+    state.default_scenario = Scenario(sse="stream_slow_keepalive")
+    proxy = await make(make_proxy, url)
+    async with aiohttp.ClientSession() as http, http.post(
+        proxy.url + "/v1/chat/completions",
+        json={"model": "support", "stream": True, "messages": HI},
+        headers={"Authorization": f"Bearer {KEY}"},
+    ) as resp:
+        text = await resp.text()
+    events = [e for e in text.split("\n\n") if e]
+    assert events.count(": keep-alive") == 2
+    assert events[-1] == "data: [DONE]"
+    stream = await proxy.client().chat.completions.create(
+        model="support", messages=HI, stream=True
+    )
+    assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+
+async def test_tool_call_stream_shows_only_the_agents_answer(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
+) -> None:
+    state, url = letta
+    state.default_scenario = Scenario(sse="stream_tokens_tool")
+    client = (await make(make_proxy, url)).client()
+    stream = await client.chat.completions.create(model="support", messages=HI, stream=True)
+    chunks = [c async for c in stream]
+    assert all(not c.choices or not c.choices[0].delta.tool_calls for c in chunks)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Tool finished. token stream with a TOOL call"
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "expected", "code"),
+    [
+        pytest.param(500, {"error": {"type": "llm_error", "message": "LLM failed",
+                                     "detail": "provider said no"}}, 502, "upstream_error",
+                     id="letta-500-is-502"),
+        pytest.param(422, {"detail": [{"msg": "image URL unreachable"}]}, 422, None,
+                     id="letta-422-kept"),
+        pytest.param(401, {"detail": "Unauthorized"}, 502, "upstream_error",
+                     id="letta-401-is-the-operators"),
+    ],
+)
+async def test_letta_http_errors_become_openai_errors(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str],
+    status: int, body: Any, expected: int, code: str | None,
+) -> None:
+    state, url = letta
+    state.default_scenario = Scenario(status=status, body=body)
+    client = (await make(make_proxy, url)).client()
+    with pytest.raises(openai.APIStatusError) as info:
+        await client.chat.completions.create(model="support", messages=HI)
+    assert info.value.status_code == expected
+    if code:
+        assert info.value.code == code
+        assert "'letta'" in info.value.message
+    assert "provider said no" not in info.value.message
