@@ -5,12 +5,17 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
+from proxy.metrics import Exchange, Metrics
 from proxy.reload import TableHolder
+from proxy.shutdown import Drain
 
 TABLES = web.AppKey("tables", TableHolder)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 MAX_BODY = web.AppKey("max_body", int)
+METRICS = web.AppKey("metrics", Metrics)
+DRAIN = web.AppKey("drain", Drain)
 
 REQUEST_ID = web.RequestKey("request_id", str)
 STARTED = web.RequestKey("started", float)
 UPSTREAM_MS = web.RequestKey("upstream_ms", float)
+EXCHANGE = web.RequestKey("exchange", Exchange)

@@ -76,7 +76,9 @@ class Authenticator:
                 "Incorrect API key provided: none was sent. Send it as "
                 "'Authorization: Bearer <key>' or 'X-Api-Key: <key>'."
             )
-        raw = presented.encode()
+        # aiohttp decodes header bytes that are not UTF-8 with surrogateescape: encoding back
+        # the same way gives the bytes the client sent instead of a UnicodeEncodeError (a 500).
+        raw = presented.encode("utf-8", "surrogateescape")
         found = self._by_digest.get(hashlib.sha256(raw).digest())
         if found is not None and hmac.compare_digest(found[0], raw):
             return found[1]
@@ -97,6 +99,8 @@ def _presented_key(authorization: str | None, x_api_key: str | None) -> str | No
 
 def _redact(key: str) -> str:
     # OpenAI shows a few characters of a wrong key; a key this short is shown as stars only.
+    # Lone surrogates (bytes that were not UTF-8) could not be rendered as JSON.
+    key = key.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     if len(key) < 12:
         return "*" * len(key)
     return f"{key[:3]}{'*' * 8}{key[-4:]}"

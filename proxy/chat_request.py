@@ -10,6 +10,9 @@ import orjson
 from proxy.errors import InvalidRequest, UnsupportedMediaType
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+# orjson parses JSON nested up to 1024 levels but serializes only up to 254, so a body nested
+# deeper than this would parse and then fail (a 500) where an adapter forwards it.
+MAX_DEPTH = 254
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +43,15 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
         ) from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    # Counting brackets is a cheap bound on the depth: only bodies that could be too deep pay
+    # for the trial serialization.
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:
+        try:
+            orjson.dumps(body)
+        except orjson.JSONEncodeError:
+            raise InvalidRequest(
+                f"The request body is nested too deeply (more than {MAX_DEPTH} levels)."
+            ) from None
 
     model = body.get("model")
     if model is not None and (not isinstance(model, str) or not model):
@@ -90,7 +102,8 @@ def _check_messages(messages: Any) -> None:
                 param=f"messages[{i}]",
             )
         role = message.get("role")
-        if role not in ROLES:
+        # A list or object `role` is unhashable: test the type before the set lookup.
+        if not isinstance(role, str) or role not in ROLES:
             what = "Missing required parameter" if role is None else "Invalid value"
             raise InvalidRequest(
                 f"{what}: 'messages[{i}].role'. Supported values are: "

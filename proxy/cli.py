@@ -7,14 +7,23 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from proxy import __version__
 from proxy.auth import env_keys, generate_key
 from proxy.config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from proxy.reload import TableHolder
 
 log = logging.getLogger("agentproxy")
 
@@ -33,6 +42,9 @@ class ServeOptions:
     log_format: str
     max_body: int
     extra_keys: tuple[str, ...]
+    drain_timeout: float = 30.0
+    reload_interval: float = 1.0
+    max_connections: int = 1000
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,6 +71,19 @@ def _parser() -> argparse.ArgumentParser:
                        choices=["text", "json"], help="env AGENTPROXY_LOG_FORMAT; default text")
     serve.add_argument("--max-body", type=int, default=int(_env("MAX_BODY", str(16 << 20))),
                        help="largest request body in bytes (env AGENTPROXY_MAX_BODY; 16 MiB)")
+    serve.add_argument("--max-connections", type=int,
+                       default=int(_env("MAX_CONNECTIONS", "1000")),
+                       help="requests each worker serves at once; more get a 503 with "
+                            "Retry-After (env AGENTPROXY_MAX_CONNECTIONS; default 1000; 0: no "
+                            "limit)")
+    serve.add_argument("--drain-timeout", type=float,
+                       default=float(_env("DRAIN_TIMEOUT", "30")),
+                       help="on SIGTERM, seconds running requests get to finish before streams "
+                            "are ended (env AGENTPROXY_DRAIN_TIMEOUT; default 30)")
+    serve.add_argument("--reload-interval", type=float,
+                       default=float(_env("RELOAD_INTERVAL", "1")),
+                       help="seconds between looks at the routes file; 0 reloads on SIGHUP only "
+                            "(env AGENTPROXY_RELOAD_INTERVAL; default 1)")
 
     check = sub.add_parser("check", help="validate a route table and exit")
     check.add_argument("routes", nargs="?", default=_env("ROUTES", "routes.yaml"))
@@ -139,6 +164,9 @@ def serve(args: argparse.Namespace) -> int:
         log_format=args.log_format,
         max_body=args.max_body,
         extra_keys=tuple(keys),
+        drain_timeout=max(0.0, args.drain_timeout),
+        reload_interval=max(0.0, args.reload_interval),
+        max_connections=max(0, args.max_connections),
     )
     if options.workers == 1:
         return run_worker(options)
@@ -155,49 +183,120 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 def run_worker(options: ServeOptions) -> int:
-    from aiohttp import web
-
     from proxy.app import create_app
     from proxy.logs import setup_logging
     from proxy.reload import TableHolder
 
     setup_logging(options.log_level, options.log_format)
     holder = TableHolder(options.routes, options.extra_keys)
-    app = create_app(holder, max_body=options.max_body)
-    table = holder.current
-    log.info(
-        "listening on http://%s:%d (routes %s, version %s, %d models, pid %d)",
-        options.host, options.port, options.routes, table.version,
-        len(table.routes), os.getpid(),
+    app = create_app(
+        holder,
+        max_body=options.max_body,
+        reload_interval=options.reload_interval,
+        drain_timeout=options.drain_timeout,
+        max_connections=options.max_connections,
     )
-    web.run_app(
-        app,
-        host=options.host,
-        port=options.port,
-        access_log=None,
-        print=None,
-        handler_cancellation=True,
-        reuse_port=options.workers > 1 or None,
-        shutdown_timeout=30.0,
-        loop=_new_loop(),
-    )
+    with asyncio.Runner(loop_factory=_new_loop) as runner:
+        runner.run(_serve(app, holder, options))
     return 0
+
+
+async def _serve(app: web.Application, holder: TableHolder, options: ServeOptions) -> None:
+    """Serves until SIGTERM or SIGINT, then drains (see proxy/shutdown.py); SIGHUP reloads."""
+    from aiohttp import web
+
+    from proxy.app_keys import DRAIN
+
+    # The app's own drain (on_shutdown) has ended every request by the time aiohttp's shutdown
+    # runs, so its timeout is only a backstop.
+    runner = web.AppRunner(
+        app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0
+    )
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    try:
+        site = web.TCPSite(
+            runner, options.host, options.port, reuse_port=options.workers > 1 or None
+        )
+        await site.start()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, holder.request_reload)
+        table = holder.current
+        host, port = runner.addresses[0][:2]
+        log.info(
+            "listening on http://%s:%d (routes %s, version %s, %d models, pid %d)",
+            host, port, options.routes, table.version, len(table.routes), os.getpid(),
+        )
+        await stop.wait()
+        # Not ready from this instant; the runner then stops listening and drains.
+        app[DRAIN].begin()
+        log.info(
+            "shutting down: no new connections; requests in flight get %g s",
+            options.drain_timeout,
+        )
+    finally:
+        await runner.cleanup()
 
 
 def _run_workers(options: ServeOptions) -> int:
     """N processes with their own event loops, sharing the port through SO_REUSEPORT."""
+    from multiprocessing.connection import wait
+
+    from prometheus_client.multiprocess import mark_process_dead
+
+    metrics_dir, owned = _metrics_dir()
+    if metrics_dir is None:
+        return 1
     ctx = multiprocessing.get_context("spawn")
     children = [ctx.Process(target=run_worker, args=(options,)) for _ in range(options.workers)]
-    for child in children:
-        child.start()
-
-    def forward(signum: int, _frame: object) -> None:
+    try:
         for child in children:
-            if child.pid is not None and child.is_alive():
-                os.kill(child.pid, signum)
+            child.start()
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, forward)
-    for child in children:
-        child.join()
+        def forward(signum: int, _frame: object) -> None:
+            for child in children:
+                if child.pid is not None and child.is_alive():
+                    os.kill(child.pid, signum)
+
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, forward)
+        running = list(children)
+        while running:
+            wait([child.sentinel for child in running])
+            for child in [c for c in running if not c.is_alive()]:
+                running.remove(child)
+                child.join()
+                # A dead worker's open streams must stop counting in the pod's gauges.
+                mark_process_dead(child.pid, metrics_dir)  # type: ignore[no-untyped-call]
+    finally:
+        if owned:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0 if all(child.exitcode == 0 for child in children) else 1
+
+
+def _metrics_dir() -> tuple[str | None, bool]:
+    """The directory where the workers keep their metrics, so that any one of them can serve
+    the totals; set in the environment before the workers start, as prometheus_client reads it
+    when it is imported. Returns (directory, whether this process made it)."""
+    from proxy.metrics import MULTIPROC_ENV
+
+    given = os.environ.get(MULTIPROC_ENV)
+    try:
+        if given:
+            os.makedirs(given, exist_ok=True)
+            # Files left by an earlier run would be added to this run's totals.
+            for stale in Path(given).glob("*.db"):
+                stale.unlink()
+            return given, False
+        made = tempfile.mkdtemp(prefix="agentproxy-metrics-")
+    except OSError as exc:
+        print(
+            f"agentproxy: --workers needs a writable directory for metrics ({exc}); set "
+            f"{MULTIPROC_ENV} or TMPDIR to one (in Kubernetes, an emptyDir volume)",
+            file=sys.stderr,
+        )
+        return None, False
+    os.environ[MULTIPROC_ENV] = made
+    return made, True

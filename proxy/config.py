@@ -52,6 +52,14 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class Circuit:
+    """When to stop preferring an upstream that keeps failing, and for how long."""
+
+    failures: int = 3
+    cooldown: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamSpec:
     name: str
     kind: UpstreamKind
@@ -61,6 +69,12 @@ class UpstreamSpec:
     headers: Mapping[str, str] = field(default_factory=dict)
     forward_headers: tuple[str, ...] = ()
     timeouts: Timeouts = field(default_factory=Timeouts)
+    # Seconds of silence towards a streaming client before the proxy writes `: keep-alive`.
+    keepalive: float = 15.0
+    # Requests sent to the upstream at once (None: no limit), and how long one more waits.
+    max_concurrency: int | None = None
+    queue_timeout: float = 10.0
+    circuit: Circuit = field(default_factory=Circuit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,9 +166,12 @@ def parse_config(
 
 _FILE = "(file)"
 _TOP_KEYS = ("upstreams", "models", "auth")
-_OPENAI_KEYS = ("kind", "url", "api_key", "headers", "forward_headers", "timeouts")
+_RESILIENCE_KEYS = ("keepalive", "max_concurrency", "queue_timeout", "circuit")
+_OPENAI_KEYS = ("kind", "url", "api_key", "headers", "forward_headers", "timeouts",
+                *_RESILIENCE_KEYS)
 _TIMEOUT_KEYS = ("connect", "first_event", "idle", "total")
-_LETTA_KEYS = ("kind", "url", "api_key", "headers", "timeouts")
+_CIRCUIT_KEYS = ("failures", "cooldown")
+_LETTA_KEYS = ("kind", "url", "api_key", "headers", "timeouts", *_RESILIENCE_KEYS)
 _LETTA_ROUTE_KEYS = ("agent", "client_system", "show", "session")
 _SESSION_KEYS = ("without_hint", "from_user", "busy_timeout")
 _MODEL_KEYS = ("upstream", "model", "owned_by", *_LETTA_ROUTE_KEYS)
@@ -501,12 +518,66 @@ class _Reader:
         timeouts = Timeouts()
         if "timeouts" in entries:
             timeouts = self.timeouts(entries["timeouts"][1], _join(path, "timeouts"))
+        resilience = self.resilience(entries, path)
         if url is None:
             return None
         return UpstreamSpec(
             name=name, kind=kind, line=_line(name_node), url=url, api_key=api_key,
-            headers=headers, forward_headers=forward, timeouts=timeouts,
+            headers=headers, forward_headers=forward, timeouts=timeouts, **resilience,
         )
+
+    def resilience(self, entries: Entries, path: str) -> dict[str, Any]:
+        """keepalive, max_concurrency, queue_timeout and circuit: UpstreamSpec keywords."""
+        options: dict[str, Any] = {}
+        if "keepalive" in entries:
+            value = self.seconds(entries["keepalive"][1], _join(path, "keepalive"), False)
+            if value is not None:
+                options["keepalive"] = value
+        if "max_concurrency" in entries:
+            item = _join(path, "max_concurrency")
+            node = entries["max_concurrency"][1]
+            if not _is_null(node):
+                count = self.integer(node, item, "no limit")
+                # 0, like null, means no limit.
+                options["max_concurrency"] = count or None
+        if "queue_timeout" in entries:
+            node = entries["queue_timeout"][1]
+            wait = self.number(node, _join(path, "queue_timeout"))
+            if wait is not None and (not math.isfinite(wait) or wait < 0):
+                self.error(node, _join(path, "queue_timeout"),
+                           "must be a finite number of seconds, 0 or more (0: do not wait)")
+            elif wait is not None:
+                options["queue_timeout"] = wait
+        if "circuit" in entries:
+            options["circuit"] = self.circuit(entries["circuit"][1], _join(path, "circuit"))
+        return options
+
+    def circuit(self, node: Node, path: str) -> Circuit:
+        entries = self.optional_mapping(node, path)
+        if not entries:
+            return Circuit()
+        self.known_keys(entries, _CIRCUIT_KEYS, path)
+        defaults = Circuit()
+        failures = defaults.failures
+        if "failures" in entries:
+            failures = self.integer(entries["failures"][1], _join(path, "failures")) or failures
+        cooldown = defaults.cooldown
+        if "cooldown" in entries:
+            cooldown = self.seconds(entries["cooldown"][1], _join(path, "cooldown"),
+                                    False) or cooldown
+        return Circuit(failures=failures, cooldown=cooldown)
+
+    def integer(self, node: Node, path: str, zero: str | None = None) -> int | None:
+        """A positive whole number; 0 too when `zero` says what it means."""
+        if not (isinstance(node, ScalarNode) and node.tag == _INT):
+            self.error(node, path, f"expected a whole number, got {_describe(node)}")
+            return None
+        value = int(_SCALARS.construct_yaml_int(node))
+        if value < 0 or (value == 0 and zero is None):
+            hint = f", or 0 for {zero}" if zero else ""
+            self.error(node, path, f"must be a positive whole number{hint}")
+            return None
+        return value
 
     def url(self, node: Node, path: str) -> str | None:
         url = self.string(node, path)

@@ -98,6 +98,12 @@ class PayloadTooLarge(ProxyError):
     code = "request_too_large"
 
 
+class HeadersTooLarge(ProxyError):
+    status = 431
+    type = "invalid_request_error"
+    code = "request_header_fields_too_large"
+
+
 class UnsupportedMediaType(ProxyError):
     status = 415
     type = "invalid_request_error"

@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+import time
 from contextlib import aclosing
-from typing import TypeVar
+from typing import Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 
-from proxy.app_keys import HTTP, REQUEST_ID, TABLES, UPSTREAM_MS
+from proxy.app_keys import DRAIN, EXCHANGE, HTTP, METRICS, REQUEST_ID, TABLES, UPSTREAM_MS
 from proxy.auth import Grant
 from proxy.chat_request import check_content_type, parse_chat_request
-from proxy.errors import InternalError, InvalidRequest, ProxyError, UpstreamUnavailable
-from proxy.routing import Route, RouteTable
+from proxy.errors import InternalError, InvalidRequest, ProxyError
+from proxy.failover import is_failure, serve
+from proxy.metrics import has_token
+from proxy.routing import RouteTable
 from proxy.sessions import session_hint
+from proxy.shutdown import shutting_down
 from proxy.sse import DONE
 from proxy.upstreams.base import Call, EventStream, Upstream
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -60,30 +63,43 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     holder = request.app[TABLES]
     table = holder.current
-    body = {
+    body: dict[str, Any] = {
         "status": "draining" if holder.draining else "ready",
         "version": table.version,
         "loaded_at": table.loaded_at,
         "last_error": holder.last_error,
     }
+    # Upstream trouble does not make the proxy unready: it fails over, or answers 502/504
+    # itself; a probe that pulled the pod for it would only move the same trouble elsewhere.
+    now = time.monotonic()
+    body["upstreams"] = {name: up.health.snapshot(now) for name, up in table.upstreams.items()}
     return json_response(orjson.dumps(body), 503 if holder.draining else 200)
 
 
-async def _first_available(
-    route: Route, attempt: Callable[[Upstream], Awaitable[T]]
-) -> T:
-    """The first upstream of the route that accepts the connection serves the request."""
-    failure: UpstreamUnavailable | None = None
-    for upstream in route.upstreams:
-        try:
-            return await attempt(upstream)
-        except UpstreamUnavailable as exc:
-            failure = exc
-    assert failure is not None
-    raise failure
+async def _open_stream(
+    upstream: Upstream, call: Call, http: aiohttp.ClientSession
+) -> tuple[EventStream, bytes | None]:
+    """The stream and its first event, before anything is committed to the client.
+
+    Waiting for the first event (not only the upstream's headers) lets an upstream that
+    fails or stays silent at once still get a real HTTP error, and the next upstream its
+    turn. The wait lasts at most the keep-alive interval: then the first event is the
+    keep-alive comment, and the 200 goes out with it.
+    """
+    events = await upstream.open_stream(call, http)
+    try:
+        first: bytes | None = await anext(aiter(events))
+    except StopAsyncIteration:
+        first = None
+    except BaseException:
+        await events.aclose()
+        raise
+    return events, first
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
+    exchange = request[EXCHANGE]
+    exchange.chat = True
     table = request.app[TABLES].current
     grant = _authenticate(request, table)
     check_content_type(request.content_type if request.body_exists else "")
@@ -92,6 +108,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if model is None:
         raise InvalidRequest("You must provide a model parameter.", param="model")
     route, upstream_model = table.resolve(model, grant)
+    exchange.model, exchange.route, exchange.stream = model, route.name, chat.stream
     call = Call(
         body=chat.body,
         client_model=model,
@@ -108,35 +125,87 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             request.headers, chat.body, model, from_user=route.spec.session.from_user
         )
     http = request.app[HTTP]
+    metrics = request.app[METRICS]
+
+    def on_error(upstream: Upstream, exc: ProxyError) -> None:
+        exchange.upstream = upstream.name
+        # The class's code, not the instance's: an upstream's own codes are unbounded.
+        metrics.upstream_error(upstream.name, type(exc).code)
+
+    def on_failover(upstream: Upstream) -> None:
+        metrics.failover(upstream.name)
+        upstream.health.failovers += 1
+
     if not chat.stream:
-        body = await _first_available(route, lambda up: up.complete(call, http))
+        body, upstream = await serve(
+            route.upstreams, call, lambda up: up.complete(call, http), on_error, on_failover
+        )
+        upstream.health.release()
+        exchange.upstream = upstream.name
         request[UPSTREAM_MS] = call.upstream_ms
         response = json_response(body)
         response.headers.extend(call.response_headers)
         return response
-    events = await _first_available(route, lambda up: up.open_stream(call, http))
+    (events, first), upstream = await serve(
+        route.upstreams, call, lambda up: _open_stream(up, call, http), on_error, on_failover
+    )
+    exchange.upstream = upstream.name
     request[UPSTREAM_MS] = call.upstream_ms
-    return await _relay_stream(request, call, events)
+    try:
+        return await _relay_stream(request, call, events, first, upstream)
+    finally:
+        upstream.health.release()
 
 
 async def _relay_stream(
-    request: web.Request, call: Call, events: EventStream
+    request: web.Request,
+    call: Call,
+    events: EventStream,
+    first: bytes | None,
+    upstream: Upstream,
 ) -> web.StreamResponse:
     response = web.StreamResponse(headers=SSE_HEADERS)
     response.headers.extend(call.response_headers)
+    exchange = request[EXCHANGE]
+    metrics = request.app[METRICS]
     async with aclosing(events):
         await response.prepare(request)
+        exchange.status = response.status
+        metrics.open_streams.inc()
         try:
+            if first is not None:
+                if has_token(first):
+                    exchange.ttft = time.perf_counter() - exchange.started
+                await response.write(first)
             async for data in events:
+                if exchange.ttft is None and has_token(data):
+                    exchange.ttft = time.perf_counter() - exchange.started
                 await response.write(data)
         except ProxyError as exc:
+            if is_failure(exc):
+                upstream.health.failed(time.monotonic())
+            exchange.error = exc.code
+            metrics.upstream_error(exchange.upstream, type(exc).code)
             await response.write(b"data: " + exc.to_json() + b"\n\n")
         except ConnectionResetError:
             # The client left: aclosing() closes the upstream request on the way out.
+            exchange.error = "client_closed"
             return response
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or not request.app[DRAIN].ended(task):
+                raise
+            # The drain deadline passed: the client gets a clean end instead of a cut.
+            task.uncancel()
+            err = shutting_down()
+            exchange.error = err.code
+            await response.write(b"data: " + err.to_json() + b"\n\n")
         except Exception:
             log.exception("stream %s failed", call.request_id)
+            exchange.error = InternalError.code
             await response.write(b"data: " + InternalError(call.request_id).to_json() + b"\n\n")
+        finally:
+            metrics.open_streams.dec()
     await response.write(DONE)
     await response.write_eof()
     return response

@@ -134,6 +134,12 @@ class SSEDecoder:
             self._fail()
         return self._process(lines)
 
+    @property
+    def partial_line(self) -> bool:
+        """Whether bytes of a line whose end has not arrived are waiting: a body that ends
+        here was cut inside a line (flush() still reads that line as complete)."""
+        return bool(self._buf)
+
     def flush(self) -> list[Event]:
         """Ends the stream: returns the event left pending, if it has any data.
 

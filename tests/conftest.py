@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -13,6 +14,7 @@ from aiohttp import web
 
 from proxy.app import create_app
 from proxy.reload import TableHolder
+from proxy.upstreams.health import HEALTH
 from tests.fake_openai import FakeOpenAI
 
 KEY = "sk-test-0123456789abcdef"
@@ -52,6 +54,12 @@ class Proxy:
 ProxyFactory = Callable[..., Awaitable[Proxy]]
 
 
+@pytest.fixture(autouse=True)
+def fresh_upstream_health() -> None:
+    """Circuits and concurrency slots live for the process; each test starts from none."""
+    HEALTH.clear()
+
+
 @pytest.fixture
 async def fake_openai() -> AsyncIterator[FakeOpenAI]:
     fake = FakeOpenAI()
@@ -65,11 +73,12 @@ async def fake_openai() -> AsyncIterator[FakeOpenAI]:
 async def make_proxy(tmp_path: Path) -> AsyncIterator[ProxyFactory]:
     async with AsyncExitStack() as stack:
 
-        async def make(routes: str, keys: tuple[str, ...] = (KEY,)) -> Proxy:
+        async def make(routes: str, keys: tuple[str, ...] = (KEY,), **options: Any) -> Proxy:
+            """`options` go to create_app (reload_interval, drain_timeout...)."""
             path = tmp_path / "routes.yaml"
             path.write_text(routes)
             holder = TableHolder(path, keys)
-            url = await stack.enter_async_context(serving(create_app(holder)))
+            url = await stack.enter_async_context(serving(create_app(holder, **options)))
             proxy = Proxy(url, holder, path)
             stack.push_async_callback(proxy.close_clients)
             return proxy

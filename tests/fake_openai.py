@@ -2,6 +2,8 @@
 
 Behaviour is chosen per test through `FakeOpenAI.mode`; the default answers like a model
 that echoes the user, and asks for the `get_weather` tool when the request offers tools.
+The slow modes keep quiet for `delay` seconds: `slow_headers` before answering at all,
+`slow_first_event` after the stream's headers, `silence_mid_stream` before the finish chunk.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class FakeOpenAI:
     release: asyncio.Event = field(default_factory=asyncio.Event)
     models: list[str] = field(default_factory=lambda: ["llama-3-8b", "qwen-2.5"])
     url: str = ""
+    # How long the deliberately slow modes keep quiet, in seconds.
+    delay: float = 0.5
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -70,6 +74,12 @@ class FakeOpenAI:
                 status=500,
                 content_type="text/html",
             )
+        if mode == "error500":
+            return web.json_response(
+                {"error": {"message": "CUDA out of memory", "type": "server_error"}}, status=500
+            )
+        if mode == "slow_headers":
+            await self._pause()
         if mode == "auth401":
             return web.json_response({"error": {"message": "bad key"}}, status=401)
         if mode == "ratelimit":
@@ -84,6 +94,13 @@ class FakeOpenAI:
         if not body.get("stream"):
             return web.json_response(self.completion(body, chunks))
         return await self.stream(request, body, chunks)
+
+    async def _pause(self) -> None:
+        try:
+            await asyncio.sleep(self.delay)
+        except asyncio.CancelledError:
+            self.disconnected.set()
+            raise
 
     async def _hold(self, request: web.Request) -> None:
         try:
@@ -148,9 +165,16 @@ class FakeOpenAI:
             return b"data: " + orjson.dumps(data) + b"\n\n"
 
         try:
+            if self.mode == "slow_first_event":
+                await self._pause()
+            if self.mode == "error_event_first":
+                await response.write(b'data: {"error": {"message": "model not loaded"}}\n\n')
+                return response
             await response.write(chunk({"role": "assistant", "content": ""}))
             for delta in deltas:
                 await response.write(chunk(delta))
+            if self.mode == "silence_mid_stream":
+                await self._pause()
             if self.mode == "stream_hang":
                 await self._hold(request)
             if self.mode == "midstream_drop":

@@ -9,6 +9,7 @@ import pytest
 
 from proxy.config import (
     AuthSpec,
+    Circuit,
     Config,
     ConfigError,
     KeySpec,
@@ -293,6 +294,32 @@ INVALID = [
         id="timeouts-total-negative-and-typo",
     ),
     pytest.param(
+        "upstreams:\n  vllm:\n    kind: openai\n    url: http://h/v1\n    keepalive: 0\n"
+        "    max_concurrency: 2.5\n    queue_timeout: -1\n"
+        "    circuit: {failures: 0, cooldown: soon, after: 3}\nmodels:\n  m: {upstream: vllm}\n",
+        [
+            "routes.yaml:5 upstreams.vllm.keepalive: must be a positive number of seconds",
+            "routes.yaml:6 upstreams.vllm.max_concurrency: expected a whole number, got a number",
+            "routes.yaml:7 upstreams.vllm.queue_timeout: must be a finite number of seconds, "
+            "0 or more (0: do not wait)",
+            "routes.yaml:8 upstreams.vllm.circuit.after: unknown key 'after'; expected one of: "
+            "failures, cooldown",
+            "routes.yaml:8 upstreams.vllm.circuit.failures: must be a positive whole number",
+            "routes.yaml:8 upstreams.vllm.circuit.cooldown: expected a number of seconds, "
+            "got a string",
+        ],
+        id="resilience-keys-wrong",
+    ),
+    pytest.param(
+        "upstreams:\n  demo:\n    kind: echo\n    keepalive: 5\n    max_concurrency: 1\n"
+        "models:\n  m: {upstream: demo}\n",
+        [
+            "routes.yaml:4 upstreams.demo.keepalive: not used by kind echo",
+            "routes.yaml:5 upstreams.demo.max_concurrency: not used by kind echo",
+        ],
+        id="resilience-keys-on-echo",
+    ),
+    pytest.param(
         "upstreams:\n  vllm:\n    kind: openai\n    url: http://h/v1\n    headers: [X-A]\n"
         "    forward_headers: X-Session-Id\nmodels:\n  m: {upstream: vllm}\n",
         [
@@ -511,6 +538,24 @@ def test_defaults() -> None:
     assert spec.timeouts == Timeouts(connect=10.0, first_event=300.0, idle=300.0, total=None)
     assert (spec.api_key, dict(spec.headers), spec.forward_headers) == (None, {}, ())
     assert config.auth == AuthSpec(keys=(), allow_unauthenticated=False)
+
+
+def test_resilience_keys_parse_for_openai_and_letta() -> None:
+    text = (
+        "upstreams:\n"
+        "  v:\n    kind: openai\n    url: http://h/v1\n    keepalive: 5\n"
+        "    max_concurrency: 8\n    queue_timeout: 0\n"
+        "    circuit: {failures: 5, cooldown: 2.5}\n"
+        "  l: {kind: letta, url: 'http://h:8283', max_concurrency: 0, circuit: {}}\n"
+        "models:\n  m: {upstream: v}\n  a: {upstream: l, agent: bot}\n"
+    )
+    upstreams = parse_config(text, environ={}).upstreams
+    v, letta = upstreams["v"], upstreams["l"]
+    assert (v.keepalive, v.max_concurrency, v.queue_timeout) == (5.0, 8, 0.0)
+    assert v.circuit == Circuit(failures=5, cooldown=2.5)
+    # 0 means no limit, like the default; an empty circuit mapping keeps the defaults.
+    assert (letta.keepalive, letta.max_concurrency, letta.queue_timeout) == (15.0, None, 10.0)
+    assert letta.circuit == Circuit(failures=3, cooldown=30.0)
 
 
 @pytest.mark.parametrize(

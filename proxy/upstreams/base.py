@@ -11,6 +11,8 @@ from typing import Any
 import aiohttp
 
 from proxy.config import ModelSpec, UpstreamSpec
+from proxy.upstreams.health import HEALTH
+from proxy.upstreams.watch import Watch
 
 
 @dataclass(slots=True)
@@ -30,6 +32,9 @@ class Call:
     # Filled in by the adapter: when the upstream answered, for Server-Timing and metrics.
     upstream_ms: float = 0.0
     response_headers: list[tuple[str, str]] = field(default_factory=list)
+    # Set by an adapter once the upstream may have acted on the request (a Letta message
+    # sent): from then on a failure is reported, never retried on the next upstream.
+    delivered: bool = False
 
     def mark_answered(self, started: float) -> None:
         self.upstream_ms = (time.perf_counter() - started) * 1000.0
@@ -40,23 +45,28 @@ class EventStream:
 
     Iterating yields the events themselves (no wrapper per event); `aclose()` closes the
     generator and then runs `on_close` exactly once, even if iteration never started, which
-    a bare async generator would not do.
+    a bare async generator would not do. A `watch` that paces the events is disarmed first,
+    so its timer can never cancel the request's task after the stream has ended.
     """
 
-    __slots__ = ("_events", "_on_close")
+    __slots__ = ("_events", "_on_close", "_watch")
 
     def __init__(
         self,
         events: AsyncGenerator[bytes, None],
         on_close: Callable[[], Awaitable[None]] | None = None,
+        watch: Watch | None = None,
     ) -> None:
         self._events = events
         self._on_close = on_close
+        self._watch = watch
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._events
 
     async def aclose(self) -> None:
+        if self._watch is not None:
+            self._watch.disarm()
         try:
             await self._events.aclose()
         finally:
@@ -79,6 +89,7 @@ class Upstream(ABC):
     def __init__(self, spec: UpstreamSpec) -> None:
         self.spec = spec
         self.name = spec.name
+        self.health = HEALTH.get(spec)
 
     @abstractmethod
     async def complete(self, call: Call, http: aiohttp.ClientSession) -> bytes:

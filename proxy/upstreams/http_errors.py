@@ -17,6 +17,26 @@ from proxy.errors import (
 )
 
 _MAX_ERROR_BODY = 64 * 1024
+# A whole JSON answer (a sync completion, a listing) is held in memory: a broken or hostile
+# upstream must not be able to make that unbounded.
+MAX_ANSWER = 64 * 1024 * 1024
+
+
+async def read_answer(
+    resp: aiohttp.ClientResponse, upstream: str, limit: int = MAX_ANSWER
+) -> bytes:
+    """The body of a successful answer; UpstreamFailed past `limit` bytes."""
+    too_big = UpstreamFailed(f"Upstream '{upstream}' answered with more than {limit} bytes.")
+    if resp.content_length is not None and resp.content_length > limit:
+        raise too_big
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def read_error_body(resp: aiohttp.ClientResponse) -> bytes:

@@ -25,7 +25,12 @@ from proxy.openai_types import ChatChunk, ChunkFactory, accumulate
 from proxy.session_locks import SESSION_LOCKS
 from proxy.sse import SSEDecoder, SSEError, encode_comment
 from proxy.upstreams.base import Call, EventStream, Upstream
-from proxy.upstreams.http_errors import connection_error, error_from_response, read_error_body
+from proxy.upstreams.http_errors import (
+    connection_error,
+    error_from_response,
+    read_answer,
+    read_error_body,
+)
 from proxy.upstreams.letta_request import (
     letta_body,
     new_turn_start,
@@ -33,7 +38,8 @@ from proxy.upstreams.letta_request import (
     session_summary,
     to_letta_messages,
 )
-from proxy.upstreams.letta_translator import Comment, LettaTranslator, Out
+from proxy.upstreams.letta_translator import KEEP_ALIVE, Comment, LettaTranslator, Out
+from proxy.upstreams.watch import Watch
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +65,8 @@ class _Run:
     lock_key: str
     resp: aiohttp.ClientResponse
     translator: LettaTranslator
+    # Loop time the message was sent: first_event counts from it, not from the lookups.
+    sent_at: float
     decoder: SSEDecoder = field(default_factory=SSEDecoder)
     saw_done: bool = False
     closed: bool = False
@@ -114,7 +122,7 @@ class Letta(Upstream):
                         raise error_from_response(
                             self.name, resp.status, await read_error_body(resp), resp.headers
                         )
-                    data = await resp.read()
+                    data = await read_answer(resp, self.name)
         except TimeoutError:
             raise self._timed_out() from None
         except aiohttp.ClientError as exc:
@@ -243,7 +251,7 @@ class Letta(Upstream):
                 if conversation
                 else f"/v1/agents/{agent}/messages"
             )
-            resp = await self._post_turn(call, http, path, letta_messages)
+            resp, sent_at = await self._post_turn(call, http, path, letta_messages)
             if resp.status >= 300:
                 try:
                     body = await read_error_body(resp)
@@ -259,7 +267,7 @@ class Letta(Upstream):
             show_tools="tools" in route.show,
             include_usage=include_usage,
         )
-        return _Run(agent, lock_key, resp, translator)
+        return _Run(agent, lock_key, resp, translator, sent_at)
 
     async def _post_turn(
         self,
@@ -267,8 +275,12 @@ class Letta(Upstream):
         http: aiohttp.ClientSession,
         path: str,
         letta_messages: list[dict[str, Any]],
-    ) -> aiohttp.ClientResponse:
+    ) -> tuple[aiohttp.ClientResponse, float]:
         started = time.perf_counter()
+        sent_at = asyncio.get_running_loop().time()
+        # From here on Letta may have stored the message and started a run, even if no
+        # answer comes back: a failure is reported and the message never sent elsewhere.
+        call.delivered = True
         try:
             async with asyncio.timeout(self._first_event):
                 resp = await http.post(
@@ -277,12 +289,22 @@ class Letta(Upstream):
                     headers=self._headers,
                     timeout=self._timeout,
                 )
+        except aiohttp.ClientConnectorError as exc:
+            # Refused or unreachable: nothing was sent, so another upstream may take it.
+            call.delivered = False
+            raise connection_error(self.name, exc) from None
+        except aiohttp.ConnectionTimeoutError:
+            call.delivered = False
+            raise UpstreamTimeout(
+                f"Upstream '{self.name}' did not accept a connection within "
+                f"{self.spec.timeouts.connect:g} s (timeouts.connect)."
+            ) from None
         except TimeoutError:
             raise self._timed_out() from None
         except aiohttp.ClientError as exc:
             raise connection_error(self.name, exc) from None
         call.mark_answered(started)
-        return resp
+        return resp, sent_at
 
     def _turn_error(
         self,
@@ -306,34 +328,50 @@ class Letta(Upstream):
             )
         return error_from_response(self.name, resp.status, body, resp.headers)
 
-    async def _batches(self, run: _Run) -> AsyncGenerator[list[Out], None]:
-        """What each upstream read translates to; raises the stream's terminal error."""
+    def _watch(self, run: _Run, keepalive: float | None) -> Watch:
+        watch = Watch(self.name, self.spec.timeouts, keepalive, run.sent_at)
+        watch.arm()
+        return watch
+
+    async def _batches(self, run: _Run, watch: Watch) -> AsyncGenerator[list[Out], None]:
+        """What each upstream read translates to; raises the stream's terminal error.
+
+        Letta's pings count as the upstream's activity (they say the run is alive), so a run
+        that thinks for minutes before its first token trips neither first_event nor idle.
+        """
         translator, decoder = run.translator, run.decoder
+        content = run.resp.content
+        read = watch.read
         yield list(translator.start())
         try:
-            async for data in run.resp.content.iter_any():
+            while not (run.saw_done or translator.error is not None):
+                data = await read(content)
+                if data is None:
+                    yield [KEEP_ALIVE]
+                    continue
                 out: list[Out] = []
+                if not data:
+                    for event in decoder.flush():
+                        run.saw_done = run.saw_done or event.data == "[DONE]"
+                        out.extend(translator.feed(event))
+                    if out:
+                        yield out
+                    break
                 for event in decoder.feed(data):
                     if event.data == "[DONE]":
                         run.saw_done = True
                         break
                     out.extend(translator.feed(event))
                 if out:
-                    yield out
-                if run.saw_done or translator.error is not None:
-                    break
-            else:
-                out = []
-                for event in decoder.flush():
-                    run.saw_done = run.saw_done or event.data == "[DONE]"
-                    out.extend(translator.feed(event))
-                if out:
+                    watch.sent()
                     yield out
         except SSEError as exc:
             raise UpstreamFailed(f"Upstream '{self.name}' sent a malformed stream: {exc}") from None
         except TimeoutError:
+            total = self.spec.timeouts.total
+            limit = f"within {total:g} s " if total is not None else ""
             raise UpstreamTimeout(
-                f"Upstream '{self.name}' stopped sending (timeouts.total)."
+                f"Upstream '{self.name}' did not finish {limit}(timeouts.total)."
             ) from None
         except aiohttp.ClientError:
             raise UpstreamFailed(
@@ -399,18 +437,21 @@ class Letta(Upstream):
     async def complete(self, call: Call, http: aiohttp.ClientSession) -> bytes:
         run = await self._open(call, http, include_usage=True)
         chunks: list[ChatChunk] = []
-        batches = self._batches(run)
+        watch = self._watch(run, None)
+        batches = self._batches(run, watch)
         try:
             async for batch in batches:
                 chunks.extend(out for out in batch if not isinstance(out, Comment))
         finally:
+            watch.disarm()
             await batches.aclose()
             await self._close(run, http)
         return orjson.dumps(accumulate(chunks))
 
     async def open_stream(self, call: Call, http: aiohttp.ClientSession) -> EventStream:
         run = await self._open(call, http, include_usage=call.include_usage)
-        batches = self._batches(run)
+        watch = self._watch(run, self.spec.keepalive)
+        batches = self._batches(run, watch)
 
         async def close() -> None:
             try:
@@ -418,7 +459,7 @@ class Letta(Upstream):
             finally:
                 await self._close(run, http)
 
-        return EventStream(_encode(batches), close)
+        return EventStream(_encode(batches), close, watch)
 
 
 async def _encode(batches: AsyncGenerator[list[Out], None]) -> AsyncGenerator[bytes, None]:

@@ -91,7 +91,10 @@ def session_summary(api_key_hash: str, hint: str) -> str:
     A fixed-length digest: stable across restarts, and it reveals neither the key nor the
     hint to anyone who can list the agent's conversations.
     """
-    digest = hashlib.sha256(f"{api_key_hash}\0{hint}".encode()).hexdigest()
+    # A hint from a header that was not UTF-8 holds surrogateescape'd bytes: hash those bytes
+    # rather than fail the request.
+    raw = f"{api_key_hash}\0{hint}".encode("utf-8", "surrogateescape")
+    digest = hashlib.sha256(raw).hexdigest()
     return SESSION_PREFIX + digest[:32]
 
 

@@ -94,6 +94,13 @@ def letta_usage(stats: dict[str, Any]) -> Usage:
     return usage
 
 
+def _json_text(value: Any) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes (it reads deeper)
+        return "…"
+
+
 def _int(value: Any) -> int:
     return value if isinstance(value, int) else 0
 
@@ -191,6 +198,8 @@ class LettaTranslator:
             if isinstance(run_id, str):
                 self.run_id = run_id
         kind = msg.get("message_type")
+        if not isinstance(kind, str):
+            kind = None  # a list or an object would fail the set lookups below
         if event.event == "error" or kind == "error_message":
             self._on_error(msg)
             return []
@@ -313,7 +322,7 @@ class LettaTranslator:
             name = name or msg.get("name") or "tool"
             status = "ok" if ret.get("status") != "error" else "error"
             value = ret.get("tool_return")
-            text = value if isinstance(value, str) else orjson.dumps(value).decode()
+            text = value if isinstance(value, str) else _json_text(value)
             out.append(self._summary(f"[tool result] {name} {status}: {shorten(text)}"))
         return out
 

@@ -20,7 +20,13 @@ from proxy.config import UpstreamSpec
 from proxy.errors import ProxyError, UpstreamFailed, UpstreamTimeout
 from proxy.sse import SSEDecoder, SSEError, encode_comment
 from proxy.upstreams.base import Call, EventStream, Upstream
-from proxy.upstreams.http_errors import connection_error, error_from_response, read_error_body
+from proxy.upstreams.http_errors import (
+    connection_error,
+    error_from_response,
+    read_answer,
+    read_error_body,
+)
+from proxy.upstreams.watch import Watch
 
 # A finish chunk carries a string finish_reason; every other chunk has null or nothing.
 _FINISH = re.compile(r'"finish_reason"\s*:\s*"')
@@ -103,13 +109,17 @@ class OpenAI(Upstream):
                         raise error_from_response(
                             self.name, resp.status, await read_error_body(resp), resp.headers
                         )
-                    data = await resp.read()
+                    data = await read_answer(resp, self.name)
                 finally:
                     resp.release()
         except TimeoutError:
             raise self._timed_out("first_event", self._first_event) from None
-        except aiohttp.ClientError as exc:
-            raise connection_error(self.name, exc) from None
+        except aiohttp.ClientError:
+            # _post maps the failures to connect; this one broke an answer already under way
+            # (cut short, or a Content-Encoding it does not have): the upstream failed.
+            raise UpstreamFailed(
+                f"Upstream '{self.name}' closed the connection in the middle of the answer."
+            ) from None
         call.mark_answered(started)
         try:
             parsed = orjson.loads(data)
@@ -124,6 +134,7 @@ class OpenAI(Upstream):
 
     async def open_stream(self, call: Call, http: aiohttp.ClientSession) -> EventStream:
         started = time.perf_counter()
+        sent_at = asyncio.get_running_loop().time()
         try:
             async with asyncio.timeout(self._first_event):
                 resp = await self._post(call, http)
@@ -145,36 +156,54 @@ class OpenAI(Upstream):
             )
         call.mark_answered(started)
         call.response_headers = relayable_headers(resp.headers)
-        return EventStream(self._relay(resp), _closer(resp))
+        watch = Watch(self.name, self.spec.timeouts, self.spec.keepalive, sent_at)
+        watch.arm()
+        return EventStream(self._relay(resp, watch), _closer(resp), watch)
 
-    async def _relay(self, resp: aiohttp.ClientResponse) -> AsyncGenerator[bytes, None]:
+    async def _relay(
+        self, resp: aiohttp.ClientResponse, watch: Watch
+    ) -> AsyncGenerator[bytes, None]:
         decoder = SSEDecoder()
         state = _RelayState()
+        content = resp.content
+        read = watch.read
         try:
-            async for chunk in resp.content.iter_any():
+            while not state.done:
+                chunk = await read(content)
+                if chunk is None:
+                    yield _KEEPALIVE
+                    continue
+                if not chunk:
+                    cut = decoder.partial_line
+                    events = decoder.flush()
+                    if cut and events and events[0].data != "[DONE]":
+                        # The body stopped inside a line: that event is cut short, and the
+                        # client must not get its broken JSON.
+                        raise UpstreamFailed(
+                            f"Upstream '{self.name}' closed the connection in the middle of "
+                            "the stream."
+                        )
+                    out = state.frame(self.name, events)
+                    if out:
+                        yield out
+                    if state.error is not None:
+                        raise state.error
+                    break
                 comments = decoder.comments
                 out = state.frame(self.name, decoder.feed(chunk))
                 if out:
+                    watch.sent()
                     yield out
                 elif decoder.comments != comments:
                     # Pass the upstream's own keep-alives on, so the client's idle timer resets.
+                    watch.sent()
                     yield _KEEPALIVE
-                if state.error is not None:
-                    raise state.error
-                if state.done:
-                    break
-            else:
-                out = state.frame(self.name, decoder.flush())
-                if out:
-                    yield out
                 if state.error is not None:
                     raise state.error
         except SSEError as exc:
             raise UpstreamFailed(f"Upstream '{self.name}' sent a malformed stream: {exc}") from None
         except TimeoutError:
-            raise UpstreamTimeout(
-                f"Upstream '{self.name}' stopped sending (timeouts.total)."
-            ) from None
+            raise _total_exceeded(self.name, self.spec.timeouts.total) from None
         except aiohttp.ClientError:
             raise UpstreamFailed(
                 f"Upstream '{self.name}' closed the connection in the middle of the stream."
@@ -201,7 +230,7 @@ class OpenAI(Upstream):
                         raise error_from_response(
                             self.name, resp.status, await read_error_body(resp), resp.headers
                         )
-                    data = await resp.read()
+                    data = await read_answer(resp, self.name)
         except TimeoutError:
             raise self._timed_out("first_event", self._first_event) from None
         except aiohttp.ClientError as exc:
@@ -214,6 +243,11 @@ class OpenAI(Upstream):
         if not isinstance(cards, list):
             raise UpstreamFailed(f"Upstream '{self.name}' answered /models with no model list.")
         return [c for c in cards if isinstance(c, dict) and isinstance(c.get("id"), str)]
+
+
+def _total_exceeded(upstream: str, total: float | None) -> UpstreamTimeout:
+    limit = f"within {total:g} s " if total is not None else ""
+    return UpstreamTimeout(f"Upstream '{upstream}' did not finish {limit}(timeouts.total).")
 
 
 def _closer(resp: aiohttp.ClientResponse) -> Callable[[], Awaitable[None]]:
@@ -251,7 +285,12 @@ class _RelayState:
                 continue
             if not self.finished and _FINISH.search(data) is not None:
                 self.finished = True
-            out.append(b"data: " + data.encode() + b"\n\n")
+            payload = data.encode()
+            if b"\n" in payload:
+                # A multi-line data event: each line needs its own `data:` field, or the
+                # client reads the lines after the first as fields of their own.
+                payload = payload.replace(b"\n", b"\ndata: ")
+            out.append(b"data: " + payload + b"\n\n")
         return b"".join(out)
 
 

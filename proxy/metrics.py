@@ -1,0 +1,216 @@
+"""Prometheus metrics, the per-request record they are made from, and the access log line.
+
+Every chat request fills one `Exchange` as it goes (model, upstream, first token, status);
+the outermost middleware hands it to `Metrics.observe` and to `log_exchange` when the request
+ends, so the handlers never talk to Prometheus on the hot path themselves.
+
+With `--workers N` the parent process sets PROMETHEUS_MULTIPROC_DIR before it starts the
+workers, so prometheus_client keeps every value in a file per process there; `/metrics` in any
+worker then merges all of them, and one scrape gives the totals of the whole pod.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# Seconds. Agent turns (tool loops, Letta's memory edits) run for minutes, so the upper buckets
+# go far past what a bare model server needs.
+DURATION_BUCKETS = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# The proxy's own share is meant to stay well under a millisecond.
+OVERHEAD_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+)
+
+# An event that carries generated output: text, reasoning, or the start of a tool call. The
+# role chunk that opens every stream does not count, so the time to it is not "first token".
+_TOKEN = re.compile(
+    rb'"(?:content|reasoning_content|reasoning)"\s*:\s*"(?!")|"tool_calls"\s*:\s*\[\s*\{'
+)
+
+access_log = logging.getLogger("agentproxy.access")
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+def has_token(event: bytes) -> bool:
+    return _TOKEN.search(event) is not None
+
+
+class Exchange:
+    """What one request did, for its metrics and its log line. Never holds keys or content."""
+
+    __slots__ = (
+        "chat", "error", "model", "overhead", "route", "started", "status", "stream", "ttft",
+        "upstream",
+    )
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.chat = False
+        self.stream = False
+        # The model the client asked for (logs) and the route that served it (metric label:
+        # a `prefix/*` route would otherwise let clients mint unbounded label values).
+        self.model = ""
+        self.route = ""
+        self.upstream = ""
+        self.status = 0
+        self.ttft: float | None = None
+        # Seconds, fixed when the response headers go out (Server-Timing's `proxy` value).
+        self.overhead: float | None = None
+        # The error code a stream ended with after its 200 was committed.
+        self.error: str | None = None
+
+
+class Metrics:
+    """The proxy's metrics. One instance per application, each with its own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.multiprocess_dir = multiprocess_dir()
+        self.registry = reg = registry if registry is not None else CollectorRegistry()
+        self.requests = Counter(
+            "agentproxy_requests", "Chat completion requests, by route, upstream and status.",
+            ["model", "upstream", "status"], registry=reg,
+        )
+        self.duration = Histogram(
+            "agentproxy_request_duration_seconds",
+            "Time from the request's arrival to its last byte, streams included.",
+            ["model", "upstream"], buckets=DURATION_BUCKETS, registry=reg,
+        )
+        self.ttft = Histogram(
+            "agentproxy_time_to_first_token_seconds",
+            "Time from a streaming request's arrival to the first event with generated output.",
+            ["model", "upstream"], buckets=TTFT_BUCKETS, registry=reg,
+        )
+        self.overhead = Histogram(
+            "agentproxy_overhead_seconds",
+            "The proxy's own time per request: the time to the response headers (the whole "
+            "request when not streaming) minus the time spent waiting for the upstream.",
+            buckets=OVERHEAD_BUCKETS, registry=reg,
+        )
+        self.open_streams = Gauge(
+            "agentproxy_open_streams", "Streaming responses being relayed now.",
+            registry=reg, multiprocess_mode="livesum",
+        )
+        self.upstream_errors = Counter(
+            "agentproxy_upstream_errors",
+            "Upstream failures, by upstream and error code (before or during a stream).",
+            ["upstream", "code"], registry=reg,
+        )
+        self.failovers = Counter(
+            "agentproxy_failovers",
+            "Requests that an upstream failed before anything reached the client and that the "
+            "next upstream of the route then took, by the upstream that failed.",
+            ["upstream"], registry=reg,
+        )
+        self.reloads = Counter(
+            "agentproxy_reloads", "Route table reloads, by result (success or error).",
+            ["result"], registry=reg,
+        )
+        self.table_info = Gauge(
+            "agentproxy_route_table_info", "The route table being served (1) by content hash.",
+            ["version"], registry=reg, multiprocess_mode="livemax",
+        )
+        self.table_loaded = Gauge(
+            "agentproxy_route_table_loaded_timestamp_seconds",
+            "When the route table being served was loaded (Unix time).",
+            registry=reg, multiprocess_mode="livemax",
+        )
+        self._version: str | None = None
+        # labels() takes a lock and builds tuples; caching the children keeps a request's
+        # metrics to a few dict lookups and value increments.
+        self._counted: dict[tuple[str, str, int], Counter] = {}
+        self._timed: dict[tuple[str, str], tuple[Histogram, Histogram]] = {}
+        for result in ("success", "error"):
+            self.reloads.labels(result)
+
+    def observe(self, ex: Exchange, duration: float, overhead: float | None) -> None:
+        key = (ex.route, ex.upstream, ex.status)
+        counter = self._counted.get(key)
+        if counter is None:
+            counter = self._counted[key] = self.requests.labels(
+                ex.route, ex.upstream, str(ex.status)
+            )
+        counter.inc()
+        timed = self._timed.get(key[:2])
+        if timed is None:
+            timed = self._timed[key[:2]] = (
+                self.duration.labels(ex.route, ex.upstream),
+                self.ttft.labels(ex.route, ex.upstream),
+            )
+        timed[0].observe(duration)
+        if ex.ttft is not None:
+            timed[1].observe(ex.ttft)
+        if overhead is not None:
+            self.overhead.observe(overhead)
+
+    def upstream_error(self, upstream: str, code: str | None) -> None:
+        self.upstream_errors.labels(upstream, code or "error").inc()
+
+    def failover(self, upstream: str) -> None:
+        self.failovers.labels(upstream).inc()
+
+    def reloaded(self, ok: bool) -> None:
+        self.reloads.labels("success" if ok else "error").inc()
+
+    def table(self, version: str, loaded_at: float) -> None:
+        previous, self._version = self._version, version
+        if previous == version:
+            return
+        if previous is not None:
+            if self.multiprocess_dir:
+                # A file-backed series cannot be removed; 0 says "no longer served here".
+                self.table_info.labels(previous).set(0)
+            else:
+                self.table_info.remove(previous)
+        self.table_info.labels(version).set(1)
+        self.table_loaded.set(loaded_at)
+
+    def render(self) -> bytes:
+        """The exposition text; merges every worker's files in multiprocess mode."""
+        if self.multiprocess_dir:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+
+def log_exchange(
+    request_id: str, method: str, path: str, ex: Exchange, duration: float, sent: int,
+    level: int = logging.INFO,
+) -> None:
+    """One line per request. The caller checks `access_log.isEnabledFor(level)` first."""
+    fields: dict[str, Any] = {
+        "request_id": request_id,
+        "status": ex.status,
+        "duration_ms": round(duration * 1000.0, 2),
+        "bytes": sent,
+    }
+    if ex.chat:
+        fields["model"] = ex.model[:256]
+        fields["upstream"] = ex.upstream
+        fields["stream"] = ex.stream
+        fields["ttft_ms"] = None if ex.ttft is None else round(ex.ttft * 1000.0, 2)
+    if ex.error is not None:
+        fields["error"] = ex.error
+    access_log.log(level, "%s %s", method, path, extra=fields)

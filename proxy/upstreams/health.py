@@ -1,0 +1,179 @@
+"""What the proxy knows about each upstream beyond one request: its circuit and its load.
+
+The registry lives for the process, not for a route table, like the session locks: a reload
+that leaves an upstream's name and URL alone must neither forget that it keeps failing nor
+let a new table's requests past the concurrency limit that the old table's requests still
+fill. Settings (thresholds, limits) are taken from the newest table that names the upstream.
+
+Circuit: after `circuit.failures` consecutive failures the upstream is "open" for
+`circuit.cooldown` seconds: routes that list another upstream skip it. Then it is
+"half-open": one real request is let through as a probe while the others still go elsewhere;
+its success closes the circuit, its failure opens it for another cool-down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections import deque
+from typing import Any, Literal
+
+from proxy.config import UpstreamSpec
+
+State = Literal["closed", "open", "half-open"]
+
+
+class Health:
+    __slots__ = (
+        "_waiters",
+        "active",
+        "cooldown",
+        "failovers",
+        "failures",
+        "last_failure",
+        "limit",
+        "name",
+        "opened_at",
+        "probing",
+        "queue_timeout",
+        "threshold",
+    )
+
+    def __init__(self, spec: UpstreamSpec) -> None:
+        self.name = spec.name
+        self.failures = 0
+        self.opened_at = 0.0
+        self.last_failure = -math.inf
+        self.probing = False
+        self.failovers = 0
+        self.active = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self.configure(spec)
+
+    def configure(self, spec: UpstreamSpec) -> None:
+        self.threshold = spec.circuit.failures
+        self.cooldown = spec.circuit.cooldown
+        self.limit = spec.max_concurrency
+        self.queue_timeout = spec.queue_timeout
+        # A raised limit lets waiting requests in at once.
+        self._wake()
+
+    # -- circuit ---------------------------------------------------------------------------
+
+    def state(self, now: float) -> State:
+        if self.failures < self.threshold:
+            return "closed"
+        if now < self.opened_at + self.cooldown:
+            return "open"
+        return "half-open"
+
+    def usable(self, now: float) -> bool:
+        """May a request be sent here without every other upstream having been ruled out?"""
+        if self.failures < self.threshold:
+            return True
+        return now >= self.opened_at + self.cooldown and not self.probing
+
+    def begin(self) -> bool:
+        """A request starts here; True when it is the probe of an open or half-open circuit."""
+        if self.failures < self.threshold:
+            return False
+        self.probing = True
+        return True
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.probing = False
+
+    def failed(self, now: float) -> None:
+        self.failures += 1
+        self.last_failure = now
+        self.probing = False
+        if self.failures >= self.threshold:
+            self.opened_at = now
+
+    def abandoned(self, probe: bool) -> None:
+        """The request ended without telling whether the upstream works (the client left)."""
+        if probe:
+            self.probing = False
+
+    # -- concurrency -----------------------------------------------------------------------
+
+    def try_acquire(self) -> bool:
+        if self.limit is not None and (self.active >= self.limit or self._waiters):
+            return False
+        self.active += 1
+        return True
+
+    async def acquire(self, wait: float) -> bool:
+        """Waits up to `wait` seconds for a slot, in arrival order; False if none came."""
+        if self.try_acquire():
+            return True
+        if wait <= 0:
+            return False
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(wait):
+                await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                # The slot was handed over just as the wait ended: pass it on.
+                self.release()
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            if isinstance(exc, TimeoutError):
+                return False
+            raise
+        return True
+
+    def release(self) -> None:
+        self.active -= 1
+        self._wake()
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    def _wake(self) -> None:
+        while self._waiters and (self.limit is None or self.active < self.limit):
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.active += 1
+                waiter.set_result(None)
+
+    # -- reporting -------------------------------------------------------------------------
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        state = self.state(now)
+        report: dict[str, Any] = {"state": state, "consecutive_failures": self.failures}
+        if state == "open":
+            report["retry_in_s"] = round(self.opened_at + self.cooldown - now, 1)
+        report["active"] = self.active
+        if self.limit is not None:
+            report["max_concurrency"] = self.limit
+            report["queued"] = len(self._waiters)
+        report["failovers"] = self.failovers
+        return report
+
+
+class HealthRegistry:
+    def __init__(self) -> None:
+        self._by_upstream: dict[tuple[str, str], Health] = {}
+
+    def get(self, spec: UpstreamSpec) -> Health:
+        """The state of the upstream `spec` describes, kept while its name and URL stay."""
+        key = (spec.name, spec.url or "")
+        health = self._by_upstream.get(key)
+        if health is None:
+            health = self._by_upstream[key] = Health(spec)
+        else:
+            health.configure(spec)
+        return health
+
+    def clear(self) -> None:
+        self._by_upstream.clear()
+
+
+HEALTH = HealthRegistry()

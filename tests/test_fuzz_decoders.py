@@ -1,0 +1,400 @@
+"""Fuzzing the stream codecs over random splits and corruptions of captured streams.
+
+Inputs are the Letta streams captured from a real server (tests/fixtures/letta/*.sse) and an
+OpenAI stream with every kind of chunk. Each example cuts its stream into random chunks and,
+unless it is a clean run, corrupts it first: flipped bytes, truncation, inserted CR/LF, dropped
+bytes, invalid UTF-8. The properties:
+
+* SSEDecoder raises nothing but SSEError, and refuses input after one;
+* LettaTranslator never raises (a broken stream sets `.error`), and what it returns can
+  always be encoded as JSON (the adapter does that next);
+* the openai relay's `_RelayState.frame` raises nothing (a broken stream sets `.error`, a
+  ProxyError) and frames each event so that the client decodes exactly the upstream's data;
+* on an uncorrupted stream, the output does not depend on where the stream was split.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proxy.errors import ProxyError
+from proxy.openai_types import ChunkFactory
+from proxy.sse import Event, SSEDecoder, SSEError
+from proxy.upstreams.letta_translator import LettaTranslator, Out
+from proxy.upstreams.openai import _RelayState
+from tests.fake_letta import FIXTURES, sse_events
+
+SETTINGS = settings(
+    derandomize=True,
+    database=None,
+    deadline=None,
+    max_examples=250,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+def letta_streams() -> dict[str, bytes]:
+    streams = {}
+    for path in sorted(FIXTURES.glob("*.sse")):
+        name = path.name.removesuffix(".sse").removesuffix(".timestamped")
+        streams[name] = b"".join(sse_events(path.name))
+    return streams
+
+
+LETTA = letta_streams()
+
+
+def openai_stream(line_end: bytes = b"\n") -> bytes:
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return orjson.dumps(
+            {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+             "model": "m", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        )
+
+    events = [
+        b": upstream keep-alive",
+        b"data: " + chunk({"role": "assistant", "content": ""}),
+        b"data: " + chunk({"content": "Bonjour, ça va ? 🦜"}),
+        b"data: " + chunk({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                          "function": {"name": "get_weather", "arguments": ""}}]}),
+        b"data: " + chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"city":'}}]}),
+        b"id: 7\nretry: 100\ndata: " + chunk({"content": "multi"}),
+        # A multi-line data event: legal SSE, the lines join with "\n".
+        b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,\n'
+        b'data: "model":"m","choices":[{"index":0,"delta":{"content":"x"},\n'
+        b'data: "finish_reason":null}]}',
+        b"data: " + chunk({}, "tool_calls"),
+        b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m",'
+        b'"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}',
+        b"data: [DONE]",
+    ]
+    return b"".join(e.replace(b"\n", line_end) + line_end * 2 for e in events)
+
+
+OPENAI = {
+    "lf": openai_stream(),
+    "crlf": openai_stream(b"\r\n"),
+    "cr": openai_stream(b"\r"),
+    "bom": b"\xef\xbb\xbf" + openai_stream(),
+}
+ALL = {
+    **{f"letta/{k}": v for k, v in LETTA.items()},
+    **{f"openai/{k}": v for k, v in OPENAI.items()},
+}
+
+
+# --- splitting and corrupting -------------------------------------------------------------------
+
+
+@st.composite
+def splits(draw: st.DrawFn, data: bytes) -> list[bytes]:
+    """`data` cut at random offsets (empty chunks included, as a socket never sends them)."""
+    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=40)))
+    pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+    return pieces
+
+
+CORRUPTIONS = ("flip", "truncate", "insert_cr", "insert_lf", "insert_crlf", "drop",
+               "invalid_utf8", "insert_colon", "duplicate")
+
+
+@st.composite
+def corrupted(draw: st.DrawFn, data: bytes) -> bytes:
+    for _ in range(draw(st.integers(1, 4))):
+        how = draw(st.sampled_from(CORRUPTIONS))
+        i = draw(st.integers(0, max(len(data) - 1, 0)))
+        if how == "flip" and data:
+            data = data[:i] + bytes([data[i] ^ draw(st.integers(1, 255))]) + data[i + 1 :]
+        elif how == "truncate":
+            data = data[:i]
+        elif how == "insert_cr":
+            data = data[:i] + b"\r" + data[i:]
+        elif how == "insert_lf":
+            data = data[:i] + b"\n" + data[i:]
+        elif how == "insert_crlf":
+            data = data[:i] + b"\r\n" + data[i:]
+        elif how == "drop":
+            data = data[:i] + data[i + 1 :]
+        elif how == "invalid_utf8":
+            data = data[:i] + draw(st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\x80"])) \
+                + data[i:]
+        elif how == "insert_colon":
+            data = data[:i] + b":" + data[i:]
+        elif how == "duplicate":
+            j = draw(st.integers(i, len(data)))
+            data = data[:j] + data[i:j] + data[j:]
+    return data
+
+
+@st.composite
+def streams(draw: st.DrawFn, pool: dict[str, bytes]) -> tuple[str, bool, list[bytes]]:
+    """(stream name, whether it is intact, its chunks)."""
+    name = draw(st.sampled_from(sorted(pool)))
+    data = pool[name]
+    intact = draw(st.booleans())
+    if not intact:
+        data = draw(corrupted(data))
+    return name, intact, draw(splits(data))
+
+
+# --- running the codecs -------------------------------------------------------------------------
+
+
+def decode_batches(chunks: Iterable[bytes], max_line: int | None = None) -> list[list[Event]]:
+    """The decoder's output per chunk, then the flush; stops after an SSEError."""
+    decoder = SSEDecoder() if max_line is None else SSEDecoder(max_line)
+    batches: list[list[Event]] = []
+    try:
+        for chunk in chunks:
+            batches.append(decoder.feed(chunk))
+        batches.append(decoder.flush())
+    except SSEError:
+        # Refused for good: resuming mid-line could misread the rest.
+        with pytest.raises(SSEError):
+            decoder.feed(b"data: more\n\n")
+        with pytest.raises(SSEError):
+            decoder.flush()
+        batches.append([Event("<SSEError>", "sse-error")])
+    return batches
+
+
+def flat(batches: list[list[Event]]) -> list[Event]:
+    return [e for batch in batches for e in batch]
+
+
+def translate(events: Iterable[Event], **options: bool) -> tuple[LettaTranslator, list[Out]]:
+    """What the letta adapter does with the events: start, feed until [DONE], finish."""
+    factory = ChunkFactory("letta/agent", "chatcmpl-fuzz")
+    factory.created = 1
+    translator = LettaTranslator(factory, **options)
+    out: list[Out] = list(translator.start())
+    for event in events:
+        if event.data == "[DONE]":
+            break
+        out.extend(translator.feed(event))
+    out.extend(translator.finish())
+    return translator, out
+
+
+def relay(batches: list[list[Event]]) -> tuple[_RelayState, bytes]:
+    """What the openai relay does: frame each read's events until [DONE] or an error."""
+    state = _RelayState()
+    out = bytearray()
+    for batch in batches:
+        try:
+            out += state.frame("up", batch)
+        except ProxyError:  # the one exception the relay may raise to its caller
+            break
+        if state.done or state.error is not None:
+            break
+    return state, bytes(out)
+
+
+# --- the decoder --------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(case=streams(ALL), max_line=st.sampled_from([None, 16, 200, 1000]))
+def test_decoder_raises_only_sse_error_and_splits_do_not_matter(
+    case: tuple[str, bool, list[bytes]], max_line: int | None
+) -> None:
+    name, intact, chunks = case
+    batches = decode_batches(chunks, max_line)  # anything but SSEError fails the test here
+    whole = decode_batches([b"".join(chunks)], max_line)
+    events = flat(batches)
+    if not any(e.event == "sse-error" for e in events + flat(whole)):
+        # Without an SSEError the split cannot matter, corrupted or not.
+        assert events == flat(whole), name
+    if intact and max_line is None:
+        assert events == flat(whole)
+        assert len(events) >= 3, name
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_every_captured_stream_decodes_the_same_at_every_single_split(name: str) -> None:
+    data = ALL[name]
+    whole = flat(decode_batches([data]))
+    assert whole
+    for i in range(len(data) + 1):
+        assert flat(decode_batches([data[:i], data[i:]])) == whole, f"split at {i}"
+
+
+@pytest.mark.parametrize(
+    ("chunks", "partial"),
+    [
+        pytest.param([b"data: a\n\n"], False, id="ends-with-a-blank-line"),
+        pytest.param([b"data: a\n"], False, id="ends-with-a-line-end"),
+        pytest.param([b"data: a\r"], False, id="ends-with-a-cr"),
+        pytest.param([b"data: a\n\ndata: {\"x"], True, id="ends-inside-a-line"),
+        pytest.param([b"data: a\n\n", b"da"], True, id="ends-inside-a-field-name"),
+    ],
+)
+def test_decoder_tells_whether_the_body_ended_inside_a_line(
+    chunks: list[bytes], partial: bool
+) -> None:
+    decoder = SSEDecoder()
+    for chunk in chunks:
+        decoder.feed(chunk)
+    assert decoder.partial_line is partial
+    decoder.flush()
+    assert decoder.partial_line is False
+
+
+# --- the Letta translator -----------------------------------------------------------------------
+
+LETTA_OPTIONS = st.fixed_dictionaries(
+    {"show_reasoning": st.booleans(), "show_tools": st.booleans(), "include_usage": st.booleans()}
+)
+
+
+@SETTINGS
+@given(case=streams(ALL), options=LETTA_OPTIONS)
+def test_letta_translator_never_raises_and_its_output_is_encodable(
+    case: tuple[str, bool, list[bytes]], options: dict[str, bool]
+) -> None:
+    name, intact, chunks = case
+    events = [e for e in flat(decode_batches(chunks)) if e.event != "sse-error"]
+    translator, out = translate(events, **options)
+    # The adapter encodes every chunk next: it must be JSON, whatever the input was.
+    for item in out:
+        if isinstance(item, dict):
+            orjson.dumps(item)
+    chunks_out = [o for o in out if isinstance(o, dict)]
+    assert chunks_out[0]["choices"][0]["delta"].get("role") == "assistant"
+    if translator.error is None:
+        # A stream that did not fail ends with its finish chunk (then usage, if asked).
+        finals = [c for c in chunks_out if c["choices"] and c["choices"][0]["finish_reason"]]
+        assert len(finals) == 1, name
+        assert chunks_out.index(finals[0]) >= len(chunks_out) - 2
+        assert any(c.get("usage") for c in chunks_out) == options["include_usage"]
+    else:
+        assert isinstance(translator.error, ProxyError)
+        assert not any(
+            c["choices"] and c["choices"][0]["finish_reason"] for c in chunks_out
+        ), "a failed stream must not look finished"
+    if intact:
+        # Splitting never changes the translation.
+        _, unsplit = translate(flat(decode_batches([b"".join(chunks)])), **options)
+        assert out == unsplit
+
+
+@pytest.mark.parametrize("name", sorted(LETTA))
+def test_intact_letta_captures_translate_the_same_split_anywhere(name: str) -> None:
+    data = LETTA[name]
+    _, whole = translate(flat(decode_batches([data])), show_reasoning=True, show_tools=True)
+    step = max(1, len(data) // 200)
+    for i in range(0, len(data) + 1, step):
+        _, out = translate(
+            flat(decode_batches([data[:i], data[i:]])), show_reasoning=True, show_tools=True
+        )
+        assert out == whole, f"split at {i}"
+
+
+# Structure-aware: Letta events that are valid JSON objects with the fields the translator reads,
+# holding values of any type. Byte flips rarely produce these.
+LETTA_KINDS = ["assistant_message", "reasoning_message", "hidden_reasoning_message",
+               "tool_call_message", "approval_request_message", "tool_return_message",
+               "stop_reason", "usage_statistics", "ping", "error_message", "user_message",
+               "something_new"]
+LETTA_FIELDS = ["content", "reasoning", "tool_call", "tool_calls", "tool_return", "tool_returns",
+                "tool_call_id", "name", "arguments", "status", "otid", "run_id", "stop_reason",
+                "detail", "message", "error_type", "text", "type", "prompt_tokens",
+                "completion_tokens", "total_tokens", "cached_input_tokens", "reasoning_tokens"]
+json_leaves = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=False),
+    st.text(max_size=12), st.sampled_from([*LETTA_KINDS, "end_turn", "error", "cancelled"]),
+)
+json_values = st.recursive(
+    json_leaves,
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.sampled_from(LETTA_FIELDS), inner, max_size=4),
+    max_leaves=8,
+)
+letta_events = st.builds(
+    lambda kind, fields, event: Event(
+        orjson.dumps({**fields, "message_type": kind}).decode(), event
+    ),
+    st.one_of(st.sampled_from(LETTA_KINDS), json_values),
+    st.dictionaries(st.sampled_from(LETTA_FIELDS), json_values, max_size=5),
+    st.sampled_from(["message", "message", "message", "error"]),
+)
+
+
+@settings(SETTINGS, max_examples=150)
+@given(events=st.lists(letta_events, max_size=8), options=LETTA_OPTIONS)
+def test_letta_translator_survives_any_types_in_well_formed_events(
+    events: list[Event], options: dict[str, bool]
+) -> None:
+    translator, out = translate(events, **options)
+    for item in out:
+        if isinstance(item, dict):
+            orjson.dumps(item)
+    assert translator.error is None or isinstance(translator.error, ProxyError)
+
+
+@pytest.mark.parametrize("show_tools", [False, True])
+def test_letta_translator_survives_a_tool_return_nested_too_deep_to_encode(
+    show_tools: bool,
+) -> None:
+    deep = "[" * 300 + "]" * 300
+    events = [
+        Event('{"message_type":"tool_return_message","tool_return":' + deep + "}"),
+        Event('{"message_type":"stop_reason","stop_reason":"end_turn"}'),
+    ]
+    translator, out = translate(events, show_tools=show_tools)
+    assert translator.error is None
+    for item in out:
+        if isinstance(item, dict):
+            orjson.dumps(item)
+
+
+# --- the openai relay's framing -----------------------------------------------------------------
+
+
+@SETTINGS
+@given(case=streams(ALL))
+def test_relay_frame_never_raises_and_the_client_reads_the_upstreams_data(
+    case: tuple[str, bool, list[bytes]]
+) -> None:
+    name, intact, chunks = case
+    batches = [b for b in decode_batches(chunks) if not any(e.event == "sse-error" for e in b)]
+    state, out = relay(batches)
+    assert state.error is None or isinstance(state.error, ProxyError)
+    # Every relayed event is one well-framed data event: the client decodes exactly the data
+    # the upstream sent, in order, up to [DONE] or the error (never [DONE] itself: the handler
+    # writes that).
+    client = flat(decode_batches([out]))
+    assert all(e.event == "message" for e in client)
+    expected = []
+    for event in flat(batches):
+        if event.data == "[DONE]" or event.event == "error" or event.data.startswith('{"error"'):
+            break
+        if event.data:
+            expected.append(event.data)
+    assert [e.data for e in client] == expected, name
+    assert re.fullmatch(rb"(data: [^\r\n]*\n(data: [^\r\n]*\n)*\n)*", out), out[-300:]
+    if intact:
+        _, unsplit = relay(decode_batches([b"".join(chunks)]))
+        assert out == unsplit
+        if name.startswith("openai/"):
+            assert state.done and state.finished and state.error is None
+
+
+def test_relay_reframes_a_multi_line_data_event_line_by_line() -> None:
+    state = _RelayState()
+    out = state.frame("up", [Event('{"a":\n1}')])
+    assert out == b'data: {"a":\ndata: 1}\n\n'
+    assert flat(decode_batches([out])) == [Event('{"a":\n1}')]
+
+
+def test_fixtures_are_all_covered() -> None:
+    names = {p.name for p in Path(FIXTURES).glob("*.sse")}
+    assert len(LETTA) == len(names) >= 9

@@ -1,0 +1,259 @@
+"""The live route table: edits, the kubelet's ConfigMap swap and SIGHUP reach new requests;
+requests in flight keep their table; a broken file changes nothing but the report."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.app import create_app
+from proxy.reload import TableHolder
+from tests.conftest import KEY, ProxyFactory, serving
+from tests.fake_openai import FakeOpenAI
+from tests.processes import eventually, serve_process
+
+FAST = 0.02  # seconds between looks at the file: the tests wait on conditions, not on time
+
+
+def echo_routes(*models: str) -> str:
+    listed = "".join(f"  {m}:\n    upstream: demo\n" for m in models)
+    return f"upstreams:\n  demo:\n    kind: echo\nmodels:\n{listed}"
+
+
+def version_of(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+async def get_json(url: str) -> tuple[int, dict[str, object]]:
+    async with aiohttp.ClientSession() as http, http.get(
+        url, headers={"Authorization": f"Bearer {KEY}"}
+    ) as resp:
+        return resp.status, await resp.json()
+
+
+async def model_ids(url: str) -> list[str]:
+    status, body = await get_json(url + "/v1/models")
+    assert status == 200
+    data = body["data"]
+    assert isinstance(data, list)
+    return [m["id"] for m in data]
+
+
+def metric(text: str, name: str, **labels: str) -> float | None:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return None
+
+
+async def test_an_edit_reaches_new_requests_and_readyz_shows_the_new_version(
+    make_proxy: ProxyFactory,
+) -> None:
+    proxy = await make_proxy(echo_routes("first"), reload_interval=FAST)
+    _, before = await get_json(proxy.url + "/readyz")
+    new = echo_routes("second", "first")
+    proxy.routes.write_text(new)
+
+    async def reloaded() -> bool:
+        return await model_ids(proxy.url) == ["second", "first"]
+
+    await eventually(reloaded, "the edited table to be served")
+    status, ready = await get_json(proxy.url + "/readyz")
+    assert status == 200
+    assert ready["version"] == version_of(new) != before["version"]
+    assert isinstance(ready["loaded_at"], float) and isinstance(before["loaded_at"], float)
+    assert ready["loaded_at"] > before["loaded_at"]
+    assert ready["last_error"] is None
+    reply = await proxy.client().chat.completions.create(
+        model="second", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert reply.choices[0].message.content == "hi"
+
+
+def kubelet_projection(directory: Path, stamp: str, text: str) -> None:
+    """Writes a ConfigMap volume update the way the kubelet does: a new timestamped
+    directory, a `..data_tmp` symlink to it, renamed over `..data` in one step."""
+    target = directory / stamp
+    target.mkdir()
+    (target / "routes.yaml").write_text(text)
+    old = os.readlink(directory / "..data") if (directory / "..data").is_symlink() else None
+    os.symlink(stamp, directory / "..data_tmp")
+    os.rename(directory / "..data_tmp", directory / "..data")
+    if not (directory / "routes.yaml").is_symlink():
+        os.symlink("..data/routes.yaml", directory / "routes.yaml")
+    if old is not None:
+        shutil.rmtree(directory / old)
+
+
+async def test_a_configmap_symlink_swap_is_noticed(tmp_path: Path) -> None:
+    volume = tmp_path / "config"
+    volume.mkdir()
+    kubelet_projection(volume, "..2026_01_01_00_00_00.000000001", echo_routes("before"))
+    holder = TableHolder(volume / "routes.yaml", (KEY,))
+    async with serving(create_app(holder, reload_interval=FAST)) as url:
+        assert await model_ids(url) == ["before"]
+        kubelet_projection(volume, "..2026_01_01_00_01_00.000000002", echo_routes("after"))
+
+        async def swapped() -> bool:
+            return await model_ids(url) == ["after"]
+
+        await eventually(swapped, "the swapped ConfigMap to be served")
+        assert sorted(p.name for p in volume.iterdir()) == [
+            "..2026_01_01_00_01_00.000000002", "..data", "routes.yaml"
+        ]
+
+
+async def test_a_broken_file_keeps_the_last_good_table_and_fixing_it_recovers(
+    make_proxy: ProxyFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="proxy.reload")
+    good = echo_routes("steady")
+    proxy = await make_proxy(good, reload_interval=FAST)
+    proxy.routes.write_text(good + "  broken:\n    upstream: nowhere\n")
+
+    async def reported() -> bool:
+        _, ready = await get_json(proxy.url + "/readyz")
+        return ready["last_error"] is not None
+
+    await eventually(reported, "readyz to report the error")
+    status, ready = await get_json(proxy.url + "/readyz")
+    assert status == 200 and ready["status"] == "ready"
+    assert ready["version"] == version_of(good)
+    assert str(ready["last_error"]).startswith(f"{proxy.routes}:8 models.broken.upstream: ")
+
+    # Several more looks at the unchanged broken file must not repeat the error.
+    seen = proxy.holder.last_attempt
+
+    async def looked_again() -> bool:
+        return proxy.holder.last_attempt > seen + 3 * FAST
+
+    await eventually(looked_again, "the watcher to look at the file again")
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    assert "routes.yaml:8 models.broken.upstream" in errors[0].getMessage()
+    assert await model_ids(proxy.url) == ["steady"]
+    reply = await proxy.client().chat.completions.create(
+        model="steady", messages=[{"role": "user", "content": "still here"}]
+    )
+    assert reply.choices[0].message.content == "still here"
+    async with aiohttp.ClientSession() as http, http.get(proxy.url + "/metrics") as resp:
+        text = await resp.text()
+    assert metric(text, "agentproxy_reloads_total", result="error") == 1.0
+
+    fixed = echo_routes("steady", "fixed")
+    proxy.routes.write_text(fixed)
+
+    async def recovered() -> bool:
+        _, ready = await get_json(proxy.url + "/readyz")
+        return ready["last_error"] is None and ready["version"] == version_of(fixed)
+
+    await eventually(recovered, "the fixed file to be served")
+    assert await model_ids(proxy.url) == ["steady", "fixed"]
+    async with aiohttp.ClientSession() as http, http.get(proxy.url + "/metrics") as resp:
+        text = await resp.text()
+    assert metric(text, "agentproxy_reloads_total", result="success") == 1.0
+    assert metric(text, "agentproxy_route_table_info", version=version_of(fixed)) == 1.0
+    assert metric(text, "agentproxy_route_table_info", version=version_of(good)) is None
+
+
+async def test_a_missing_file_is_reported_and_its_return_recovers(
+    make_proxy: ProxyFactory,
+) -> None:
+    good = echo_routes("steady")
+    proxy = await make_proxy(good, reload_interval=FAST)
+    proxy.routes.unlink()
+
+    async def reported() -> bool:
+        _, ready = await get_json(proxy.url + "/readyz")
+        return "cannot read the file" in str(ready["last_error"])
+
+    await eventually(reported, "readyz to report the missing file")
+    assert await model_ids(proxy.url) == ["steady"]
+    proxy.routes.write_text(good)
+
+    async def recovered() -> bool:
+        _, ready = await get_json(proxy.url + "/readyz")
+        return ready["last_error"] is None
+
+    await eventually(recovered, "the restored file to clear the error")
+    assert proxy.holder.current.version == version_of(good)
+
+
+def fake_routes(fake: FakeOpenAI, upstream_model: str) -> str:
+    return f"""
+upstreams:
+  fake:
+    kind: openai
+    url: {fake.url}/v1
+models:
+  m:
+    upstream: fake
+    model: {upstream_model}
+"""
+
+
+async def test_a_stream_in_flight_finishes_on_the_table_it_started_with(
+    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.mode = "stream_hang"
+    proxy = await make_proxy(fake_routes(fake_openai, "old-name"), reload_interval=FAST)
+    client = proxy.client()
+    stream = await client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "started before the edit"}],
+        stream=True,
+    )
+    chunks = stream.__aiter__()
+    first = await chunks.__anext__()
+    assert first.choices[0].delta.role == "assistant"
+
+    new = fake_routes(fake_openai, "new-name")
+    proxy.routes.write_text(new)
+
+    async def swapped() -> bool:
+        return proxy.holder.current.version == version_of(new)
+
+    await eventually(swapped, "the new table")
+    reply = await client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "after"}]
+    )
+    assert reply.choices[0].message.content == "after"
+    assert fake_openai.received[-1].body is not None
+    assert fake_openai.received[-1].body["model"] == "new-name"
+
+    fake_openai.release.set()
+    rest = [c async for c in chunks]
+    text = "".join(c.choices[0].delta.content or "" for c in [first, *rest] if c.choices)
+    assert text == "started before the edit"
+    assert rest[-1].choices[0].finish_reason == "stop"
+    assert fake_openai.received[0].body is not None
+    assert fake_openai.received[0].body["model"] == "old-name"
+
+
+async def test_sighup_reloads_a_served_process(tmp_path: Path) -> None:
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(echo_routes("before"))
+    # --reload-interval 0: the file is never polled, so only the signal can reload it.
+    async with serve_process(routes, "--reload-interval", "0") as served:
+        assert await model_ids(served.url) == ["before"]
+        new = echo_routes("after")
+        routes.write_text(new)
+        served.proc.send_signal(signal.SIGHUP)
+
+        async def reloaded() -> bool:
+            _, ready = await get_json(served.url + "/readyz")
+            return ready["version"] == version_of(new)
+
+        await eventually(reloaded, "SIGHUP to reload the table")
+        assert await model_ids(served.url) == ["after"]
+        served.proc.send_signal(signal.SIGTERM)
+        assert await served.exit_code() == 0
+    assert "reloaded: version" in served.output()

@@ -1,0 +1,622 @@
+"""Resilience: keep-alives, timeouts, failover, circuits, limits, and clients that leave.
+
+Upstreams here misbehave on purpose (tests/fake_openai.py modes, tests/fake_letta.py
+scenarios). The deliberately slow ones keep quiet for a fraction of a second against timeouts
+a few times shorter, so each test stays fast; the tests themselves never sleep to wait for
+something: they wait on events or poll a condition with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from tests.conftest import KEY, Proxy, ProxyFactory, serving
+from tests.fake_letta import FakeLetta, Scenario, load_json, make_app
+from tests.fake_openai import FakeOpenAI
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+HI: Any = [{"role": "user", "content": "one two three"}]
+RUN_ID = "run-f4ded9a4-5697-46b8-80e3-18a12f6139d7"
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_for(predicate: Callable[[], bool], seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def second_openai() -> AsyncIterator[FakeOpenAI]:
+    fake = FakeOpenAI()
+    async with serving(fake.app()) as url:
+        fake.url = url
+        yield fake
+    fake.release.set()
+
+
+@pytest.fixture
+async def letta_pair() -> AsyncIterator[tuple[FakeLetta, str, FakeLetta, str]]:
+    a, b = FakeLetta(), FakeLetta()
+    async with serving(make_app(a)) as url_a, serving(make_app(b)) as url_b:
+        yield a, url_a, b, url_b
+    for state in (a, b):
+        for scenario in [state.default_scenario, *state.scenarios]:
+            scenario.release.set()
+
+
+def openai_routes(fake: FakeOpenAI, options: str = "", name: str = "fake") -> str:
+    return f"""
+upstreams:
+  {name}:
+    kind: openai
+    url: {fake.url}/v1
+{options}
+models:
+  m:
+    upstream: {name}
+"""
+
+
+async def post(
+    proxy: Proxy, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], str]:
+    async with aiohttp.ClientSession() as http, http.post(
+        proxy.url + "/v1/chat/completions", json=body, headers={**AUTH, **(headers or {})}
+    ) as resp:
+        return resp.status, dict(resp.headers), await resp.text()
+
+
+def events_of(text: str) -> list[str]:
+    return [e for e in text.split("\n\n") if e]
+
+
+async def readyz(proxy: Proxy) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as http, http.get(proxy.url + "/readyz") as resp:
+        body: dict[str, Any] = await resp.json()
+        return body
+
+
+# -- keep-alives ---------------------------------------------------------------------------
+
+
+async def test_keepalive_comment_is_written_while_the_upstream_is_silent_mid_stream(
+    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
+) -> None:
+    proxy = await make_proxy(openai_routes(fake_openai, "    keepalive: 0.05"))
+    fake_openai.mode, fake_openai.delay = "silence_mid_stream", 0.5
+    status, _, text = await post(proxy, {"model": "m", "stream": True, "messages": HI})
+    assert status == 200
+    events = events_of(text)
+    silent_at = max(i for i, e in enumerate(events) if '" three"' in e)
+    assert events[silent_at + 1] == ": keep-alive"
+    assert '"finish_reason":"stop"' in events[-2]
+    assert events[-1] == "data: [DONE]"
+
+
+async def test_openai_sdk_reads_a_stream_with_keepalives_as_if_they_were_not_there(
+    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
+) -> None:
+    proxy = await make_proxy(openai_routes(fake_openai, "    keepalive: 0.05"))
+    fake_openai.mode, fake_openai.delay = "silence_mid_stream", 0.3
+    stream = await proxy.client().chat.completions.create(model="m", messages=HI, stream=True)
+    chunks = [c async for c in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "one two three"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+async def test_keepalive_commits_the_200_while_the_first_event_is_late(
+    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
+) -> None:
+    proxy = await make_proxy(openai_routes(fake_openai, "    keepalive: 0.05"))
+    fake_openai.mode, fake_openai.delay = "slow_first_event", 0.5
+    async with aiohttp.ClientSession() as http, http.post(
+        proxy.url + "/v1/chat/completions",
+        json={"model": "m", "stream": True, "messages": HI},
+        headers=AUTH,
+    ) as resp:
+        assert resp.status == 200
+        # The 200 and a comment arrive while the upstream still has not sent an event.
+        assert await resp.content.readline() == b": keep-alive\n"
+        assert not fake_openai.disconnected.is_set()
+        events = events_of((b": keep-alive\n" + await resp.read()).decode())
+    data = [e for e in events if e.startswith("data:")]
+    assert '"role":"assistant"' in data[0]
+    assert data[-1] == "data: [DONE]"
+
+
+async def test_letta_stream_gets_keepalives_while_the_agent_is_silent(
+    make_proxy: ProxyFactory, letta_pair: tuple[FakeLetta, str, FakeLetta, str]
+) -> None:
+    state, url, _, _ = letta_pair
+    proxy = await make_proxy(f"""
+upstreams:
+  letta: {{kind: letta, url: "{url}", keepalive: 0.05}}
+models:
+  support: {{upstream: letta, agent: support-bot}}
+""")
+    scenario = Scenario(hold_after=1)  # the first ping, then silence until released
+    state.scenarios.append(scenario)
+    comments = 0
+    async with aiohttp.ClientSession() as http, http.post(
+        proxy.url + "/v1/chat/completions",
+        json={"model": "support", "stream": True, "messages": HI},
+        headers=AUTH,
+    ) as resp:
+        assert resp.status == 200
+        # One comment stands for Letta's ping; the others are the proxy's own.
+        while comments < 3:
+            line = await resp.content.readline()
+            comments += line == b": keep-alive\n"
+        scenario.release.set()
+        rest = (await resp.read()).decode()
+    assert "Echo: " in rest and rest.endswith("data: [DONE]\n\n")
+
+
+# -- timeouts ------------------------------------------------------------------------------
+
+
+async def test_idle_timeout_mid_stream_ends_with_an_error_event_naming_it(
+    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
+) -> None:
+    proxy = await make_proxy(openai_routes(
+        fake_openai, "    keepalive: 0.05\n    timeouts: {idle: 0.2}"
+    ))
+    fake_openai.mode, fake_openai.delay = "silence_mid_stream", 5.0
+    status, _, text = await post(proxy, {"model": "m", "stream": True, "messages": HI})
+    assert status == 200
+    events = events_of(text)
+    assert events[-1] == "data: [DONE]"
+    assert events[-2].startswith('data: {"error":')
+    assert "Upstream 'fake' sent nothing for 0.2 s (timeouts.idle)" in events[-2]
+    assert '"code":"upstream_timeout"' in events[-2]
+    assert ": keep-alive" in events
+    async with asyncio.timeout(1):
+        await fake_openai.disconnected.wait()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["sync", "stream"])
+async def test_first_event_timeout_before_the_commit_is_a_504(
+    make_proxy: ProxyFactory, fake_openai: FakeOpenAI, stream: bool
+) -> None:
+    # keepalive longer than first_event: nothing is committed before the timeout fires.
+    proxy = await make_proxy(openai_routes(
+        fake_openai, "    keepalive: 5\n    timeouts: {first_event: 0.2}"
+    ))
+    fake_openai.mode = "slow_first_event" if stream else "slow_headers"
+    fake_openai.delay = 5.0
+    with pytest.raises(openai.APIStatusError) as info:
+        await proxy.client().chat.completions.create(model="m", messages=HI, stream=stream)
+    assert info.value.status_code == 504
+    assert info.value.code == "upstream_timeout"
+    assert "'fake'" in info.value.message and "(timeouts.first_event)" in info.value.message
+    async with asyncio.timeout(1):
+        await fake_openai.disconnected.wait()
+
+
+async def test_first_event_timeout_after_a_keepalive_commit_is_an_error_event(
+    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
+) -> None:
+    proxy = await make_proxy(openai_routes(
+        fake_openai, "    keepalive: 0.05\n    timeouts: {first_event: 0.3}"
+    ))
+    fake_openai.mode, fake_openai.delay = "slow_first_event", 5.0
+    status, _, text = await post(proxy, {"model": "m", "stream": True, "messages": HI})
+    assert status == 200
+    events = events_of(text)
+    assert events[0] == ": keep-alive"
+    assert "sent no event within 0.3 s (timeouts.first_event)" in events[-2]
+    assert events[-1] == "data: [DONE]"
+
+
+async def test_letta_run_silent_past_idle_ends_with_an_error_event_and_is_cancelled(
+    make_proxy: ProxyFactory, letta_pair: tuple[FakeLetta, str, FakeLetta, str]
+) -> None:
+    state, url, _, _ = letta_pair
+    proxy = await make_proxy(f"""
+upstreams:
+  letta: {{kind: letta, url: "{url}", timeouts: {{idle: 0.2}}}}
+models:
+  support: {{upstream: letta, agent: support-bot}}
+""")
+    state.scenarios.append(Scenario(hold_after=1))
+    status, _, text = await post(proxy, {"model": "support", "stream": True, "messages": HI})
+    assert status == 200
+    events = events_of(text)
+    assert "Upstream 'letta' sent nothing for 0.2 s (timeouts.idle)" in events[-2]
+    assert events[-1] == "data: [DONE]"
+    await wait_for(lambda: RUN_ID in state.cancelled_run_ids)
+
+
+async def test_letta_sync_run_silent_past_first_event_is_a_504(
+    make_proxy: ProxyFactory, letta_pair: tuple[FakeLetta, str, FakeLetta, str]
+) -> None:
+    state, url, _, _ = letta_pair
+    proxy = await make_proxy(f"""
+upstreams:
+  letta: {{kind: letta, url: "{url}", timeouts: {{first_event: 0.2}}}}
+models:
+  support: {{upstream: letta, agent: support-bot}}
+""")
+    scenario = Scenario(hold_after=0)  # the 200, then not even a ping
+    state.scenarios.append(scenario)
+    with pytest.raises(openai.APIStatusError) as info:
+        await proxy.client().chat.completions.create(model="support", messages=HI)
+    assert info.value.status_code == 504
+    assert "Upstream 'letta' sent no event within 0.2 s (timeouts.first_event)" in (
+        info.value.message
+    )
+    # The proxy reads on for the run id in its first ping, to cancel the run.
+    scenario.release.set()
+    await wait_for(lambda: RUN_ID in state.cancelled_run_ids)
+
+
+# -- failover ------------------------------------------------------------------------------
+
+
+def pair_routes(a_url: str, b: FakeOpenAI, a_options: str = "", extra: str = "") -> str:
+    return f"""
+upstreams:
+  a:
+    kind: openai
+    url: {a_url}/v1
+{a_options}
+  b:
+    kind: openai
+    url: {b.url}/v1
+models:
+  m:
+    upstream: [a, b]
+{extra}
+"""
+
+
+FIRST_EVENT = "    timeouts: {first_event: 0.2}"
+FAILURES_BEFORE_COMMIT = [
+    pytest.param(mode, options, stream, id=f"{name}-{'stream' if stream else 'sync'}")
+    for mode, options, name, streams in [
+        ("refused", "", "connection-refused", (False, True)),
+        ("error500", "", "answers-500", (False, True)),
+        ("slow_headers", FIRST_EVENT, "no-answer-in-time", (False, True)),
+        # Failures of a stream's body, which a sync answer does not have:
+        ("slow_first_event", "    keepalive: 5\n" + FIRST_EVENT, "headers-but-no-event", (True,)),
+        ("error_event_first", "", "error-event-before-anything-was-sent", (True,)),
+    ]
+    for stream in streams
+]
+
+
+@pytest.mark.parametrize(("mode", "options", "stream"), FAILURES_BEFORE_COMMIT)
+async def test_next_upstream_serves_when_the_first_fails_before_anything_was_sent(
+    make_proxy: ProxyFactory,
+    fake_openai: FakeOpenAI,
+    second_openai: FakeOpenAI,
+    mode: str,
+    options: str,
+    stream: bool,
+) -> None:
+    a_url = f"http://127.0.0.1:{closed_port()}" if mode == "refused" else fake_openai.url
+    fake_openai.mode, fake_openai.delay = mode, 5.0
+    proxy = await make_proxy(pair_routes(a_url, second_openai, options))
+    client = proxy.client()
+    if stream:
+        events = await client.chat.completions.create(model="m", messages=HI, stream=True)
+        chunks = [c async for c in events]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == "one two three"
+    else:
+        reply = await client.chat.completions.create(model="m", messages=HI)
+        assert reply.choices[0].message.content == "one two three"
+    assert len(second_openai.received) == 1
+
+
+async def test_nothing_is_retried_once_the_stream_was_committed(
+    make_proxy: ProxyFactory, fake_openai: FakeOpenAI, second_openai: FakeOpenAI
+) -> None:
+    proxy = await make_proxy(
+        pair_routes(fake_openai.url, second_openai, "    timeouts: {idle: 0.2}")
+    )
+    fake_openai.mode, fake_openai.delay = "silence_mid_stream", 5.0
+    status, _, text = await post(proxy, {"model": "m", "stream": True, "messages": HI})
+    assert status == 200
+    assert "(timeouts.idle)" in events_of(text)[-2]
+    assert second_openai.received == []
+
+
+async def test_a_4xx_is_the_clients_fault_and_is_not_retried(
+    make_proxy: ProxyFactory, fake_openai: FakeOpenAI, second_openai: FakeOpenAI
+) -> None:
+    proxy = await make_proxy(pair_routes(fake_openai.url, second_openai))
+    fake_openai.mode = "error400"
+    with pytest.raises(openai.BadRequestError):
+        await proxy.client().chat.completions.create(model="m", messages=HI)
+    assert second_openai.received == []
+
+
+def letta_pair_routes(url_a: str, url_b: str) -> str:
+    return f"""
+upstreams:
+  la: {{kind: letta, url: "{url_a}"}}
+  lb: {{kind: letta, url: "{url_b}"}}
+models:
+  support: {{upstream: [la, lb], agent: support-bot}}
+"""
+
+
+def message_posts(state: FakeLetta) -> list[Any]:
+    return [r for r in state.requests if r.method == "POST" and r.path.endswith("/messages")]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["sync", "stream"])
+async def test_letta_message_that_may_have_been_acted_on_is_never_sent_again(
+    make_proxy: ProxyFactory,
+    letta_pair: tuple[FakeLetta, str, FakeLetta, str],
+    stream: bool,
+) -> None:
+    a, url_a, b, url_b = letta_pair
+    proxy = await make_proxy(letta_pair_routes(url_a, url_b))
+    # A 500 from the message POST: Letta may already have stored the message.
+    a.scenarios.append(Scenario(status=500, body=load_json("sync_llm_error.response.json")))
+    with pytest.raises(openai.APIStatusError) as info:
+        await proxy.client().chat.completions.create(model="support", messages=HI, stream=stream)
+    assert info.value.status_code == 502
+    assert len(message_posts(a)) == 1
+    assert message_posts(b) == []
+
+
+async def test_letta_message_goes_to_the_next_server_when_the_first_refuses_the_connection(
+    make_proxy: ProxyFactory, letta_pair: tuple[FakeLetta, str, FakeLetta, str]
+) -> None:
+    _, _, b, url_b = letta_pair
+    proxy = await make_proxy(letta_pair_routes(f"http://127.0.0.1:{closed_port()}", url_b))
+    reply = await proxy.client().chat.completions.create(model="support", messages=HI)
+    assert reply.choices[0].message.content == "Echo: token streaming please"
+    assert len(message_posts(b)) == 1
+
+
+# -- circuit breaker -----------------------------------------------------------------------
+
+
+async def test_circuit_opens_after_consecutive_failures_then_half_opens_for_one_probe(
+    make_proxy: ProxyFactory, fake_openai: FakeOpenAI, second_openai: FakeOpenAI
+) -> None:
+    proxy = await make_proxy(pair_routes(
+        fake_openai.url, second_openai, "    circuit: {failures: 2, cooldown: 0.2}"
+    ))
+    fake_openai.mode = "error500"
+    client = proxy.client()
+    for _ in range(2):
+        await client.chat.completions.create(model="m", messages=HI)
+    state = (await readyz(proxy))["upstreams"]
+    assert state["a"]["state"] == "open"
+    assert state["a"]["consecutive_failures"] == 2
+    assert state["a"]["failovers"] == 2
+    assert state["b"] == {"state": "closed", "consecutive_failures": 0, "active": 0,
+                          "failovers": 0}
+
+    await client.chat.completions.create(model="m", messages=HI)
+    assert len(fake_openai.received) == 2, "an open circuit is skipped"
+
+    await wait_for(lambda: circuit(proxy, "a") == "half-open")
+    await client.chat.completions.create(model="m", messages=HI)
+    assert len(fake_openai.received) == 3, "half-open lets one probe through"
+    assert (await readyz(proxy))["upstreams"]["a"]["state"] == "open", "the probe failed"
+
+    fake_openai.mode = "normal"
+    await wait_for(lambda: circuit(proxy, "a") == "half-open")
+    await client.chat.completions.create(model="m", messages=HI)
+    assert len(fake_openai.received) == 4
+    assert (await readyz(proxy))["upstreams"]["a"]["state"] == "closed"
+    assert len(second_openai.received) == 4
+
+
+def circuit(proxy: Proxy, name: str) -> str:
+    return proxy.holder.current.upstreams[name].health.state(time.monotonic())
+
+
+async def test_with_every_circuit_open_the_least_recently_failed_is_tried_anyway(
+    make_proxy: ProxyFactory, fake_openai: FakeOpenAI, second_openai: FakeOpenAI
+) -> None:
+    proxy = await make_proxy(f"""
+upstreams:
+  a: {{kind: openai, url: "{fake_openai.url}/v1", circuit: {{failures: 1, cooldown: 60}}}}
+  b: {{kind: openai, url: "{second_openai.url}/v1", circuit: {{failures: 1, cooldown: 60}}}}
+models:
+  m: {{upstream: [a, b]}}
+""")
+    fake_openai.mode = second_openai.mode = "error500"
+    client = proxy.client()
+    with pytest.raises(openai.APIStatusError):
+        await client.chat.completions.create(model="m", messages=HI)
+    states = (await readyz(proxy))["upstreams"]
+    assert states["a"]["state"] == states["b"]["state"] == "open"
+    # Both cooling down: a failed first, so a is tried (and only a).
+    with pytest.raises(openai.APIStatusError) as info:
+        await client.chat.completions.create(model="m", messages=HI)
+    assert info.value.status_code == 502
+    assert (len(fake_openai.received), len(second_openai.received)) == (2, 1)
+
+
+async def test_circuit_state_survives_a_reload_for_an_unchanged_upstream(
+    make_proxy: ProxyFactory, fake_openai: FakeOpenAI, second_openai: FakeOpenAI
+) -> None:
+    routes = pair_routes(fake_openai.url, second_openai, "    circuit: {failures: 1}")
+    proxy = await make_proxy(routes)
+    fake_openai.mode = "error500"
+    await proxy.client().chat.completions.create(model="m", messages=HI)
+    assert (await readyz(proxy))["upstreams"]["a"]["state"] == "open"
+    proxy.routes.write_text(routes + "  other:\n    upstream: b\n")
+    assert proxy.holder.reload()
+    assert (await readyz(proxy))["upstreams"]["a"]["state"] == "open"
+    # A changed URL is another server: it starts with a clean record.
+    proxy.routes.write_text(routes.replace(fake_openai.url, fake_openai.url + "/x"))
+    assert proxy.holder.reload()
+    assert (await readyz(proxy))["upstreams"]["a"]["state"] == "closed"
+
+
+async def test_failovers_are_counted_in_metrics(
+    make_proxy: ProxyFactory, fake_openai: FakeOpenAI, second_openai: FakeOpenAI
+) -> None:
+    proxy = await make_proxy(pair_routes(fake_openai.url, second_openai))
+    fake_openai.mode = "error500"
+    await proxy.client().chat.completions.create(model="m", messages=HI)
+    async with aiohttp.ClientSession() as http, http.get(proxy.url + "/metrics") as resp:
+        text = await resp.text()
+    assert 'agentproxy_failovers_total{upstream="a"} 1.0' in text
+
+
+# -- limits --------------------------------------------------------------------------------
+
+
+async def test_max_concurrency_full_queue_wait_ends_in_429_with_retry_after(
+    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
+) -> None:
+    proxy = await make_proxy(openai_routes(
+        fake_openai, "    max_concurrency: 1\n    queue_timeout: 0.2"
+    ))
+    fake_openai.mode = "stream_hang"
+    async with aiohttp.ClientSession() as http, http.post(
+        proxy.url + "/v1/chat/completions",
+        json={"model": "m", "stream": True, "messages": HI},
+        headers=AUTH,
+    ) as held:
+        await held.content.readline()
+        with pytest.raises(openai.RateLimitError) as info:
+            await proxy.client().chat.completions.create(model="m", messages=HI)
+        assert info.value.response.headers["Retry-After"] == "1"
+        assert info.value.code == "upstream_busy"
+        assert "max_concurrency" in info.value.message
+        assert len(fake_openai.received) == 1
+        fake_openai.release.set()
+        await held.read()
+    await wait_for(lambda: proxy.holder.current.upstreams["fake"].health.active == 0)
+
+
+async def test_max_concurrency_queued_request_runs_when_a_slot_frees(
+    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
+) -> None:
+    proxy = await make_proxy(openai_routes(
+        fake_openai, "    max_concurrency: 1\n    queue_timeout: 30"
+    ))
+    fake_openai.mode = "hang"
+    client = proxy.client()
+    first = asyncio.create_task(client.chat.completions.create(model="m", messages=HI))
+    await wait_for(lambda: len(fake_openai.received) == 1)
+    second = asyncio.create_task(client.chat.completions.create(model="m", messages=HI))
+    await wait_for(lambda: proxy.holder.current.upstreams["fake"].health.queued == 1)
+    assert len(fake_openai.received) == 1
+    fake_openai.release.set()
+    replies = await asyncio.gather(first, second)
+    assert [r.choices[0].message.content for r in replies] == ["one two three"] * 2
+
+
+async def test_oversized_request_headers_are_an_openai_shaped_431(
+    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
+) -> None:
+    proxy = await make_proxy(openai_routes(fake_openai))
+    status, headers, text = await post(
+        proxy, {"model": "m", "messages": HI}, {"X-Big": "x" * 20_000}
+    )
+    assert status == 431
+    assert headers["Content-Type"].startswith("application/json")
+    assert '"code":"request_header_fields_too_large"' in text
+    assert fake_openai.received == []
+
+
+async def test_over_max_connections_is_a_503_with_retry_after_but_probes_still_answer(
+    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
+) -> None:
+    proxy = await make_proxy(openai_routes(fake_openai), max_connections=1)
+    fake_openai.mode = "stream_hang"
+    async with aiohttp.ClientSession() as http, http.post(
+        proxy.url + "/v1/chat/completions",
+        json={"model": "m", "stream": True, "messages": HI},
+        headers=AUTH,
+    ) as held:
+        await held.content.readline()
+        status, headers, text = await post(proxy, {"model": "m", "messages": HI})
+        assert status == 503
+        assert headers["Retry-After"] == "1"
+        assert headers["Connection"] == "close"
+        assert '"code":"too_many_connections"' in text
+        async with http.get(proxy.url + "/healthz") as probe:
+            assert probe.status == 200
+        fake_openai.release.set()
+        await held.read()
+
+
+# -- clients that leave --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["sync", "stream"])
+async def test_client_leaving_drops_the_openai_upstream_request_within_a_second(
+    make_proxy: ProxyFactory, fake_openai: FakeOpenAI, stream: bool
+) -> None:
+    proxy = await make_proxy(openai_routes(fake_openai))
+    fake_openai.mode = "stream_hang" if stream else "hang"
+    async with aiohttp.ClientSession() as http:
+        request = asyncio.create_task(http.post(
+            proxy.url + "/v1/chat/completions",
+            json={"model": "m", "stream": stream, "messages": HI},
+            headers=AUTH,
+        ))
+        await wait_for(lambda: len(fake_openai.received) == 1)
+        if stream:
+            resp = await request
+            await resp.content.readline()
+            resp.close()
+        else:
+            request.cancel()
+        left = time.monotonic()
+        await fake_openai.disconnected.wait()
+        assert time.monotonic() - left < 1.0
+        with contextlib.suppress(asyncio.CancelledError):
+            await request
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["sync", "stream"])
+async def test_client_leaving_drops_the_letta_request_within_a_second_and_cancels_the_run(
+    make_proxy: ProxyFactory, letta_pair: tuple[FakeLetta, str, FakeLetta, str], stream: bool
+) -> None:
+    state, url, _, _ = letta_pair
+    proxy = await make_proxy(f"""
+upstreams:
+  letta: {{kind: letta, url: "{url}"}}
+models:
+  support: {{upstream: letta, agent: support-bot}}
+""")
+    scenario = Scenario(hold_after=1)
+    state.scenarios.append(scenario)
+    async with aiohttp.ClientSession() as http:
+        request = asyncio.create_task(http.post(
+            proxy.url + "/v1/chat/completions",
+            json={"model": "support", "stream": stream, "messages": HI},
+            headers=AUTH,
+        ))
+        await scenario.held.wait()
+        if stream:
+            resp = await request
+            await resp.content.readline()
+            resp.close()
+        else:
+            request.cancel()
+        left = time.monotonic()
+        await state.disconnect_seen.wait()
+        assert time.monotonic() - left < 1.0
+        with contextlib.suppress(asyncio.CancelledError):
+            await request
+    await wait_for(lambda: RUN_ID in state.cancelled_run_ids)

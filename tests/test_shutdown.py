@@ -1,0 +1,194 @@
+"""Graceful shutdown: not ready at once, no new connections, streams get until the drain
+deadline, then end with an error event and [DONE]; the process exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from proxy.app import create_app
+from proxy.app_keys import DRAIN
+from proxy.reload import TableHolder
+from tests.conftest import KEY, serving
+from tests.fake_openai import FakeOpenAI
+from tests.processes import eventually, serve_process
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def routes_for(**upstreams: FakeOpenAI) -> str:
+    ups = "".join(
+        f"  {name}:\n    kind: openai\n    url: {fake.url}/v1\n" for name, fake in upstreams.items()
+    )
+    models = "".join(f"  {name}:\n    upstream: {name}\n" for name in upstreams)
+    return f"upstreams:\n{ups}models:\n{models}"
+
+
+@pytest.fixture
+async def second_fake() -> AsyncIterator[FakeOpenAI]:
+    fake = FakeOpenAI()
+    async with serving(fake.app()) as url:
+        fake.url = url
+        yield fake
+    fake.release.set()
+
+
+async def post_chat(
+    http: aiohttp.ClientSession, url: str, model: str, *, stream: bool
+) -> aiohttp.ClientResponse:
+    return await http.post(
+        url + "/v1/chat/completions",
+        json={"model": model, "stream": stream,
+              "messages": [{"role": "user", "content": "tell me a long story"}]},
+        headers=AUTH,
+    )
+
+
+async def next_event(resp: aiohttp.ClientResponse) -> str:
+    while True:
+        line = await resp.content.readline()
+        assert line, "the stream ended early"
+        if line.startswith(b"data: "):
+            return line[6:].strip().decode()
+
+
+async def remaining_events(resp: aiohttp.ClientResponse) -> list[str]:
+    return [
+        line[6:].strip().decode() async for line in resp.content if line.startswith(b"data: ")
+    ]
+
+
+def assert_ended_by_the_drain(events: list[str]) -> None:
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "service_unavailable"
+    assert "shutting down" in error["message"]
+
+
+def assert_finished_normally(events: list[str]) -> None:
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["choices"][0]["finish_reason"] == "stop"
+    assert not any('"error"' in e for e in events)
+
+
+async def test_readyz_answers_503_the_moment_the_drain_begins(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text("upstreams: {demo: {kind: echo}}\nmodels: {echo: {upstream: demo}}\n")
+    app = create_app(TableHolder(path, (KEY,)))
+    async with serving(app) as url, aiohttp.ClientSession() as http:
+        async with http.get(url + "/readyz") as resp:
+            assert resp.status == 200
+        app[DRAIN].begin()
+        async with http.get(url + "/readyz") as resp:
+            assert resp.status == 503
+            assert (await resp.json())["status"] == "draining"
+        async with http.get(url + "/healthz") as resp:
+            assert resp.status == 200
+
+
+async def test_streams_finish_within_the_deadline_and_the_rest_are_ended_at_it(
+    tmp_path: Path, fake_openai: FakeOpenAI, second_fake: FakeOpenAI
+) -> None:
+    slow, fast = fake_openai, second_fake
+    slow.mode = fast.mode = "stream_hang"
+    path = tmp_path / "routes.yaml"
+    path.write_text(routes_for(slow=slow, fast=fast))
+    holder = TableHolder(path, (KEY,))
+    app = create_app(holder, drain_timeout=1.0)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    url = f"http://{host}:{port}"
+    async with aiohttp.ClientSession() as http:
+        slow_resp = await post_chat(http, url, "slow", stream=True)
+        fast_resp = await post_chat(http, url, "fast", stream=True)
+        assert json.loads(await next_event(slow_resp))["choices"][0]["delta"]["role"]
+        assert json.loads(await next_event(fast_resp))["choices"][0]["delta"]["role"]
+
+        shutdown = asyncio.create_task(runner.cleanup())
+
+        async def draining() -> bool:
+            return holder.draining
+
+        await eventually(draining, "the drain to begin")
+        fast.release.set()
+        assert_finished_normally(await remaining_events(fast_resp))
+        assert not shutdown.done()  # the slow stream still has until the deadline
+        assert_ended_by_the_drain(await remaining_events(slow_resp))
+        await asyncio.wait_for(shutdown, 30)
+
+    async def upstream_closed() -> bool:
+        return slow.disconnected.is_set()
+
+    await eventually(upstream_closed, "the slow upstream request to be closed")
+
+
+async def test_a_request_waiting_for_its_answer_gets_503_at_the_deadline(
+    tmp_path: Path, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.mode = "hang"
+    path = tmp_path / "routes.yaml"
+    path.write_text(routes_for(slow=fake_openai))
+    app = create_app(TableHolder(path, (KEY,)), drain_timeout=0.1)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    async with aiohttp.ClientSession() as http:
+        pending = asyncio.create_task(
+            post_chat(http, f"http://{host}:{port}", "slow", stream=False)
+        )
+
+        async def arrived() -> bool:
+            return len(fake_openai.received) == 1
+
+        await eventually(arrived, "the request to reach the upstream")
+        await runner.cleanup()
+        resp = await pending
+        assert resp.status == 503
+        assert (await resp.json())["error"]["code"] == "service_unavailable"
+
+
+async def test_sigterm_drains_the_served_process_and_it_exits_0(
+    tmp_path: Path, fake_openai: FakeOpenAI, second_fake: FakeOpenAI
+) -> None:
+    slow, fast = fake_openai, second_fake
+    slow.mode = fast.mode = "stream_hang"
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(routes_for(slow=slow, fast=fast))
+    async with serve_process(routes, "--drain-timeout", "3") as served, \
+            aiohttp.ClientSession() as http:
+        slow_resp = await post_chat(http, served.url, "slow", stream=True)
+        fast_resp = await post_chat(http, served.url, "fast", stream=True)
+        await next_event(slow_resp)
+        await next_event(fast_resp)
+
+        served.proc.send_signal(signal.SIGTERM)
+
+        async def not_ready() -> bool:
+            # No new connections: a probe is refused (or, if it raced in, told 503).
+            try:
+                async with aiohttp.ClientSession() as probe, probe.get(
+                    served.url + "/readyz"
+                ) as resp:
+                    return resp.status == 503
+            except aiohttp.ClientConnectionError:
+                return True
+
+        await eventually(not_ready, "the proxy to stop being ready")
+        fast.release.set()
+        assert_finished_normally(await remaining_events(fast_resp))
+        assert_ended_by_the_drain(await remaining_events(slow_resp))
+        assert await served.exit_code() == 0
+    log = served.output()
+    assert "shutting down" in log and "drain deadline reached: ending 1 requests" in log
