@@ -240,7 +240,9 @@ async def _drain_on_shutdown(app: web.Application) -> None:
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    body = await asyncio.to_thread(request.app[METRICS].render)
+    metrics = request.app[METRICS]
+    metrics.tasks.sample()  # on the loop: render's thread has none to count the tasks of
+    body = await asyncio.to_thread(metrics.render)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 

@@ -72,7 +72,7 @@ async def serve(
             busy.append(upstream)
             continue
         if failed is not None:
-            on_failover(failed)
+            _failed_over(failed, on_failover)
         try:
             return await _attempt(upstream, call, attempt), upstream
         except ProxyError as exc:
@@ -94,12 +94,17 @@ async def serve(
             headers={"Retry-After": str(retry)},
         )
     if failed is not None:
-        on_failover(failed)
+        _failed_over(failed, on_failover)
     try:
         return await _attempt(upstream, call, attempt), upstream
     except ProxyError as exc:
         on_error(upstream, exc)
         raise
+
+
+def _failed_over(upstream: Upstream, on_failover: Callable[[Upstream], None]) -> None:
+    upstream.health.failovers += 1
+    on_failover(upstream)
 
 
 async def _attempt(

@@ -134,7 +134,6 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
     def on_failover(upstream: Upstream) -> None:
         metrics.failover(upstream.name)
-        upstream.health.failovers += 1
 
     if not chat.stream:
         body, upstream = await serve(

@@ -11,9 +11,12 @@ worker then merges all of them, and one scrape gives the totals of the whole pod
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -24,7 +27,10 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -82,6 +88,34 @@ class Exchange:
         self.error: str | None = None
 
 
+class TaskCount(Collector):
+    """`agentproxy_asyncio_tasks`: the tasks of this process's event loop, counted at scrape
+    time (the scrape's own handler included). A live value of one process, never written to
+    the multiprocess files: with `--workers N` it is the count of the worker that answered.
+
+    `render` runs in a thread, where no loop is running, so the scrape handler calls `sample`
+    on the loop first; collected on the loop itself (tests), it counts directly.
+    """
+
+    def __init__(self) -> None:
+        self._count: int | None = None
+
+    def sample(self) -> None:
+        self._count = len(asyncio.all_tasks())
+
+    def collect(self) -> Iterator[Metric]:
+        count = self._count
+        # Off the event loop (render's thread) there is none to count: the count `sample` took.
+        with contextlib.suppress(RuntimeError):
+            count = len(asyncio.all_tasks())
+        if count is not None:
+            yield GaugeMetricFamily(
+                "agentproxy_asyncio_tasks",
+                "Tasks of this process's event loop, counted at scrape time.",
+                value=count,
+            )
+
+
 class Metrics:
     """The proxy's metrics. One instance per application, each with its own registry."""
 
@@ -136,6 +170,8 @@ class Metrics:
             "When the route table being served was loaded (Unix time).",
             registry=reg, multiprocess_mode="livemax",
         )
+        self.tasks = TaskCount()
+        reg.register(self.tasks)
         self._version: str | None = None
         # labels() takes a lock and builds tuples; caching the children keeps a request's
         # metrics to a few dict lookups and value increments.
@@ -191,6 +227,7 @@ class Metrics:
         if self.multiprocess_dir:
             registry = CollectorRegistry()
             MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+            registry.register(self.tasks)
             return generate_latest(registry)
         return generate_latest(self.registry)
 

@@ -200,3 +200,29 @@ async def test_with_two_workers_any_scrape_gives_the_totals(tmp_path: Path) -> N
             assert value(text, "agentproxy_open_streams") == 0
         served.proc.send_signal(signal.SIGTERM)
         assert await served.exit_code() == 0
+
+
+async def test_asyncio_tasks_gauge_counts_the_loops_tasks_at_scrape_time(
+    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.mode = "stream_hang"
+    proxy = await make_proxy(routes_for(fake_openai))
+    idle = value(await scrape(proxy.url), "agentproxy_asyncio_tasks")
+    assert idle is not None and idle >= 1  # at least the scrape's own handler
+    stream = await proxy.client().chat.completions.create(
+        model="mistral", messages=[{"role": "user", "content": "wait"}], stream=True
+    )
+    chunks = stream.__aiter__()
+    await chunks.__anext__()
+    busy = value(await scrape(proxy.url), "agentproxy_asyncio_tasks")
+    assert busy is not None and busy > idle
+    fake_openai.release.set()
+    assert [c async for c in chunks]
+    # An open keep-alive connection has a task of its own in aiohttp's server.
+    await proxy.close_clients()
+
+    async def back_to_idle() -> bool:
+        now = value(await scrape(proxy.url), "agentproxy_asyncio_tasks")
+        return now is not None and now <= idle
+
+    await eventually(back_to_idle, "the stream's tasks to end")

@@ -620,3 +620,14 @@ models:
         with contextlib.suppress(asyncio.CancelledError):
             await request
     await wait_for(lambda: RUN_ID in state.cancelled_run_ids)
+
+
+def test_max_connections_comes_from_the_flag_or_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from proxy.cli import _parser
+
+    assert _parser().parse_args(["serve"]).max_connections == 1000
+    assert _parser().parse_args(["serve", "--max-connections", "5"]).max_connections == 5
+    monkeypatch.setenv("AGENTPROXY_MAX_CONNECTIONS", "7")
+    assert _parser().parse_args(["serve"]).max_connections == 7

@@ -86,6 +86,12 @@ class OpenAI(Upstream):
             f"Upstream '{self.name}' sent nothing within {seconds:g} s (timeouts.{what})."
         )
 
+    def _timeout_error(self, deadline: asyncio.Timeout) -> UpstreamTimeout:
+        """Which limit ended the wait for an answer: first_event's, or aiohttp's total."""
+        if deadline.expired():
+            return self._timed_out("first_event", self._first_event)
+        return _total_exceeded(self.name, self.spec.timeouts.total)
+
     async def _post(self, call: Call, http: aiohttp.ClientSession) -> aiohttp.ClientResponse:
         try:
             return await http.post(
@@ -94,15 +100,21 @@ class OpenAI(Upstream):
                 headers=self._request_headers(call),
                 timeout=self._timeout,
             )
+        except aiohttp.ConnectionTimeoutError:
+            raise UpstreamTimeout(
+                f"Upstream '{self.name}' did not accept a connection within "
+                f"{self.spec.timeouts.connect:g} s (timeouts.connect)."
+            ) from None
         except TimeoutError:
-            raise self._timed_out("connect", self._timeout.sock_connect) from None
+            raise _total_exceeded(self.name, self.spec.timeouts.total) from None
         except aiohttp.ClientError as exc:
             raise connection_error(self.name, exc) from None
 
     async def complete(self, call: Call, http: aiohttp.ClientSession) -> bytes:
         started = time.perf_counter()
+        deadline = asyncio.timeout(self._first_event)
         try:
-            async with asyncio.timeout(self._first_event):
+            async with deadline:
                 resp = await self._post(call, http)
                 try:
                     if resp.status >= 300:
@@ -113,7 +125,7 @@ class OpenAI(Upstream):
                 finally:
                     resp.release()
         except TimeoutError:
-            raise self._timed_out("first_event", self._first_event) from None
+            raise self._timeout_error(deadline) from None
         except aiohttp.ClientError:
             # _post maps the failures to connect; this one broke an answer already under way
             # (cut short, or a Content-Encoding it does not have): the upstream failed.
@@ -135,8 +147,9 @@ class OpenAI(Upstream):
     async def open_stream(self, call: Call, http: aiohttp.ClientSession) -> EventStream:
         started = time.perf_counter()
         sent_at = asyncio.get_running_loop().time()
+        deadline = asyncio.timeout(self._first_event)
         try:
-            async with asyncio.timeout(self._first_event):
+            async with deadline:
                 resp = await self._post(call, http)
                 if resp.status >= 300:
                     try:
@@ -145,7 +158,7 @@ class OpenAI(Upstream):
                         resp.release()
                     raise error_from_response(self.name, resp.status, body, resp.headers)
         except TimeoutError:
-            raise self._timed_out("first_event", self._first_event) from None
+            raise self._timeout_error(deadline) from None
         except aiohttp.ClientError as exc:
             raise connection_error(self.name, exc) from None
         if not resp.headers.get("Content-Type", "").startswith("text/event-stream"):

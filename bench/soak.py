@@ -1,0 +1,952 @@
+"""Soak test: a bounded mixed load on a local agentproxy; do memory, sockets and tasks stay flat?
+
+    python bench/soak.py --minutes 10 [--concurrency 16] [--rate 80] [--seed 1] [--json OUT]
+
+It starts everything itself, on 127.0.0.1 and free ports, and stops it all at the end (also on
+Ctrl-C or SIGTERM):
+
+- `python -m proxy serve --workers 1 --log-level warning` with a generated route table in a
+  temporary directory (its log goes to bench/results/soak-<time>-proxy.log);
+- bench/fake_upstream.py (20 events per stream, 10 ms apart) as the healthy `openai` upstream;
+- in this process: a misbehaving `openai` upstream (answers 500, cuts streams and answers
+  mid-body, or answers only after 5 s), a fake Letta server that replays captured streams
+  (tests/fake_letta.py), and a port where nothing listens (connections are refused).
+
+The load is a weighted mix (see KINDS): streams and sync requests through the fake, echo,
+Letta (with and without session ids), clients that leave mid-stream and while waiting for a
+sync answer, the refused / 500 / cut-stream upstreams, a route that fails over from the dead
+upstream to the fake, bad JSON, unknown models and model lists. `--concurrency` clients send
+at most `--rate` requests per second in all. Meanwhile the route file is rewritten every
+`--reload-every` seconds, alternating between two valid versions, every sixth write broken.
+
+Phases: start (idle) -> warm-up load -> settle -> baseline (idle) -> main load, sampled every
+`--sample-every` s -> settle -> end (idle). To settle, the clients close their connections
+and the run waits until the proxy has no open stream and no TCP connection besides its
+listening socket (its pooled upstream connections close after 30 s idle), or `--settle` s.
+Each sample reads the proxy's RSS and file descriptors from /proc (sockets classified through
+/proc/net/tcp) and its asyncio task count from `agentproxy_asyncio_tasks` on /metrics.
+
+Verdict, end against baseline (both idle, after warm-up): RSS grew by at most max(8 MiB, 10 %),
+file descriptors by at most 2, sockets and tasks by at most 1, and no stream is left open.
+Separately: every request had an outcome expected for its kind, the proxy logged no traceback,
+and the reload counters match the writes. Exit status 0 when all of that holds, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import re
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+RESULTS = BENCH / "results"
+sys.path.insert(0, str(REPO))
+
+from tests.fake_letta import FakeLetta, Scenario, make_app  # noqa: E402
+
+KEY = "sk-soak-" + os.urandom(12).hex()
+AGENT = "agent-ef37cb35-73b3-4511-b1bb-1c9635553e28"  # in tests/fixtures/letta/ as support-bot
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MiB = 1024 * 1024
+REQUEST_TIMEOUT = 30.0
+# Verdict margins, end against baseline.
+RSS_MARGIN_MIB, RSS_MARGIN_FRACTION = 8.0, 0.10
+FD_MARGIN, SOCKET_MARGIN, TASK_MARGIN = 2, 1, 1
+
+
+def log(msg: str) -> None:
+    print(f"[soak {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+# --- the route table ---------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Ports:
+    proxy: int
+    fake: int
+    bad: int
+    letta: int
+    dead: int
+
+
+def routes_yaml(ports: Ports, variant: str) -> str:
+    """Variants `a` and `b` serve the same models with different settings; `broken` has an
+    unknown key, so the proxy must keep the table it serves."""
+    b = variant == "b"
+    text = f"""# soak test route table, variant {variant}
+upstreams:
+  fake:
+    kind: openai
+    url: http://127.0.0.1:{ports.fake}/v1
+    keepalive: {10 if b else 15}
+{"    max_concurrency: 64" + chr(10) + "    queue_timeout: 5" + chr(10) if b else ""}\
+  dead:
+    kind: openai
+    url: http://127.0.0.1:{ports.dead}/v1
+    timeouts: {{connect: 2}}
+    circuit: {{failures: {2 if b else 3}, cooldown: {5 if b else 10}}}
+  flaky500:
+    kind: openai
+    url: http://127.0.0.1:{ports.bad}/v1
+  flakycut:
+    kind: openai
+    url: http://127.0.0.1:{ports.bad}/v1
+  slow:
+    kind: openai
+    url: http://127.0.0.1:{ports.bad}/v1
+    timeouts: {{first_event: {20 if b else 30}}}
+  letta:
+    kind: letta
+    url: http://127.0.0.1:{ports.letta}
+  demo:
+    kind: echo
+models:
+  fake:
+    upstream: fake
+    model: fake-model
+  echo:
+    upstream: demo
+  dead:
+    upstream: dead
+  fail-500:
+    upstream: flaky500
+  fail-cut:
+    upstream: flakycut
+  slow:
+    upstream: slow
+  failover:
+    upstream: [dead, fake]
+    model: fake-model
+  support:
+    upstream: letta
+    agent: {AGENT}
+{"  echo-b:" + chr(10) + "    upstream: demo" + chr(10) if b else ""}\
+auth:
+  keys:
+    - key: ${{SOAK_KEY}}
+"""
+    if variant == "broken":
+        text += "not_a_key: 1\n"
+    return text
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Rename into place, so the proxy never reads a half-written file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --- the misbehaving upstream --------------------------------------------------------------
+
+@dataclass
+class BadStats:
+    requests: Counter[str] = field(default_factory=Counter)
+    slow_cancelled: int = 0
+    slow_completed: int = 0
+
+
+BAD_STATS = web.AppKey("bad_stats", BadStats)
+_CHUNK = (
+    b'data: {"id":"chatcmpl-bad","object":"chat.completion.chunk","created":1700000000,'
+    b'"model":"m","choices":[{"index":0,"delta":%s,"finish_reason":null}]}\n\n'
+)
+
+
+async def bad_chat(request: web.Request) -> web.StreamResponse:
+    """By the model the proxy sends: `fail-500` answers 500; `fail-cut` breaks off (streams
+    after three events, sync answers mid-body); `slow` answers after 5 s."""
+    stats = request.app[BAD_STATS]
+    body = orjson.loads(await request.read())
+    model, stream = body.get("model"), bool(body.get("stream"))
+    stats.requests[f"{model} {'stream' if stream else 'sync'}"] += 1
+    if model == "fail-500":
+        return web.json_response(
+            {"error": {"message": "internal failure", "type": "server_error", "code": None}},
+            status=500,
+        )
+    if model == "slow":
+        try:
+            await asyncio.sleep(5.0)
+        except asyncio.CancelledError:
+            stats.slow_cancelled += 1
+            raise
+        stats.slow_completed += 1
+        return web.json_response({"error": {"message": "too late"}}, status=500)
+    transport = request.transport
+    if not stream:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.content_length = 400
+        await resp.prepare(request)
+        await resp.write(b'{"id": "chatcmpl-bad", "object": "chat.comp')
+    else:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(_CHUNK % b'{"role":"assistant","content":""}')
+        for word in (b"one", b"two"):
+            await asyncio.sleep(0.01)
+            await resp.write(_CHUNK % b'{"content":"' + word + b' "}')
+        await asyncio.sleep(0.01)
+        await resp.write(b'data: {"id":"chatcmpl-bad","obj')
+    await asyncio.sleep(0.01)
+    if transport is not None:
+        transport.abort()
+    return resp
+
+
+def bad_app(stats: BadStats) -> web.Application:
+    app = web.Application()
+    app[BAD_STATS] = stats
+    app.router.add_post("/v1/chat/completions", bad_chat)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application, port: int) -> AsyncIterator[None]:
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield
+    finally:
+        await runner.cleanup()
+
+
+# --- the proxy process, seen from /proc and /metrics -----------------------------------------
+
+@dataclass
+class Sample:
+    phase: str
+    t: float  # seconds since the load began
+    rss_kib: int
+    hwm_kib: int
+    threads: int
+    fds: int
+    sockets: int
+    tcp: dict[str, int]
+    tasks: int | None
+    open_streams: int | None
+    cpu_s: float
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM", "Threads"):
+            out[name] = int(value.split()[0])
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def tcp_table(pid: int) -> dict[int, tuple[int, int, str]]:
+    """inode -> (local port, remote port, state) for the TCP sockets of the namespace."""
+    table: dict[int, tuple[int, int, str]] = {}
+    for name in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/net/{name}").read_text().splitlines()[1:]:
+                parts = line.split()
+                local, remote, state, inode = parts[1], parts[2], parts[3], int(parts[9])
+                table[inode] = (
+                    int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16), state
+                )
+    return table
+
+
+def fd_census(pid: int, ports: Ports) -> tuple[int, int, dict[str, int], list[str]]:
+    """(fds, sockets, TCP sockets by role, the targets of the other fds)."""
+    fd_dir = Path(f"/proc/{pid}/fd")
+    targets: list[str] = []
+    for fd in os.listdir(fd_dir):
+        with contextlib.suppress(OSError):
+            targets.append(os.readlink(fd_dir / fd))
+    socket_inodes = [int(t[8:-1]) for t in targets if t.startswith("socket:[")]
+    tcp = tcp_table(pid)
+    roles = {ports.fake: "to fake", ports.bad: "to bad", ports.letta: "to letta",
+             ports.dead: "to dead"}
+    by_role: Counter[str] = Counter()
+    for inode in socket_inodes:
+        entry = tcp.get(inode)
+        if entry is None:
+            by_role["non-tcp"] += 1
+            continue
+        local, remote, state = entry
+        if state == "0A":
+            by_role["listen"] += 1
+        elif local == ports.proxy:
+            by_role["from clients"] += 1
+        else:
+            by_role[roles.get(remote, "other tcp")] += 1
+    others = sorted(t for t in targets if not t.startswith("socket:["))
+    return len(targets), len(socket_inodes), dict(by_role), others
+
+
+def parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): float(s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+async def scrape(base: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    # A connection of its own, closed at once, so it is gone before the next census.
+    conn = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=conn) as http, http.get(
+        base + "/metrics", timeout=aiohttp.ClientTimeout(total=10)
+    ) as resp:
+        return parse_metrics(await resp.text())
+
+
+def gauge(metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str) -> int | None:
+    value = metrics.get((name, ()))
+    return None if value is None else int(value)
+
+
+async def take_sample(phase: str, t: float, pid: int, base: str, ports: Ports) -> Sample:
+    status = proc_status(pid)
+    fds, sockets, tcp, _ = fd_census(pid, ports)
+    cpu = cpu_seconds(pid)
+    metrics = await scrape(base)
+    return Sample(
+        phase=phase, t=round(t, 1), rss_kib=status["VmRSS"], hwm_kib=status["VmHWM"],
+        threads=status["Threads"], fds=fds, sockets=sockets, tcp=tcp,
+        tasks=gauge(metrics, "agentproxy_asyncio_tasks"),
+        open_streams=gauge(metrics, "agentproxy_open_streams"), cpu_s=cpu,
+    )
+
+
+# --- the load ------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Kind:
+    name: str
+    weight: int
+    expected: frozenset[str]
+    what: str
+
+
+OK_STREAM, OK_SYNC = "200 stream complete", "200 ok"
+LEFT_STREAM, LEFT_SYNC = "client left mid-stream", "client left while waiting"
+
+KINDS = (
+    Kind("stream", 24, frozenset({OK_STREAM}), "fake upstream, stream of 20 events 10 ms apart"),
+    Kind("sync", 14, frozenset({OK_SYNC}), "fake upstream, non-streaming"),
+    Kind("echo_stream", 6, frozenset({OK_STREAM}), "echo model, stream"),
+    Kind("echo_sync", 6, frozenset({OK_SYNC}), "echo model, non-streaming"),
+    Kind("letta_stream", 6, frozenset({OK_STREAM}),
+         "fake Letta, stream (2/3 with one of 8 session ids)"),
+    Kind("letta_sync", 3, frozenset({OK_SYNC}), "fake Letta, non-streaming"),
+    Kind("leave_stream", 8, frozenset({LEFT_STREAM}),
+         "client closes the connection after 3 events of a fake stream"),
+    Kind("leave_letta", 2, frozenset({LEFT_STREAM}),
+         "client closes the connection after 2 events of a Letta stream (run cancelled)"),
+    Kind("leave_sync", 5, frozenset({LEFT_SYNC}),
+         "client gives up after 0.3 s on an upstream that answers after 5 s"),
+    Kind("refused", 5, frozenset({"502 upstream_unavailable"}),
+         "upstream refuses connections (stream and sync)"),
+    Kind("http_500", 5, frozenset({"502 upstream_error"}), "upstream answers 500"),
+    Kind("cut", 5, frozenset({"200 stream error-event upstream_error", "502 upstream_error"}),
+         "upstream breaks off: a stream after 3 events (error event), a sync answer mid-body"),
+    Kind("failover", 5, frozenset({OK_STREAM, OK_SYNC}),
+         "route [dead, fake]: the fake serves, after the dead one fails or is skipped"),
+    Kind("bad_json", 2, frozenset({"400 invalid_request_error"}), "malformed JSON body"),
+    Kind("unknown_model", 2, frozenset({"404 model_not_found"}), "a model no route names"),
+    Kind("models", 2, frozenset({OK_SYNC}), "GET /v1/models"),
+)
+KIND_BY_NAME = {k.name: k for k in KINDS}
+
+
+@dataclass
+class Tally:
+    counts: Counter[tuple[str, str]] = field(default_factory=Counter)
+    examples: dict[tuple[str, str], list[str]] = field(default_factory=lambda: defaultdict(list))
+
+    def add(self, kind: str, outcome: str, detail: str = "") -> None:
+        self.counts[(kind, outcome)] += 1
+        if outcome not in KIND_BY_NAME[kind].expected and len(self.examples[kind, outcome]) < 3:
+            self.examples[kind, outcome].append(detail[:300])
+
+
+def error_outcome(status: int, raw: bytes) -> tuple[str, str]:
+    try:
+        err = orjson.loads(raw)["error"]
+        code = err.get("code") or err.get("type")
+        return f"{status} {code}", str(err.get("message"))
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return f"{status} non-openai-error", raw[:200].decode("utf-8", "replace")
+
+
+class Client:
+    def __init__(self, base: str, rng: random.Random) -> None:
+        self.base = base
+        self.rng = rng
+        self.headers = {"Authorization": f"Bearer {KEY}"}
+
+    def body(self, model: str, stream: bool, text: str = "hello soak") -> bytes:
+        return orjson.dumps({"model": model, "stream": stream,
+                             "messages": [{"role": "user", "content": text}]})
+
+    async def chat(self, http: aiohttp.ClientSession, model: str, stream: bool,
+                   leave_after: int | None = None,
+                   headers: dict[str, str] | None = None) -> tuple[str, str]:
+        async with http.post(self.base + "/v1/chat/completions",
+                             data=self.body(model, stream),
+                             headers={**self.headers, "Content-Type": "application/json",
+                                      **(headers or {})}) as resp:
+            if resp.status != 200:
+                return error_outcome(resp.status, await resp.read())
+            if not stream:
+                data = orjson.loads(await resp.read())
+                if data.get("choices") and data["choices"][0]["message"].get("content"):
+                    return OK_SYNC, ""
+                return "200 sync without content", str(data)[:200]
+            return await self.read_stream(resp, leave_after)
+
+    async def read_stream(self, resp: aiohttp.ClientResponse,
+                          leave_after: int | None) -> tuple[str, str]:
+        events, finish, done, error = 0, None, False, None
+        async for line in resp.content:
+            if not line.startswith(b"data: "):
+                continue  # blank lines and `: keep-alive` comments
+            payload = line[6:].strip()
+            if payload == b"[DONE]":
+                done = True
+                continue
+            if done:
+                return "200 stream data after [DONE]", payload[:200].decode()
+            chunk = orjson.loads(payload)
+            if "error" in chunk:
+                error = chunk["error"].get("code") or chunk["error"].get("type")
+                continue
+            events += 1
+            for choice in chunk.get("choices") or ():
+                finish = choice.get("finish_reason") or finish
+            if leave_after is not None and events >= leave_after:
+                resp.close()  # closes the connection: the proxy sees the client leave
+                return LEFT_STREAM, ""
+        if leave_after is not None:
+            return "stream ended before the client left", f"{events} events"
+        if error is not None:
+            return f"200 stream error-event {error}" + ("" if done else " without [DONE]"), ""
+        if not done:
+            return "200 stream without [DONE]", f"{events} events"
+        if finish is None:
+            return "200 stream without finish_reason", f"{events} events"
+        return OK_STREAM, ""
+
+    async def run(self, http: aiohttp.ClientSession, kind: str, n: int) -> tuple[str, str]:
+        stream = n % 2 == 0  # the kinds that take both alternate
+        if kind == "stream":
+            return await self.chat(http, "fake", True)
+        if kind == "sync":
+            return await self.chat(http, "fake", False)
+        if kind == "echo_stream":
+            return await self.chat(http, "echo", True)
+        if kind == "echo_sync":
+            return await self.chat(http, "echo", False)
+        if kind in ("letta_stream", "letta_sync", "leave_letta"):
+            pick = self.rng.randrange(12)
+            headers = {"X-Session-Id": f"soak-{pick}"} if pick < 8 else None
+            return await self.chat(http, "support", kind != "letta_sync",
+                                   leave_after=2 if kind == "leave_letta" else None,
+                                   headers=headers)
+        if kind == "leave_stream":
+            return await self.chat(http, "fake", True, leave_after=3)
+        if kind == "leave_sync":
+            try:
+                async with asyncio.timeout(0.3):
+                    outcome = await self.chat(http, "slow", False)
+            except TimeoutError:
+                return LEFT_SYNC, ""
+            return outcome
+        if kind == "refused":
+            return await self.chat(http, "dead", stream)
+        if kind == "http_500":
+            return await self.chat(http, "fail-500", stream)
+        if kind == "cut":
+            return await self.chat(http, "fail-cut", stream)
+        if kind == "failover":
+            return await self.chat(http, "failover", stream)
+        if kind == "bad_json":
+            async with http.post(self.base + "/v1/chat/completions",
+                                 data=b'{"model": "fake", "messages": [',
+                                 headers={**self.headers,
+                                          "Content-Type": "application/json"}) as resp:
+                return error_outcome(resp.status, await resp.read())
+        if kind == "unknown_model":
+            return await self.chat(http, f"no-such-model-{n}", False)
+        if kind == "models":
+            async with http.get(self.base + "/v1/models", headers=self.headers) as resp:
+                raw = await resp.read()
+                if resp.status != 200:
+                    return error_outcome(resp.status, raw)
+                return (OK_SYNC, "") if orjson.loads(raw).get("data") else ("200 empty", "")
+        raise ValueError(kind)
+
+
+class Pacer:
+    """At most `rate` request starts per second over all clients."""
+
+    def __init__(self, rate: float) -> None:
+        self.interval = 1.0 / rate
+        self.next = time.monotonic()
+
+    async def wait(self) -> None:
+        now = time.monotonic()
+        at = max(now, self.next)
+        self.next = at + self.interval
+        if at > now:
+            await asyncio.sleep(at - now)
+
+
+async def load(base: str, seconds: float, concurrency: int, rate: float, seed: int,
+               tally: Tally, stop: asyncio.Event) -> int:
+    """`concurrency` clients for `seconds` (or until `stop`); returns the requests sent."""
+    deadline = time.monotonic() + seconds
+    pacer = Pacer(rate)
+    names = [k.name for k in KINDS]
+    weights = [k.weight for k in KINDS]
+    # Bounded in count as well as in time, whatever the rate.
+    cap = int(seconds * rate) + concurrency
+    sent = 0
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as http:
+
+        async def worker(i: int) -> None:
+            nonlocal sent
+            rng = random.Random(seed * 1_000_003 + i)
+            client = Client(base, rng)
+            for n in range(cap):
+                await pacer.wait()
+                if time.monotonic() >= deadline or stop.is_set() or sent >= cap:
+                    return
+                sent += 1
+                kind = rng.choices(names, weights)[0]
+                try:
+                    async with asyncio.timeout(REQUEST_TIMEOUT):
+                        outcome, detail = await client.run(http, kind, n)
+                except TimeoutError:
+                    outcome, detail = f"client timeout ({REQUEST_TIMEOUT:g} s)", ""
+                except (aiohttp.ClientError, OSError, ValueError) as exc:
+                    outcome, detail = f"exception {type(exc).__name__}", str(exc)
+                tally.add(kind, outcome, detail)
+
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    return sent
+
+
+async def reloader(path: Path, ports: Ports, every: float, writes: Counter[str],
+                   stop: asyncio.Event) -> None:
+    """Rewrites the route file every `every` seconds: b, a, b, a, broken, b, a, ... Every
+    valid write differs from the table being served, so each is one successful reload."""
+    valid = 0
+    for n in range(1, 1_000_000):
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every)
+        if stop.is_set():
+            return
+        if n % 6 == 5:
+            variant = "broken"
+        else:
+            valid += 1
+            variant = "b" if valid % 2 else "a"
+        write_atomically(path, routes_yaml(ports, variant))
+        writes[variant] += 1
+
+
+# --- the run -------------------------------------------------------------------------------
+
+@dataclass
+class Processes:
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def start(self, cmd: list[str], log_path: Path, env: dict[str, str] | None = None
+              ) -> subprocess.Popen[bytes]:
+        with log_path.open("ab") as out:
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                    env=env, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+
+
+async def wait_http(url: str, proc: subprocess.Popen[bytes], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                async with http.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                    if resp.status < 500:
+                        return
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {seconds:g} s")
+
+
+async def settle(pid: int, base: str, ports: Ports, limit: float) -> float:
+    """Waits until the proxy has no open stream and no TCP connection but its listener."""
+    started = time.monotonic()
+    await asyncio.sleep(1.0)
+    while time.monotonic() - started < limit:
+        _, _, tcp, _ = fd_census(pid, ports)
+        busy = {role: n for role, n in tcp.items() if role not in ("listen", "non-tcp")}
+        if not busy and gauge(await scrape(base), "agentproxy_open_streams") == 0:
+            break
+        await asyncio.sleep(1.0)
+    await asyncio.sleep(0.5)
+    return time.monotonic() - started
+
+
+@dataclass
+class Verdict:
+    checks: list[tuple[str, bool, str]] = field(default_factory=list)
+
+    def check(self, name: str, ok: bool, detail: str) -> None:
+        self.checks.append((name, ok, detail))
+
+    @property
+    def flat(self) -> bool:
+        return all(ok for name, ok, _ in self.checks if name in FLAT_CHECKS)
+
+    @property
+    def clean(self) -> bool:
+        return all(ok for name, ok, _ in self.checks if name not in FLAT_CHECKS)
+
+
+FLAT_CHECKS = ("memory", "file descriptors", "sockets", "tasks", "open streams")
+
+
+def judge(base_s: Sample, end: Sample, tally: Tally, tracebacks: int,
+          reloads: dict[str, float], writes: Counter[str]) -> Verdict:
+    v = Verdict()
+    grew = (end.rss_kib - base_s.rss_kib) / 1024
+    allowed = max(RSS_MARGIN_MIB, RSS_MARGIN_FRACTION * base_s.rss_kib / 1024)
+    v.check("memory", grew <= allowed,
+            f"RSS {base_s.rss_kib / 1024:.1f} -> {end.rss_kib / 1024:.1f} MiB "
+            f"({grew:+.1f}; allowed +{allowed:.1f})")
+    v.check("file descriptors", end.fds - base_s.fds <= FD_MARGIN,
+            f"{base_s.fds} -> {end.fds} (allowed +{FD_MARGIN})")
+    v.check("sockets", end.sockets - base_s.sockets <= SOCKET_MARGIN,
+            f"{base_s.sockets} -> {end.sockets} (allowed +{SOCKET_MARGIN}); end: {end.tcp}")
+    tasks_ok = (base_s.tasks is not None and end.tasks is not None
+                and end.tasks - base_s.tasks <= TASK_MARGIN)
+    v.check("tasks", tasks_ok, f"{base_s.tasks} -> {end.tasks} (allowed +{TASK_MARGIN})")
+    v.check("open streams", end.open_streams == 0, f"{end.open_streams} at the end")
+    unexpected = sum(n for (kind, outcome), n in tally.counts.items()
+                     if outcome not in KIND_BY_NAME[kind].expected)
+    v.check("outcomes", unexpected == 0, f"{unexpected} unexpected of {sum(tally.counts.values())}")
+    v.check("proxy log", tracebacks == 0, f"{tracebacks} tracebacks")
+    good = writes["a"] + writes["b"]
+    ok_reloads = reloads.get("success") == good and reloads.get("error") == writes["broken"]
+    v.check("reloads", ok_reloads,
+            f"wrote {good} valid and {writes['broken']} broken; the proxy counted "
+            f"{reloads.get('success'):g} successes and {reloads.get('error'):g} errors")
+    return v
+
+
+def sample_row(s: Sample, prev: Sample | None) -> str:
+    cpu = "-"
+    if prev is not None and s.t > prev.t:
+        cpu = f"{100 * (s.cpu_s - prev.cpu_s) / (s.t - prev.t):.0f}"
+    tcp = ", ".join(f"{k} {v}" for k, v in sorted(s.tcp.items()))
+    return (f"| {s.phase} | {s.t:.0f} | {s.rss_kib / 1024:.1f} | {s.fds} | {s.sockets} ({tcp}) "
+            f"| {s.tasks} | {s.open_streams} | {cpu} |")
+
+
+def report(samples: list[Sample], tally: Tally, v: Verdict, extra: dict[str, Any]) -> str:
+    lines = ["| phase | t s | RSS MiB | fds | sockets | tasks | open streams | proxy CPU % |",
+             "|---|--:|--:|--:|---|--:|--:|--:|"]
+    prev: Sample | None = None
+    for s in samples:
+        lines.append(sample_row(s, prev if s.phase in ("load", "end") else None))
+        prev = s
+    lines += ["", "| kind | requests | expected | unexpected | outcomes |",
+              "|---|--:|--:|--:|---|"]
+    for k in KINDS:
+        mine = {o: n for (kind, o), n in tally.counts.items() if kind == k.name}
+        total = sum(mine.values())
+        exp = sum(n for o, n in mine.items() if o in k.expected)
+        outcomes = "; ".join(f"{o}: {n}" for o, n in sorted(mine.items(), key=lambda x: -x[1]))
+        lines.append(f"| {k.name} | {total} | {exp} | {total - exp} | {outcomes} |")
+    all_n = sum(tally.counts.values())
+    all_exp = sum(n for (kind, o), n in tally.counts.items() if o in KIND_BY_NAME[kind].expected)
+    lines.append(f"| **all** | {all_n} | {all_exp} | {all_n - all_exp} | |")
+    for (kind, outcome), examples in tally.examples.items():
+        for ex in examples:
+            lines.append(f"unexpected {kind} / {outcome}: {ex}")
+    lines.append("")
+    for name, value in extra.items():
+        lines.append(f"{name}: {value}")
+    lines += ["", "Verdict (end against baseline, both idle after a settle):"]
+    for name, ok, detail in v.checks:
+        lines.append(f"  {'ok  ' if ok else 'FAIL'} {name}: {detail}")
+    lines.append(f"memory, sockets and tasks: {'FLAT' if v.flat else 'NOT FLAT'}; "
+                 f"traffic: {'as expected' if v.clean else 'UNEXPECTED RESULTS'}")
+    return "\n".join(lines)
+
+
+def proxy_counters(metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float],
+                   name: str, label: str) -> dict[str, float]:
+    out: dict[str, float] = defaultdict(float)
+    for (metric, labels), value in metrics.items():
+        if metric == name:
+            out[dict(labels).get(label, "")] += value
+    return dict(out)
+
+
+async def soak(args: argparse.Namespace) -> int:
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    RESULTS.mkdir(exist_ok=True)
+    proxy_log = RESULTS / f"soak-{stamp}-proxy.log"
+    fake_log = RESULTS / f"soak-{stamp}-fake.log"
+    ports = Ports(*(free_port() for _ in range(5)))
+    base = f"http://127.0.0.1:{ports.proxy}"
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    procs = Processes()
+    bad = BadStats()
+    letta = FakeLetta(
+        default_scenario=Scenario(delay=0.02),
+        default_conversation_scenario=Scenario(
+            sse="conversation_stream", sync="conversation_sync.response.json", delay=0.02),
+    )
+    letta_cancelled = letta_disconnected = 0
+    tally = Tally()
+    writes: Counter[str] = Counter()
+    samples: list[Sample] = []
+    total = args.minutes * 60.0
+    warmup = min(60.0, 0.2 * total)
+    self_cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    wall0 = time.monotonic()
+
+    def drain_letta() -> None:
+        # The fake records every request; keep only the counts.
+        nonlocal letta_cancelled, letta_disconnected
+        letta_cancelled += len(letta.cancelled_run_ids)
+        letta_disconnected += len(letta.disconnected)
+        letta.cancelled_run_ids.clear()
+        letta.disconnected.clear()
+        letta.requests.clear()
+
+    with tempfile.TemporaryDirectory(prefix="agentproxy-soak-") as tmp:
+        routes = Path(tmp) / "routes.yaml"
+        write_atomically(routes, routes_yaml(ports, "a"))
+        try:
+            async with serving(bad_app(bad), ports.bad), serving(make_app(letta), ports.letta):
+                fake = procs.start(
+                    [sys.executable, str(BENCH / "fake_upstream.py"), "--port", str(ports.fake),
+                     "--chunks", "20", "--delay-chunk", "0.01"], fake_log)
+                env = {**os.environ, "SOAK_KEY": KEY}
+                env.pop("AGENTPROXY_API_KEYS", None)
+                proxy = procs.start(
+                    [sys.executable, "-m", "proxy", "serve", "--routes", str(routes),
+                     "--host", "127.0.0.1", "--port", str(ports.proxy), "--workers", "1",
+                     "--log-level", "warning", "--reload-interval", "1"], proxy_log, env)
+                await wait_http(f"http://127.0.0.1:{ports.fake}/v1/models", fake, 20)
+                await wait_http(base + "/readyz", proxy, 30)
+                pid = proxy.pid
+                log(f"proxy pid {pid} on {base}; load {total:g} s ({warmup:g} s warm-up), "
+                    f"concurrency {args.concurrency}, at most {args.rate:g} req/s, "
+                    f"seed {args.seed}")
+                samples.append(await take_sample("start", 0.0, pid, base, ports))
+                t0 = time.monotonic()
+
+                async def phase(seconds: float, sample_every: float | None) -> None:
+                    reload_task = asyncio.create_task(
+                        reloader(routes, ports, args.reload_every, writes, stop))
+                    load_task = asyncio.create_task(
+                        load(base, seconds, args.concurrency, args.rate,
+                             args.seed + len(samples), tally, stop))
+                    try:
+                        while not load_task.done():
+                            await asyncio.wait({load_task}, timeout=sample_every)
+                            if not load_task.done() and sample_every is not None:
+                                samples.append(await take_sample(
+                                    "load", time.monotonic() - t0, pid, base, ports))
+                                drain_letta()
+                                log(sample_row(samples[-1], None))
+                        await load_task
+                    finally:
+                        reload_task.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await reload_task
+                        load_task.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await load_task
+                    if proxy.poll() is not None:
+                        raise RuntimeError(f"the proxy exited with {proxy.returncode}")
+
+                await phase(warmup, None)
+                waited = await settle(pid, base, ports, args.settle)
+                samples.append(await take_sample("baseline", time.monotonic() - t0, pid, base,
+                                                 ports))
+                log(f"baseline after {waited:.0f} s of settling: {sample_row(samples[-1], None)}")
+                if not stop.is_set():
+                    await phase(total - warmup, args.sample_every)
+                load_s = time.monotonic() - t0
+                # The reloader stopped: let the proxy see the last write before counting.
+                waited_end = await settle(pid, base, ports, args.settle)
+                await asyncio.sleep(1.5)
+                samples.append(await take_sample("end", time.monotonic() - t0, pid, base,
+                                                 ports))
+                _, _, _, other_fds = fd_census(pid, ports)
+                metrics = await scrape(base)
+                drain_letta()
+                proxy_cpu = cpu_seconds(pid)
+                fake_cpu = cpu_seconds(fake.pid)
+        finally:
+            procs.stop_all()
+
+    wall = time.monotonic() - wall0
+    self_cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    soak_cpu = (self_cpu1.ru_utime + self_cpu1.ru_stime
+                - self_cpu0.ru_utime - self_cpu0.ru_stime)
+    log_text = proxy_log.read_text(errors="replace")
+    tracebacks = log_text.count("Traceback")
+    reload_errors = len(re.findall(r"route table not reloaded", log_text))
+    reloads = proxy_counters(metrics, "agentproxy_reloads_total", "result")
+    v = judge(samples[1], samples[-1], tally, tracebacks, reloads, writes)
+    extra: dict[str, Any] = {
+        "load": f"{load_s:.0f} s, {sum(tally.counts.values())} requests "
+                f"({sum(tally.counts.values()) / max(load_s, 1):.1f}/s)",
+        "settle": f"{waited:.0f} s before the baseline, {waited_end:.0f} s before the end",
+        "route file writes": dict(writes),
+        "proxy reloads (agentproxy_reloads_total)": reloads,
+        "proxy log": f"{tracebacks} tracebacks, {reload_errors} 'route table not reloaded' "
+                     f"errors (expected: one per broken write), {len(log_text.splitlines())} "
+                     f"lines in all ({proxy_log.relative_to(REPO)})",
+        "proxy requests by status (agentproxy_requests_total)":
+            proxy_counters(metrics, "agentproxy_requests_total", "status"),
+        "proxy upstream errors by code":
+            proxy_counters(metrics, "agentproxy_upstream_errors_total", "code"),
+        "proxy failovers": proxy_counters(metrics, "agentproxy_failovers_total", "upstream"),
+        "bad upstream": f"{dict(bad.requests)}; slow requests cancelled when the client left: "
+                        f"{bad.slow_cancelled}, completed: {bad.slow_completed}",
+        "fake Letta": f"{letta_cancelled} runs cancelled, {letta_disconnected} streams "
+                      f"disconnected, {letta.completed_streams} completed",
+        "proxy fds other than sockets at the end": other_fds,
+        "CPU (cores, over the whole run)":
+            f"proxy {proxy_cpu / wall:.2f}, fake upstream {fake_cpu / wall:.2f}, "
+            f"soak.py {soak_cpu / wall:.2f} ({wall:.0f} s)",
+    }
+    print(report(samples, tally, v, extra))
+    if args.json:
+        out = {
+            "started_utc": stamp,
+            "settings": {"minutes": args.minutes, "concurrency": args.concurrency,
+                         "rate": args.rate, "seed": args.seed, "warmup_s": warmup,
+                         "reload_every_s": args.reload_every,
+                         "sample_every_s": args.sample_every},
+            "kinds": [{"name": k.name, "weight": k.weight, "what": k.what,
+                       "expected": sorted(k.expected)} for k in KINDS],
+            "samples": [s.__dict__ for s in samples],
+            "outcomes": [{"kind": k, "outcome": o, "count": n}
+                         for (k, o), n in sorted(tally.counts.items())],
+            "unexpected_examples": {f"{k} / {o}": ex for (k, o), ex in tally.examples.items()},
+            "extra": extra,
+            "verdict": {"flat": v.flat, "clean": v.clean,
+                        "checks": [{"name": n, "ok": ok, "detail": d} for n, ok, d in v.checks]},
+        }
+        await asyncio.to_thread(Path(args.json).write_text, json.dumps(out, indent=1, default=str))
+    if stop.is_set():
+        log("interrupted: the verdict covers a shortened run")
+        return 130
+    return 0 if v.flat and v.clean else 1
+
+
+def mix_text() -> Iterator[str]:
+    total = sum(k.weight for k in KINDS)
+    for k in KINDS:
+        yield f"  {k.name:<14} {100 * k.weight / total:3.0f} %  {k.what}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    doc = __doc__ or ""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=doc.split("\n\n", 1)[1] + "\nThe mix:\n"
+                                + "\n".join(mix_text()))
+    p.add_argument("--minutes", type=float, default=10.0, help="minutes of load (default 10)")
+    p.add_argument("--concurrency", type=int, default=16, help="clients at once (default 16)")
+    p.add_argument("--rate", type=float, default=80.0,
+                   help="requests per second at most, all clients together (default 80)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the request mix (default 1)")
+    p.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
+    p.add_argument("--reload-every", type=float, default=5.0,
+                   help="seconds between rewrites of the route file (default 5)")
+    p.add_argument("--sample-every", type=float, default=30.0,
+                   help="seconds between samples under load (default 30)")
+    p.add_argument("--settle", type=float, default=75.0,
+                   help="longest wait for the proxy to go idle before a sample (default 75)")
+    args = p.parse_args(argv)
+    if args.minutes <= 0 or args.concurrency < 1 or args.rate <= 0:
+        p.error("--minutes, --concurrency and --rate must be positive")
+    if args.minutes > 24 * 60:
+        p.error("--minutes is at most a day")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    runner_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        runner_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=runner_factory) as runner:
+        return runner.run(soak(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
