@@ -1,6 +1,6 @@
 """Soak test: a bounded mixed load on a local agentproxy; do memory, sockets and tasks stay flat?
 
-    python bench/soak.py --minutes 10 [--concurrency 16] [--rate 80] [--seed 1] [--json OUT]
+    python bench/soak.py --minutes 10 [--concurrency 32] [--rate 250] [--seed 1] [--json OUT]
 
 It starts everything itself, on 127.0.0.1 and free ports, and stops it all at the end (also on
 Ctrl-C or SIGTERM):
@@ -213,7 +213,7 @@ async def bad_chat(request: web.Request) -> web.StreamResponse:
         await resp.write(_CHUNK % b'{"role":"assistant","content":""}')
         for word in (b"one", b"two"):
             await asyncio.sleep(0.01)
-            await resp.write(_CHUNK % b'{"content":"' + word + b' "}')
+            await resp.write(_CHUNK % (b'{"content":"' + word + b' "}',))
         await asyncio.sleep(0.01)
         await resp.write(b'data: {"id":"chatcmpl-bad","obj')
     await asyncio.sleep(0.01)
@@ -574,18 +574,17 @@ async def load(base: str, seconds: float, concurrency: int, rate: float, seed: i
 async def reloader(path: Path, ports: Ports, every: float, writes: Counter[str],
                    stop: asyncio.Event) -> None:
     """Rewrites the route file every `every` seconds: b, a, b, a, broken, b, a, ... Every
-    valid write differs from the table being served, so each is one successful reload."""
-    valid = 0
-    for n in range(1, 1_000_000):
+    valid write differs from the table being served, so each is one successful reload. The
+    sequence goes on from `writes` (the file starts as `a`), so it spans the load phases."""
+    for _ in range(1_000_000):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), every)
         if stop.is_set():
             return
-        if n % 6 == 5:
+        if sum(writes.values()) % 6 == 4:
             variant = "broken"
         else:
-            valid += 1
-            variant = "b" if valid % 2 else "a"
+            variant = "b" if (writes["a"] + writes["b"]) % 2 == 0 else "a"
         write_atomically(path, routes_yaml(ports, variant))
         writes[variant] += 1
 
@@ -734,6 +733,25 @@ def report(samples: list[Sample], tally: Tally, v: Verdict, extra: dict[str, Any
     return "\n".join(lines)
 
 
+def under_load(samples: list[Sample]) -> str:
+    """Ranges of the samples taken under load, and the RSS trend (least squares) over them."""
+    load = [s for s in samples if s.phase == "load"]
+    if not load:
+        return "no samples"
+    rss = [s.rss_kib / 1024 for s in load]
+    slope = 0.0
+    if len(load) > 1:
+        mt = sum(s.t for s in load) / len(load)
+        mr = sum(rss) / len(rss)
+        var = sum((s.t - mt) ** 2 for s in load)
+        slope = 60 * sum((s.t - mt) * (r - mr) for s, r in zip(load, rss, strict=True)) / var
+    tasks = [s.tasks for s in load if s.tasks is not None]
+    return (f"{len(load)} samples; RSS {min(rss):.1f}-{max(rss):.1f} MiB (first {rss[0]:.1f}, "
+            f"last {rss[-1]:.1f}, trend {slope:+.2f} MiB/min); fds {min(s.fds for s in load)}-"
+            f"{max(s.fds for s in load)}; tasks {min(tasks, default=0)}-{max(tasks, default=0)}; "
+            f"peak RSS (VmHWM) {max(s.hwm_kib for s in samples) / 1024:.1f} MiB")
+
+
 def proxy_counters(metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float],
                    name: str, label: str) -> dict[str, float]:
     out: dict[str, float] = defaultdict(float)
@@ -767,7 +785,9 @@ async def soak(args: argparse.Namespace) -> int:
     samples: list[Sample] = []
     total = args.minutes * 60.0
     warmup = min(60.0, 0.2 * total)
-    self_cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    load_s = 0.0
+    # CPU seconds of (proxy, fake upstream, this process) over the load phases.
+    cpu_load = [0.0, 0.0, 0.0]
     wall0 = time.monotonic()
 
     def drain_letta() -> None:
@@ -799,10 +819,17 @@ async def soak(args: argparse.Namespace) -> int:
                 log(f"proxy pid {pid} on {base}; load {total:g} s ({warmup:g} s warm-up), "
                     f"concurrency {args.concurrency}, at most {args.rate:g} req/s, "
                     f"seed {args.seed}")
+                await asyncio.sleep(1.0)  # the readiness checks' connections close
                 samples.append(await take_sample("start", 0.0, pid, base, ports))
                 t0 = time.monotonic()
 
+                def cpu_now() -> tuple[float, float, float]:
+                    me = resource.getrusage(resource.RUSAGE_SELF)
+                    return cpu_seconds(pid), cpu_seconds(fake.pid), me.ru_utime + me.ru_stime
+
                 async def phase(seconds: float, sample_every: float | None) -> None:
+                    nonlocal load_s
+                    began, cpu_began = time.monotonic(), cpu_now()
                     reload_task = asyncio.create_task(
                         reloader(routes, ports, args.reload_every, writes, stop))
                     load_task = asyncio.create_task(
@@ -824,6 +851,9 @@ async def soak(args: argparse.Namespace) -> int:
                         load_task.cancel()
                         with contextlib.suppress(asyncio.CancelledError):
                             await load_task
+                        load_s += time.monotonic() - began
+                        for i, (a, b) in enumerate(zip(cpu_began, cpu_now(), strict=True)):
+                            cpu_load[i] += b - a
                     if proxy.poll() is not None:
                         raise RuntimeError(f"the proxy exited with {proxy.returncode}")
 
@@ -834,7 +864,6 @@ async def soak(args: argparse.Namespace) -> int:
                 log(f"baseline after {waited:.0f} s of settling: {sample_row(samples[-1], None)}")
                 if not stop.is_set():
                     await phase(total - warmup, args.sample_every)
-                load_s = time.monotonic() - t0
                 # The reloader stopped: let the proxy see the last write before counting.
                 waited_end = await settle(pid, base, ports, args.settle)
                 await asyncio.sleep(1.5)
@@ -843,15 +872,10 @@ async def soak(args: argparse.Namespace) -> int:
                 _, _, _, other_fds = fd_census(pid, ports)
                 metrics = await scrape(base)
                 drain_letta()
-                proxy_cpu = cpu_seconds(pid)
-                fake_cpu = cpu_seconds(fake.pid)
         finally:
             procs.stop_all()
 
     wall = time.monotonic() - wall0
-    self_cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-    soak_cpu = (self_cpu1.ru_utime + self_cpu1.ru_stime
-                - self_cpu0.ru_utime - self_cpu0.ru_stime)
     log_text = proxy_log.read_text(errors="replace")
     tracebacks = log_text.count("Traceback")
     reload_errors = len(re.findall(r"route table not reloaded", log_text))
@@ -859,8 +883,10 @@ async def soak(args: argparse.Namespace) -> int:
     v = judge(samples[1], samples[-1], tally, tracebacks, reloads, writes)
     extra: dict[str, Any] = {
         "load": f"{load_s:.0f} s, {sum(tally.counts.values())} requests "
-                f"({sum(tally.counts.values()) / max(load_s, 1):.1f}/s)",
+                f"({sum(tally.counts.values()) / max(load_s, 1):.1f}/s); the whole run "
+                f"{wall:.0f} s",
         "settle": f"{waited:.0f} s before the baseline, {waited_end:.0f} s before the end",
+        "under load": under_load(samples),
         "route file writes": dict(writes),
         "proxy reloads (agentproxy_reloads_total)": reloads,
         "proxy log": f"{tracebacks} tracebacks, {reload_errors} 'route table not reloaded' "
@@ -876,9 +902,9 @@ async def soak(args: argparse.Namespace) -> int:
         "fake Letta": f"{letta_cancelled} runs cancelled, {letta_disconnected} streams "
                       f"disconnected, {letta.completed_streams} completed",
         "proxy fds other than sockets at the end": other_fds,
-        "CPU (cores, over the whole run)":
-            f"proxy {proxy_cpu / wall:.2f}, fake upstream {fake_cpu / wall:.2f}, "
-            f"soak.py {soak_cpu / wall:.2f} ({wall:.0f} s)",
+        "CPU during the load (cores)":
+            f"proxy {cpu_load[0] / load_s:.2f}, fake upstream {cpu_load[1] / load_s:.2f}, "
+            f"soak.py {cpu_load[2] / load_s:.2f}, all {sum(cpu_load) / load_s:.2f}",
     }
     print(report(samples, tally, v, extra))
     if args.json:
@@ -918,9 +944,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 epilog=doc.split("\n\n", 1)[1] + "\nThe mix:\n"
                                 + "\n".join(mix_text()))
     p.add_argument("--minutes", type=float, default=10.0, help="minutes of load (default 10)")
-    p.add_argument("--concurrency", type=int, default=16, help="clients at once (default 16)")
-    p.add_argument("--rate", type=float, default=80.0,
-                   help="requests per second at most, all clients together (default 80)")
+    p.add_argument("--concurrency", type=int, default=32, help="clients at once (default 32)")
+    p.add_argument("--rate", type=float, default=250.0,
+                   help="requests per second at most, all clients together (default 250)")
     p.add_argument("--seed", type=int, default=1, help="seed of the request mix (default 1)")
     p.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
     p.add_argument("--reload-every", type=float, default=5.0,
