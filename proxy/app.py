@@ -36,6 +36,7 @@ from proxy.errors import (
     ProxyError,
     ServiceUnavailable,
 )
+from proxy.handlers import stamp_headers
 from proxy.metrics import CONTENT_TYPE, Exchange, Metrics, access_log, log_exchange
 from proxy.reload import Outcome, TableHolder, watch
 from proxy.shutdown import DEFAULT_DRAIN_TIMEOUT, Drain, shutting_down
@@ -83,45 +84,60 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> ProxyE
     return err
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    given = request.headers.get("X-Request-Id")
-    request[REQUEST_ID] = (
-        given if given and _REQUEST_ID.fullmatch(given) else "req_" + secrets.token_hex(12)
-    )
-    started = request[STARTED] = time.perf_counter()
-    exchange = request[EXCHANGE] = Exchange(started)
-    drain = request.app[DRAIN]
-    task = asyncio.current_task()
-    assert task is not None
-    drain.track(task)
-    response: web.StreamResponse | None = None
-    try:
-        response = await handler(request)
-    except ProxyError as err:
-        response = render(err)
-    except web.HTTPException as exc:
-        response = render(_from_http_exception(request, exc))
-    except asyncio.CancelledError:
-        if not drain.ended(task):
-            # aiohttp cancels the handler when the client disconnects.
-            exchange.error = exchange.error or "client_closed"
-            raise
-        task.uncancel()
-        response = render(shutting_down())
-    except web.RequestPayloadError:
-        # The client's body cannot be read: a Content-Encoding it does not have, or broken
-        # chunked framing. Its fault, not a 500; the connection cannot be reused.
-        response = render(InvalidRequest("The request body could not be read: malformed "
-                                         "Content-Encoding or Transfer-Encoding."))
-        response.force_close()
-    except Exception:
-        log.exception("request %s failed", request[REQUEST_ID])
-        response = render(InternalError(request[REQUEST_ID]))
-    finally:
-        drain.untrack(task)
-        _finish(request, exchange, response)
-    return response
+def _front(max_connections: int) -> Middleware:
+    """The one middleware: request id, drain tracking, admission, errors rendered as OpenAI
+    JSON, the stamped headers, and the metrics and log line of every request.
+
+    One middleware, not a chain: aiohttp wraps each in a coroutine (and adds one of its own
+    whenever there are any), and every layer is paid again at each suspension of a request.
+    """
+
+    @web.middleware
+    async def front(request: web.Request, handler: Handler) -> web.StreamResponse:
+        given = request.headers.get("X-Request-Id")
+        request[REQUEST_ID] = (
+            given if given and _REQUEST_ID.fullmatch(given) else "req_" + secrets.token_hex(12)
+        )
+        started = request[STARTED] = time.perf_counter()
+        exchange = request[EXCHANGE] = Exchange(started)
+        drain = request.app[DRAIN]
+        task = asyncio.current_task()
+        assert task is not None
+        drain.track(task)
+        response: web.StreamResponse | None = None
+        try:
+            response = _refusal(request, drain, max_connections)
+            if response is None:
+                response = await handler(request)
+        except ProxyError as err:
+            response = render(err)
+        except web.HTTPException as exc:
+            response = render(_from_http_exception(request, exc))
+        except asyncio.CancelledError:
+            if not drain.ended(task):
+                # aiohttp cancels the handler when the client disconnects.
+                exchange.error = exchange.error or "client_closed"
+                raise
+            task.uncancel()
+            response = render(shutting_down())
+        except web.RequestPayloadError:
+            # The client's body cannot be read: a Content-Encoding it does not have, or broken
+            # chunked framing. Its fault, not a 500; the connection cannot be reused.
+            response = render(InvalidRequest("The request body could not be read: malformed "
+                                             "Content-Encoding or Transfer-Encoding."))
+            response.force_close()
+        except Exception:
+            log.exception("request %s failed", request[REQUEST_ID])
+            response = render(InternalError(request[REQUEST_ID]))
+        finally:
+            drain.untrack(task)
+            if response is not None and not response.prepared:
+                # A stream stamped its own headers before it committed them.
+                stamp_headers(request, response)
+            _finish(request, exchange, response)
+        return response
+
+    return front
 
 
 def _finish(
@@ -153,63 +169,50 @@ def _finish(
         )
 
 
-def _admission(max_connections: int) -> Middleware:
-    """Limits that protect the worker, checked before any other work."""
-
-    @web.middleware
-    async def admission(request: web.Request, handler: Handler) -> web.StreamResponse:
-        # Each connection carries one request at a time, so the requests in flight are the
-        # connections in use; idle keep-alive connections cost a socket and nothing else.
-        # Probes and scrapes are always answered, so an overloaded pod is not also restarted.
-        if (
-            max_connections
-            and request.app[DRAIN].in_flight > max_connections
-            and request.path not in _QUIET_PATHS
-        ):
-            response = render(
-                ServiceUnavailable(
-                    f"The proxy is serving its limit of {max_connections} connections "
-                    "(--max-connections); retry shortly.",
-                    code="too_many_connections",
-                    headers={"Retry-After": "1"},
-                )
+def _refusal(
+    request: web.Request, drain: Drain, max_connections: int
+) -> web.StreamResponse | None:
+    """Limits that protect the worker, checked before any other work: a response that
+    refuses the request, or None to serve it."""
+    # Each connection carries one request at a time, so the requests in flight are the
+    # connections in use; idle keep-alive connections cost a socket and nothing else.
+    # Probes and scrapes are always answered, so an overloaded pod is not also restarted.
+    if (
+        max_connections
+        and drain.in_flight > max_connections
+        and request.path not in _QUIET_PATHS
+    ):
+        response = render(
+            ServiceUnavailable(
+                f"The proxy is serving its limit of {max_connections} connections "
+                "(--max-connections); retry shortly.",
+                code="too_many_connections",
+                headers={"Retry-After": "1"},
             )
-            # Closing frees the socket too, which is what the limit is for.
-            response.force_close()
-            return response
-        size = 0
-        for name, value in request.raw_headers:
-            size += len(name) + len(value)
-        if size > MAX_HEADER_BYTES:
-            raise HeadersTooLarge(
-                f"Request headers too large: {size} bytes, the limit is {MAX_HEADER_BYTES}."
-            )
-        return await handler(request)
-
-    return admission
-
-
-async def _stamp_headers(request: web.BaseRequest, response: web.StreamResponse) -> None:
-    headers = response.headers
-    request_id = request.get(REQUEST_ID)
-    if request_id:
-        headers["X-Request-Id"] = request_id
-    started = request.get(STARTED)
-    if started is not None:
-        total = (time.perf_counter() - started) * 1000.0
-        upstream = request.get(UPSTREAM_MS, 0.0)
-        proxy = max(total - upstream, 0.0)
-        headers["Server-Timing"] = f"upstream;dur={upstream:.2f}, proxy;dur={proxy:.2f}"
-        exchange = request.get(EXCHANGE)
-        if exchange is not None:
-            exchange.overhead = proxy / 1000.0
+        )
+        # Closing frees the socket too, which is what the limit is for.
+        response.force_close()
+        return response
+    size = 0
+    for name, value in request.raw_headers:
+        size += len(name) + len(value)
+    if size > MAX_HEADER_BYTES:
+        raise HeadersTooLarge(
+            f"Request headers too large: {size} bytes, the limit is {MAX_HEADER_BYTES}."
+        )
+    return None
 
 
 def _http_session_ctx(app: web.Application) -> AsyncIterator[None]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+        # No cookie jar: cookies an upstream sets for one client must not ride along on every
+        # other client's requests, and the jar's bookkeeping is work on every request.
         async with aiohttp.ClientSession(
-            connector=connector, trust_env=False, raise_for_status=False
+            connector=connector,
+            trust_env=False,
+            raise_for_status=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
         ) as session:
             app[HTTP] = session
             yield
@@ -271,7 +274,7 @@ def create_app(
     `drain_timeout`: how long requests in flight may run on after shutdown begins;
     `max_connections`: requests served at once before new ones get a 503 (0: no limit)."""
     app = web.Application(
-        middlewares=[error_middleware, _admission(max_connections)],
+        middlewares=[_front(max_connections)],
         client_max_size=max_body,
         handler_args=_PARSER_LIMITS,
     )
@@ -282,7 +285,6 @@ def create_app(
     app.cleanup_ctx.append(_http_session_ctx)
     app.cleanup_ctx.append(_watcher_ctx(reload_interval))
     app.on_shutdown.append(_drain_on_shutdown)
-    app.on_response_prepare.append(_stamp_headers)
     chat = handlers.chat_completions
     # aiohttp handles `Expect` before the middlewares run: see _expect.
     app.router.add_post("/v1/chat/completions", chat, expect_handler=_expect)

@@ -67,61 +67,59 @@ async def serve(
     busy: list[Upstream] = []
     failed: Upstream | None = None
     last: ProxyError | None = None
-    for upstream in plan(upstreams, time.monotonic()):
-        if not upstream.health.try_acquire():
-            busy.append(upstream)
-            continue
+    order = plan(upstreams, time.monotonic())
+    queued = False
+    i = 0
+    while True:
+        # The next upstream with a free slot; when none is left, the queue of the first busy
+        # one, once.
+        if i < len(order):
+            upstream = order[i]
+            i += 1
+            health = upstream.health
+            if not health.try_acquire():
+                busy.append(upstream)
+                continue
+        elif busy and not queued:
+            upstream = busy[0]
+            health = upstream.health
+            queued = True
+            if not await health.acquire(health.queue_timeout):
+                retry = max(1, math.ceil(health.queue_timeout))
+                raise UpstreamBusy(
+                    f"Upstream '{upstream.name}' is busy: {health.limit} requests are running "
+                    f"(max_concurrency) and none finished within {health.queue_timeout:g} s "
+                    "(queue_timeout). Retry later.",
+                    headers={"Retry-After": str(retry)},
+                )
+        else:
+            assert last is not None
+            raise last
         if failed is not None:
             _failed_over(failed, on_failover)
+        # One try, with its slot taken: the slot is given back unless it succeeds. (Inline,
+        # not a helper coroutine: each coroutine layer costs at every suspension.)
+        probe = health.begin()
+        call.delivered = False
         try:
-            return await _attempt(upstream, call, attempt), upstream
-        except ProxyError as exc:
+            result = await attempt(upstream)
+        except BaseException as exc:
+            health.release()
+            if is_failure(exc):
+                health.failed(time.monotonic())
+            else:
+                health.abandoned(probe)
+            if not isinstance(exc, ProxyError):
+                raise
             on_error(upstream, exc)
-            if call.delivered or not isinstance(exc, _PASS_ON):
+            if queued or call.delivered or not isinstance(exc, _PASS_ON):
                 raise
             last, failed = exc, upstream
-    if not busy:
-        assert last is not None
-        raise last
-    upstream = busy[0]
-    health = upstream.health
-    if not await health.acquire(health.queue_timeout):
-        retry = max(1, math.ceil(health.queue_timeout))
-        raise UpstreamBusy(
-            f"Upstream '{upstream.name}' is busy: {health.limit} requests are running "
-            f"(max_concurrency) and none finished within {health.queue_timeout:g} s "
-            "(queue_timeout). Retry later.",
-            headers={"Retry-After": str(retry)},
-        )
-    if failed is not None:
-        _failed_over(failed, on_failover)
-    try:
-        return await _attempt(upstream, call, attempt), upstream
-    except ProxyError as exc:
-        on_error(upstream, exc)
-        raise
+            continue
+        health.succeeded()
+        return result, upstream
 
 
 def _failed_over(upstream: Upstream, on_failover: Callable[[Upstream], None]) -> None:
     upstream.health.failovers += 1
     on_failover(upstream)
-
-
-async def _attempt(
-    upstream: Upstream, call: Call, attempt: Callable[[Upstream], Awaitable[T]]
-) -> T:
-    """One try, with its slot already taken: the slot is given back unless it succeeds."""
-    health = upstream.health
-    probe = health.begin()
-    call.delivered = False
-    try:
-        result = await attempt(upstream)
-    except BaseException as exc:
-        health.release()
-        if is_failure(exc):
-            health.failed(time.monotonic())
-        else:
-            health.abandoned(probe)
-        raise
-    health.succeeded()
-    return result

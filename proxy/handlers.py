@@ -12,7 +12,16 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from proxy.app_keys import DRAIN, EXCHANGE, HTTP, METRICS, REQUEST_ID, TABLES, UPSTREAM_MS
+from proxy.app_keys import (
+    DRAIN,
+    EXCHANGE,
+    HTTP,
+    METRICS,
+    REQUEST_ID,
+    STARTED,
+    TABLES,
+    UPSTREAM_MS,
+)
 from proxy.auth import Grant
 from proxy.chat_request import check_content_type, parse_chat_request
 from proxy.errors import InternalError, InvalidRequest, ProxyError
@@ -31,6 +40,19 @@ SSE_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
+
+
+def stamp_headers(request: web.Request, response: web.StreamResponse) -> float:
+    """X-Request-Id and Server-Timing, which every response carries, set just before its
+    headers go out (the front middleware does it for all but streams, which commit first).
+    Returns the proxy's own seconds so far."""
+    headers = response.headers
+    headers["X-Request-Id"] = request[REQUEST_ID]
+    total = (time.perf_counter() - request[STARTED]) * 1000.0
+    upstream: float = request.get(UPSTREAM_MS, 0.0)
+    proxy = max(total - upstream, 0.0)
+    headers["Server-Timing"] = f"upstream;dur={upstream:.2f}, proxy;dur={proxy:.2f}"
+    return proxy / 1000.0
 
 
 def json_response(body: bytes, status: int = 200) -> web.Response:
@@ -168,6 +190,8 @@ async def _relay_stream(
     exchange = request[EXCHANGE]
     metrics = request.app[METRICS]
     async with aclosing(events):
+        # The proxy's share of a stream is its time to the commit.
+        exchange.overhead = stamp_headers(request, response)
         await response.prepare(request)
         exchange.status = response.status
         metrics.open_streams.inc()

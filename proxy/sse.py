@@ -135,6 +135,18 @@ class SSEDecoder:
         return self._process(lines)
 
     @property
+    def at_boundary(self) -> bool:
+        """Whether the decoder holds nothing between events: no partial line, no pending
+        event, no CR waiting for its LF, no error. A chunk of whole events may then be taken
+        by a caller without the decoder (see `passed_over`)."""
+        return not (self._buf or self._data or self._skip_lf or self._event or self._error)
+
+    def passed_over(self) -> None:
+        """The caller took a chunk of whole events itself, at a boundary: the stream has begun,
+        so a byte-order mark can no longer come."""
+        self._bom_pending = False
+
+    @property
     def partial_line(self) -> bool:
         """Whether bytes of a line whose end has not arrived are waiting: a body that ends
         here was cut inside a line (flush() still reads that line as complete)."""

@@ -398,3 +398,107 @@ def test_relay_reframes_a_multi_line_data_event_line_by_line() -> None:
 def test_fixtures_are_all_covered() -> None:
     names = {p.name for p in Path(FIXTURES).glob("*.sse")}
     assert len(LETTA) == len(names) >= 9
+
+
+# --- the openai relay's pass-through --------------------------------------------------------------
+
+
+def plain_openai_stream() -> bytes:
+    """What model servers send: single-line `data:` events only, [DONE] last."""
+    return b"".join(
+        e + b"\n\n" for e in openai_stream().split(b"\n\n")
+        if e.startswith(b"data: ") and b"\n" not in e
+    )
+
+
+PLAIN = plain_openai_stream()
+
+
+@st.composite
+def event_splits(draw: st.DrawFn, data: bytes) -> list[bytes]:
+    """`data` cut only where an event ends, as a server writing whole events is read."""
+    ends = [i + 2 for i in range(len(data)) if data.startswith(b"\n\n", i)]
+    cuts = sorted(set(draw(st.lists(st.sampled_from(ends), max_size=12)))) if ends else []
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+
+
+def relay_reads(chunks: list[bytes], *, fast: bool) -> tuple[_RelayState, bytes]:
+    """What OpenAI._relay does with each read, with or without its pass-through."""
+    decoder = SSEDecoder()
+    state = _RelayState()
+    out = bytearray()
+    try:
+        for chunk in chunks:
+            if not chunk:
+                continue  # a read returns b"" only at the end of the body
+            got = state.pass_through(chunk) if fast and decoder.at_boundary else None
+            if got is not None:
+                decoder.passed_over()
+            else:
+                got = state.frame("up", decoder.feed(chunk))
+            out += got
+            if state.done or state.error is not None:
+                return state, bytes(out)
+        out += state.frame("up", decoder.flush())
+    except SSEError:
+        pass
+    return state, bytes(out)
+
+
+@SETTINGS
+@given(data=st.data(), intact=st.booleans(), at_events=st.booleans())
+def test_relay_pass_through_gives_exactly_what_the_decoder_path_gives(
+    data: st.DataObject, intact: bool, at_events: bool
+) -> None:
+    stream = PLAIN if intact else data.draw(corrupted(PLAIN))
+    chunks = data.draw(event_splits(stream) if at_events else splits(stream))
+    fast_state, fast = relay_reads(chunks, fast=True)
+    slow_state, slow = relay_reads(chunks, fast=False)
+    assert fast == slow
+    assert (fast_state.done, fast_state.finished) == (slow_state.done, slow_state.finished)
+    assert repr(fast_state.error) == repr(slow_state.error)
+    if intact:
+        assert fast_state.done and fast_state.finished and fast_state.error is None
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        pytest.param(b": keep-alive\n\n" + PLAIN, id="comment"),
+        pytest.param(PLAIN.replace(b"\n\n", b"\r\n\r\n"), id="crlf"),
+        pytest.param(b"event: error\n" + PLAIN, id="event-field"),
+        pytest.param(b"data: \n\n" + PLAIN, id="empty-data"),
+        pytest.param(b'data: {"error": {"message": "x"}}\n\n', id="error"),
+        pytest.param(b'data: {"a": "\xff"}\n\n', id="invalid-utf8"),
+        pytest.param(b"data: x data: [DONE]\n\n" + PLAIN, id="done-inside-a-value"),
+        pytest.param(PLAIN[:-3], id="cut"),
+    ],
+)
+def test_relay_pass_through_leaves_anything_unusual_to_the_decoder(chunk: bytes) -> None:
+    assert _RelayState().pass_through(chunk) is None
+
+
+def test_relay_pass_through_relays_plain_events_as_they_came_and_stops_at_done() -> None:
+    state = _RelayState()
+    out = state.pass_through(PLAIN)
+    assert out == PLAIN.removesuffix(b"data: [DONE]\n\n")
+    assert state.done and state.finished and state.error is None
+
+
+def test_relay_pass_through_does_not_take_done_at_the_end_of_another_value() -> None:
+    assert _RelayState().pass_through(b"data: x data: [DONE]\n\n") is None
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        pytest.param(b'data: {"finish_reason":"stop"}\n\ndata: {"finish_reason":null}\n\n',
+                     id="finish-then-null"),
+        pytest.param(b'data: {"finish_reason" : "finish_reason"}\n\n', id="value-like-the-key"),
+        pytest.param(b'data: {"a":1}\n\ndata: {"finish_reason":\t"length"}\n\n', id="spaced"),
+    ],
+)
+def test_relay_pass_through_finds_a_finish_reason_anywhere_in_the_read(chunk: bytes) -> None:
+    state = _RelayState()
+    assert state.pass_through(chunk) == chunk
+    assert state.finished

@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.config import UpstreamSpec
@@ -30,6 +31,13 @@ from proxy.upstreams.watch import Watch
 
 # A finish chunk carries a string finish_reason; every other chunk has null or nothing.
 _FINISH = re.compile(r'"finish_reason"\s*:\s*"')
+_FINISH_BYTES = re.compile(rb'"finish_reason"\s*:\s*"')
+_BOUNDARY = b"\n\n"
+_DATA_OBJECT = b"data: {"
+_NEXT_DATA_OBJECT = b"\n\ndata: {"
+_ERROR_EVENT = b'data: {"error"'
+_DONE_EVENT = b"data: [DONE]\n\n"
+_DONE_LEN = len(_DONE_EVENT)
 _KEEPALIVE = encode_comment()
 
 # Response headers the proxy sets itself, or that describe one hop only (RFC 9110 §7.6.1).
@@ -59,16 +67,17 @@ class OpenAI(Upstream):
         if spec.api_key:
             headers["Authorization"] = f"Bearer {spec.api_key}"
         headers.update(spec.headers)
-        self._headers = headers
+        # Built once per route table, in the type aiohttp would convert a dict to per request.
+        self._headers: CIMultiDict[str] = CIMultiDict(headers)
         self._forward = spec.forward_headers
         t = spec.timeouts
         self._first_event = t.first_event
         self._timeout = aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect)
 
-    def _request_headers(self, call: Call) -> dict[str, str]:
+    def _request_headers(self, call: Call) -> CIMultiDict[str]:
         if not self._forward:
             return self._headers
-        headers = dict(self._headers)
+        headers = self._headers.copy()
         for name in self._forward:
             value = call.headers.get(name)
             if value is not None:
@@ -92,30 +101,33 @@ class OpenAI(Upstream):
             return self._timed_out("first_event", self._first_event)
         return _total_exceeded(self.name, self.spec.timeouts.total)
 
-    async def _post(self, call: Call, http: aiohttp.ClientSession) -> aiohttp.ClientResponse:
-        try:
-            return await http.post(
-                self.chat_url,
-                data=self._payload(call),
-                headers=self._request_headers(call),
-                timeout=self._timeout,
-            )
-        except aiohttp.ConnectionTimeoutError:
-            raise UpstreamTimeout(
+    def _unanswered(self, exc: TimeoutError | aiohttp.ClientError) -> ProxyError:
+        """What a failure of the request itself (not of reading its answer) means."""
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            return UpstreamTimeout(
                 f"Upstream '{self.name}' did not accept a connection within "
                 f"{self.spec.timeouts.connect:g} s (timeouts.connect)."
-            ) from None
-        except TimeoutError:
-            raise _total_exceeded(self.name, self.spec.timeouts.total) from None
-        except aiohttp.ClientError as exc:
-            raise connection_error(self.name, exc) from None
+            )
+        if isinstance(exc, TimeoutError):
+            return _total_exceeded(self.name, self.spec.timeouts.total)
+        return connection_error(self.name, exc)
 
     async def complete(self, call: Call, http: aiohttp.ClientSession) -> bytes:
         started = time.perf_counter()
         deadline = asyncio.timeout(self._first_event)
         try:
             async with deadline:
-                resp = await self._post(call, http)
+                # The request is sent here, not in a helper coroutine: every coroutine layer
+                # costs again at each suspension of the request.
+                try:
+                    resp = await http.post(
+                        self.chat_url,
+                        data=self._payload(call),
+                        headers=self._request_headers(call),
+                        timeout=self._timeout,
+                    )
+                except (TimeoutError, aiohttp.ClientError) as exc:
+                    raise self._unanswered(exc) from None
                 try:
                     if resp.status >= 300:
                         raise error_from_response(
@@ -127,7 +139,7 @@ class OpenAI(Upstream):
         except TimeoutError:
             raise self._timeout_error(deadline) from None
         except aiohttp.ClientError:
-            # _post maps the failures to connect; this one broke an answer already under way
+            # The failures to connect are mapped above; this one broke an answer under way
             # (cut short, or a Content-Encoding it does not have): the upstream failed.
             raise UpstreamFailed(
                 f"Upstream '{self.name}' closed the connection in the middle of the answer."
@@ -150,7 +162,15 @@ class OpenAI(Upstream):
         deadline = asyncio.timeout(self._first_event)
         try:
             async with deadline:
-                resp = await self._post(call, http)
+                try:
+                    resp = await http.post(
+                        self.chat_url,
+                        data=self._payload(call),
+                        headers=self._request_headers(call),
+                        timeout=self._timeout,
+                    )
+                except (TimeoutError, aiohttp.ClientError) as exc:
+                    raise self._unanswered(exc) from None
                 if resp.status >= 300:
                     try:
                         body = await read_error_body(resp)
@@ -203,7 +223,16 @@ class OpenAI(Upstream):
                         raise state.error
                     break
                 comments = decoder.comments
-                out = state.frame(self.name, decoder.feed(chunk))
+                plain = (
+                    state.pass_through(chunk)
+                    if decoder.at_boundary and len(chunk) <= decoder.max_line
+                    else None
+                )
+                if plain is not None:
+                    decoder.passed_over()
+                    out = plain
+                else:
+                    out = state.frame(self.name, decoder.feed(chunk))
                 if out:
                     watch.sent()
                     yield out
@@ -281,6 +310,53 @@ class _RelayState:
         self.finished = False
         # Raised only after the events before it were passed on.
         self.error: ProxyError | None = None
+
+    def pass_through(self, chunk: bytes) -> bytes | None:
+        """The client's bytes for a read that holds only whole, plain events, as the upstream
+        framed them; None when anything in it needs the decoder (call `frame` instead).
+
+        Read at an event boundary, a model server's chunk is usually a run of
+        `data: <one line of JSON>\\n\\n` events, and `frame` would give back exactly those
+        bytes. Checking that takes a few scans of the chunk in C instead of a decode, an
+        Event and an encode per event. Anything else (comments, other fields, CR line ends,
+        multi-line data, empty data, an error event, invalid UTF-8, a [DONE] inside a value)
+        takes the decoder's path, so the output never differs from `frame`'s.
+        """
+        if not chunk.endswith(_BOUNDARY) or b"\r" in chunk:
+            return None
+        # [DONE] ends the stream: it comes last in its read, and the handler writes its own.
+        done = chunk.endswith(_DONE_EVENT) and (
+            len(chunk) == _DONE_LEN or chunk[-_DONE_LEN - 2 : -_DONE_LEN] == _BOUNDARY
+        )
+        if done:
+            chunk = chunk[:-_DONE_LEN]
+            if not chunk:
+                self.done = True
+                return chunk
+        # Each line end is one half of a boundary that the end of the read or another
+        # `data: {` follows: every event is then one data line holding a JSON object (not
+        # empty, not [DONE]), and nothing else.
+        if not chunk.startswith(_DATA_OBJECT):
+            return None
+        events = chunk.count(_NEXT_DATA_OBJECT) + 1
+        if chunk.count(b"\n") != 2 * events or _ERROR_EVENT in chunk:
+            return None
+        if not chunk.isascii():
+            try:
+                chunk.decode()
+            except UnicodeDecodeError:
+                return None  # the decoder replaces what is not UTF-8
+        if not self.finished:
+            # The finish chunk is usually the last event with a finish_reason: look there
+            # first, and scan the whole read only when that one is null.
+            last = chunk.rfind(b'"finish_reason"')
+            if last >= 0 and (
+                _FINISH_BYTES.match(chunk, last) is not None
+                or _FINISH_BYTES.search(chunk, 0, last + 1) is not None
+            ):
+                self.finished = True
+        self.done = done
+        return chunk
 
     def frame(self, upstream: str, events: list[Any]) -> bytes:
         out: list[bytes] = []
