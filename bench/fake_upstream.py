@@ -201,12 +201,24 @@ def main() -> None:
     a = p.parse_args()
     if a.chunks < 2:
         p.error("--chunks must be at least 2 (role chunk and finish chunk)")
+    raise_open_files_limit()
     fake = Fake(Settings(a.chunks, a.delay_first, a.delay_chunk))
     try:
         with asyncio.Runner(loop_factory=new_loop_factory()) as runner:
             runner.run(serve(fake, a.host, a.port))
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def raise_open_files_limit() -> None:
+    """Thousands of open streams (bench/many_streams.py) need as many sockets."""
+    try:
+        import resource
+    except ImportError:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def new_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -173,6 +174,26 @@ def serve(args: argparse.Namespace) -> int:
     return _run_workers(options)
 
 
+def raise_open_files_limit() -> tuple[int, int] | None:
+    """Raises the soft limit on open files to the hard limit: each stream holds two sockets
+    (the client's and the upstream's), and a soft limit of 1024, common by default, would
+    refuse connections after about 500 streams. Returns (soft, hard) as they are now, or None
+    where there is no such limit (Windows)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Linux or macOS
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # An unlimited hard limit cannot be the soft one; the kernel's own cap (nr_open) is
+    # usually 1,048,576.
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return limits[0], limits[1]
+
+
 def _new_loop() -> asyncio.AbstractEventLoop:
     try:
         import uvloop
@@ -188,6 +209,13 @@ def run_worker(options: ServeOptions) -> int:
     from proxy.reload import TableHolder
 
     setup_logging(options.log_level, options.log_format)
+    limits = raise_open_files_limit()
+    if limits is not None and limits[0] != -1 and limits[0] < 4096:
+        log.warning(
+            "the limit on open files is %d: about %d streams at once; raise the hard limit "
+            "(ulimit -Hn, LimitNOFILE, the container's nofile) for more",
+            limits[0], limits[0] // 2,
+        )
     holder = TableHolder(options.routes, options.extra_keys)
     app = create_app(
         holder,

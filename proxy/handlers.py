@@ -122,7 +122,8 @@ async def _open_stream(
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     exchange = request[EXCHANGE]
     exchange.chat = True
-    table = request.app[TABLES].current
+    app = request.app
+    table = app[TABLES].current
     grant = _authenticate(request, table)
     check_content_type(request.content_type if request.body_exists else "")
     chat = parse_chat_request(await request.read())
@@ -146,8 +147,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         call.session_hint = session_hint(
             request.headers, chat.body, model, from_user=route.spec.session.from_user
         )
-    http = request.app[HTTP]
-    metrics = request.app[METRICS]
+    http = app[HTTP]
+    metrics = app[METRICS]
 
     def on_error(upstream: Upstream, exc: ProxyError) -> None:
         exchange.upstream = upstream.name

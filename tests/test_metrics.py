@@ -205,8 +205,14 @@ async def test_with_two_workers_any_scrape_gives_the_totals(tmp_path: Path) -> N
 async def test_asyncio_tasks_gauge_counts_the_loops_tasks_at_scrape_time(
     make_proxy: ProxyFactory, fake_openai: FakeOpenAI
 ) -> None:
-    fake_openai.mode = "stream_hang"
     proxy = await make_proxy(routes_for(fake_openai))
+    # The fake upstream serves from this same loop: a keep-alive connection that the proxy
+    # pools to it is a task here until the pool lets it go (30 s). One request first pools
+    # it, so it counts in `idle` too, whether the stream reuses it or it closes after.
+    await proxy.client().chat.completions.create(
+        model="mistral", messages=[{"role": "user", "content": "hi"}]
+    )
+    fake_openai.mode = "stream_hang"
     idle = value(await scrape(proxy.url), "agentproxy_asyncio_tasks")
     assert idle is not None and idle >= 1  # at least the scrape's own handler
     stream = await proxy.client().chat.completions.create(

@@ -95,12 +95,6 @@ class OpenAI(Upstream):
             f"Upstream '{self.name}' sent nothing within {seconds:g} s (timeouts.{what})."
         )
 
-    def _timeout_error(self, deadline: asyncio.Timeout) -> UpstreamTimeout:
-        """Which limit ended the wait for an answer: first_event's, or aiohttp's total."""
-        if deadline.expired():
-            return self._timed_out("first_event", self._first_event)
-        return _total_exceeded(self.name, self.spec.timeouts.total)
-
     def _unanswered(self, exc: TimeoutError | aiohttp.ClientError) -> ProxyError:
         """What a failure of the request itself (not of reading its answer) means."""
         if isinstance(exc, aiohttp.ConnectionTimeoutError):
@@ -114,36 +108,47 @@ class OpenAI(Upstream):
 
     async def complete(self, call: Call, http: aiohttp.ClientSession) -> bytes:
         started = time.perf_counter()
-        deadline = asyncio.timeout(self._first_event)
+        # first_event covers the whole answer. A Watch, not asyncio.timeout: it costs no
+        # timer of its own while the deadline is far (see proxy/upstreams/watch.py).
+        watch = Watch(self.name, self.spec.timeouts, None, asyncio.get_running_loop().time())
+        watch.arm()
+        watch.waiting = True
         try:
-            async with deadline:
-                # The request is sent here, not in a helper coroutine: every coroutine layer
-                # costs again at each suspension of the request.
-                try:
-                    resp = await http.post(
-                        self.chat_url,
-                        data=self._payload(call),
-                        headers=self._request_headers(call),
-                        timeout=self._timeout,
+            # The request is sent here, not in a helper coroutine: every coroutine layer
+            # costs again at each suspension of the request.
+            try:
+                resp = await http.post(
+                    self.chat_url,
+                    data=self._payload(call),
+                    headers=self._request_headers(call),
+                    timeout=self._timeout,
+                )
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                raise self._unanswered(exc) from None
+            try:
+                if resp.status >= 300:
+                    raise error_from_response(
+                        self.name, resp.status, await read_error_body(resp), resp.headers
                     )
-                except (TimeoutError, aiohttp.ClientError) as exc:
-                    raise self._unanswered(exc) from None
-                try:
-                    if resp.status >= 300:
-                        raise error_from_response(
-                            self.name, resp.status, await read_error_body(resp), resp.headers
-                        )
-                    data = await read_answer(resp, self.name)
-                finally:
-                    resp.release()
+                data = await read_answer(resp, self.name)
+            finally:
+                resp.release()
+        except asyncio.CancelledError:
+            watch.waiting = False
+            if watch.expired() is None:
+                raise
+            raise self._timed_out("first_event", self._first_event) from None
         except TimeoutError:
-            raise self._timeout_error(deadline) from None
+            raise _total_exceeded(self.name, self.spec.timeouts.total) from None
         except aiohttp.ClientError:
             # The failures to connect are mapped above; this one broke an answer under way
             # (cut short, or a Content-Encoding it does not have): the upstream failed.
             raise UpstreamFailed(
                 f"Upstream '{self.name}' closed the connection in the middle of the answer."
             ) from None
+        finally:
+            watch.waiting = False
+            watch.disarm()
         call.mark_answered(started)
         try:
             parsed = orjson.loads(data)
@@ -158,39 +163,49 @@ class OpenAI(Upstream):
 
     async def open_stream(self, call: Call, http: aiohttp.ClientSession) -> EventStream:
         started = time.perf_counter()
-        sent_at = asyncio.get_running_loop().time()
-        deadline = asyncio.timeout(self._first_event)
+        # One watch for the whole answer: first_event until the headers (no keep-alives
+        # before the commit), then the stream's deadlines and keep-alives.
+        watch = Watch(self.name, self.spec.timeouts, None, asyncio.get_running_loop().time())
+        watch.arm()
+        watch.waiting = True
         try:
-            async with deadline:
+            try:
+                resp = await http.post(
+                    self.chat_url,
+                    data=self._payload(call),
+                    headers=self._request_headers(call),
+                    timeout=self._timeout,
+                )
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                raise self._unanswered(exc) from None
+            if resp.status >= 300:
                 try:
-                    resp = await http.post(
-                        self.chat_url,
-                        data=self._payload(call),
-                        headers=self._request_headers(call),
-                        timeout=self._timeout,
-                    )
-                except (TimeoutError, aiohttp.ClientError) as exc:
-                    raise self._unanswered(exc) from None
-                if resp.status >= 300:
-                    try:
-                        body = await read_error_body(resp)
-                    finally:
-                        resp.release()
-                    raise error_from_response(self.name, resp.status, body, resp.headers)
-        except TimeoutError:
-            raise self._timeout_error(deadline) from None
-        except aiohttp.ClientError as exc:
-            raise connection_error(self.name, exc) from None
+                    body = await read_error_body(resp)
+                finally:
+                    resp.release()
+                raise error_from_response(self.name, resp.status, body, resp.headers)
+        except BaseException as exc:
+            watch.waiting = False
+            expired = isinstance(exc, asyncio.CancelledError) and watch.expired() is not None
+            watch.disarm()
+            if expired:
+                raise self._timed_out("first_event", self._first_event) from None
+            if isinstance(exc, TimeoutError):
+                raise _total_exceeded(self.name, self.spec.timeouts.total) from None
+            if isinstance(exc, aiohttp.ClientError):
+                raise connection_error(self.name, exc) from None
+            raise
+        watch.waiting = False
         if not resp.headers.get("Content-Type", "").startswith("text/event-stream"):
             resp.close()
+            watch.disarm()
             raise UpstreamFailed(
                 f"Upstream '{self.name}' answered a streaming request without an event stream "
                 f"(Content-Type {resp.headers.get('Content-Type', 'missing')!r})."
             )
         call.mark_answered(started)
         call.response_headers = relayable_headers(resp.headers)
-        watch = Watch(self.name, self.spec.timeouts, self.spec.keepalive, sent_at)
-        watch.arm()
+        watch.set_keepalive(self.spec.keepalive)
         return EventStream(self._relay(resp, watch), _closer(resp), watch)
 
     async def _relay(

@@ -12,11 +12,19 @@ nothing: the data stays buffered for the next read.
 
 Keep-alives are yielded by the adapter's own generator like any other event, so the one
 coroutine that writes to the client's StreamResponse stays the only writer.
+
+Even one timer per answer is a cost worth avoiding: scheduling and cancelling a loop timer
+takes microseconds (uvloop allocates a libuv timer each time), and nearly every answer ends
+long before its deadline (300 s by default, 15 s to the first keep-alive). So a watch whose
+deadline is more than `_HORIZON` seconds away only parks in its loop's wheel (a set, looked
+at once a `_TICK`), and gets a real timer when the wheel finds its deadline near. Deadlines
+stay exact; an answer that ends early costs a set insert and a set removal.
 """
 
 from __future__ import annotations
 
 import asyncio
+import weakref
 from typing import Literal
 
 import aiohttp
@@ -28,6 +36,47 @@ Reason = Literal["first_event", "idle", "keepalive"]
 # Event loops may run a timer slightly before its time (uvloop counts in milliseconds): a
 # deadline this close counts as reached, or the timer would re-arm for the same instant.
 _EARLY = 0.002
+# Seconds between the wheel's looks at its parked watches, and how near a deadline must be
+# for its watch to get a timer of its own: more than a tick, so none is found late.
+_TICK = 1.0
+_HORIZON = 2.0
+
+
+class _Wheel:
+    """The watches of one event loop whose deadlines are still far away."""
+
+    __slots__ = ("_handle", "_loop", "parked")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._handle: asyncio.TimerHandle | None = None
+        self.parked: set[Watch] = set()
+
+    def park(self, watch: Watch) -> None:
+        self.parked.add(watch)
+        if self._handle is None:
+            self._handle = self._loop.call_at(self._loop.time() + _TICK, self._tick)
+
+    def _tick(self) -> None:
+        self._handle = None
+        near = self._loop.time() + _HORIZON
+        for watch in [w for w in self.parked if w._deadline() <= near]:
+            self.parked.discard(watch)
+            watch._schedule()
+        if self.parked:
+            self._handle = self._loop.call_at(self._loop.time() + _TICK, self._tick)
+
+
+_WHEELS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Wheel] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _wheel(loop: asyncio.AbstractEventLoop) -> _Wheel:
+    wheel = _WHEELS.get(loop)
+    if wheel is None:
+        wheel = _WHEELS[loop] = _Wheel(loop)
+    return wheel
 
 
 class Watch:
@@ -47,6 +96,8 @@ class Watch:
         "_loop",
         "_task",
         "_time",
+        "_wheel",
+        "_when",
         "first_event",
         "last_in",
         "last_out",
@@ -74,22 +125,46 @@ class Watch:
         self.waiting = False
         self._fired: Reason | None = None
         self._task: asyncio.Task[object] | None = None
+        # A timer of its own, due at `_when`; or none while parked in the wheel (or disarmed).
         self._handle: asyncio.TimerHandle | None = None
+        self._when = 0.0
+        self._wheel = _wheel(loop)
 
     def arm(self) -> None:
         """Starts the timer; the current task is the one that will read."""
         self._task = asyncio.current_task()
-        self._handle = self._loop.call_at(self._deadline(), self._fire)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """A timer at the deadline, or a place in the wheel while the deadline is far."""
+        when = self._deadline()
+        if when - self._time() > _HORIZON:
+            self._wheel.park(self)
+        else:
+            self._when = when
+            self._handle = self._loop.call_at(when, self._fire)
 
     def _rearm(self) -> None:
+        """The deadline may have come nearer: make sure the watch looks at it in time."""
         if self._handle is not None:
-            self._handle.cancel()
-            self._handle = self._loop.call_at(self._deadline(), self._fire)
+            if self._deadline() < self._when - _EARLY:
+                self._handle.cancel()
+                self._handle = None
+                self._schedule()
+        elif self in self._wheel.parked and self._deadline() - self._time() <= _HORIZON:
+            self._wheel.parked.discard(self)
+            self._schedule()
+
+    def set_keepalive(self, keepalive: float | None) -> None:
+        """Keep-alives from now on, counted from when the request was sent."""
+        self._keepalive = keepalive
+        self._rearm()
 
     def disarm(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+        self._wheel.parked.discard(self)
         self._task = None
 
     async def read(self, content: aiohttp.StreamReader) -> bytes | None:
@@ -161,22 +236,33 @@ class Watch:
         elif deadline <= now + _EARLY:
             # Busy writing to a client that reads slowly: nothing to add to its buffer, and
             # the upstream is not silent, only unread. Look again shortly.
-            deadline = now + 0.1
-        self._handle = self._loop.call_at(deadline, self._fire)
+            self._when = now + 0.1
+            self._handle = self._loop.call_at(self._when, self._fire)
+            return
+        self._schedule()
 
     def _interrupted(self) -> bool:
         """After a CancelledError in read(): True for a keep-alive; raises for a timeout.
 
         False when the cancellation is not this watch's, or not only: the client left.
         """
-        reason, self._fired = self._fired, None
+        reason = self.expired()
         if reason is None:
-            return False
-        task = self._task
-        if task is None or task.uncancel() > 0:
             return False
         if reason != "keepalive":
             raise self.timed_out(reason)
         self.last_out = self._time()
-        self._handle = self._loop.call_at(self._deadline(), self._fire)
+        self._schedule()
         return True
+
+    def expired(self) -> Reason | None:
+        """After a CancelledError while `waiting`: the deadline that cancelled the task (the
+        cancellation is then taken back), or None when the cancellation is not this watch's,
+        or not only: the client left."""
+        reason, self._fired = self._fired, None
+        if reason is None:
+            return None
+        task = self._task
+        if task is None or task.uncancel() > 0:
+            return None
+        return reason
