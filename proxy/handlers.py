@@ -230,6 +230,6 @@ async def _relay_stream(
             await response.write(b"data: " + InternalError(call.request_id).to_json() + b"\n\n")
         finally:
             metrics.open_streams.dec()
-    await response.write(DONE)
-    await response.write_eof()
+    # [DONE] and the end of the chunked body in one write: one send to the client, not two.
+    await response.write_eof(DONE)
     return response

@@ -72,10 +72,20 @@ _WHEELS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Wheel] = (
 )
 
 
+_last: _Wheel | None = None
+
+
 def _wheel(loop: asyncio.AbstractEventLoop) -> _Wheel:
+    global _last
+    # A process serves from one loop: skip the weak-keyed lookup (it makes a weakref each
+    # time) while the loop is the last one asked for.
+    last = _last
+    if last is not None and last._loop is loop:
+        return last
     wheel = _WHEELS.get(loop)
     if wheel is None:
         wheel = _WHEELS[loop] = _Wheel(loop)
+    _last = wheel
     return wheel
 
 
