@@ -13,12 +13,13 @@ Prints its port, alone on a line, once it accepts connections.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
+
+# Startup only (event loop, listening socket): the request path stays in this file.
+from runtime import serve_forever
 
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 TARGET = web.AppKey("target", str)
@@ -67,37 +68,13 @@ def make_app(upstream: str) -> web.Application:
     return app
 
 
-async def serve(app: web.Application, host: str, port: int) -> None:
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=1024)
-    await site.start()
-    print(runner.addresses[0][1], flush=True)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await runner.cleanup()
-
-
-def new_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 picks a free port (default)")
     p.add_argument("--upstream", required=True, help="base URL, e.g. http://127.0.0.1:8001/v1")
     a = p.parse_args()
-    try:
-        with asyncio.Runner(loop_factory=new_loop_factory()) as runner:
-            runner.run(serve(make_app(a.upstream), a.host, a.port))
-    except KeyboardInterrupt:
-        sys.exit(130)
+    serve_forever(make_app(a.upstream), a.host, a.port)
 
 
 if __name__ == "__main__":

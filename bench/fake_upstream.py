@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import orjson
 from aiohttp import web
+from runtime import serve_forever
 
 CREATED = 1_700_000_000
 COMPLETION_ID = "chatcmpl-bench0000000000000000000000"
@@ -179,18 +178,6 @@ class Fake:
         return app
 
 
-async def serve(fake: Fake, host: str, port: int) -> None:
-    runner = web.AppRunner(fake.app(), access_log=None, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=1024)
-    await site.start()
-    print(runner.addresses[0][1], flush=True)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await runner.cleanup()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--host", default="127.0.0.1")
@@ -203,11 +190,7 @@ def main() -> None:
         p.error("--chunks must be at least 2 (role chunk and finish chunk)")
     raise_open_files_limit()
     fake = Fake(Settings(a.chunks, a.delay_first, a.delay_chunk))
-    try:
-        with asyncio.Runner(loop_factory=new_loop_factory()) as runner:
-            runner.run(serve(fake, a.host, a.port))
-    except KeyboardInterrupt:
-        sys.exit(130)
+    serve_forever(fake.app(), a.host, a.port)
 
 
 def raise_open_files_limit() -> None:
@@ -219,14 +202,6 @@ def raise_open_files_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def new_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
 
 
 if __name__ == "__main__":

@@ -32,8 +32,6 @@ import json
 import os
 import resource
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from process_groups import free_port, start_in_session, stop_group
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -52,12 +51,6 @@ MODEL = "bench"
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def raise_nofile(wanted: int) -> int:
@@ -93,23 +86,7 @@ def open_fds(pid: int) -> int:
 
 
 def start(cmd: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    with log_path.open("wb") as out:
-        return subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **env}, cwd=REPO, start_new_session=True,
-        )
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
+    return start_in_session(cmd, log_path, {**os.environ, **env}, REPO)
 
 
 async def wait_port(port: int, proc: subprocess.Popen[bytes], within: float = 20.0) -> None:
@@ -312,8 +289,8 @@ def main() -> int:
             log(f"failed: {exc}\n--- proxy log:\n{(tmp / 'proxy.log').read_text()[-2000:]}")
             return 1
         finally:
-            stop(proxy)
-            stop(fake)
+            stop_group(proxy, 15)
+            stop_group(fake, 15)
         result["proxy_log_tail"] = (tmp / "proxy.log").read_text()[-1000:]
     ok = not result["errors"] and result["all_open"] and \
         result["peak_rss_mib"] <= args.max_rss_mib

@@ -25,7 +25,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from process_groups import free_port, start_in_session, stop_group
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -50,12 +51,6 @@ ALL_TARGETS = ("direct", "agentproxy", "relay", "litellm")
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --------------------------------------------------------------------------- processes
@@ -93,29 +88,17 @@ class Launcher:
         env: dict[str, str] | None = None, cwd: Path | None = None,
     ) -> Server:
         log_path = self.log_dir / f"{name}.log"
-        with log_path.open("wb") as out:
-            # A new session per server: Ctrl-C reaches only us, and stop() can end the server
-            # together with any workers it forked (LiteLLM's uvicorn does).
-            proc = subprocess.Popen(
-                [*self.prefix(role), *cmd], stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})},
-                cwd=cwd, start_new_session=True,
-            )
+        # A session of its own, so that stop() also ends the workers LiteLLM's uvicorn forks.
+        proc = start_in_session(
+            [*self.prefix(role), *cmd], log_path, {**os.environ, **(env or {})}, cwd
+        )
         server = Server(name, f"http://127.0.0.1:{port}", proc, log_path)
         self.servers.append(server)
         return server
 
     def stop(self, server: Server) -> None:
         proc = server.proc
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
+        stop_group(proc, 10)
         # Workers may outlive a leader that exited first; the group id still names them.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)

@@ -43,13 +43,12 @@ import random
 import re
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +56,8 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
+from process_groups import free_port, signal_group, start_in_session, wait_or_kill
+from runtime import new_loop_factory
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -77,13 +78,6 @@ FD_MARGIN, SOCKET_MARGIN, TASK_MARGIN = 2, 1, 1
 
 def log(msg: str) -> None:
     print(f"[soak {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 # --- the route table ---------------------------------------------------------------------
@@ -597,24 +591,17 @@ class Processes:
 
     def start(self, cmd: list[str], log_path: Path, env: dict[str, str] | None = None
               ) -> subprocess.Popen[bytes]:
-        with log_path.open("ab") as out:
-            proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                    env=env, start_new_session=True)
+        proc = start_in_session(cmd, log_path, env, REPO)
         self.procs.append(proc)
         return proc
 
     def stop_all(self) -> None:
+        # All are told first, so that their graceful exits overlap.
         for proc in self.procs:
             if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
+                signal_group(proc, signal.SIGTERM)
         for proc in self.procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
+            wait_or_kill(proc, 15)
 
 
 async def wait_http(url: str, proc: subprocess.Popen[bytes], seconds: float) -> None:
@@ -965,12 +952,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    runner_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        runner_factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=runner_factory) as runner:
+    with asyncio.Runner(loop_factory=new_loop_factory()) as runner:
         return runner.run(soak(args))
 
 

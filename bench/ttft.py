@@ -21,12 +21,12 @@ import math
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import orjson
+from runtime import new_loop_factory
 
 
 @dataclass
@@ -150,14 +150,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "total_ms": {"p50": ms(percentile(tally.total, 50)),
                      "p99": ms(percentile(tally.total, 99))},
     }
-
-
-def new_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
 
 
 def main() -> None:

@@ -31,11 +31,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from process_groups import free_port
 from run import (
     MODEL,
     REPO,
     Launcher,
-    free_port,
     routes_yaml,
     run_wrk,
     settle,

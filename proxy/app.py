@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import re
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable
+from random import getrandbits
 
 import aiohttp
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
+from aiohttp.typedefs import Handler
 
 from proxy import handlers
 from proxy.app_keys import (
@@ -21,10 +22,7 @@ from proxy.app_keys import (
     HTTP,
     MAX_BODY,
     METRICS,
-    REQUEST_ID,
-    STARTED,
     TABLES,
-    UPSTREAM_MS,
 )
 from proxy.errors import (
     HeadersTooLarge,
@@ -54,6 +52,7 @@ _PARSER_LIMITS = {"max_line_size": 2 * MAX_HEADER_BYTES, "max_field_size": 2 * M
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 # Probes and scrapes arrive every few seconds: their log lines are debug, not info.
 _QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+_CATCH_ALL = "/{path:.*}"
 
 
 def render(err: ProxyError) -> web.Response:
@@ -84,64 +83,105 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> ProxyE
     return err
 
 
-def _front(max_connections: int) -> Middleware:
-    """The one middleware: request id, drain tracking, admission, errors rendered as OpenAI
-    JSON, the stamped headers, and the metrics and log line of every request.
+class _Front:
+    """What every request goes through first and last: request id, drain tracking,
+    admission, errors rendered as OpenAI JSON, the stamped headers, and the metrics and log
+    line of the request.
 
-    One middleware, not a chain: aiohttp wraps each in a coroutine (and adds one of its own
-    whenever there are any), and every layer is paid again at each suspension of a request.
+    A wrapper around each route's handler, not an aiohttp middleware: with any middleware
+    aiohttp adds a layer of its own (`_fix_request_current_app`) and a cached handler chain,
+    and every coroutine layer is paid again at each suspension of a request. A catch-all
+    route (`unmatched`) gives unknown paths and methods the same treatment.
     """
 
-    @web.middleware
-    async def front(request: web.Request, handler: Handler) -> web.StreamResponse:
-        given = request.headers.get("X-Request-Id")
-        request[REQUEST_ID] = (
-            given if given and _REQUEST_ID.fullmatch(given) else "req_" + secrets.token_hex(12)
-        )
-        started = request[STARTED] = time.perf_counter()
-        exchange = request[EXCHANGE] = Exchange(started)
-        drain = request.app[DRAIN]
-        task = asyncio.current_task()
-        assert task is not None
-        drain.track(task)
-        response: web.StreamResponse | None = None
-        try:
-            response = _refusal(request, drain, max_connections)
-            if response is None:
-                response = await handler(request)
-        except ProxyError as err:
-            response = render(err)
-        except web.HTTPException as exc:
-            response = render(_from_http_exception(request, exc))
-        except asyncio.CancelledError:
-            if not drain.ended(task):
-                # aiohttp cancels the handler when the client disconnects.
-                exchange.error = exchange.error or "client_closed"
-                raise
-            task.uncancel()
-            response = render(shutting_down())
-        except web.RequestPayloadError:
-            # The client's body cannot be read: a Content-Encoding it does not have, or broken
-            # chunked framing. Its fault, not a 500; the connection cannot be reused.
-            response = render(InvalidRequest("The request body could not be read: malformed "
-                                             "Content-Encoding or Transfer-Encoding."))
-            response.force_close()
-        except Exception:
-            log.exception("request %s failed", request[REQUEST_ID])
-            response = render(InternalError(request[REQUEST_ID]))
-        finally:
-            drain.untrack(task)
-            if response is not None and not response.prepared:
-                # A stream stamped its own headers before it committed them.
-                stamp_headers(request, response)
-            _finish(request, exchange, response)
-        return response
+    __slots__ = ("drain", "loop", "max_connections", "metrics")
 
-    return front
+    def __init__(self, drain: Drain, metrics: Metrics, max_connections: int) -> None:
+        self.drain = drain
+        self.metrics = metrics
+        self.max_connections = max_connections
+        # Set at startup: passing the loop to current_task() spares the request a
+        # get_running_loop(), which on Python 3.11 costs a getpid() system call.
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def on_startup(self, app: web.Application) -> None:
+        self.loop = asyncio.get_running_loop()
+
+    def wrap(self, handler: Handler) -> Handler:
+        front = self
+
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            given = request.headers.get("X-Request-Id")
+            exchange = request[EXCHANGE] = Exchange(
+                time.perf_counter(),
+                given if given and _REQUEST_ID.fullmatch(given) else new_request_id(),
+            )
+            drain = front.drain
+            task = exchange.task = asyncio.current_task(front.loop)
+            assert task is not None
+            drain.track(task)
+            response: web.StreamResponse | None = None
+            try:
+                response = _refusal(request, drain, front.max_connections)
+                if response is None:
+                    response = await handler(request)
+            except ProxyError as err:
+                response = render(err)
+            except web.HTTPException as exc:
+                response = render(_from_http_exception(request, exc))
+            except asyncio.CancelledError:
+                if not drain.ended(task):
+                    # aiohttp cancels the handler when the client disconnects.
+                    exchange.error = exchange.error or "client_closed"
+                    raise
+                task.uncancel()
+                response = render(shutting_down())
+            except web.RequestPayloadError:
+                # The client's body cannot be read: a Content-Encoding it does not have, or
+                # broken chunked framing. Its fault, not a 500; the connection cannot be reused.
+                response = render(InvalidRequest("The request body could not be read: "
+                                                 "malformed Content-Encoding or "
+                                                 "Transfer-Encoding."))
+                response.force_close()
+            except Exception:
+                log.exception("request %s failed", exchange.request_id)
+                response = render(InternalError(exchange.request_id))
+            finally:
+                drain.untrack(task)
+                if response is not None and not response.prepared:
+                    # A stream stamped its own headers before it committed them.
+                    stamp_headers(exchange, response)
+                _finish(request, front.metrics, exchange, response)
+            return response
+
+        return guarded
+
+
+def new_request_id() -> str:
+    # An id to find a request by in logs, not a secret: a random prefix per process (so
+    # workers and restarts do not collide) and a counter. `secrets` would cost every request
+    # a getrandom() system call, and even a random 96-bit number costs more to format.
+    return f"req_{_ID_PREFIX}{next(_ID_COUNTER):08x}"
+
+
+_ID_PREFIX = f"{getrandbits(64):016x}"
+_ID_COUNTER = itertools.count(1)
+
+
+async def unmatched(request: web.Request) -> web.StreamResponse:
+    """The catch-all route: 405 with `Allow` when another route has the path, else 404."""
+    allowed: set[str] = set()
+    this = request.match_info.route.resource
+    for resource in request.app.router.resources():
+        if resource is not this:
+            allowed |= (await resource.resolve(request))[1]
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
 
 
 def _finish(
-    request: web.Request, ex: Exchange, response: web.StreamResponse | None
+    request: web.Request, metrics: Metrics, ex: Exchange, response: web.StreamResponse | None
 ) -> None:
     """Metrics and the log line of a request that has ended, however it ended."""
     duration = time.perf_counter() - ex.started
@@ -152,20 +192,20 @@ def _finish(
     if ex.chat:
         overhead = ex.overhead
         if overhead is None:
-            upstream_ms = request.get(UPSTREAM_MS)
+            upstream_ms = ex.upstream_ms
             if upstream_ms is not None:
                 overhead = max(duration - upstream_ms / 1000.0, 0.0)
             elif not ex.upstream:
                 overhead = duration  # refused before any upstream: all of it is the proxy's
             # else an upstream was tried and never answered: its share is unknown.
-        request.app[METRICS].observe(ex, duration, overhead)
+        metrics.observe(ex, duration, overhead)
     level = logging.DEBUG if request.path in _QUIET_PATHS else logging.INFO
     if access_log.isEnabledFor(level):
         sent = 0
         if response is not None:
             sent = response.body_length if response.prepared else response.content_length or 0
         log_exchange(
-            request[REQUEST_ID], request.method, request.path, ex, duration, sent, level
+            ex.request_id, request.method, request.path, ex, duration, sent, level
         )
 
 
@@ -245,6 +285,7 @@ async def _drain_on_shutdown(app: web.Application) -> None:
 async def metrics_endpoint(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
     metrics.tasks.sample()  # on the loop: render's thread has none to count the tasks of
+    metrics.flush()
     body = await asyncio.to_thread(metrics.render)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
@@ -273,27 +314,33 @@ def create_app(
     """`reload_interval`: seconds between looks at the routes file (0: on SIGHUP only);
     `drain_timeout`: how long requests in flight may run on after shutdown begins;
     `max_connections`: requests served at once before new ones get a 503 (0: no limit)."""
-    app = web.Application(
-        middlewares=[_front(max_connections)],
-        client_max_size=max_body,
-        handler_args=_PARSER_LIMITS,
-    )
+    app = web.Application(client_max_size=max_body, handler_args=_PARSER_LIMITS)
     app[TABLES] = holder
     app[MAX_BODY] = max_body
-    app[METRICS] = metrics if metrics is not None else Metrics()
-    app[DRAIN] = Drain(holder, drain_timeout)
+    app[METRICS] = metrics = metrics if metrics is not None else Metrics()
+    app[DRAIN] = drain = Drain(holder, drain_timeout)
+    front = _Front(drain, metrics, max_connections)
+    app.on_startup.append(front.on_startup)
     app.cleanup_ctx.append(_http_session_ctx)
     app.cleanup_ctx.append(_watcher_ctx(reload_interval))
     app.on_shutdown.append(_drain_on_shutdown)
-    chat = handlers.chat_completions
-    # aiohttp handles `Expect` before the middlewares run: see _expect.
-    app.router.add_post("/v1/chat/completions", chat, expect_handler=_expect)
-    app.router.add_post("/chat/completions", chat, expect_handler=_expect)
-    app.router.add_get("/v1/models", handlers.list_models, expect_handler=_expect)
-    app.router.add_get("/models", handlers.list_models, expect_handler=_expect)
-    app.router.add_get("/v1/models/{model:.+}", handlers.get_model, expect_handler=_expect)
-    app.router.add_get("/models/{model:.+}", handlers.get_model, expect_handler=_expect)
-    app.router.add_get("/healthz", handlers.healthz, expect_handler=_expect)
-    app.router.add_get("/readyz", handlers.readyz, expect_handler=_expect)
-    app.router.add_get("/metrics", metrics_endpoint, expect_handler=_expect)
+    routes: list[tuple[str, str, Handler]] = [
+        ("POST", "/v1/chat/completions", handlers.chat_completions),
+        ("POST", "/chat/completions", handlers.chat_completions),
+        ("GET", "/v1/models", handlers.list_models),
+        ("GET", "/models", handlers.list_models),
+        ("GET", "/v1/models/{model:.+}", handlers.get_model),
+        ("GET", "/models/{model:.+}", handlers.get_model),
+        ("GET", "/healthz", handlers.healthz),
+        ("GET", "/readyz", handlers.readyz),
+        ("GET", "/metrics", metrics_endpoint),
+        # Last: the router tries it only after every other route.
+        ("*", _CATCH_ALL, unmatched),
+    ]
+    for method, path, handler in routes:
+        # aiohttp handles `Expect` before any handler runs: see _expect.
+        if method == "GET":  # and HEAD, as aiohttp's add_get does
+            app.router.add_get(path, front.wrap(handler), expect_handler=_expect)
+        else:
+            app.router.add_route(method, path, front.wrap(handler), expect_handler=_expect)
     return app

@@ -15,7 +15,4 @@ MAX_BODY = web.AppKey("max_body", int)
 METRICS = web.AppKey("metrics", Metrics)
 DRAIN = web.AppKey("drain", Drain)
 
-REQUEST_ID = web.RequestKey("request_id", str)
-STARTED = web.RequestKey("started", float)
-UPSTREAM_MS = web.RequestKey("upstream_ms", float)
 EXCHANGE = web.RequestKey("exchange", Exchange)

@@ -12,21 +12,12 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from proxy.app_keys import (
-    DRAIN,
-    EXCHANGE,
-    HTTP,
-    METRICS,
-    REQUEST_ID,
-    STARTED,
-    TABLES,
-    UPSTREAM_MS,
-)
+from proxy.app_keys import DRAIN, EXCHANGE, HTTP, METRICS, TABLES
 from proxy.auth import Grant
 from proxy.chat_request import check_content_type, parse_chat_request
 from proxy.errors import InternalError, InvalidRequest, ProxyError
 from proxy.failover import is_failure, serve
-from proxy.metrics import has_token
+from proxy.metrics import Exchange, has_token
 from proxy.routing import RouteTable
 from proxy.sessions import session_hint
 from proxy.shutdown import shutting_down
@@ -35,6 +26,7 @@ from proxy.upstreams.base import Call, EventStream, Upstream
 
 log = logging.getLogger(__name__)
 
+_JSON_TYPE = ("Content-Type", "application/json")
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache",
@@ -42,14 +34,14 @@ SSE_HEADERS = {
 }
 
 
-def stamp_headers(request: web.Request, response: web.StreamResponse) -> float:
+def stamp_headers(exchange: Exchange, response: web.StreamResponse) -> float:
     """X-Request-Id and Server-Timing, which every response carries, set just before its
-    headers go out (the front middleware does it for all but streams, which commit first).
+    headers go out (the front wrapper does it for all but streams, which commit first).
     Returns the proxy's own seconds so far."""
     headers = response.headers
-    headers["X-Request-Id"] = request[REQUEST_ID]
-    total = (time.perf_counter() - request[STARTED]) * 1000.0
-    upstream: float = request.get(UPSTREAM_MS, 0.0)
+    headers["X-Request-Id"] = exchange.request_id
+    total = (time.perf_counter() - exchange.started) * 1000.0
+    upstream = exchange.upstream_ms or 0.0
     proxy = max(total - upstream, 0.0)
     headers["Server-Timing"] = f"upstream;dur={upstream:.2f}, proxy;dur={proxy:.2f}"
     return proxy / 1000.0
@@ -139,9 +131,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         stream=chat.stream,
         include_usage=chat.include_usage,
         headers=request.headers,
-        request_id=request[REQUEST_ID],
+        request_id=exchange.request_id,
         key_id=grant.key_id,
         route=route.spec,
+        task=exchange.task,
     )
     if route.stateful:
         call.session_hint = session_hint(
@@ -164,15 +157,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         )
         upstream.health.release()
         exchange.upstream = upstream.name
-        request[UPSTREAM_MS] = call.upstream_ms
-        response = json_response(body)
-        response.headers.extend(call.response_headers)
-        return response
+        exchange.upstream_ms = call.upstream_ms
+        return web.Response(body=body, headers=[_JSON_TYPE, *call.response_headers])
     (events, first), upstream = await serve(
         route.upstreams, call, lambda up: _open_stream(up, call, http), on_error, on_failover
     )
     exchange.upstream = upstream.name
-    request[UPSTREAM_MS] = call.upstream_ms
+    exchange.upstream_ms = call.upstream_ms
     try:
         return await _relay_stream(request, call, events, first, upstream)
     finally:
@@ -192,10 +183,10 @@ async def _relay_stream(
     metrics = request.app[METRICS]
     async with aclosing(events):
         # The proxy's share of a stream is its time to the commit.
-        exchange.overhead = stamp_headers(request, response)
+        exchange.overhead = stamp_headers(exchange, response)
         await response.prepare(request)
         exchange.status = response.status
-        metrics.open_streams.inc()
+        metrics.stream_opened()
         try:
             if first is not None:
                 if has_token(first):
@@ -216,7 +207,7 @@ async def _relay_stream(
             exchange.error = "client_closed"
             return response
         except asyncio.CancelledError:
-            task = asyncio.current_task()
+            task = exchange.task
             if task is None or not request.app[DRAIN].ended(task):
                 raise
             # The drain deadline passed: the client gets a clean end instead of a cut.
@@ -229,7 +220,7 @@ async def _relay_stream(
             exchange.error = InternalError.code
             await response.write(b"data: " + InternalError(call.request_id).to_json() + b"\n\n")
         finally:
-            metrics.open_streams.dec()
+            metrics.stream_closed()
     # [DONE] and the end of the chunked body in one write: one send to the client, not two.
     await response.write_eof(DONE)
     return response

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import re
+from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Any
 
@@ -64,15 +65,19 @@ def has_token(event: bytes) -> bool:
 
 
 class Exchange:
-    """What one request did, for its metrics and its log line. Never holds keys or content."""
+    """What one request is and did, for its headers, metrics and log line. Never holds keys
+    or content. The one thing the front wrapper hands the handlers (a single request key)."""
 
     __slots__ = (
-        "chat", "error", "model", "overhead", "route", "started", "status", "stream", "ttft",
-        "upstream",
+        "chat", "error", "model", "overhead", "request_id", "route", "started", "status",
+        "stream", "task", "ttft", "upstream", "upstream_ms",
     )
 
-    def __init__(self, started: float) -> None:
+    def __init__(self, started: float, request_id: str) -> None:
         self.started = started
+        self.request_id = request_id
+        # The task serving the request: what the drain cancels, and what a Watch interrupts.
+        self.task: asyncio.Task[Any] | None = None
         self.chat = False
         self.stream = False
         # The model the client asked for (logs) and the route that served it (metric label:
@@ -86,6 +91,9 @@ class Exchange:
         self.overhead: float | None = None
         # The error code a stream ended with after its 200 was committed.
         self.error: str | None = None
+        # Milliseconds spent waiting for the upstream's answer (Server-Timing's `upstream`);
+        # None until an upstream answered.
+        self.upstream_ms: float | None = None
 
 
 class TaskCount(Collector):
@@ -173,32 +181,50 @@ class Metrics:
         self.tasks = TaskCount()
         reg.register(self.tasks)
         self._version: str | None = None
-        # labels() takes a lock and builds tuples; caching the children keeps a request's
-        # metrics to a few dict lookups and value increments.
-        self._counted: dict[tuple[str, str, int], Counter] = {}
-        self._timed: dict[tuple[str, str], tuple[Histogram, Histogram]] = {}
+        # A request's figures are added up here, in plain ints and floats, and handed to
+        # prometheus_client when a scrape asks (`flush`): its values take a lock each (and in
+        # multiprocess mode write to a file), several per request. In multiprocess mode every
+        # request is flushed at once, so a scrape of any worker still gives exact totals.
+        self._pending: dict[tuple[str, str, int], _Tally] = {}
+        self._overhead = _Buckets(self.overhead)
+        self._open = 0
+        self._open_flushed = 0
         for result in ("success", "error"):
             self.reloads.labels(result)
 
     def observe(self, ex: Exchange, duration: float, overhead: float | None) -> None:
         key = (ex.route, ex.upstream, ex.status)
-        counter = self._counted.get(key)
-        if counter is None:
-            counter = self._counted[key] = self.requests.labels(
-                ex.route, ex.upstream, str(ex.status)
-            )
-        counter.inc()
-        timed = self._timed.get(key[:2])
-        if timed is None:
-            timed = self._timed[key[:2]] = (
-                self.duration.labels(ex.route, ex.upstream),
-                self.ttft.labels(ex.route, ex.upstream),
-            )
-        timed[0].observe(duration)
+        tally = self._pending.get(key)
+        if tally is None:
+            tally = self._pending[key] = _Tally(self, key)
+        tally.count += 1
+        tally.duration.add(duration)
         if ex.ttft is not None:
-            timed[1].observe(ex.ttft)
+            tally.ttft.add(ex.ttft)
         if overhead is not None:
-            self.overhead.observe(overhead)
+            self._overhead.add(overhead)
+        if self.multiprocess_dir:
+            self.flush()
+
+    def stream_opened(self) -> None:
+        self._open += 1
+        if self.multiprocess_dir:
+            self.flush()
+
+    def stream_closed(self) -> None:
+        self._open -= 1
+        if self.multiprocess_dir:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hands what was added up since the last flush to prometheus_client. On the event
+        loop: the tallies are the loop's."""
+        for tally in self._pending.values():
+            tally.flush()
+        self._overhead.flush()
+        if self._open != self._open_flushed:
+            self._open_flushed = self._open
+            self.open_streams.set(self._open)
 
     def upstream_error(self, upstream: str, code: str | None) -> None:
         self.upstream_errors.labels(upstream, code or "error").inc()
@@ -223,13 +249,66 @@ class Metrics:
         self.table_loaded.set(loaded_at)
 
     def render(self) -> bytes:
-        """The exposition text; merges every worker's files in multiprocess mode."""
+        """The exposition text; merges every worker's files in multiprocess mode. Call
+        `flush` first, on the loop (render itself may run in a thread)."""
         if self.multiprocess_dir:
             registry = CollectorRegistry()
             MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
             registry.register(self.tasks)
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+class _Buckets:
+    """Observations of one histogram child since its last flush: a count per bucket and
+    their sum, as prometheus_client's Histogram keeps them (a bucket per upper bound, the
+    smallest bound not below the value, +Inf last; cumulated only when exposed)."""
+
+    __slots__ = ("_bounds", "_child", "_counts", "_sum")
+
+    def __init__(self, child: Histogram) -> None:
+        self._child = child
+        self._bounds: list[float] = child._upper_bounds
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+
+    def add(self, value: float) -> None:
+        self._counts[bisect_left(self._bounds, value)] += 1
+        self._sum += value
+
+    def flush(self) -> None:
+        counts = self._counts
+        if not any(counts):
+            return
+        # Histogram.observe() adds one observation at a time; these are its own value
+        # objects (the same that observe() increments), so what is exposed is the same.
+        child = self._child
+        child._sum.inc(self._sum)
+        for i, n in enumerate(counts):
+            if n:
+                child._buckets[i].inc(n)
+                counts[i] = 0
+        self._sum = 0.0
+
+
+class _Tally:
+    """One (route, upstream, status)'s requests since the last flush."""
+
+    __slots__ = ("_counter", "count", "duration", "ttft")
+
+    def __init__(self, metrics: Metrics, key: tuple[str, str, int]) -> None:
+        route, upstream, status = key
+        self._counter = metrics.requests.labels(route, upstream, str(status))
+        self.count = 0
+        self.duration = _Buckets(metrics.duration.labels(route, upstream))
+        self.ttft = _Buckets(metrics.ttft.labels(route, upstream))
+
+    def flush(self) -> None:
+        if self.count:
+            self._counter.inc(self.count)
+            self.count = 0
+        self.duration.flush()
+        self.ttft.flush()
 
 
 def log_exchange(

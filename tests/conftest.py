@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -15,23 +18,48 @@ from aiohttp import web
 from proxy.app import create_app
 from proxy.reload import TableHolder
 from proxy.upstreams.health import HEALTH
+from tests.fake_letta import FakeLetta, make_app
 from tests.fake_openai import FakeOpenAI
 
 KEY = "sk-test-0123456789abcdef"
 
 
-@asynccontextmanager
-async def serving(app: web.Application) -> AsyncIterator[str]:
-    """Runs `app` on a free port of 127.0.0.1 and yields its base URL."""
+async def start(app: web.Application) -> tuple[web.AppRunner, str]:
+    """Runs `app` on a free port of 127.0.0.1; returns its runner and base URL.
+
+    The caller owns the runner's cleanup: the shutdown tests decide when it happens.
+    """
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     host, port = runner.addresses[0][:2]
+    return runner, f"http://{host}:{port}"
+
+
+@asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    """Runs `app` on a free port of 127.0.0.1 and yields its base URL."""
+    runner, url = await start(app)
     try:
-        yield f"http://{host}:{port}"
+        yield url
     finally:
         await runner.cleanup()
+
+
+def closed_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on: connections to it are refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_for(predicate: Callable[[], bool], seconds: float = 5.0) -> None:
+    """Polls `predicate` until it holds; the deadline only bounds a failing test."""
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
 
 
 @dataclass
@@ -60,13 +88,42 @@ def fresh_upstream_health() -> None:
     HEALTH.clear()
 
 
-@pytest.fixture
-async def fake_openai() -> AsyncIterator[FakeOpenAI]:
+@asynccontextmanager
+async def serving_fake_openai() -> AsyncIterator[FakeOpenAI]:
     fake = FakeOpenAI()
     async with serving(fake.app()) as url:
         fake.url = url
         yield fake
     fake.release.set()
+
+
+@pytest.fixture
+async def fake_openai() -> AsyncIterator[FakeOpenAI]:
+    async with serving_fake_openai() as fake:
+        yield fake
+
+
+@pytest.fixture
+async def second_openai() -> AsyncIterator[FakeOpenAI]:
+    """Another upstream, for a failover target or a stream that must end unlike the first."""
+    async with serving_fake_openai() as fake:
+        yield fake
+
+
+@asynccontextmanager
+async def serving_fake_letta() -> AsyncIterator[tuple[FakeLetta, str]]:
+    """A FakeLetta and its base URL; streams still held are let go at the end."""
+    state = FakeLetta()
+    async with serving(make_app(state)) as url:
+        yield state, url
+    for scenario in [state.default_scenario, *state.scenarios]:
+        scenario.release.set()
+
+
+@pytest.fixture
+async def letta() -> AsyncIterator[tuple[FakeLetta, str]]:
+    async with serving_fake_letta() as served:
+        yield served
 
 
 @pytest.fixture

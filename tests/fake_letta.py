@@ -115,13 +115,17 @@ class FakeLetta:
     def requests_to(self, method: str, path: str) -> list[Recorded]:
         return [r for r in self.requests if r.method == method and r.path == path]
 
+    def message_posts(self) -> list[Recorded]:
+        """The message requests, to agents and to conversations alike."""
+        return [r for r in self.requests if r.method == "POST" and r.path.endswith("/messages")]
+
 
 FAKE_LETTA = web.AppKey("fake_letta", FakeLetta)
 _RECORDED = web.RequestKey("recorded", Recorded)
 
 
 def make_app(state: FakeLetta | None = None) -> web.Application:
-    app = web.Application(middlewares=[_record])
+    app = web.Application(middlewares=[_record, _known_path_agent])
     app[FAKE_LETTA] = state or FakeLetta()
     app.router.add_get("/v1/health/", _health)
     app.router.add_get("/v1/agents", _redirect_slash)
@@ -151,6 +155,16 @@ async def _record(request: web.Request, handler: Any) -> web.StreamResponse:
     )
     request[_RECORDED] = recorded
     request.app[FAKE_LETTA].requests.append(recorded)
+    response: web.StreamResponse = await handler(request)
+    return response
+
+
+@web.middleware
+async def _known_path_agent(request: web.Request, handler: Any) -> web.StreamResponse:
+    # Letta validates an agent id in the path before the endpoint runs, whatever the endpoint.
+    agent_id = request.match_info.get("agent_id")
+    if agent_id is not None and (refused := _check_agent(request, agent_id)) is not None:
+        return refused
     response: web.StreamResponse = await handler(request)
     return response
 
@@ -207,17 +221,12 @@ def _check_agent(request: web.Request, agent_id: str) -> web.Response | None:
 
 
 async def _get_agent(request: web.Request) -> web.Response:
-    agent_id = request.match_info["agent_id"]
-    return _check_agent(request, agent_id) or web.json_response(
-        request.app[FAKE_LETTA].agent(agent_id)
-    )
+    return web.json_response(request.app[FAKE_LETTA].agent(request.match_info["agent_id"]))
 
 
 async def _agent_messages(request: web.Request) -> web.StreamResponse:
     state = request.app[FAKE_LETTA]
     agent_id = request.match_info["agent_id"]
-    if (refused := _check_agent(request, agent_id)) is not None:
-        return refused
     body = _body(request)
     if not isinstance(body, dict) or not body.get("messages"):
         return _detail(
@@ -235,14 +244,10 @@ async def _agent_messages(request: web.Request) -> web.StreamResponse:
 
 
 async def _cancel(request: web.Request) -> web.Response:
-    state = request.app[FAKE_LETTA]
-    agent_id = request.match_info["agent_id"]
-    if (refused := _check_agent(request, agent_id)) is not None:
-        return refused
     body = _body(request)
     run_ids = body.get("run_ids") if isinstance(body, dict) else None
     run_ids = [r for r in run_ids or [] if isinstance(r, str)]
-    state.cancelled_run_ids.extend(run_ids)
+    request.app[FAKE_LETTA].cancelled_run_ids.extend(run_ids)
     return web.json_response({run_id: "cancelled" for run_id in run_ids})
 
 

@@ -4,33 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import socket
 import sys
-import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
+from openai.types.chat import ChatCompletionChunk
 
 from proxy import routing
-from tests.conftest import KEY, Proxy, ProxyFactory, serving
-from tests.fake_letta import FakeLetta, Scenario, make_app
+from tests.conftest import KEY, Proxy, ProxyFactory, closed_port, wait_for
+from tests.fake_letta import FakeLetta, Scenario
 
 AGENT = "agent-ef37cb35-73b3-4511-b1bb-1c9635553e28"
 RUN_ID = "run-f4ded9a4-5697-46b8-80e3-18a12f6139d7"
 OTHER_KEY = "sk-other-0000000000000000"
 HI = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture
-async def letta() -> AsyncIterator[tuple[FakeLetta, str]]:
-    state = FakeLetta()
-    async with serving(make_app(state)) as url:
-        yield state, url
-    for scenario in [state.default_scenario, *state.scenarios]:
-        scenario.release.set()
 
 
 def routes(url: str, model_extra: str = "", extra: str = "") -> str:
@@ -55,15 +44,43 @@ async def make(make_proxy: ProxyFactory, url: str, model_extra: str = "", extra:
     return await make_proxy(routes(url, model_extra, extra), keys=(KEY, OTHER_KEY))
 
 
-def message_posts(state: FakeLetta) -> list[Any]:
-    return [r for r in state.requests if r.method == "POST" and r.path.endswith("/messages")]
+def one_agent_routes(url: str, model: str, agent: str) -> str:
+    return (
+        f"upstreams:\n  letta: {{kind: letta, url: '{url}'}}\n"
+        f"models:\n  {model}: {{upstream: letta, agent: {agent}}}\n"
+    )
 
 
-async def wait_for(predicate: Any, seconds: float = 5.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
+async def letta_receives(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str], messages: Any, model_extra: str = ""
+) -> Any:
+    """What Letta gets as `messages` when the client sends these to the support route."""
+    state, url = letta
+    client = (await make(make_proxy, url, model_extra)).client()
+    await client.chat.completions.create(model="support", messages=messages)
+    return state.message_posts()[-1].json["messages"]
+
+
+async def support_stream(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str], sse: str
+) -> list[ChatCompletionChunk]:
+    """The chunks of a stream from the support route while Letta replays the capture `sse`."""
+    state, url = letta
+    state.default_scenario = Scenario(sse=sse)
+    client = (await make(make_proxy, url)).client()
+    stream = await client.chat.completions.create(model="support", messages=HI, stream=True)
+    return [c async for c in stream]
+
+
+async def with_held_runs(make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]) -> Proxy:
+    """The proxy in front of a Letta whose runs stop after two events until the client leaves."""
+    state, url = letta
+    state.default_scenario = Scenario(hold_after=2)
+    return await make(make_proxy, url)
+
+
+def has_tool_calls(chunk: ChatCompletionChunk) -> bool:
+    return bool(chunk.choices and chunk.choices[0].delta.tool_calls)
 
 
 async def test_sync_chat_answers_with_the_agents_text_and_real_usage(
@@ -77,7 +94,7 @@ async def test_sync_chat_answers_with_the_agents_text_and_real_usage(
     assert reply.model == "support"
     assert reply.usage is not None
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (460, 4)
-    post = message_posts(state)[-1]
+    post = state.message_posts()[-1]
     assert post.path == f"/v1/agents/{AGENT}/messages"
     assert post.json["streaming"] is True and post.json["stream_tokens"] is True
     assert post.json["messages"] == [{"role": "user", "content": "hi"}]
@@ -110,14 +127,11 @@ async def test_agent_given_by_id_needs_no_lookup(
     make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
 ) -> None:
     state, url = letta
-    proxy = await make_proxy(
-        f"upstreams:\n  letta: {{kind: letta, url: '{url}/v1'}}\n"
-        f"models:\n  bot: {{upstream: letta, agent: {AGENT}}}\n"
-    )
+    proxy = await make_proxy(one_agent_routes(f"{url}/v1", "bot", AGENT))
     reply = await proxy.client().chat.completions.create(model="bot", messages=HI)
     assert reply.choices[0].message.content == "Echo: token streaming please"
     assert not [r for r in state.requests if r.path == "/v1/agents/"]
-    assert "Authorization" not in message_posts(state)[-1].headers
+    assert "Authorization" not in state.message_posts()[-1].headers
 
 
 async def test_wildcard_lists_every_agent_and_shared_names_by_id(
@@ -137,9 +151,9 @@ async def test_wildcard_lists_every_agent_and_shared_names_by_id(
     assert ids == ["support", f"letta/{AGENT}", f"letta/{twin['id']}", "letta/billing"]
     reply = await client.chat.completions.create(model="letta/billing", messages=HI)
     assert reply.choices[0].message.content == "Echo: token streaming please"
-    assert message_posts(state)[-1].path == f"/v1/agents/{solo['id']}/messages"
+    assert state.message_posts()[-1].path == f"/v1/agents/{solo['id']}/messages"
     await client.chat.completions.create(model=f"letta/{twin['id']}", messages=HI)
-    assert message_posts(state)[-1].path == f"/v1/agents/{twin['id']}/messages"
+    assert state.message_posts()[-1].path == f"/v1/agents/{twin['id']}/messages"
     with pytest.raises(openai.NotFoundError):
         await client.chat.completions.create(model="letta/nobody", messages=HI)
 
@@ -147,32 +161,24 @@ async def test_wildcard_lists_every_agent_and_shared_names_by_id(
 async def test_full_history_resent_by_open_webui_reaches_the_agent_as_the_new_turn_only(
     make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
 ) -> None:
-    state, url = letta
-    client = (await make(make_proxy, url)).client()
-    await client.chat.completions.create(
-        model="support",
-        messages=[
-            {"role": "system", "content": "You are helpful."},
-            {"role": "user", "content": "first question"},
-            {"role": "assistant", "content": "first answer"},
-            {"role": "user", "content": "second question"},
-        ],
-    )
-    assert message_posts(state)[-1].json["messages"] == [
-        {"role": "user", "content": "second question"}
-    ]
+    received = await letta_receives(make_proxy, letta, [
+        {"role": "system", "content": "You are helpful."},
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "first answer"},
+        {"role": "user", "content": "second question"},
+    ])
+    assert received == [{"role": "user", "content": "second question"}]
 
 
 async def test_client_system_prepend_puts_the_system_text_before_the_user_text(
     make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
 ) -> None:
-    state, url = letta
-    client = (await make(make_proxy, url, "    client_system: prepend")).client()
-    await client.chat.completions.create(
-        model="support",
-        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+    received = await letta_receives(
+        make_proxy, letta,
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+        "    client_system: prepend",
     )
-    content = message_posts(state)[-1].json["messages"][0]["content"]
+    content = received[0]["content"]
     text = content if isinstance(content, str) else content[0]["text"]
     assert text.startswith("Be brief.") and text.endswith("hi")
 
@@ -180,16 +186,11 @@ async def test_client_system_prepend_puts_the_system_text_before_the_user_text(
 async def test_image_parts_become_letta_image_content(
     make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
 ) -> None:
-    state, url = letta
-    client = (await make(make_proxy, url)).client()
-    await client.chat.completions.create(
-        model="support",
-        messages=[{"role": "user", "content": [
-            {"type": "text", "text": "what is this?"},
-            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
-        ]}],
-    )
-    parts = message_posts(state)[-1].json["messages"][0]["content"]
+    received = await letta_receives(make_proxy, letta, [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+    ]}])
+    parts = received[0]["content"]
     assert parts[0] == {"type": "text", "text": "what is this?"}
     assert parts[1]["type"] == "image"
     assert parts[1]["source"]["url"] == "https://example.com/cat.png"
@@ -207,7 +208,7 @@ async def test_session_ids_get_separate_conversations_namespaced_by_key(
             model="support", messages=HI, extra_headers={"X-Session-Id": session}
         )
         assert reply.choices[0].message.content == "Echo: hello from alice thread"
-        return str(message_posts(state)[-1].path)
+        return str(state.message_posts()[-1].path)
 
     first = await ask(alice, "alice")
     again = await ask(alice, "alice")
@@ -220,7 +221,7 @@ async def test_session_ids_get_separate_conversations_namespaced_by_key(
     summaries = [c["summary"] for c in state.conversations]
     assert all("alice" not in s and KEY not in s for s in summaries)
     await alice.chat.completions.create(model="support", messages=HI)
-    assert message_posts(state)[-1].path == f"/v1/agents/{AGENT}/messages"
+    assert state.message_posts()[-1].path == f"/v1/agents/{AGENT}/messages"
 
 
 @pytest.mark.parametrize(
@@ -235,7 +236,7 @@ async def test_each_client_session_header_selects_a_conversation(
     await client.chat.completions.create(
         model="support", messages=HI, extra_headers={header: "chat-42"}
     )
-    assert message_posts(state)[-1].path.startswith("/v1/conversations/conv-")
+    assert state.message_posts()[-1].path.startswith("/v1/conversations/conv-")
 
 
 async def test_user_field_is_a_session_hint_only_where_the_route_opts_in(
@@ -244,9 +245,9 @@ async def test_user_field_is_a_session_hint_only_where_the_route_opts_in(
     state, url = letta
     client = (await make(make_proxy, url, "    session: {from_user: true}")).client()
     await client.chat.completions.create(model="support", messages=HI, user="u-7")
-    assert message_posts(state)[-1].path.startswith("/v1/conversations/")
+    assert state.message_posts()[-1].path.startswith("/v1/conversations/")
     await client.chat.completions.create(model="letta/support-bot", messages=HI, user="u-7")
-    assert message_posts(state)[-1].path == f"/v1/agents/{AGENT}/messages"
+    assert state.message_posts()[-1].path == f"/v1/agents/{AGENT}/messages"
 
 
 async def test_per_key_default_gives_each_key_its_own_thread_without_a_hint(
@@ -256,7 +257,7 @@ async def test_per_key_default_gives_each_key_its_own_thread_without_a_hint(
     proxy = await make(make_proxy, url, "    session: {without_hint: per_key}")
     await proxy.client().chat.completions.create(model="support", messages=HI)
     await proxy.client(OTHER_KEY).chat.completions.create(model="support", messages=HI)
-    paths = [p.path for p in message_posts(state)]
+    paths = [p.path for p in state.message_posts()]
     assert all(p.startswith("/v1/conversations/") for p in paths)
     assert paths[0] != paths[1]
 
@@ -274,15 +275,14 @@ async def test_racing_first_requests_settle_on_the_oldest_conversation(
         for _ in range(3)
     ])
     oldest = min(state.conversations, key=lambda c: c["created_at"])
-    assert {p.path for p in message_posts(state)} == {f"/v1/conversations/{oldest['id']}/messages"}
+    assert {p.path for p in state.message_posts()} == {f"/v1/conversations/{oldest['id']}/messages"}
 
 
 async def test_closing_the_client_mid_stream_cancels_the_letta_run(
     make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
 ) -> None:
-    state, url = letta
-    state.default_scenario = Scenario(hold_after=2)
-    proxy = await make(make_proxy, url)
+    state, _ = letta
+    proxy = await with_held_runs(make_proxy, letta)
     async with aiohttp.ClientSession() as http:
         resp = await http.post(
             proxy.url + "/v1/chat/completions",
@@ -299,9 +299,8 @@ async def test_closing_the_client_mid_stream_cancels_the_letta_run(
 async def test_sync_client_that_gives_up_cancels_the_letta_run(
     make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
 ) -> None:
-    state, url = letta
-    state.default_scenario = Scenario(hold_after=2)
-    proxy = await make(make_proxy, url)
+    state, _ = letta
+    proxy = await with_held_runs(make_proxy, letta)
     client = openai.AsyncOpenAI(
         base_url=proxy.url + "/v1", api_key=KEY, max_retries=0, timeout=30
     )
@@ -332,12 +331,8 @@ async def test_llm_error_mid_stream_ends_with_an_error_event(
 async def test_agent_tools_are_hidden_by_default_and_never_tool_calls(
     make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
 ) -> None:
-    state, url = letta
-    state.default_scenario = Scenario(sse="stream_tokens_think_tool")
-    client = (await make(make_proxy, url)).client()
-    stream = await client.chat.completions.create(model="support", messages=HI, stream=True)
-    chunks = [c async for c in stream]
-    assert all(not c.choices or not c.choices[0].delta.tool_calls for c in chunks)
+    chunks = await support_stream(make_proxy, letta, "stream_tokens_think_tool")
+    assert not any(has_tool_calls(c) for c in chunks)
     assert all(
         not c.choices or "reasoning_content" not in (c.choices[0].delta.model_extra or {})
         for c in chunks
@@ -387,10 +382,7 @@ async def test_unknown_agent_name_is_a_502_naming_route_and_agent(
     make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
 ) -> None:
     _, url = letta
-    proxy = await make_proxy(
-        f"upstreams:\n  letta: {{kind: letta, url: '{url}'}}\n"
-        "models:\n  helper: {upstream: letta, agent: nobody}\n"
-    )
+    proxy = await make_proxy(one_agent_routes(url, "helper", "nobody"))
     with pytest.raises(openai.APIStatusError) as info:
         await proxy.client().chat.completions.create(model="helper", messages=HI)
     assert info.value.status_code == 502
@@ -411,13 +403,8 @@ async def test_agent_name_shared_by_two_agents_is_a_502_listing_their_ids(
 
 
 async def test_letta_down_is_502_upstream_unavailable(make_proxy: ProxyFactory) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proxy = await make_proxy(
-        f"upstreams:\n  letta: {{kind: letta, url: 'http://127.0.0.1:{port}'}}\n"
-        "models:\n  helper: {upstream: letta, agent: someone}\n"
-    )
+    down = f"http://127.0.0.1:{closed_port()}"
+    proxy = await make_proxy(one_agent_routes(down, "helper", "someone"))
     with pytest.raises(openai.APIStatusError) as info:
         await proxy.client().chat.completions.create(model="helper", messages=HI)
     assert info.value.status_code == 502
@@ -435,7 +422,7 @@ async def test_conversation_with_nothing_new_to_send_is_a_400(
             messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
         )
     assert info.value.param == "messages"
-    assert not message_posts(state)
+    assert not state.message_posts()
 
 
 async def test_check_probe_reports_agents_that_do_not_resolve(
@@ -493,12 +480,8 @@ async def test_letta_pings_reach_the_client_as_keep_alive_comments(
 async def test_tool_call_stream_shows_only_the_agents_answer(
     make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
 ) -> None:
-    state, url = letta
-    state.default_scenario = Scenario(sse="stream_tokens_tool")
-    client = (await make(make_proxy, url)).client()
-    stream = await client.chat.completions.create(model="support", messages=HI, stream=True)
-    chunks = [c async for c in stream]
-    assert all(not c.choices or not c.choices[0].delta.tool_calls for c in chunks)
+    chunks = await support_stream(make_proxy, letta, "stream_tokens_tool")
+    assert not any(has_tool_calls(c) for c in chunks)
     assert chunks[-1].choices[0].finish_reason == "stop"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "Tool finished. token stream with a TOOL call"

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
 
-from tests.conftest import KEY, ProxyFactory
+from tests.conftest import KEY, Proxy, ProxyFactory, closed_port
 from tests.fake_openai import FakeOpenAI
 
 WEATHER_TOOL: Any = {
@@ -46,26 +45,20 @@ models:
 """
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@pytest.fixture
+async def proxy(make_proxy: ProxyFactory, fake_openai: FakeOpenAI) -> Proxy:
+    """The proxy with the routes of `routes_for`, as most tests here need it."""
+    return await make_proxy(routes_for(fake_openai))
 
 
-async def test_models_list_in_file_order_with_wildcard_expansion(
-    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
-) -> None:
-    proxy = await make_proxy(routes_for(fake_openai))
+async def test_models_list_in_file_order_with_wildcard_expansion(proxy: Proxy) -> None:
     models = await proxy.client().models.list()
     ids = [m.id for m in models.data]
     assert ids == ["mistral", "local/llama-3-8b", "local/qwen-2.5", "echo"]
     assert all(m.object == "model" and m.created > 0 and m.owned_by for m in models.data)
 
 
-async def test_model_retrieve_accepts_ids_with_slash(
-    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
-) -> None:
-    proxy = await make_proxy(routes_for(fake_openai))
+async def test_model_retrieve_accepts_ids_with_slash(proxy: Proxy) -> None:
     model = await proxy.client().models.retrieve("local/qwen-2.5")
     assert model.id == "local/qwen-2.5"
     with pytest.raises(openai.NotFoundError):
@@ -73,9 +66,8 @@ async def test_model_retrieve_accepts_ids_with_slash(
 
 
 async def test_sync_chat_rewrites_model_and_injects_upstream_key(
-    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
+    proxy: Proxy, fake_openai: FakeOpenAI
 ) -> None:
-    proxy = await make_proxy(routes_for(fake_openai))
     reply = await proxy.client().chat.completions.create(
         model="mistral",
         messages=[{"role": "user", "content": "hello there"}],
@@ -94,10 +86,7 @@ async def test_sync_chat_rewrites_model_and_injects_upstream_key(
     assert "X-Not-Forwarded" not in seen.headers
 
 
-async def test_stream_chat_delivers_every_chunk_then_done(
-    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
-) -> None:
-    proxy = await make_proxy(routes_for(fake_openai))
+async def test_stream_chat_delivers_every_chunk_then_done(proxy: Proxy) -> None:
     stream = await proxy.client().chat.completions.create(
         model="mistral", messages=[{"role": "user", "content": "one two three"}], stream=True
     )
@@ -110,10 +99,7 @@ async def test_stream_chat_delivers_every_chunk_then_done(
     assert len({c.id for c in chunks}) == 1
 
 
-async def test_stream_include_usage_adds_a_final_usage_chunk(
-    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
-) -> None:
-    proxy = await make_proxy(routes_for(fake_openai))
+async def test_stream_include_usage_adds_a_final_usage_chunk(proxy: Proxy) -> None:
     stream = await proxy.client().chat.completions.create(
         model="mistral",
         messages=[{"role": "user", "content": "a b"}],
@@ -126,10 +112,8 @@ async def test_stream_include_usage_adds_a_final_usage_chunk(
     assert chunks[-2].choices[0].finish_reason == "stop"
 
 
-async def test_tool_call_round_trip_sync(
-    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
-) -> None:
-    client = (await make_proxy(routes_for(fake_openai))).client()
+async def test_tool_call_round_trip_sync(proxy: Proxy, fake_openai: FakeOpenAI) -> None:
+    client = proxy.client()
     messages: list[Any] = [{"role": "user", "content": "weather in Paris?"}]
     first = await client.chat.completions.create(
         model="mistral", messages=messages, tools=[WEATHER_TOOL]
@@ -153,10 +137,8 @@ async def test_tool_call_round_trip_sync(
     assert sent["messages"][-2]["tool_calls"][0]["id"] == "call_abc123"
 
 
-async def test_tool_call_round_trip_stream_keeps_tool_call_deltas_intact(
-    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
-) -> None:
-    client = (await make_proxy(routes_for(fake_openai))).client()
+async def test_tool_call_round_trip_stream_keeps_tool_call_deltas_intact(proxy: Proxy) -> None:
+    client = proxy.client()
     stream = await client.chat.completions.create(
         model="mistral",
         messages=[{"role": "user", "content": "weather?"}],
@@ -185,9 +167,9 @@ async def test_tool_call_round_trip_stream_keeps_tool_call_deltas_intact(
 
 
 async def test_wildcard_route_forwards_the_upstream_model_id(
-    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
+    proxy: Proxy, fake_openai: FakeOpenAI
 ) -> None:
-    client = (await make_proxy(routes_for(fake_openai))).client()
+    client = proxy.client()
     await client.chat.completions.create(
         model="local/qwen-2.5", messages=[{"role": "user", "content": "hi"}]
     )
@@ -195,9 +177,9 @@ async def test_wildcard_route_forwards_the_upstream_model_id(
 
 
 async def test_upstream_400_keeps_status_and_openai_error_fields(
-    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
+    proxy: Proxy, fake_openai: FakeOpenAI
 ) -> None:
-    client = (await make_proxy(routes_for(fake_openai))).client()
+    client = proxy.client()
     fake_openai.mode = "error400"
     for stream in (False, True):
         with pytest.raises(openai.BadRequestError) as info:
@@ -251,9 +233,9 @@ models:
     ],
 )
 async def test_upstream_failures_map_to_openai_errors(
-    make_proxy: ProxyFactory, fake_openai: FakeOpenAI, mode: str, status: int, code: str
+    proxy: Proxy, fake_openai: FakeOpenAI, mode: str, status: int, code: str
 ) -> None:
-    client = (await make_proxy(routes_for(fake_openai))).client()
+    client = proxy.client()
     fake_openai.mode = mode
     with pytest.raises(openai.APIStatusError) as info:
         await client.chat.completions.create(
@@ -274,9 +256,9 @@ async def test_upstream_failures_map_to_openai_errors(
     ],
 )
 async def test_truncated_upstream_stream_ends_with_an_error_event(
-    make_proxy: ProxyFactory, fake_openai: FakeOpenAI, mode: str
+    proxy: Proxy, fake_openai: FakeOpenAI, mode: str
 ) -> None:
-    client = (await make_proxy(routes_for(fake_openai))).client()
+    client = proxy.client()
     fake_openai.mode = mode
     stream = await client.chat.completions.create(
         model="mistral", messages=[{"role": "user", "content": "a b c"}], stream=True
@@ -290,9 +272,8 @@ async def test_truncated_upstream_stream_ends_with_an_error_event(
 
 
 async def test_truncated_stream_sends_done_after_the_error_event(
-    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
+    proxy: Proxy, fake_openai: FakeOpenAI
 ) -> None:
-    proxy = await make_proxy(routes_for(fake_openai))
     fake_openai.mode = "no_done"
     async with aiohttp.ClientSession() as http, http.post(
         proxy.url + "/v1/chat/completions",
@@ -305,10 +286,8 @@ async def test_truncated_stream_sends_done_after_the_error_event(
     assert events[-1] == "data: [DONE]"
 
 
-async def test_unknown_model_is_not_found(
-    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
-) -> None:
-    client = (await make_proxy(routes_for(fake_openai))).client()
+async def test_unknown_model_is_not_found(proxy: Proxy) -> None:
+    client = proxy.client()
     with pytest.raises(openai.NotFoundError) as info:
         await client.chat.completions.create(
             model="nope", messages=[{"role": "user", "content": "x"}]
@@ -317,10 +296,7 @@ async def test_unknown_model_is_not_found(
     assert info.value.param == "model"
 
 
-async def test_wrong_key_is_an_authentication_error(
-    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
-) -> None:
-    proxy = await make_proxy(routes_for(fake_openai))
+async def test_wrong_key_is_an_authentication_error(proxy: Proxy) -> None:
     with pytest.raises(openai.AuthenticationError) as info:
         await proxy.client("sk-wrong-key-000000000").models.list()
     assert info.value.body["message"].startswith("Incorrect API key provided")  # type: ignore[index]
@@ -346,20 +322,15 @@ async def test_key_globs_filter_models_and_hide_forbidden_ones(
         await limited.models.retrieve("mistral")
 
 
-async def test_x_api_key_header_and_any_case_bearer_are_accepted(
-    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
-) -> None:
-    proxy = await make_proxy(routes_for(fake_openai))
+async def test_x_api_key_header_and_any_case_bearer_are_accepted(proxy: Proxy) -> None:
     async with aiohttp.ClientSession() as http:
         for headers in ({"X-Api-Key": KEY}, {"Authorization": f"bEaReR {KEY}"}):
             async with http.get(proxy.url + "/v1/models", headers=headers) as resp:
                 assert resp.status == 200
 
 
-async def test_echo_model_answers_sync_and_stream_with_usage(
-    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
-) -> None:
-    client = (await make_proxy(routes_for(fake_openai))).client()
+async def test_echo_model_answers_sync_and_stream_with_usage(proxy: Proxy) -> None:
+    client = proxy.client()
     reply = await client.chat.completions.create(
         model="echo", messages=[{"role": "user", "content": "hello echo world"}]
     )
@@ -378,10 +349,7 @@ async def test_echo_model_answers_sync_and_stream_with_usage(
     assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 6
 
 
-async def test_every_response_carries_request_id_and_server_timing(
-    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
-) -> None:
-    proxy = await make_proxy(routes_for(fake_openai))
+async def test_every_response_carries_request_id_and_server_timing(proxy: Proxy) -> None:
     async with aiohttp.ClientSession() as http:
         async with http.post(
             proxy.url + "/v1/chat/completions",
@@ -410,9 +378,8 @@ async def test_every_response_carries_request_id_and_server_timing(
 
 
 async def test_client_disconnect_mid_stream_closes_the_upstream_request(
-    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
+    proxy: Proxy, fake_openai: FakeOpenAI
 ) -> None:
-    proxy = await make_proxy(routes_for(fake_openai))
     fake_openai.mode = "stream_hang"
     async with aiohttp.ClientSession() as http:
         resp = await http.post(

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
 
-from tests.conftest import KEY, Proxy, ProxyFactory, serving
-from tests.fake_letta import FakeLetta, Scenario, load_json, make_app
+from tests.conftest import KEY, Proxy, ProxyFactory, closed_port, serving_fake_letta, wait_for
+from tests.fake_letta import FakeLetta, Scenario, load_json
 from tests.fake_openai import FakeOpenAI
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -28,49 +27,42 @@ HI: Any = [{"role": "user", "content": "one two three"}]
 RUN_ID = "run-f4ded9a4-5697-46b8-80e3-18a12f6139d7"
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def wait_for(predicate: Callable[[], bool], seconds: float = 5.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
-
-
-@pytest.fixture
-async def second_openai() -> AsyncIterator[FakeOpenAI]:
-    fake = FakeOpenAI()
-    async with serving(fake.app()) as url:
-        fake.url = url
-        yield fake
-    fake.release.set()
-
-
 @pytest.fixture
 async def letta_pair() -> AsyncIterator[tuple[FakeLetta, str, FakeLetta, str]]:
-    a, b = FakeLetta(), FakeLetta()
-    async with serving(make_app(a)) as url_a, serving(make_app(b)) as url_b:
+    async with serving_fake_letta() as (a, url_a), serving_fake_letta() as (b, url_b):
         yield a, url_a, b, url_b
-    for state in (a, b):
-        for scenario in [state.default_scenario, *state.scenarios]:
-            scenario.release.set()
 
 
-def openai_routes(fake: FakeOpenAI, options: str = "", name: str = "fake") -> str:
+def openai_routes(fake: FakeOpenAI, **options: object) -> str:
+    """Model `m` on the upstream `fake`; `options` are its keys, values written as YAML."""
+    keys = "".join(f"    {key}: {value}\n" for key, value in options.items())
     return f"""
 upstreams:
-  {name}:
+  fake:
     kind: openai
     url: {fake.url}/v1
-{options}
+{keys}
 models:
   m:
-    upstream: {name}
+    upstream: fake
 """
+
+
+async def letta_holding(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str], hold_after: int, options: str = ""
+) -> tuple[Proxy, Scenario]:
+    """The proxy's model `support` in front of `letta`, whose next run stops after `hold_after`
+    events until released; `options` continue the upstream's flow mapping."""
+    state, url = letta
+    scenario = Scenario(hold_after=hold_after)
+    state.scenarios.append(scenario)
+    proxy = await make_proxy(f"""
+upstreams:
+  letta: {{kind: letta, url: "{url}"{options}}}
+models:
+  support: {{upstream: letta, agent: support-bot}}
+""")
+    return proxy, scenario
 
 
 async def post(
@@ -86,6 +78,53 @@ def events_of(text: str) -> list[str]:
     return [e for e in text.split("\n\n") if e]
 
 
+async def committed_stream(proxy: Proxy, model: str = "m") -> list[str]:
+    """The SSE events of a whole stream, which must have been committed with a 200."""
+    status, _, text = await post(proxy, {"model": model, "stream": True, "messages": HI})
+    assert status == 200
+    return events_of(text)
+
+
+@contextlib.asynccontextmanager
+async def open_stream(proxy: Proxy, model: str = "m") -> AsyncIterator[aiohttp.ClientResponse]:
+    """A stream the test reads at its own pace; it stays open for the block."""
+    async with aiohttp.ClientSession() as http, http.post(
+        proxy.url + "/v1/chat/completions",
+        json={"model": model, "stream": True, "messages": HI},
+        headers=AUTH,
+    ) as resp:
+        yield resp
+
+
+async def leave_and_time_the_upstream(
+    proxy: Proxy,
+    model: str,
+    stream: bool,
+    reached: Callable[[], Awaitable[Any]],
+    upstream_gone: asyncio.Event,
+) -> None:
+    """Leaves once the request `reached` the upstream, as clients do: a stream by closing it
+    after its first line, a sync request by giving up; the upstream must see it within 1 s."""
+    async with aiohttp.ClientSession() as http:
+        request = asyncio.create_task(http.post(
+            proxy.url + "/v1/chat/completions",
+            json={"model": model, "stream": stream, "messages": HI},
+            headers=AUTH,
+        ))
+        await reached()
+        if stream:
+            resp = await request
+            await resp.content.readline()
+            resp.close()
+        else:
+            request.cancel()
+        left = time.monotonic()
+        await upstream_gone.wait()
+        assert time.monotonic() - left < 1.0
+        with contextlib.suppress(asyncio.CancelledError):
+            await request
+
+
 async def readyz(proxy: Proxy) -> dict[str, Any]:
     async with aiohttp.ClientSession() as http, http.get(proxy.url + "/readyz") as resp:
         body: dict[str, Any] = await resp.json()
@@ -98,11 +137,9 @@ async def readyz(proxy: Proxy) -> dict[str, Any]:
 async def test_keepalive_comment_is_written_while_the_upstream_is_silent_mid_stream(
     make_proxy: ProxyFactory, fake_openai: FakeOpenAI
 ) -> None:
-    proxy = await make_proxy(openai_routes(fake_openai, "    keepalive: 0.05"))
+    proxy = await make_proxy(openai_routes(fake_openai, keepalive=0.05))
     fake_openai.mode, fake_openai.delay = "silence_mid_stream", 0.5
-    status, _, text = await post(proxy, {"model": "m", "stream": True, "messages": HI})
-    assert status == 200
-    events = events_of(text)
+    events = await committed_stream(proxy)
     silent_at = max(i for i, e in enumerate(events) if '" three"' in e)
     assert events[silent_at + 1] == ": keep-alive"
     assert '"finish_reason":"stop"' in events[-2]
@@ -112,7 +149,7 @@ async def test_keepalive_comment_is_written_while_the_upstream_is_silent_mid_str
 async def test_openai_sdk_reads_a_stream_with_keepalives_as_if_they_were_not_there(
     make_proxy: ProxyFactory, fake_openai: FakeOpenAI
 ) -> None:
-    proxy = await make_proxy(openai_routes(fake_openai, "    keepalive: 0.05"))
+    proxy = await make_proxy(openai_routes(fake_openai, keepalive=0.05))
     fake_openai.mode, fake_openai.delay = "silence_mid_stream", 0.3
     stream = await proxy.client().chat.completions.create(model="m", messages=HI, stream=True)
     chunks = [c async for c in stream]
@@ -123,13 +160,9 @@ async def test_openai_sdk_reads_a_stream_with_keepalives_as_if_they_were_not_the
 async def test_keepalive_commits_the_200_while_the_first_event_is_late(
     make_proxy: ProxyFactory, fake_openai: FakeOpenAI
 ) -> None:
-    proxy = await make_proxy(openai_routes(fake_openai, "    keepalive: 0.05"))
+    proxy = await make_proxy(openai_routes(fake_openai, keepalive=0.05))
     fake_openai.mode, fake_openai.delay = "slow_first_event", 0.5
-    async with aiohttp.ClientSession() as http, http.post(
-        proxy.url + "/v1/chat/completions",
-        json={"model": "m", "stream": True, "messages": HI},
-        headers=AUTH,
-    ) as resp:
+    async with open_stream(proxy) as resp:
         assert resp.status == 200
         # The 200 and a comment arrive while the upstream still has not sent an event.
         assert await resp.content.readline() == b": keep-alive\n"
@@ -141,23 +174,12 @@ async def test_keepalive_commits_the_200_while_the_first_event_is_late(
 
 
 async def test_letta_stream_gets_keepalives_while_the_agent_is_silent(
-    make_proxy: ProxyFactory, letta_pair: tuple[FakeLetta, str, FakeLetta, str]
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
 ) -> None:
-    state, url, _, _ = letta_pair
-    proxy = await make_proxy(f"""
-upstreams:
-  letta: {{kind: letta, url: "{url}", keepalive: 0.05}}
-models:
-  support: {{upstream: letta, agent: support-bot}}
-""")
-    scenario = Scenario(hold_after=1)  # the first ping, then silence until released
-    state.scenarios.append(scenario)
+    # The first ping, then silence until released.
+    proxy, scenario = await letta_holding(make_proxy, letta, 1, ", keepalive: 0.05")
     comments = 0
-    async with aiohttp.ClientSession() as http, http.post(
-        proxy.url + "/v1/chat/completions",
-        json={"model": "support", "stream": True, "messages": HI},
-        headers=AUTH,
-    ) as resp:
+    async with open_stream(proxy, "support") as resp:
         assert resp.status == 200
         # One comment stands for Letta's ping; the others are the proxy's own.
         while comments < 3:
@@ -174,13 +196,9 @@ models:
 async def test_idle_timeout_mid_stream_ends_with_an_error_event_naming_it(
     make_proxy: ProxyFactory, fake_openai: FakeOpenAI
 ) -> None:
-    proxy = await make_proxy(openai_routes(
-        fake_openai, "    keepalive: 0.05\n    timeouts: {idle: 0.2}"
-    ))
+    proxy = await make_proxy(openai_routes(fake_openai, keepalive=0.05, timeouts="{idle: 0.2}"))
     fake_openai.mode, fake_openai.delay = "silence_mid_stream", 5.0
-    status, _, text = await post(proxy, {"model": "m", "stream": True, "messages": HI})
-    assert status == 200
-    events = events_of(text)
+    events = await committed_stream(proxy)
     assert events[-1] == "data: [DONE]"
     assert events[-2].startswith('data: {"error":')
     assert "Upstream 'fake' sent nothing for 0.2 s (timeouts.idle)" in events[-2]
@@ -195,9 +213,9 @@ async def test_first_event_timeout_before_the_commit_is_a_504(
     make_proxy: ProxyFactory, fake_openai: FakeOpenAI, stream: bool
 ) -> None:
     # keepalive longer than first_event: nothing is committed before the timeout fires.
-    proxy = await make_proxy(openai_routes(
-        fake_openai, "    keepalive: 5\n    timeouts: {first_event: 0.2}"
-    ))
+    proxy = await make_proxy(
+        openai_routes(fake_openai, keepalive=5, timeouts="{first_event: 0.2}")
+    )
     fake_openai.mode = "slow_first_event" if stream else "slow_headers"
     fake_openai.delay = 5.0
     with pytest.raises(openai.APIStatusError) as info:
@@ -212,49 +230,33 @@ async def test_first_event_timeout_before_the_commit_is_a_504(
 async def test_first_event_timeout_after_a_keepalive_commit_is_an_error_event(
     make_proxy: ProxyFactory, fake_openai: FakeOpenAI
 ) -> None:
-    proxy = await make_proxy(openai_routes(
-        fake_openai, "    keepalive: 0.05\n    timeouts: {first_event: 0.3}"
-    ))
+    proxy = await make_proxy(
+        openai_routes(fake_openai, keepalive=0.05, timeouts="{first_event: 0.3}")
+    )
     fake_openai.mode, fake_openai.delay = "slow_first_event", 5.0
-    status, _, text = await post(proxy, {"model": "m", "stream": True, "messages": HI})
-    assert status == 200
-    events = events_of(text)
+    events = await committed_stream(proxy)
     assert events[0] == ": keep-alive"
     assert "sent no event within 0.3 s (timeouts.first_event)" in events[-2]
     assert events[-1] == "data: [DONE]"
 
 
 async def test_letta_run_silent_past_idle_ends_with_an_error_event_and_is_cancelled(
-    make_proxy: ProxyFactory, letta_pair: tuple[FakeLetta, str, FakeLetta, str]
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
 ) -> None:
-    state, url, _, _ = letta_pair
-    proxy = await make_proxy(f"""
-upstreams:
-  letta: {{kind: letta, url: "{url}", timeouts: {{idle: 0.2}}}}
-models:
-  support: {{upstream: letta, agent: support-bot}}
-""")
-    state.scenarios.append(Scenario(hold_after=1))
-    status, _, text = await post(proxy, {"model": "support", "stream": True, "messages": HI})
-    assert status == 200
-    events = events_of(text)
+    state, _ = letta
+    proxy, _ = await letta_holding(make_proxy, letta, 1, ", timeouts: {idle: 0.2}")
+    events = await committed_stream(proxy, "support")
     assert "Upstream 'letta' sent nothing for 0.2 s (timeouts.idle)" in events[-2]
     assert events[-1] == "data: [DONE]"
     await wait_for(lambda: RUN_ID in state.cancelled_run_ids)
 
 
 async def test_letta_sync_run_silent_past_first_event_is_a_504(
-    make_proxy: ProxyFactory, letta_pair: tuple[FakeLetta, str, FakeLetta, str]
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
 ) -> None:
-    state, url, _, _ = letta_pair
-    proxy = await make_proxy(f"""
-upstreams:
-  letta: {{kind: letta, url: "{url}", timeouts: {{first_event: 0.2}}}}
-models:
-  support: {{upstream: letta, agent: support-bot}}
-""")
-    scenario = Scenario(hold_after=0)  # the 200, then not even a ping
-    state.scenarios.append(scenario)
+    state, _ = letta
+    # The 200, then not even a ping.
+    proxy, scenario = await letta_holding(make_proxy, letta, 0, ", timeouts: {first_event: 0.2}")
     with pytest.raises(openai.APIStatusError) as info:
         await proxy.client().chat.completions.create(model="support", messages=HI)
     assert info.value.status_code == 504
@@ -331,9 +333,7 @@ async def test_nothing_is_retried_once_the_stream_was_committed(
         pair_routes(fake_openai.url, second_openai, "    timeouts: {idle: 0.2}")
     )
     fake_openai.mode, fake_openai.delay = "silence_mid_stream", 5.0
-    status, _, text = await post(proxy, {"model": "m", "stream": True, "messages": HI})
-    assert status == 200
-    assert "(timeouts.idle)" in events_of(text)[-2]
+    assert "(timeouts.idle)" in (await committed_stream(proxy))[-2]
     assert second_openai.received == []
 
 
@@ -357,10 +357,6 @@ models:
 """
 
 
-def message_posts(state: FakeLetta) -> list[Any]:
-    return [r for r in state.requests if r.method == "POST" and r.path.endswith("/messages")]
-
-
 @pytest.mark.parametrize("stream", [False, True], ids=["sync", "stream"])
 async def test_letta_message_that_may_have_been_acted_on_is_never_sent_again(
     make_proxy: ProxyFactory,
@@ -374,8 +370,8 @@ async def test_letta_message_that_may_have_been_acted_on_is_never_sent_again(
     with pytest.raises(openai.APIStatusError) as info:
         await proxy.client().chat.completions.create(model="support", messages=HI, stream=stream)
     assert info.value.status_code == 502
-    assert len(message_posts(a)) == 1
-    assert message_posts(b) == []
+    assert len(a.message_posts()) == 1
+    assert b.message_posts() == []
 
 
 async def test_letta_message_goes_to_the_next_server_when_the_first_refuses_the_connection(
@@ -385,7 +381,7 @@ async def test_letta_message_goes_to_the_next_server_when_the_first_refuses_the_
     proxy = await make_proxy(letta_pair_routes(f"http://127.0.0.1:{closed_port()}", url_b))
     reply = await proxy.client().chat.completions.create(model="support", messages=HI)
     assert reply.choices[0].message.content == "Echo: token streaming please"
-    assert len(message_posts(b)) == 1
+    assert len(b.message_posts()) == 1
 
 
 # -- circuit breaker -----------------------------------------------------------------------
@@ -485,15 +481,9 @@ async def test_failovers_are_counted_in_metrics(
 async def test_max_concurrency_full_queue_wait_ends_in_429_with_retry_after(
     make_proxy: ProxyFactory, fake_openai: FakeOpenAI
 ) -> None:
-    proxy = await make_proxy(openai_routes(
-        fake_openai, "    max_concurrency: 1\n    queue_timeout: 0.2"
-    ))
+    proxy = await make_proxy(openai_routes(fake_openai, max_concurrency=1, queue_timeout=0.2))
     fake_openai.mode = "stream_hang"
-    async with aiohttp.ClientSession() as http, http.post(
-        proxy.url + "/v1/chat/completions",
-        json={"model": "m", "stream": True, "messages": HI},
-        headers=AUTH,
-    ) as held:
+    async with open_stream(proxy) as held:
         await held.content.readline()
         with pytest.raises(openai.RateLimitError) as info:
             await proxy.client().chat.completions.create(model="m", messages=HI)
@@ -509,9 +499,7 @@ async def test_max_concurrency_full_queue_wait_ends_in_429_with_retry_after(
 async def test_max_concurrency_queued_request_runs_when_a_slot_frees(
     make_proxy: ProxyFactory, fake_openai: FakeOpenAI
 ) -> None:
-    proxy = await make_proxy(openai_routes(
-        fake_openai, "    max_concurrency: 1\n    queue_timeout: 30"
-    ))
+    proxy = await make_proxy(openai_routes(fake_openai, max_concurrency=1, queue_timeout=30))
     fake_openai.mode = "hang"
     client = proxy.client()
     first = asyncio.create_task(client.chat.completions.create(model="m", messages=HI))
@@ -542,18 +530,14 @@ async def test_over_max_connections_is_a_503_with_retry_after_but_probes_still_a
 ) -> None:
     proxy = await make_proxy(openai_routes(fake_openai), max_connections=1)
     fake_openai.mode = "stream_hang"
-    async with aiohttp.ClientSession() as http, http.post(
-        proxy.url + "/v1/chat/completions",
-        json={"model": "m", "stream": True, "messages": HI},
-        headers=AUTH,
-    ) as held:
+    async with open_stream(proxy) as held:
         await held.content.readline()
         status, headers, text = await post(proxy, {"model": "m", "messages": HI})
         assert status == 503
         assert headers["Retry-After"] == "1"
         assert headers["Connection"] == "close"
         assert '"code":"too_many_connections"' in text
-        async with http.get(proxy.url + "/healthz") as probe:
+        async with aiohttp.ClientSession() as http, http.get(proxy.url + "/healthz") as probe:
             assert probe.status == 200
         fake_openai.release.set()
         await held.read()
@@ -568,57 +552,22 @@ async def test_client_leaving_drops_the_openai_upstream_request_within_a_second(
 ) -> None:
     proxy = await make_proxy(openai_routes(fake_openai))
     fake_openai.mode = "stream_hang" if stream else "hang"
-    async with aiohttp.ClientSession() as http:
-        request = asyncio.create_task(http.post(
-            proxy.url + "/v1/chat/completions",
-            json={"model": "m", "stream": stream, "messages": HI},
-            headers=AUTH,
-        ))
+
+    async def reached() -> None:
         await wait_for(lambda: len(fake_openai.received) == 1)
-        if stream:
-            resp = await request
-            await resp.content.readline()
-            resp.close()
-        else:
-            request.cancel()
-        left = time.monotonic()
-        await fake_openai.disconnected.wait()
-        assert time.monotonic() - left < 1.0
-        with contextlib.suppress(asyncio.CancelledError):
-            await request
+
+    await leave_and_time_the_upstream(proxy, "m", stream, reached, fake_openai.disconnected)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["sync", "stream"])
 async def test_client_leaving_drops_the_letta_request_within_a_second_and_cancels_the_run(
-    make_proxy: ProxyFactory, letta_pair: tuple[FakeLetta, str, FakeLetta, str], stream: bool
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str], stream: bool
 ) -> None:
-    state, url, _, _ = letta_pair
-    proxy = await make_proxy(f"""
-upstreams:
-  letta: {{kind: letta, url: "{url}"}}
-models:
-  support: {{upstream: letta, agent: support-bot}}
-""")
-    scenario = Scenario(hold_after=1)
-    state.scenarios.append(scenario)
-    async with aiohttp.ClientSession() as http:
-        request = asyncio.create_task(http.post(
-            proxy.url + "/v1/chat/completions",
-            json={"model": "support", "stream": stream, "messages": HI},
-            headers=AUTH,
-        ))
-        await scenario.held.wait()
-        if stream:
-            resp = await request
-            await resp.content.readline()
-            resp.close()
-        else:
-            request.cancel()
-        left = time.monotonic()
-        await state.disconnect_seen.wait()
-        assert time.monotonic() - left < 1.0
-        with contextlib.suppress(asyncio.CancelledError):
-            await request
+    state, _ = letta
+    proxy, scenario = await letta_holding(make_proxy, letta, 1)
+    await leave_and_time_the_upstream(
+        proxy, "support", stream, scenario.held.wait, state.disconnect_seen
+    )
     await wait_for(lambda: RUN_ID in state.cancelled_run_ids)
 
 

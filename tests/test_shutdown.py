@@ -6,38 +6,40 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from proxy.app import create_app
 from proxy.app_keys import DRAIN
 from proxy.reload import TableHolder
-from tests.conftest import KEY, serving
+from tests.conftest import KEY, serving, start
 from tests.fake_openai import FakeOpenAI
 from tests.processes import eventually, serve_process
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
-def routes_for(**upstreams: FakeOpenAI) -> str:
+def write_routes(tmp_path: Path, **upstreams: FakeOpenAI) -> Path:
+    """A routes file with one model per upstream, named like it."""
     ups = "".join(
         f"  {name}:\n    kind: openai\n    url: {fake.url}/v1\n" for name, fake in upstreams.items()
     )
     models = "".join(f"  {name}:\n    upstream: {name}\n" for name in upstreams)
-    return f"upstreams:\n{ups}models:\n{models}"
+    path = tmp_path / "routes.yaml"
+    path.write_text(f"upstreams:\n{ups}models:\n{models}")
+    return path
 
 
 @pytest.fixture
-async def second_fake() -> AsyncIterator[FakeOpenAI]:
-    fake = FakeOpenAI()
-    async with serving(fake.app()) as url:
-        fake.url = url
-        yield fake
-    fake.release.set()
+def slow_and_fast(
+    fake_openai: FakeOpenAI, second_openai: FakeOpenAI
+) -> tuple[FakeOpenAI, FakeOpenAI]:
+    """Two upstreams whose streams wait after the first event: the test releases `fast` in
+    time and leaves `slow` for the drain deadline to end."""
+    fake_openai.mode = second_openai.mode = "stream_hang"
+    return fake_openai, second_openai
 
 
 async def post_chat(
@@ -49,6 +51,17 @@ async def post_chat(
               "messages": [{"role": "user", "content": "tell me a long story"}]},
         headers=AUTH,
     )
+
+
+async def open_slow_and_fast(
+    http: aiohttp.ClientSession, url: str
+) -> tuple[aiohttp.ClientResponse, aiohttp.ClientResponse]:
+    """Both streams under way (their role chunk received) before the shutdown begins."""
+    slow_resp = await post_chat(http, url, "slow", stream=True)
+    fast_resp = await post_chat(http, url, "fast", stream=True)
+    for resp in (slow_resp, fast_resp):
+        assert json.loads(await next_event(resp))["choices"][0]["delta"]["role"]
+    return slow_resp, fast_resp
 
 
 async def next_event(resp: aiohttp.ClientResponse) -> str:
@@ -94,25 +107,13 @@ async def test_readyz_answers_503_the_moment_the_drain_begins(tmp_path: Path) ->
 
 
 async def test_streams_finish_within_the_deadline_and_the_rest_are_ended_at_it(
-    tmp_path: Path, fake_openai: FakeOpenAI, second_fake: FakeOpenAI
+    tmp_path: Path, slow_and_fast: tuple[FakeOpenAI, FakeOpenAI]
 ) -> None:
-    slow, fast = fake_openai, second_fake
-    slow.mode = fast.mode = "stream_hang"
-    path = tmp_path / "routes.yaml"
-    path.write_text(routes_for(slow=slow, fast=fast))
-    holder = TableHolder(path, (KEY,))
-    app = create_app(holder, drain_timeout=1.0)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    url = f"http://{host}:{port}"
+    slow, fast = slow_and_fast
+    holder = TableHolder(write_routes(tmp_path, slow=slow, fast=fast), (KEY,))
+    runner, url = await start(create_app(holder, drain_timeout=1.0))
     async with aiohttp.ClientSession() as http:
-        slow_resp = await post_chat(http, url, "slow", stream=True)
-        fast_resp = await post_chat(http, url, "fast", stream=True)
-        assert json.loads(await next_event(slow_resp))["choices"][0]["delta"]["role"]
-        assert json.loads(await next_event(fast_resp))["choices"][0]["delta"]["role"]
+        slow_resp, fast_resp = await open_slow_and_fast(http, url)
 
         shutdown = asyncio.create_task(runner.cleanup())
 
@@ -136,18 +137,10 @@ async def test_a_request_waiting_for_its_answer_gets_503_at_the_deadline(
     tmp_path: Path, fake_openai: FakeOpenAI
 ) -> None:
     fake_openai.mode = "hang"
-    path = tmp_path / "routes.yaml"
-    path.write_text(routes_for(slow=fake_openai))
-    app = create_app(TableHolder(path, (KEY,)), drain_timeout=0.1)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
+    holder = TableHolder(write_routes(tmp_path, slow=fake_openai), (KEY,))
+    runner, url = await start(create_app(holder, drain_timeout=0.1))
     async with aiohttp.ClientSession() as http:
-        pending = asyncio.create_task(
-            post_chat(http, f"http://{host}:{port}", "slow", stream=False)
-        )
+        pending = asyncio.create_task(post_chat(http, url, "slow", stream=False))
 
         async def arrived() -> bool:
             return len(fake_openai.received) == 1
@@ -160,18 +153,13 @@ async def test_a_request_waiting_for_its_answer_gets_503_at_the_deadline(
 
 
 async def test_sigterm_drains_the_served_process_and_it_exits_0(
-    tmp_path: Path, fake_openai: FakeOpenAI, second_fake: FakeOpenAI
+    tmp_path: Path, slow_and_fast: tuple[FakeOpenAI, FakeOpenAI]
 ) -> None:
-    slow, fast = fake_openai, second_fake
-    slow.mode = fast.mode = "stream_hang"
-    routes = tmp_path / "routes.yaml"
-    routes.write_text(routes_for(slow=slow, fast=fast))
+    slow, fast = slow_and_fast
+    routes = write_routes(tmp_path, slow=slow, fast=fast)
     async with serve_process(routes, "--drain-timeout", "3") as served, \
             aiohttp.ClientSession() as http:
-        slow_resp = await post_chat(http, served.url, "slow", stream=True)
-        fast_resp = await post_chat(http, served.url, "fast", stream=True)
-        await next_event(slow_resp)
-        await next_event(fast_resp)
+        slow_resp, fast_resp = await open_slow_and_fast(http, served.url)
 
         served.proc.send_signal(signal.SIGTERM)
 

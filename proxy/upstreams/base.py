@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
@@ -29,6 +30,8 @@ class Call:
     key_id: str
     route: ModelSpec | None = None
     session_hint: str | None = None
+    # The task serving the request, for the adapter's Watch (None: the current task).
+    task: asyncio.Task[Any] | None = None
     # Filled in by the adapter: when the upstream answered, for Server-Timing and metrics.
     upstream_ms: float = 0.0
     response_headers: list[tuple[str, str]] = field(default_factory=list)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -53,8 +53,32 @@ _NOT_RELAYED = frozenset(
 )
 
 
-def relayable_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
-    return [(k, v) for k, v in headers.items() if k.lower() not in _NOT_RELAYED]
+def relayable_headers(raw: tuple[tuple[bytes, bytes], ...]) -> list[tuple[str, str]]:
+    """The upstream's response headers that go on to the client, from the raw header lines
+    (the names' verdicts cached: upstreams send the same few names every time)."""
+    out: list[tuple[str, str]] = []
+    for name, value in raw:
+        relayed = _VERDICTS.get(name, _UNSEEN)
+        if relayed is _UNSEEN:
+            relayed = _verdict(name)
+        if relayed is not None:
+            # As aiohttp decodes header bytes, so what is relayed is what the client sent.
+            out.append((relayed, value.decode("utf-8", "surrogateescape")))
+    return out
+
+
+# Raw header name: its str when relayed, None when not. Bounded: names come from upstreams.
+_VERDICTS: dict[bytes, str | None] = {}
+_VERDICTS_MAX = 512
+_UNSEEN = ""
+
+
+def _verdict(name: bytes) -> str | None:
+    text = name.decode("utf-8", "surrogateescape")
+    relayed = None if text.lower() in _NOT_RELAYED else text
+    if len(_VERDICTS) < _VERDICTS_MAX:
+        _VERDICTS[name] = relayed
+    return relayed
 
 
 class OpenAI(Upstream):
@@ -112,7 +136,7 @@ class OpenAI(Upstream):
         started = time.perf_counter()
         # first_event covers the whole answer. A Watch, not asyncio.timeout: it costs no
         # timer of its own while the deadline is far (see proxy/upstreams/watch.py).
-        watch = Watch(self.name, self.spec.timeouts, None, asyncio.get_running_loop().time())
+        watch = Watch(self.name, self.spec.timeouts, None, task=call.task)
         watch.arm()
         watch.waiting = True
         try:
@@ -160,14 +184,14 @@ class OpenAI(Upstream):
             raise UpstreamFailed(
                 f"Upstream '{self.name}' answered with a body that is not a chat completion."
             )
-        call.response_headers = relayable_headers(resp.headers)
+        call.response_headers = relayable_headers(resp.raw_headers)
         return data
 
     async def open_stream(self, call: Call, http: aiohttp.ClientSession) -> EventStream:
         started = time.perf_counter()
         # One watch for the whole answer: first_event until the headers (no keep-alives
         # before the commit), then the stream's deadlines and keep-alives.
-        watch = Watch(self.name, self.spec.timeouts, None, asyncio.get_running_loop().time())
+        watch = Watch(self.name, self.spec.timeouts, None, task=call.task)
         watch.arm()
         watch.waiting = True
         try:
@@ -206,7 +230,7 @@ class OpenAI(Upstream):
                 f"(Content-Type {resp.headers.get('Content-Type', 'missing')!r})."
             )
         call.mark_answered(started)
-        call.response_headers = relayable_headers(resp.headers)
+        call.response_headers = relayable_headers(resp.raw_headers)
         watch.set_keepalive(self.spec.keepalive)
         return EventStream(self._relay(resp, watch), _closer(resp), watch)
 

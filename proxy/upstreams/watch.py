@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from typing import Literal
+from typing import Any, Literal
 
 import aiohttp
 
@@ -92,8 +92,9 @@ def _wheel(loop: asyncio.AbstractEventLoop) -> _Wheel:
 class Watch:
     """Deadlines of one upstream answer, checked by a timer instead of by every read.
 
-    `started` is the loop time the request was sent: `first_event` counts from it, and so
-    does the keep-alive pace, since the client has been waiting from then on. `keepalive`
+    `started` is the loop time the request was sent (now, when None): `first_event` counts
+    from it, and so does the keep-alive pace, since the client has been waiting from then on.
+    `task` is the request's task, the one that reads and that a deadline interrupts. `keepalive`
     None means no keep-alives (an answer that is not streamed to the client).
     """
 
@@ -117,9 +118,18 @@ class Watch:
     )
 
     def __init__(
-        self, upstream: str, timeouts: Timeouts, keepalive: float | None, started: float
+        self,
+        upstream: str,
+        timeouts: Timeouts,
+        keepalive: float | None,
+        started: float | None = None,
+        task: asyncio.Task[Any] | None = None,
     ) -> None:
-        loop = asyncio.get_running_loop()
+        # From the task when given: get_running_loop() costs a getpid() system call on
+        # Python 3.11, and this runs once per upstream request.
+        loop = task.get_loop() if task is not None else asyncio.get_running_loop()
+        if started is None:
+            started = loop.time()
         self._loop = loop
         self._time = loop.time
         self.upstream = upstream
@@ -134,15 +144,16 @@ class Watch:
         # True only while the task is suspended in `read()`: the one place it may be cancelled.
         self.waiting = False
         self._fired: Reason | None = None
-        self._task: asyncio.Task[object] | None = None
+        self._task: asyncio.Task[Any] | None = task
         # A timer of its own, due at `_when`; or none while parked in the wheel (or disarmed).
         self._handle: asyncio.TimerHandle | None = None
         self._when = 0.0
         self._wheel = _wheel(loop)
 
     def arm(self) -> None:
-        """Starts the timer; the current task is the one that will read."""
-        self._task = asyncio.current_task()
+        """Starts the timer; the task given, or else the current one, is the one that reads."""
+        if self._task is None:
+            self._task = asyncio.current_task(self._loop)
         self._schedule()
 
     def _schedule(self) -> None:

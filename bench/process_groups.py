@@ -1,0 +1,56 @@
+"""The servers a benchmark starts, each in a session of its own: Ctrl-C then reaches only the
+benchmark, and stopping a server ends its whole process group, workers it forked included.
+
+Imported by the scripts as `process_groups`: running `python bench/X.py` puts bench/ on
+sys.path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_in_session(
+    cmd: Sequence[str], log_path: Path, env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """Starts `cmd` with stdout and stderr in `log_path`; `env` is its whole environment
+    (None: this process's)."""
+    with log_path.open("wb") as out:
+        return subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env, cwd=cwd, start_new_session=True,
+        )
+
+
+def signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+
+
+def wait_or_kill(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """Gives `proc` `grace` seconds to exit, then kills its group."""
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        signal_group(proc, signal.SIGKILL)
+        proc.wait(timeout=5)
+
+
+def stop_group(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM to the group of a running `proc`; SIGKILL if it is still there after `grace` s."""
+    if proc.poll() is None:
+        signal_group(proc, signal.SIGTERM)
+        wait_or_kill(proc, grace)
