@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import aiohttp
@@ -327,6 +328,25 @@ async def test_x_api_key_header_and_any_case_bearer_are_accepted(proxy: Proxy) -
         for headers in ({"X-Api-Key": KEY}, {"Authorization": f"bEaReR {KEY}"}):
             async with http.get(proxy.url + "/v1/models", headers=headers) as resp:
                 assert resp.status == 200
+
+
+async def test_a_wrong_key_is_refused_after_the_right_one_was_accepted(proxy: Proxy) -> None:
+    # The right header is remembered once accepted: a near miss must still be checked.
+    async with aiohttp.ClientSession() as http:
+        for key, status in ((KEY, 200), (KEY[:-1] + "x", 401), (KEY + "x", 401), (KEY, 200)):
+            headers = {"Authorization": f"Bearer {key}"}
+            async with http.get(proxy.url + "/v1/models", headers=headers) as resp:
+                assert resp.status == status, key
+
+
+async def test_generated_request_ids_differ_from_request_to_request(proxy: Proxy) -> None:
+    async with aiohttp.ClientSession() as http:
+        ids = set()
+        for _ in range(20):
+            async with http.get(proxy.url + "/healthz") as resp:
+                ids.add(resp.headers["X-Request-Id"])
+    assert len(ids) == 20
+    assert all(re.fullmatch(r"req_[0-9a-f]{24,}", i) for i in ids)
 
 
 async def test_echo_model_answers_sync_and_stream_with_usage(proxy: Proxy) -> None:

@@ -232,3 +232,29 @@ async def test_asyncio_tasks_gauge_counts_the_loops_tasks_at_scrape_time(
         return now is not None and now <= idle
 
     await eventually(back_to_idle, "the stream's tasks to end")
+
+
+def test_figures_added_up_between_scrapes_land_in_the_buckets_observe_would_use() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from proxy.metrics import Exchange, Metrics
+
+    metrics = Metrics(CollectorRegistry())
+    for duration in (0.3, 0.25, 400.0):  # inside a bucket, on a bound, past the last
+        ex = Exchange(0.0, "req_x")
+        ex.route, ex.upstream, ex.status = "m", "u", 200
+        metrics.observe(ex, duration, 0.0002)
+    metrics.flush()
+    metrics.flush()  # a second flush adds nothing twice
+    text = generate_latest(metrics.registry).decode()
+    bucket = "agentproxy_request_duration_seconds_bucket"
+    assert value(text, bucket, model="m", upstream="u", le="0.1") == 0
+    assert value(text, bucket, model="m", upstream="u", le="0.25") == 1
+    assert value(text, bucket, model="m", upstream="u", le="0.5") == 2
+    assert value(text, bucket, model="m", upstream="u", le="300.0") == 2
+    assert value(text, bucket, model="m", upstream="u", le="+Inf") == 3
+    assert value(text, "agentproxy_request_duration_seconds_sum", model="m", upstream="u") == (
+        pytest.approx(400.55)
+    )
+    assert value(text, "agentproxy_requests_total", model="m", upstream="u", status="200") == 3
+    assert value(text, "agentproxy_overhead_seconds_bucket", le="0.00025") == 3

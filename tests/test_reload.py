@@ -9,8 +9,10 @@ import os
 import shutil
 import signal
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -76,6 +78,30 @@ async def test_an_edit_reaches_new_requests_and_readyz_shows_the_new_version(
     reply = await proxy.client().chat.completions.create(
         model="second", messages=[{"role": "user", "content": "hi"}]
     )
+    assert reply.choices[0].message.content == "hi"
+
+
+async def test_a_key_an_edit_removes_is_refused_though_it_was_just_accepted(
+    make_proxy: ProxyFactory,
+) -> None:
+    leaving = "sk-leaving-000000000000"
+    proxy = await make_proxy(
+        echo_routes("first") + f"auth:\n  keys:\n    - key: {leaving}\n", reload_interval=FAST
+    )
+    hi: list[Any] = [{"role": "user", "content": "hi"}]
+    # Accepted once: the proxy now remembers this Authorization header.
+    await proxy.client(leaving).chat.completions.create(model="first", messages=hi)
+    proxy.routes.write_text(echo_routes("first"))
+
+    async def refused() -> bool:
+        try:
+            await proxy.client(leaving).chat.completions.create(model="first", messages=hi)
+        except openai.AuthenticationError:
+            return True
+        return False
+
+    await eventually(refused, "the removed key to be refused")
+    reply = await proxy.client().chat.completions.create(model="first", messages=hi)
     assert reply.choices[0].message.content == "hi"
 
 
