@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Callable
 
 from proxy.errors import (
     ProxyError,
@@ -30,8 +29,6 @@ from proxy.errors import (
     UpstreamUnavailable,
 )
 from proxy.upstreams.base import Call, Upstream
-
-T = TypeVar("T")
 
 # The upstream is not working: counted by its circuit breaker.
 FAILURES = (UpstreamUnavailable, UpstreamFailed, UpstreamTimeout)
@@ -55,71 +52,105 @@ def plan(upstreams: tuple[Upstream, ...], now: float) -> list[Upstream]:
     return [min(upstreams, key=lambda u: u.health.last_failure)]
 
 
-async def serve(
-    upstreams: tuple[Upstream, ...],
-    call: Call,
-    attempt: Callable[[Upstream], Awaitable[T]],
-    on_error: Callable[[Upstream, ProxyError], None],
-    on_failover: Callable[[Upstream], None],
-) -> tuple[T, Upstream]:
-    """The first answer an upstream gives, and that upstream, which holds a concurrency
-    slot until the caller calls `upstream.health.release()`."""
-    busy: list[Upstream] = []
-    failed: Upstream | None = None
-    last: ProxyError | None = None
-    order = plan(upstreams, time.monotonic())
-    queued = False
-    i = 0
-    while True:
-        # The next upstream with a free slot; when none is left, the queue of the first busy
-        # one, once.
-        if i < len(order):
-            upstream = order[i]
-            i += 1
-            health = upstream.health
-            if not health.try_acquire():
-                busy.append(upstream)
-                continue
-        elif busy and not queued:
-            upstream = busy[0]
-            health = upstream.health
-            queued = True
-            if not await health.acquire(health.queue_timeout):
-                retry = max(1, math.ceil(health.queue_timeout))
-                raise UpstreamBusy(
-                    f"Upstream '{upstream.name}' is busy: {health.limit} requests are running "
-                    f"(max_concurrency) and none finished within {health.queue_timeout:g} s "
-                    "(queue_timeout). Retry later.",
-                    headers={"Retry-After": str(retry)},
-                )
+class Failover:
+    """The rules above for one request, as a state machine the handler drives:
+
+        failover = Failover(route.upstreams, call, on_error, on_failover)
+        while True:
+            upstream = failover.next() or await failover.queue()
+            try:
+                result = await attempt(upstream)
+            except BaseException as exc:
+                if failover.retry(upstream, exc):
+                    continue
+                raise
+            failover.succeeded(upstream)
+            break
+
+    The upstream returned holds a concurrency slot until the caller calls
+    `upstream.health.release()`. A loop in the handler, not a coroutine that runs the
+    attempts: every coroutine layer is paid again at each suspension of the request.
+    """
+
+    __slots__ = (
+        "_busy", "_call", "_failed", "_i", "_last", "_on_error", "_on_failover", "_order",
+        "_probe", "_queued",
+    )
+
+    def __init__(
+        self,
+        upstreams: tuple[Upstream, ...],
+        call: Call,
+        on_error: Callable[[Upstream, ProxyError], None],
+        on_failover: Callable[[Upstream], None],
+    ) -> None:
+        self._order = plan(upstreams, time.monotonic())
+        self._call = call
+        self._on_error = on_error
+        self._on_failover = on_failover
+        self._i = 0
+        self._busy: list[Upstream] = []
+        self._queued = False
+        self._failed: Upstream | None = None
+        self._last: ProxyError | None = None
+        self._probe = False
+
+    def next(self) -> Upstream | None:
+        """The next upstream with a free slot, its slot taken; None when only the queue of
+        the first busy one is left (call `queue`). Raises the last error when none is left."""
+        order = self._order
+        while self._i < len(order):
+            upstream = order[self._i]
+            self._i += 1
+            if upstream.health.try_acquire():
+                return self._begin(upstream)
+            self._busy.append(upstream)
+        if self._busy and not self._queued:
+            return None
+        assert self._last is not None
+        raise self._last
+
+    async def queue(self) -> Upstream:
+        """The first busy upstream, once a slot frees up within its queue_timeout; once."""
+        upstream = self._busy[0]
+        health = upstream.health
+        self._queued = True
+        if not await health.acquire(health.queue_timeout):
+            retry = max(1, math.ceil(health.queue_timeout))
+            raise UpstreamBusy(
+                f"Upstream '{upstream.name}' is busy: {health.limit} requests are running "
+                f"(max_concurrency) and none finished within {health.queue_timeout:g} s "
+                "(queue_timeout). Retry later.",
+                headers={"Retry-After": str(retry)},
+            )
+        return self._begin(upstream)
+
+    def _begin(self, upstream: Upstream) -> Upstream:
+        if self._failed is not None:
+            upstream_failed = self._failed
+            upstream_failed.health.failovers += 1
+            self._on_failover(upstream_failed)
+        self._probe = upstream.health.begin()
+        self._call.delivered = False
+        return upstream
+
+    def retry(self, upstream: Upstream, exc: BaseException) -> bool:
+        """After an attempt raised `exc`: its slot given back and its circuit told; True when
+        the next upstream may take the request, False when `exc` must go to the client."""
+        health = upstream.health
+        health.release()
+        if is_failure(exc):
+            health.failed(time.monotonic())
         else:
-            assert last is not None
-            raise last
-        if failed is not None:
-            _failed_over(failed, on_failover)
-        # One try, with its slot taken: the slot is given back unless it succeeds. (Inline,
-        # not a helper coroutine: each coroutine layer costs at every suspension.)
-        probe = health.begin()
-        call.delivered = False
-        try:
-            result = await attempt(upstream)
-        except BaseException as exc:
-            health.release()
-            if is_failure(exc):
-                health.failed(time.monotonic())
-            else:
-                health.abandoned(probe)
-            if not isinstance(exc, ProxyError):
-                raise
-            on_error(upstream, exc)
-            if queued or call.delivered or not isinstance(exc, _PASS_ON):
-                raise
-            last, failed = exc, upstream
-            continue
-        health.succeeded()
-        return result, upstream
+            health.abandoned(self._probe)
+        if not isinstance(exc, ProxyError):
+            return False
+        self._on_error(upstream, exc)
+        if self._queued or self._call.delivered or not isinstance(exc, _PASS_ON):
+            return False
+        self._last, self._failed = exc, upstream
+        return True
 
-
-def _failed_over(upstream: Upstream, on_failover: Callable[[Upstream], None]) -> None:
-    upstream.health.failovers += 1
-    on_failover(upstream)
+    @staticmethod
+    def succeeded(upstream: Upstream) -> None:
+        upstream.health.succeeded()

@@ -16,7 +16,7 @@ from proxy.app_keys import DRAIN, EXCHANGE, HTTP, METRICS, TABLES
 from proxy.auth import Grant
 from proxy.chat_request import check_content_type, parse_chat_request
 from proxy.errors import InternalError, InvalidRequest, ProxyError
-from proxy.failover import is_failure, serve
+from proxy.failover import Failover, is_failure
 from proxy.metrics import Exchange, has_token
 from proxy.routing import RouteTable
 from proxy.sessions import session_hint
@@ -151,17 +151,32 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     def on_failover(upstream: Upstream) -> None:
         metrics.failover(upstream.name)
 
+    failover = Failover(route.upstreams, call, on_error, on_failover)
     if not chat.stream:
-        body, upstream = await serve(
-            route.upstreams, call, lambda up: up.complete(call, http), on_error, on_failover
-        )
+        while True:
+            upstream = failover.next() or await failover.queue()
+            try:
+                body = await upstream.complete(call, http)
+            except BaseException as exc:
+                if failover.retry(upstream, exc):
+                    continue
+                raise
+            break
+        failover.succeeded(upstream)
         upstream.health.release()
         exchange.upstream = upstream.name
         exchange.upstream_ms = call.upstream_ms
         return web.Response(body=body, headers=[_JSON_TYPE, *call.response_headers])
-    (events, first), upstream = await serve(
-        route.upstreams, call, lambda up: _open_stream(up, call, http), on_error, on_failover
-    )
+    while True:
+        upstream = failover.next() or await failover.queue()
+        try:
+            events, first = await _open_stream(upstream, call, http)
+        except BaseException as exc:
+            if failover.retry(upstream, exc):
+                continue
+            raise
+        break
+    failover.succeeded(upstream)
     exchange.upstream = upstream.name
     exchange.upstream_ms = call.upstream_ms
     try:

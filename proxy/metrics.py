@@ -204,17 +204,24 @@ class Metrics:
         if overhead is not None:
             self._overhead.add(overhead)
         if self.multiprocess_dir:
-            self.flush()
+            # Only what this request touched: the other tallies hold nothing.
+            tally.flush()
+            self._overhead.flush()
 
     def stream_opened(self) -> None:
         self._open += 1
         if self.multiprocess_dir:
-            self.flush()
+            self._flush_open()
 
     def stream_closed(self) -> None:
         self._open -= 1
         if self.multiprocess_dir:
-            self.flush()
+            self._flush_open()
+
+    def _flush_open(self) -> None:
+        if self._open != self._open_flushed:
+            self._open_flushed = self._open
+            self.open_streams.set(self._open)
 
     def flush(self) -> None:
         """Hands what was added up since the last flush to prometheus_client. On the event
@@ -222,9 +229,7 @@ class Metrics:
         for tally in self._pending.values():
             tally.flush()
         self._overhead.flush()
-        if self._open != self._open_flushed:
-            self._open_flushed = self._open
-            self.open_streams.set(self._open)
+        self._flush_open()
 
     def upstream_error(self, upstream: str, code: str | None) -> None:
         self.upstream_errors.labels(upstream, code or "error").inc()
