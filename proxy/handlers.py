@@ -152,25 +152,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         metrics.failover(upstream.name)
 
     failover = Failover(route.upstreams, call, on_error, on_failover)
-    if not chat.stream:
-        while True:
-            upstream = failover.next() or await failover.queue()
-            try:
-                body = await upstream.complete(call, http)
-            except BaseException as exc:
-                if failover.retry(upstream, exc):
-                    continue
-                raise
-            break
-        failover.succeeded(upstream)
-        upstream.health.release()
-        exchange.upstream = upstream.name
-        exchange.upstream_ms = call.upstream_ms
-        return web.Response(body=body, headers=[_JSON_TYPE, *call.response_headers])
     while True:
         upstream = failover.next() or await failover.queue()
         try:
-            events, first = await _open_stream(upstream, call, http)
+            if chat.stream:
+                events, first = await _open_stream(upstream, call, http)
+            else:
+                body = await upstream.complete(call, http)
         except BaseException as exc:
             if failover.retry(upstream, exc):
                 continue
@@ -179,6 +167,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     failover.succeeded(upstream)
     exchange.upstream = upstream.name
     exchange.upstream_ms = call.upstream_ms
+    if not chat.stream:
+        upstream.health.release()
+        return web.Response(body=body, headers=[_JSON_TYPE, *call.response_headers])
     try:
         return await _relay_stream(request, call, events, first, upstream)
     finally:

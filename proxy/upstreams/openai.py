@@ -132,25 +132,55 @@ class OpenAI(Upstream):
             return _total_exceeded(self.name, self.spec.timeouts.total)
         return connection_error(self.name, exc)
 
-    async def complete(self, call: Call, http: aiohttp.ClientSession) -> bytes:
-        started = time.perf_counter()
-        # first_event covers the whole answer. A Watch, not asyncio.timeout: it costs no
-        # timer of its own while the deadline is far (see proxy/upstreams/watch.py).
+    def _watch(self, call: Call) -> Watch:
+        """One watch for the whole answer, armed and waiting for the upstream: first_event
+        until the answer (a sync one whole), then a stream's deadlines and keep-alives. A
+        Watch, not asyncio.timeout: it costs no timer of its own while the deadline is far
+        (see proxy/upstreams/watch.py)."""
         watch = Watch(self.name, self.spec.timeouts, None, task=call.task)
         watch.arm()
         watch.waiting = True
+        return watch
+
+    def _post(
+        self, call: Call, http: aiohttp.ClientSession
+    ) -> Awaitable[aiohttp.ClientResponse]:
+        # aiohttp's own awaitable, returned unawaited: the caller awaits it in place, since a
+        # helper coroutine would be one more layer to pass at each suspension of the request.
+        return http.post(
+            self.chat_url,
+            data=self._payload(call),
+            headers=self._request_headers(call),
+            timeout=self._timeout,
+        )
+
+    def _interrupted(
+        self, exc: BaseException, watch: Watch, resp: aiohttp.ClientResponse | None
+    ) -> BaseException:
+        """What an exception out of sending a request (`resp` None) or reading its answer
+        means to the client (`exc` itself when it already says it); the watch is disarmed."""
+        watch.waiting = False
+        expired = isinstance(exc, asyncio.CancelledError) and watch.expired() is not None
+        watch.disarm()
+        if expired:
+            return self._timed_out("first_event", self._first_event)
+        if resp is None and isinstance(exc, (TimeoutError, aiohttp.ClientError)):
+            return self._unanswered(exc)
+        if isinstance(exc, TimeoutError):
+            return _total_exceeded(self.name, self.spec.timeouts.total)
+        if isinstance(exc, aiohttp.ClientError):
+            # An answer under way broke: cut short, or a Content-Encoding it does not have.
+            return UpstreamFailed(
+                f"Upstream '{self.name}' closed the connection in the middle of the answer."
+            )
+        return exc
+
+    async def complete(self, call: Call, http: aiohttp.ClientSession) -> bytes:
+        started = time.perf_counter()
+        watch = self._watch(call)
+        resp = None
         try:
-            # The request is sent here, not in a helper coroutine: every coroutine layer
-            # costs again at each suspension of the request.
-            try:
-                resp = await http.post(
-                    self.chat_url,
-                    data=self._payload(call),
-                    headers=self._request_headers(call),
-                    timeout=self._timeout,
-                )
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                raise self._unanswered(exc) from None
+            resp = await self._post(call, http)
             try:
                 if resp.status >= 300:
                     raise error_from_response(
@@ -159,22 +189,13 @@ class OpenAI(Upstream):
                 data = await read_answer(resp, self.name)
             finally:
                 resp.release()
-        except asyncio.CancelledError:
-            watch.waiting = False
-            if watch.expired() is None:
+        except BaseException as exc:
+            failure = self._interrupted(exc, watch, resp)
+            if failure is exc:
                 raise
-            raise self._timed_out("first_event", self._first_event) from None
-        except TimeoutError:
-            raise _total_exceeded(self.name, self.spec.timeouts.total) from None
-        except aiohttp.ClientError:
-            # The failures to connect are mapped above; this one broke an answer under way
-            # (cut short, or a Content-Encoding it does not have): the upstream failed.
-            raise UpstreamFailed(
-                f"Upstream '{self.name}' closed the connection in the middle of the answer."
-            ) from None
-        finally:
-            watch.waiting = False
-            watch.disarm()
+            raise failure from None
+        watch.waiting = False
+        watch.disarm()
         call.mark_answered(started)
         try:
             parsed = orjson.loads(data)
@@ -189,21 +210,10 @@ class OpenAI(Upstream):
 
     async def open_stream(self, call: Call, http: aiohttp.ClientSession) -> EventStream:
         started = time.perf_counter()
-        # One watch for the whole answer: first_event until the headers (no keep-alives
-        # before the commit), then the stream's deadlines and keep-alives.
-        watch = Watch(self.name, self.spec.timeouts, None, task=call.task)
-        watch.arm()
-        watch.waiting = True
+        resp = None
+        watch = self._watch(call)
         try:
-            try:
-                resp = await http.post(
-                    self.chat_url,
-                    data=self._payload(call),
-                    headers=self._request_headers(call),
-                    timeout=self._timeout,
-                )
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                raise self._unanswered(exc) from None
+            resp = await self._post(call, http)
             if resp.status >= 300:
                 try:
                     body = await read_error_body(resp)
@@ -211,16 +221,10 @@ class OpenAI(Upstream):
                     resp.release()
                 raise error_from_response(self.name, resp.status, body, resp.headers)
         except BaseException as exc:
-            watch.waiting = False
-            expired = isinstance(exc, asyncio.CancelledError) and watch.expired() is not None
-            watch.disarm()
-            if expired:
-                raise self._timed_out("first_event", self._first_event) from None
-            if isinstance(exc, TimeoutError):
-                raise _total_exceeded(self.name, self.spec.timeouts.total) from None
-            if isinstance(exc, aiohttp.ClientError):
-                raise connection_error(self.name, exc) from None
-            raise
+            failure = self._interrupted(exc, watch, resp)
+            if failure is exc:
+                raise
+            raise failure from None
         watch.waiting = False
         if not resp.headers.get("Content-Type", "").startswith("text/event-stream"):
             resp.close()
