@@ -1,4 +1,4 @@
-"""create_app(): middlewares, routes and the one outgoing ClientSession."""
+"""create_app(): the front around every handler, routes and the one outgoing ClientSession."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Prometheus metrics, the per-request record they are made from, and the access log line.
 
 Every chat request fills one `Exchange` as it goes (model, upstream, first token, status);
-the outermost middleware hands it to `Metrics.observe` and to `log_exchange` when the request
-ends, so the handlers never talk to Prometheus on the hot path themselves.
+the front wrapper (proxy/app.py) hands it to `Metrics.observe` and to `log_exchange` when the
+request ends, so the handlers never talk to Prometheus on the hot path themselves.
 
 With `--workers N` the parent process sets PROMETHEUS_MULTIPROC_DIR before it starts the
 workers, so prometheus_client keeps every value in a file per process there; `/metrics` in any
