@@ -79,7 +79,7 @@ class Authenticator:
             seen = self._seen.get(authorization)
             if seen is not None:
                 return seen
-        presented = _presented_key(authorization, x_api_key)
+        presented, from_bearer = _presented_key(authorization, x_api_key)
         if presented is None:
             if self.open:
                 return OPEN_GRANT
@@ -92,7 +92,7 @@ class Authenticator:
         raw = presented.encode("utf-8", "surrogateescape")
         found = self._by_digest.get(hashlib.sha256(raw).digest())
         if found is not None and hmac.compare_digest(found[0], raw):
-            if authorization and _BEARER.match(authorization):
+            if from_bearer and authorization:
                 if len(self._seen) >= _SEEN_MAX:
                     self._seen.clear()
                 self._seen[authorization] = found[1]
@@ -102,14 +102,17 @@ class Authenticator:
         raise AuthenticationFailed(f"Incorrect API key provided: {_redact(presented)}.")
 
 
-def _presented_key(authorization: str | None, x_api_key: str | None) -> str | None:
+def _presented_key(
+    authorization: str | None, x_api_key: str | None
+) -> tuple[str | None, bool]:
+    """The key presented, and whether it came from the Authorization header."""
     if authorization:
         m = _BEARER.match(authorization)
         if m:
-            return m.group(1)
+            return m.group(1), True
     if x_api_key and x_api_key.strip():
-        return x_api_key.strip()
-    return None
+        return x_api_key.strip(), False
+    return None, False
 
 
 def _redact(key: str) -> str:

@@ -126,10 +126,10 @@ class Failover:
         return self._begin(upstream)
 
     def _begin(self, upstream: Upstream) -> Upstream:
-        if self._failed is not None:
-            upstream_failed = self._failed
-            upstream_failed.health.failovers += 1
-            self._on_failover(upstream_failed)
+        failed = self._failed
+        if failed is not None:
+            failed.health.failovers += 1
+            self._on_failover(failed)
         self._probe = upstream.health.begin()
         self._call.delivered = False
         return upstream

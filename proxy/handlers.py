@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterable
 from contextlib import aclosing
 from typing import Any
 
@@ -47,8 +48,10 @@ def stamp_headers(exchange: Exchange, response: web.StreamResponse) -> float:
     return proxy / 1000.0
 
 
-def json_response(body: bytes, status: int = 200) -> web.Response:
-    return web.Response(body=body, status=status, content_type="application/json")
+def json_response(
+    body: bytes, status: int = 200, headers: Iterable[tuple[str, str]] = ()
+) -> web.Response:
+    return web.Response(body=body, status=status, headers=[_JSON_TYPE, *headers])
 
 
 def _authenticate(request: web.Request, table: RouteTable) -> Grant:
@@ -169,7 +172,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     exchange.upstream_ms = call.upstream_ms
     if not chat.stream:
         upstream.health.release()
-        return web.Response(body=body, headers=[_JSON_TYPE, *call.response_headers])
+        return json_response(body, headers=call.response_headers)
     try:
         return await _relay_stream(request, call, events, first, upstream)
     finally:

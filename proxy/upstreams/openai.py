@@ -158,7 +158,8 @@ class OpenAI(Upstream):
         self, exc: BaseException, watch: Watch, resp: aiohttp.ClientResponse | None
     ) -> BaseException:
         """What an exception out of sending a request (`resp` None) or reading its answer
-        means to the client (`exc` itself when it already says it); the watch is disarmed."""
+        means to the client (`exc` itself when it already says it, as the proxy's own errors
+        and a client's cancellation do); the watch is disarmed."""
         watch.waiting = False
         expired = isinstance(exc, asyncio.CancelledError) and watch.expired() is not None
         watch.disarm()
@@ -190,10 +191,7 @@ class OpenAI(Upstream):
             finally:
                 resp.release()
         except BaseException as exc:
-            failure = self._interrupted(exc, watch, resp)
-            if failure is exc:
-                raise
-            raise failure from None
+            raise self._interrupted(exc, watch, resp) from None
         watch.waiting = False
         watch.disarm()
         call.mark_answered(started)
@@ -221,10 +219,7 @@ class OpenAI(Upstream):
                     resp.release()
                 raise error_from_response(self.name, resp.status, body, resp.headers)
         except BaseException as exc:
-            failure = self._interrupted(exc, watch, resp)
-            if failure is exc:
-                raise
-            raise failure from None
+            raise self._interrupted(exc, watch, resp) from None
         watch.waiting = False
         if not resp.headers.get("Content-Type", "").startswith("text/event-stream"):
             resp.close()
