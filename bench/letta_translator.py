@@ -20,9 +20,10 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from proxy.chunks import Comment  # noqa: E402
 from proxy.openai_types import ChunkFactory  # noqa: E402
 from proxy.sse import SSEDecoder  # noqa: E402
-from proxy.upstreams.letta_translator import Comment, LettaTranslator  # noqa: E402
+from proxy.upstreams.letta_translator import LettaTranslator  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures" / "letta"
 _TIMESTAMP = re.compile(rb"^\d\d:\d\d:\d\d\t", re.MULTILINE)

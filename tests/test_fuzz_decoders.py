@@ -25,10 +25,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxy.chunks import Out
 from proxy.errors import ProxyError
 from proxy.openai_types import ChunkFactory
 from proxy.sse import Event, SSEDecoder, SSEError
-from proxy.upstreams.letta_translator import LettaTranslator, Out
+from proxy.upstreams.letta_translator import LettaTranslator
 from proxy.upstreams.openai import _RelayState
 from tests.fake_letta import FIXTURES, sse_events
 

@@ -7,16 +7,14 @@ from typing import Any
 import orjson
 import pytest
 
+from proxy.chunks import KEEP_ALIVE, Comment, Out
 from proxy.errors import UpstreamFailed
 from proxy.openai_types import ChatChunk, ChunkFactory, Usage, accumulate
 from proxy.sse import Event, SSEDecoder
 from proxy.upstreams.letta_translator import (
     ERROR_STOP_REASONS,
     FINISH_REASONS,
-    KEEP_ALIVE,
-    Comment,
     LettaTranslator,
-    Out,
     letta_usage,
 )
 from tests.fake_letta import sse_events

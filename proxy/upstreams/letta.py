@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from proxy.chunks import KEEP_ALIVE, Comment, Out
 from proxy.config import UpstreamSpec
 from proxy.errors import ModelNotFound, ProxyError, UpstreamFailed, UpstreamTimeout
 from proxy.openai_types import ChatChunk, ChunkFactory, accumulate
@@ -38,7 +39,7 @@ from proxy.upstreams.letta_request import (
     session_summary,
     to_letta_messages,
 )
-from proxy.upstreams.letta_translator import KEEP_ALIVE, Comment, LettaTranslator, Out
+from proxy.upstreams.letta_translator import LettaTranslator
 from proxy.upstreams.watch import Watch
 
 log = logging.getLogger(__name__)

@@ -13,26 +13,14 @@ OpenAI client would try to execute itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Final, TypeAlias
+from typing import Any, Final
 
 import orjson
 
+from proxy.chunks import KEEP_ALIVE, Out
 from proxy.errors import UpstreamFailed
 from proxy.openai_types import ChatChunk, ChunkFactory, Usage, make_usage
 from proxy.sse import Event
-
-
-@dataclass(frozen=True, slots=True)
-class Comment:
-    """An SSE comment line for the client (`: keep-alive`), not a data event."""
-
-    text: str = "keep-alive"
-
-
-KEEP_ALIVE: Final = Comment()
-
-Out: TypeAlias = ChatChunk | Comment
 
 # Letta stop_reason -> OpenAI finish_reason. A reason missing here ends the stream with an
 # error event instead of a finish chunk.
