@@ -9,39 +9,37 @@ import aiohttp
 from proxy.config import Config, Problem
 from proxy.errors import ProxyError
 from proxy.routing import RouteTable
-from proxy.upstreams.letta import Letta
+from proxy.upstreams.kinds import declaration
 
 
 async def probe(config: Config) -> list[Problem]:
-    """Problems found by contacting the upstreams: unreachable ones, agents that don't resolve."""
+    """Problems found by contacting the upstreams: unreachable ones, and routes their kind
+    finds wrong (a Letta agent that does not resolve)."""
     table = RouteTable(config)
     problems: list[Problem] = []
     async with aiohttp.ClientSession(trust_env=False) as http:
 
         async def check_upstream(name: str) -> None:
-            upstream = table.upstreams[name]
-            if upstream.kind == "echo":
+            spec = config.upstreams[name]
+            if spec.url is None:  # nothing to contact (echo)
                 return
             try:
-                await upstream.list_models(http)
+                await table.upstreams[name].list_models(http)
             except ProxyError as exc:
-                spec = config.upstreams[name]
                 problems.append(Problem(config.source, spec.line, f"upstreams.{name}", exc.message))
 
-        async def check_agent(route_index: int) -> None:
+        async def check_route(route_index: int) -> None:
             route = table.routes[route_index]
             spec = route.spec
-            upstream = route.upstreams[0]
-            if not isinstance(upstream, Letta) or spec.agent is None:
+            kind = declaration(config.upstreams[spec.upstreams[0]].kind)
+            if kind.probe_route is None:
                 return
-            try:
-                await upstream.agent_id(spec.agent, http, spec.name, wildcard=False)
-            except ProxyError as exc:
-                path = f"models.{spec.name}.agent"
-                problems.append(Problem(config.source, spec.line, path, exc.message))
+            for key, message in await kind.probe_route(route.upstreams[0], spec, http):
+                path = f"models.{spec.name}.{key}"
+                problems.append(Problem(config.source, spec.line, path, message))
 
         await asyncio.gather(
             *(check_upstream(name) for name in table.upstreams),
-            *(check_agent(i) for i in range(len(table.routes))),
+            *(check_route(i) for i in range(len(table.routes))),
         )
     return sorted(problems, key=lambda p: p.line)

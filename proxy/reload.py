@@ -9,19 +9,28 @@ anew each time, so the kubelet's ConfigMap update (it swaps the directory's `..d
 and no event ever names the file) is seen like an edit in place; network and FUSE volumes,
 which give no events at all, work the same; and reading a few kilobytes once a second costs
 nothing next to the kubelet's own propagation delay of up to a minute or more.
+
+Reading and parsing run on a daemon thread of their own, never on the event loop and never in
+the loop's default executor: the read is bounded (proxy/config/source.py: 4 MiB, a timeout for
+pipes and devices), but a read stuck in the kernel (a dead network volume) can outlive any
+timeout, and a thread in the default executor would then hold the process's exit forever.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import functools
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
-from proxy.config import Config, ConfigError, load_config, parse_config
+from proxy.config import Config, ConfigError, Problem, parse_config
+from proxy.config.source import READ_TIMEOUT, decode_source, read_source
 from proxy.routing import RouteTable
 
 log = logging.getLogger(__name__)
@@ -30,35 +39,58 @@ log = logging.getLogger(__name__)
 # and equals the table still served; failed: the file is broken, the last good table serves.
 Outcome = Literal["unchanged", "reloaded", "restored", "failed"]
 
+# Beyond the read's own timeout, how long the watcher waits for the reading thread.
+_READ_GRACE = 1.0
+# Problems named in /readyz's `last_error`; the log and `agentproxy check` have them all.
+_SHOWN_PROBLEMS = 3
+T = TypeVar("T")
+
+
+class _Failure:
+    """A reload that failed: `detail` for the log (every message), `public` for /readyz (the
+    file's name, lines and paths: never the absolute path, never a value from the file)."""
+
+    __slots__ = ("detail", "public")
+
+    def __init__(self, detail: str, public: str) -> None:
+        self.detail = detail
+        self.public = public
+
 
 class TableHolder:
-    def __init__(self, path: str | Path, extra_keys: Sequence[str] = ()) -> None:
+    def __init__(
+        self, path: str | Path, extra_keys: Sequence[str] = (), *,
+        read_timeout: float = READ_TIMEOUT,
+    ) -> None:
         self.path = Path(path)
         self.extra_keys = tuple(extra_keys)
-        raw = self.path.read_bytes()
+        self.read_timeout = read_timeout
+        raw = read_source(self.path, timeout=read_timeout)
         self.current = RouteTable(self._parse(raw), self.extra_keys)
         # The content last tried, good or bad: a broken file is reported once, not every poll.
         self._seen: bytes | None = raw
         self._unreadable: str | None = None
         self._wakeup: asyncio.Event | None = None
+        self._reading: threading.Thread | None = None
+        # For /readyz, which needs no key: see _Failure.
         self.last_error: str | None = None
-        self.last_error_at: float | None = None
+        # For the log: every problem in full.
+        self.last_error_detail: str | None = None
         self.last_attempt = time.time()
         self.draining = False
 
     def _parse(self, raw: bytes) -> Config:
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            # load_config turns this into a ConfigError that names the line.
-            return load_config(self.path)
-        # load_config reads in text mode, which folds CRLF and CR; so does this, so the version
-        # (a hash of the text) is the one `agentproxy check` prints.
-        return parse_config(text.replace("\r\n", "\n").replace("\r", "\n"), str(self.path))
+        return parse_config(decode_source(raw, str(self.path)), str(self.path))
 
     def reload(self) -> bool:
         """Re-reads the file now, as SIGHUP does; False if it is broken (the old table serves)."""
-        return self.update(read_routes(self.path), force=True) != "failed"
+        return self.update(self.read(), force=True) != "failed"
+
+    def read(self) -> bytes | OSError:
+        try:
+            return read_source(self.path, timeout=self.read_timeout)
+        except OSError as exc:
+            return exc
 
     def update(self, content: bytes | OSError, *, force: bool = False) -> Outcome:
         """Builds the whole new table first; on any problem keeps the last good one.
@@ -66,44 +98,96 @@ class TableHolder:
         Content equal to what was last tried is skipped unless `force`d, so a broken file is
         reported once and not at every poll.
         """
+        step = self._triage(content, force)
+        if not isinstance(step, bytes):
+            return step
+        return self._install(self._build_config(step))
+
+    async def refresh(self, *, force: bool = False) -> Outcome:
+        """`update` with the reading and parsing done off the event loop."""
+        if self._reading is not None and self._reading.is_alive():
+            # The last read has not come back from the kernel: do not pile up another.
+            content: bytes | OSError = TimeoutError(
+                errno.ETIMEDOUT, "the last read of the file has not returned")
+        else:
+            thread, future = _in_thread(self.read)
+            self._reading = thread
+            try:
+                content = await asyncio.wait_for(future, self.read_timeout + _READ_GRACE)
+            except TimeoutError:
+                content = TimeoutError(errno.ETIMEDOUT,
+                                       f"no answer within {self.read_timeout:g} s")
+        step = self._triage(content, force)
+        if not isinstance(step, bytes):
+            return step
+        _, parsed = _in_thread(functools.partial(self._build_config, step))
+        return self._install(await parsed)
+
+    def _triage(self, content: bytes | OSError, force: bool) -> Outcome | bytes:
+        """The outcome when nothing needs parsing, or the bytes to parse."""
         self.last_attempt = time.time()
         if isinstance(content, OSError):
-            message = f"{self.path}: cannot read the file: {content.strerror or content}"
-            if message == self.last_error and not force:
+            # str(content) may name the absolute path; strerror never does.
+            why = content.strerror or type(content).__name__
+            failure = _Failure(f"{self.path}: cannot read the file: {content.strerror or content}",
+                               f"{self.path.name}: cannot read the file: {why}")
+            if failure.detail == self.last_error_detail and not force:
                 return "unchanged"
-            if message != self._unreadable and not force:
+            if failure.detail != self._unreadable and not force:
                 # An editor that saves by rename leaves the path missing for an instant: only
                 # a failure seen on two polls in a row is reported.
-                self._unreadable = message
+                self._unreadable = failure.detail
                 return "unchanged"
             self._unreadable = None
             self._seen = None
-            return self._failed(message)
+            return self._failed(failure)
         self._unreadable = None
         if content == self._seen and not force:
             return "unchanged"
         self._seen = content
+        return content
+
+    def _build_config(self, raw: bytes) -> Config | _Failure:
+        """The new table's Config, or why there is none. Safe on any thread."""
         try:
-            config = self._parse(content)
-            if config.version == self.current.version:
-                was_broken, self.last_error = self.last_error is not None, None
-                return "restored" if was_broken else "unchanged"
-            table = RouteTable(config, self.extra_keys)
+            return self._parse(raw)
         except ConfigError as exc:
-            return self._failed(str(exc))
-        except OSError as exc:
-            return self._failed(f"{self.path}: cannot read the file: {exc.strerror or exc}")
+            return _Failure(str(exc), self._public(exc.problems))
+        except Exception as exc:
+            # A bug in the reader must not take the serving table (or the watcher) down.
+            log.exception("reading the route table from %s failed", self.path)
+            return _Failure(f"{self.path}: cannot read the route table: {exc}",
+                            f"{self.path.name}: cannot read the route table (the log has the "
+                            "error)")
+
+    def _install(self, built: Config | _Failure) -> Outcome:
+        if isinstance(built, _Failure):
+            return self._failed(built)
+        if built.version == self.current.version:
+            was_broken = self.last_error is not None
+            self.last_error = self.last_error_detail = None
+            return "restored" if was_broken else "unchanged"
+        try:
+            table = RouteTable(built, self.extra_keys)
         except Exception as exc:
             # A bug while building adapters must not take the serving table down with it.
             log.exception("building the route table from %s failed", self.path)
-            return self._failed(f"{self.path}: cannot build the route table: {exc}")
+            return self._failed(_Failure(f"{self.path}: cannot build the route table: {exc}",
+                                         f"{self.path.name}: cannot build the route table "
+                                         "(the log has the error)"))
         self.current = table
-        self.last_error = None
+        self.last_error = self.last_error_detail = None
         return "reloaded"
 
-    def _failed(self, message: str) -> Outcome:
-        self.last_error = message
-        self.last_error_at = time.time()
+    def _public(self, problems: list[Problem]) -> str:
+        where = [f"{self.path.name}:{p.line} {p.path}" for p in problems[:_SHOWN_PROBLEMS]]
+        more = len(problems) - len(where)
+        listed = ", ".join(where) + (f" and {more} more" if more > 0 else "")
+        return f"{listed}: not valid; `agentproxy check` prints the problems"
+
+    def _failed(self, failure: _Failure) -> Outcome:
+        self.last_error = failure.public
+        self.last_error_detail = failure.detail
         return "failed"
 
     def request_reload(self) -> None:
@@ -112,14 +196,40 @@ class TableHolder:
             self._wakeup.set()
         else:
             before = self.current.version
-            report(self, self.update(read_routes(self.path), force=True), before)
+            report(self, self.update(self.read(), force=True), before)
 
 
-def read_routes(path: Path) -> bytes | OSError:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        return exc
+def _in_thread(work: Callable[[], T]) -> tuple[threading.Thread, asyncio.Future[T]]:
+    """Runs `work()` on a daemon thread; the future gets its result on this loop. A cancelled
+    or abandoned future leaves the thread to finish (or hang) on its own, holding neither the
+    loop nor the process's exit."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def run() -> None:
+        try:
+            result = work()
+        except BaseException as exc:
+            deliver = functools.partial(_set_exception, future, exc)
+        else:
+            deliver = functools.partial(_set_result, future, result)
+        # The loop may be closed by now (shutdown): nobody is waiting any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(deliver)
+
+    thread = threading.Thread(target=run, name="routes-reader", daemon=True)
+    thread.start()
+    return thread, future
+
+
+def _set_result(future: asyncio.Future[T], result: T) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future[T], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
 
 
 def report(holder: TableHolder, outcome: Outcome, before: str) -> None:
@@ -133,7 +243,7 @@ def report(holder: TableHolder, outcome: Outcome, before: str) -> None:
     elif outcome == "restored":
         log.info("route table %s is valid again; serving version %s", path, table.version)
     elif outcome == "failed":
-        problems = (holder.last_error or "").replace("\n", "; ")
+        problems = (holder.last_error_detail or "").replace("\n", "; ")
         log.error("route table not reloaded, still serving version %s: %s", before, problems)
 
 
@@ -150,10 +260,12 @@ async def watch(
                 await asyncio.wait_for(wakeup.wait(), interval if interval > 0 else None)
             forced = wakeup.is_set()
             wakeup.clear()
-            # A thread: a stalled network volume must not stall the event loop with it.
-            content = await asyncio.to_thread(read_routes, holder.path)
+            if holder.draining:
+                # Shutting down: a new table would serve nothing, and its reading must not
+                # stand in the drain's way.
+                continue
             before = holder.current.version
-            outcome = holder.update(content, force=forced)
+            outcome = await holder.refresh(force=forced)
             report(holder, outcome, before)
             if on_outcome is not None and outcome != "unchanged":
                 on_outcome(outcome)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
 
 from proxy.config import (
+    MAX_BYTES,
     AuthSpec,
     Circuit,
     Config,
@@ -16,10 +18,12 @@ from proxy.config import (
     ModelSpec,
     Problem,
     Timeouts,
+    TooLarge,
     UpstreamSpec,
     load_config,
     parse_config,
 )
+from proxy.upstreams.openai_options import OpenAIOptions
 
 INLINE = "secret written inline; use ${VAR} so it comes from the environment"
 ECHO_ONLY = "upstreams:\n  demo: {kind: echo}\nmodels:\n  echo: {upstream: demo}\n"
@@ -90,14 +94,17 @@ INVALID = [
     ),
     pytest.param(
         "upstreams:\n  vllm:\n    url: http://127.0.0.1:8000/v1\nmodels:\n  m: {upstream: vllm}\n",
-        ["routes.yaml:2 upstreams.vllm: missing required key 'kind' (openai, letta or echo)"],
+        [
+            "routes.yaml:2 upstreams.vllm: missing required key 'kind' (openai, letta, custom "
+            "or echo)"
+        ],
         id="missing-kind",
     ),
     pytest.param(
         "upstreams:\n  vllm: {kind: vllm, url: 'http://h/v1'}\nmodels:\n  m: {upstream: vllm}\n",
         [
             "routes.yaml:2 upstreams.vllm.kind: unknown kind 'vllm'; expected one of: openai, "
-            "echo, letta"
+            "letta, custom, echo"
         ],
         id="bad-kind",
     ),
@@ -105,12 +112,6 @@ INVALID = [
         "upstreams:\n  vllm: {kind: opnai, url: 'http://h/v1'}\nmodels:\n  m: {upstream: vllm}\n",
         ["routes.yaml:2 upstreams.vllm.kind: unknown kind 'opnai'; did you mean 'openai'?"],
         id="misspelt-kind",
-    ),
-    pytest.param(
-        "upstreams:\n  bot:\n    kind: custom\n    url: http://127.0.0.1:9000\n"
-        "models:\n  support:\n    upstream: bot\n",
-        ["routes.yaml:3 upstreams.bot.kind: upstream kind 'custom' is not yet supported"],
-        id="custom-kind-reserved",
     ),
     pytest.param(
         "upstreams:\n  letta: {kind: letta, url: 'http://h:8283'}\n  demo: {kind: echo}\n"
@@ -122,7 +123,8 @@ INVALID = [
         [
             "routes.yaml:5 models.a: missing required key 'agent' (the Letta agent's id or name)",
             "routes.yaml:6 models.b.agent: 'agent' is only for routes to letta upstreams",
-            "routes.yaml:6 models.b.show: 'show' is only for routes to letta upstreams",
+            "routes.yaml:6 models.b.show: 'show' is only for routes to letta or custom "
+            "upstreams",
             "routes.yaml:7 models.c.model: a letta route names its agent with 'agent', not "
             "'model'",
             "routes.yaml:8 models.l/*.agent: a wildcard serves every agent of the server; "
@@ -138,11 +140,6 @@ INVALID = [
             "'nobody'",
         ],
         id="letta-route-options",
-    ),
-    pytest.param(
-        "upstreams:\n  x: {kind: custom}\nmodels:\n  m: {upstream: x}\n",
-        ["routes.yaml:2 upstreams.x.kind: upstream kind 'custom' is not yet supported"],
-        id="custom-kind-reserved",
     ),
     pytest.param(
         "upstreams:\n  vllm:\n    kind: openai\nmodels:\n  m: {upstream: vllm}\n",
@@ -431,6 +428,17 @@ def test_invalid_file_reports_every_problem(text: str, expected: list[str]) -> N
     assert problems(text, {"A": "sk-same", "B": "sk-same", "KEY": "k"}) == expected
 
 
+def test_a_reserved_kind_is_not_yet_supported(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A kind being built is refused as such, not as a typo with a did-you-mean.
+    from proxy.upstreams import kinds
+
+    monkeypatch.setattr(kinds, "RESERVED", ("future",))
+    text = "upstreams:\n  x: {kind: future}\nmodels:\n  m: {upstream: x}\n"
+    assert problems(text) == [
+        "routes.yaml:2 upstreams.x.kind: upstream kind 'future' is not yet supported"
+    ]
+
+
 def test_problem_str_is_file_line_path_message() -> None:
     problem = Problem("routes.yaml", 12, "models.support.upstream", "what is wrong")
     assert str(problem) == "routes.yaml:12 models.support.upstream: what is wrong"
@@ -492,7 +500,12 @@ def test_full_example_parses_to_dataclasses() -> None:
         version=config.version,
         upstreams={
             "vllm": UpstreamSpec(
-                name="vllm", kind="openai", line=2, url="http://127.0.0.1:8000/v1", api_key=None
+                name="vllm",
+                kind="openai",
+                line=2,
+                url="http://127.0.0.1:8000/v1",
+                api_key=None,
+                options=OpenAIOptions(),
             ),
             "lmstudio": UpstreamSpec(
                 name="lmstudio",
@@ -503,6 +516,7 @@ def test_full_example_parses_to_dataclasses() -> None:
                 headers={"X-Team": "research"},
                 forward_headers=("x-session-id",),
                 timeouts=Timeouts(connect=2, first_event=60, idle=30.5, total=600),
+                options=OpenAIOptions(),
             ),
             "demo": UpstreamSpec(name="demo", kind="echo", line=18),
         },
@@ -683,8 +697,16 @@ def test_version_is_stable_and_follows_content() -> None:
     again = parse_config(ECHO_ONLY, "other.yaml", environ={"UNRELATED": "1"})
     changed = parse_config(ECHO_ONLY + "# a comment changes the text\n", environ={})
     assert first.version == again.version
-    assert len(first.version) == 12 and int(first.version, 16) >= 0
+    # 12 lower-case hex digits: what `check`, /readyz and the metrics label show.
+    assert re.fullmatch(r"[0-9a-f]{12}", first.version), first.version
     assert changed.version != first.version
+
+
+def test_version_is_the_same_whatever_the_line_endings(tmp_path: Path) -> None:
+    # The watcher and `agentproxy check` read the same file and must print the same version.
+    path = tmp_path / "routes.yaml"
+    path.write_bytes(ECHO_ONLY.replace("\n", "\r\n").encode())
+    assert load_config(path, environ={}).version == parse_config(ECHO_ONLY, environ={}).version
 
 
 def test_load_config_uses_the_path_as_given(
@@ -726,3 +748,215 @@ def test_shipped_routes_file_is_valid() -> None:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("AGENTPROXY")}
     config = load_config(root / "routes.yaml", environ)
     assert config.models and config.warnings == ()
+
+
+# -- credentials with control characters (issue 13, item 8) --------------------------------
+
+CREDENTIALS = (
+    "upstreams:\n"
+    "  v:\n    kind: openai\n    url: http://h/v1\n    api_key: ${VLLM_KEY}\n"
+    "    headers:\n      api-key: ${HEADER_KEY}\n"
+    "  l:\n    kind: letta\n    url: http://h:8283\n    api_key: ${LETTA_KEY:-}\n"
+    "models:\n  m: {upstream: v}\n  a: {upstream: l, agent: bot}\n"
+    "auth:\n  keys:\n    - key: ${CLIENT_KEY}\n"
+)
+
+
+def test_a_credential_from_the_environment_with_a_trailing_newline_is_refused() -> None:
+    env = {
+        "VLLM_KEY": "sk-vllm-secret\n",
+        "HEADER_KEY": "hdr-secret\r\n",
+        "LETTA_KEY": "letta\x1bsecret",
+        "CLIENT_KEY": "sk-client-secret\n",
+    }
+    found = problems(CREDENTIALS, env)
+    assert found == [
+        "routes.yaml:5 upstreams.v.api_key: environment variable VLLM_KEY ends with a line "
+        "break; a credential cannot contain control characters",
+        "routes.yaml:7 upstreams.v.headers.api-key: environment variable HEADER_KEY contains "
+        "a carriage return; a header value cannot contain control characters",
+        "routes.yaml:11 upstreams.l.api_key: environment variable LETTA_KEY contains the "
+        "control character U+001B; a credential cannot contain control characters",
+        "routes.yaml:17 auth.keys[0].key: environment variable CLIENT_KEY ends with a line "
+        "break; a credential cannot contain control characters",
+    ]
+    assert "secret" not in "".join(found)
+
+
+def test_a_url_from_the_environment_with_a_control_character_is_refused() -> None:
+    text = "upstreams:\n  v: {kind: openai, url: '${URL}'}\nmodels:\n  m: {upstream: v}\n"
+    for value in ("http://h/v1\n", "http://h\x1b/v1"):
+        assert problems(text, {"URL": value}) == [
+            "routes.yaml:2 upstreams.v.url: expected an absolute http:// or https:// URL, "
+            "e.g. http://127.0.0.1:8000/v1"
+        ]
+
+
+def test_the_same_credentials_without_the_newline_load() -> None:
+    env = {"VLLM_KEY": "sk-vllm", "HEADER_KEY": "h\tv", "CLIENT_KEY": "sk-client"}
+    config = parse_config(CREDENTIALS, environ=env)
+    assert config.upstreams["v"].api_key == "sk-vllm"
+    # A tab is legal inside a header value (RFC 9110 §5.5).
+    assert dict(config.upstreams["v"].headers) == {"api-key": "h\tv"}
+    assert config.upstreams["l"].api_key is None
+
+
+def test_a_control_character_written_in_the_file_is_refused_without_quoting_it() -> None:
+    text = (
+        "upstreams:\n  v:\n    kind: openai\n    url: http://h/v1\n"
+        '    api_key: "sk-inline\\n"\n    headers: {X-A: "a\\u0000b"}\n'
+        "models:\n  m: {upstream: v}\n"
+    )
+    assert problems(text) == [
+        "routes.yaml:5 upstreams.v.api_key: a credential cannot contain control characters "
+        "(found a line break)",
+        "routes.yaml:6 upstreams.v.headers.X-A: a header value cannot contain control "
+        "characters (found a NUL)",
+    ]
+
+
+# -- kind declarations ------------------------------------------------------------------------
+
+
+def test_session_header_is_an_openai_option() -> None:
+    text = (
+        "upstreams:\n  claw:\n    kind: openai\n    url: http://h/v1\n"
+        "    session_header: X-OpenClaw-Session\nmodels:\n  m: {upstream: claw}\n"
+    )
+    spec = parse_config(text, environ={}).upstreams["claw"]
+    assert spec.options_as(OpenAIOptions).session_header == "X-OpenClaw-Session"
+    default = parse_config(ECHO_ONLY.replace("{kind: echo}", "{kind: openai, url: 'http://h'}"),
+                           environ={})
+    assert default.upstreams["demo"].options_as(OpenAIOptions).session_header is None
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("session_header: X Session", "not a valid header name"),
+        ("session_header: 3", "expected a string, got a number"),
+        ("session_header: Authorization",
+         "'Authorization' cannot carry the session: the proxy sets it or it carries a key"),
+        ("session_header: x-session-id\n    forward_headers: [X-Session-Id]",
+         "'x-session-id' is also in forward_headers; the session header is set by the proxy, "
+         "so list it in one place only"),
+        ("session_header: X-S\n    headers: {x-s: fixed}",
+         "'X-S' is also in headers; the session header is set by the proxy, so list it in one "
+         "place only"),
+    ],
+    ids=["not-a-token", "not-a-string", "proxy-owned", "also-forwarded", "also-fixed"],
+)
+def test_session_header_problems(line: str, expected: str) -> None:
+    text = (
+        f"upstreams:\n  v:\n    kind: openai\n    url: http://h/v1\n    {line}\n"
+        "models:\n  m: {upstream: v}\n"
+    )
+    assert problems(text) == [f"routes.yaml:5 upstreams.v.session_header: {expected}"]
+
+
+def test_a_key_of_another_kind_is_not_used_by_this_one() -> None:
+    text = (
+        "upstreams:\n  l:\n    kind: letta\n    url: http://h:8283\n"
+        "    forward_headers: [X-Session-Id]\n    session_header: X-S\n"
+        "models:\n  a: {upstream: l, agent: bot}\n"
+    )
+    assert problems(text) == [
+        "routes.yaml:5 upstreams.l.forward_headers: not used by kind letta",
+        "routes.yaml:6 upstreams.l.session_header: not used by kind letta",
+    ]
+
+
+def test_a_registered_kind_gets_its_keys_checked_without_schema_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What adding a kind takes: a declaration in the registry, nothing else.
+    from proxy.config.kind import KindDeclaration
+    from proxy.config.reader import Block, Reader
+    from proxy.config.specs import RouteFields
+    from proxy.upstreams import kinds
+
+    def read_options(reader: Reader, upstream: Block) -> str | None:
+        if "flavour" not in upstream:
+            return None
+        node = upstream.node("flavour")
+        return reader.choice(node, upstream.at("flavour"), ("sweet", "sour"))
+
+    def read_route(
+        reader: Reader, route: Block, *, wildcard: bool, upstreams: tuple[UpstreamSpec, ...]
+    ) -> RouteFields:
+        reader.require(route, "flow", " (the flow's id)")
+        flow = reader.string(route.node("flow"), route.at("flow")) if "flow" in route else None
+        return RouteFields(options=(flow, tuple(u.name for u in upstreams)))
+
+    demo = KindDeclaration(
+        name="flows", keys=("url", "api_key"), url_example="http://127.0.0.1:9000",
+        option_keys=("flavour",), read_options=read_options, route_keys=("flow",),
+        read_route=read_route, stateful=True, mixable=False,
+    )
+    monkeypatch.setitem(kinds.KINDS, "flows", demo)
+    good = (
+        "upstreams:\n  f:\n    kind: flows\n    url: http://h:9000\n    flavour: sour\n"
+        "models:\n  m: {upstream: f, flow: abc}\n"
+    )
+    config = parse_config(good, environ={})
+    assert config.upstreams["f"].options == "sour"
+    assert config.models[0].options == ("abc", ("f",))
+    bad = (
+        "upstreams:\n  f:\n    kind: flows\n    flavour: salty\n    timeouts: {}\n"
+        "  v: {kind: openai, url: 'http://h/v1'}\n"
+        "models:\n  m: {upstream: [f, v], model: x}\n  n: {upstream: v, flow: abc}\n"
+    )
+    assert problems(bad) == [
+        "routes.yaml:2 upstreams.f: missing required key 'url' (the server's base URL, "
+        "e.g. http://127.0.0.1:9000)",
+        "routes.yaml:4 upstreams.f.flavour: expected sweet or sour, got 'salty'",
+        "routes.yaml:5 upstreams.f.timeouts: not used by kind flows",
+        "routes.yaml:8 models.m.upstream: a route to flows upstreams cannot also list "
+        "upstreams of another kind",
+        "routes.yaml:8 models.m.model: 'model' is only for routes to openai, custom or echo "
+        "upstreams",
+        "routes.yaml:8 models.m: missing required key 'flow' (the flow's id)",
+        "routes.yaml:9 models.n.flow: 'flow' is only for routes to flows upstreams",
+    ]
+
+
+# -- reading the file: bounded in size and time (issue 13, item 4) ---------------------------
+
+
+def test_a_file_over_the_size_limit_is_refused_unread(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(ECHO_ONLY)
+    with path.open("r+b") as file:
+        file.truncate(MAX_BYTES + 1)  # sparse: nothing written, nothing to read
+    with pytest.raises(TooLarge) as info:
+        load_config(path, environ={})
+    assert info.value.strerror == "the file is larger than 4 MiB, the limit for a routes file"
+
+
+def test_a_device_that_never_ends_is_read_only_up_to_the_limit(tmp_path: Path) -> None:
+    if not os.path.exists("/dev/zero"):
+        pytest.skip("no /dev/zero here")
+    path = tmp_path / "routes.yaml"
+    path.symlink_to("/dev/zero")
+    with pytest.raises(TooLarge):
+        load_config(path, environ={})
+
+
+def test_a_fifo_without_a_writer_times_out(tmp_path: Path) -> None:
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs here")
+    path = tmp_path / "routes.yaml"
+    os.mkfifo(path)
+    with pytest.raises(TimeoutError) as info:
+        load_config(path, environ={}, timeout=0.05)
+    assert "no data for 0.05 s" in str(info.value.strerror)
+
+
+def test_a_file_at_the_size_limit_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    padding = "#" * 99 + "\n"
+    text = ECHO_ONLY + padding * ((MAX_BYTES - len(ECHO_ONLY)) // len(padding))
+    text += "#" * (MAX_BYTES - len(text) - 1) + "\n"
+    path.write_text(text)
+    assert path.stat().st_size == MAX_BYTES
+    assert [m.name for m in load_config(path, environ={}).models] == ["echo"]

@@ -3,6 +3,7 @@ requests in flight keep their table; a broken file changes nothing but the repor
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -17,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import create_app
+from proxy.config import MAX_BYTES
 from proxy.reload import TableHolder
 from tests.conftest import KEY, ProxyFactory, serving
 from tests.fake_openai import FakeOpenAI
@@ -154,7 +156,9 @@ async def test_a_broken_file_keeps_the_last_good_table_and_fixing_it_recovers(
     status, ready = await get_json(proxy.url + "/readyz")
     assert status == 200 and ready["status"] == "ready"
     assert ready["version"] == version_of(good)
-    assert str(ready["last_error"]).startswith(f"{proxy.routes}:8 models.broken.upstream: ")
+    # The file's name, the line and the path; never the absolute path (readyz needs no key).
+    assert str(ready["last_error"]).startswith("routes.yaml:8 models.broken.upstream: ")
+    assert str(proxy.routes.parent) not in str(ready["last_error"])
 
     # Several more looks at the unchanged broken file must not repeat the error.
     seen = proxy.holder.last_attempt
@@ -283,3 +287,147 @@ async def test_sighup_reloads_a_served_process(tmp_path: Path) -> None:
         served.proc.send_signal(signal.SIGTERM)
         assert await served.exit_code() == 0
     assert "reloaded: version" in served.output()
+
+
+async def readyz_text(url: str) -> str:
+    async with aiohttp.ClientSession() as http, http.get(url + "/readyz") as resp:
+        assert resp.status == 200
+        return await resp.text()
+
+
+async def test_readyz_names_the_file_not_its_path_and_never_a_value_from_it(
+    make_proxy: ProxyFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="proxy.reload")
+    good = echo_routes("steady")
+    proxy = await make_proxy(good, reload_interval=FAST)
+    secret = "sk-live-5f0c2d9e7a41b3"
+    proxy.routes.write_text(
+        good + f"  broken:\n    upstream: {secret}\n"
+        f"  other:\n    upstream: demo\n    owned_by: 7\n    client_system: {secret}x\n"
+    )
+
+    async def reported() -> bool:
+        _, ready = await get_json(proxy.url + "/readyz")
+        return ready["last_error"] is not None
+
+    await eventually(reported, "readyz to report the error")
+    text = await readyz_text(proxy.url)
+    _, ready = await get_json(proxy.url + "/readyz")
+    assert ready["last_error"] == (
+        "routes.yaml:8 models.broken.upstream, routes.yaml:11 models.other.owned_by, "
+        "routes.yaml:12 models.other.client_system: not valid; `agentproxy check` prints "
+        "the problems"
+    )
+    assert secret not in text
+    assert str(proxy.routes.parent) not in text
+    # The log, for the operator, keeps every message.
+    assert any(secret in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
+
+
+def replace_with(path: Path, make: Any) -> None:
+    """Puts something else at `path` in one rename, as an editor or the kubelet would."""
+    staged = path.with_name("staged")
+    make(staged)
+    os.replace(staged, path)
+
+
+async def test_a_routes_file_over_4_mib_is_refused_and_the_last_table_serves(
+    make_proxy: ProxyFactory,
+) -> None:
+    proxy = await make_proxy(echo_routes("steady"), reload_interval=FAST)
+    # /dev/zero was the report: reading it grew the process to 10 GB.
+    replace_with(proxy.routes, lambda p: p.symlink_to("/dev/zero"))
+
+    async def reported() -> bool:
+        _, ready = await get_json(proxy.url + "/readyz")
+        return ready["last_error"] is not None
+
+    await eventually(reported, "readyz to report the error")
+    _, ready = await get_json(proxy.url + "/readyz")
+    assert ready["last_error"] == (
+        "routes.yaml: cannot read the file: the file is larger than 4 MiB, the limit for a "
+        "routes file"
+    )
+    assert await model_ids(proxy.url) == ["steady"]
+
+    def sparse(path: Path) -> None:
+        with path.open("wb") as file:
+            file.truncate(MAX_BYTES + 1)
+
+    replace_with(proxy.routes, sparse)
+    fixed = echo_routes("steady", "fixed")
+
+    async def still_refused() -> bool:
+        return proxy.holder.last_attempt > proxy.holder.current.loaded_at + 4 * FAST
+
+    await eventually(still_refused, "another look at the file")
+    assert "larger than 4 MiB" in str(proxy.holder.last_error)
+    replace_with(proxy.routes, lambda p: p.write_text(fixed))
+
+    async def recovered() -> bool:
+        _, ready = await get_json(proxy.url + "/readyz")
+        return ready["last_error"] is None and ready["version"] == version_of(fixed)
+
+    await eventually(recovered, "the fixed file to be served")
+
+
+needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+
+
+@needs_fifo
+async def test_a_fifo_that_nobody_writes_is_reported_and_the_last_table_serves(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(echo_routes("steady"))
+    holder = TableHolder(path, (KEY,), read_timeout=0.05)
+    async with serving(create_app(holder, reload_interval=FAST)) as url:
+        replace_with(path, os.mkfifo)
+
+        async def reported() -> bool:
+            _, ready = await get_json(url + "/readyz")
+            return "cannot read the file: no data for 0.05 s" in str(ready["last_error"])
+
+        await eventually(reported, "readyz to report the FIFO")
+        assert await model_ids(url) == ["steady"]
+        reply = await proxy_reply(url)
+        assert reply == "still here"
+
+
+async def proxy_reply(url: str) -> str | None:
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+    async with client:
+        reply = await client.chat.completions.create(
+            model="steady", messages=[{"role": "user", "content": "still here"}]
+        )
+    return reply.choices[0].message.content
+
+
+def opened_by(pid: int, path: Path) -> bool:
+    """Whether process `pid` has `path` open (Linux: /proc/<pid>/fd)."""
+    fds = Path(f"/proc/{pid}/fd")
+    for fd in fds.iterdir() if fds.is_dir() else ():
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) == str(path):
+                return True
+    return False
+
+
+@needs_fifo
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+async def test_sigterm_ends_a_process_whose_routes_file_became_a_fifo(tmp_path: Path) -> None:
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(echo_routes("steady"))
+    async with serve_process(routes, "--reload-interval", "0.05") as served:
+        replace_with(routes, os.mkfifo)
+
+        async def reading_it() -> bool:
+            return opened_by(served.proc.pid, routes)
+
+        # The watcher holds the FIFO open, waiting for a writer that never comes.
+        await eventually(reading_it, "the watcher to open the FIFO")
+        assert await model_ids(served.url) == ["steady"]
+        served.proc.send_signal(signal.SIGTERM)
+        # Not the read's timeout, not forever: the drain has nothing to wait for.
+        assert await served.exit_code(within=15) == 0

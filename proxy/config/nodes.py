@@ -1,0 +1,115 @@
+"""YAML nodes as the config reader sees them: where a node is, what it is, and the mapping
+being read (Block). No problems are recorded here; reader.py does that."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+STR = "tag:yaml.org,2002:str"
+INT = "tag:yaml.org,2002:int"
+FLOAT = "tag:yaml.org,2002:float"
+BOOL = "tag:yaml.org,2002:bool"
+NULL = "tag:yaml.org,2002:null"
+_TYPE_NAMES = {STR: "a string", INT: "a number", FLOAT: "a number", BOOL: "a boolean",
+               NULL: "null"}
+
+Entries = dict[str, tuple[ScalarNode, Node]]
+
+
+def line_of(node: Node) -> int:
+    return int(node.start_mark.line) + 1
+
+
+def join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def describe(node: Node) -> str:
+    """What a node is, for `expected X, got Y` messages; never its value."""
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    if isinstance(node, SequenceNode):
+        return "a list"
+    return _TYPE_NAMES.get(node.tag, f"a value tagged {node.tag}")
+
+
+def is_null(node: Node) -> bool:
+    return isinstance(node, ScalarNode) and node.tag == NULL
+
+
+def unknown(what: str, name: str, choices: Iterable[str]) -> str:
+    """`unknown key 'urll'; did you mean 'url'?`, or the list of choices when none is close."""
+    options = list(choices)
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    if close:
+        return f"unknown {what} '{name}'; did you mean '{close[0]}'?"
+    return f"unknown {what} '{name}'; expected one of: {', '.join(options)}"
+
+
+def alternatives(choices: Sequence[str]) -> str:
+    """`a or b`, `a, b or c`."""
+    if len(choices) < 2:
+        return "".join(choices)
+    return f"{', '.join(choices[:-1])} or {choices[-1]}"
+
+
+def locate(node: Node, where: Sequence[str | int]) -> Node:
+    """The node at key path `where` under `node` (`("stream", "rules", 2, "text")`), or the
+    deepest one that exists: for code that checks plain values (Reader.plain) and reports
+    back by path, to put the problem on the right line. A key's problem may point at the
+    key: where a mapping lacks the last key, the mapping itself is returned."""
+    for part in where:
+        if isinstance(node, MappingNode) and isinstance(part, str):
+            found = next((v for k, v in node.value
+                          if isinstance(k, ScalarNode) and k.value == part), None)
+        elif isinstance(node, SequenceNode) and isinstance(part, int) and \
+                -len(node.value) <= part < len(node.value):
+            found = node.value[part]
+        else:
+            found = None
+        if found is None:
+            return node
+        node = found
+    return node
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """One YAML mapping as read: its entries in file order, where it is, and the node that
+    names it (a missing key is reported on that node's line)."""
+
+    entries: Entries
+    path: str
+    anchor: Node
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def node(self, key: str) -> Node:
+        """The value of `key` (which must be present)."""
+        return self.entries[key][1]
+
+    def key_node(self, key: str) -> ScalarNode:
+        """The key itself: where a problem with the key, not its value, is reported."""
+        return self.entries[key][0]
+
+    def at(self, key: str) -> str:
+        """The path of `key`'s value: `upstreams.vllm.timeouts` + `connect`."""
+        return join(self.path, key)
+
+    def locate(self, where: Sequence[str | int]) -> Node:
+        """The node at key path `where` inside this mapping, as `locate` finds it; the anchor
+        when its first key is absent."""
+        if not where or not isinstance(where[0], str) or where[0] not in self.entries:
+            return self.anchor
+        return locate(self.node(where[0]), where[1:])

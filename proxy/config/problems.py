@@ -1,0 +1,25 @@
+"""What reading a route table reports, errors and warnings alike: `file:line path: message`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# The path of a problem with the whole file rather than one value in it.
+FILE = "(file)"
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    file: str
+    line: int
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line} {self.path}: {self.message}"
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = problems

@@ -1,0 +1,62 @@
+"""The `openai` kind's declaration: any server that speaks the OpenAI API, and its options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from proxy.config.kind import KindDeclaration
+from proxy.config.reader import Block, Reader
+from proxy.config.upstream_keys import NOT_FORWARDABLE, SHARED_KEYS, header_name
+
+SESSION_HEADER = "session_header"
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAIOptions:
+    # The header that carries the proxy's session key to an upstream that keeps its own
+    # sessions (an agent server behind the OpenAI API), as written; None: no session is sent.
+    session_header: str | None = None
+
+
+def read_options(reader: Reader, upstream: Block) -> OpenAIOptions:
+    if SESSION_HEADER not in upstream:
+        return OpenAIOptions()
+    node, path = upstream.node(SESSION_HEADER), upstream.at(SESSION_HEADER)
+    name = header_name(reader, node, path)
+    if name is None:
+        return OpenAIOptions()
+    lower = name.lower()
+    if lower in NOT_FORWARDABLE:
+        reader.error(node, path, f"'{name}' cannot carry the session: the proxy sets it or it "
+                     "carries a key")
+        return OpenAIOptions()
+    # The proxy's session key replaces what the client sent, and a fixed value would be
+    # overwritten: one header, one source.
+    for other in ("headers", "forward_headers"):
+        if other in upstream and _names(upstream, other, lower):
+            reader.error(node, path, f"'{name}' is also in {other}; the session header is "
+                         "set by the proxy, so list it in one place only")
+            return OpenAIOptions()
+    return OpenAIOptions(session_header=name)
+
+
+def _names(upstream: Block, key: str, lower: str) -> bool:
+    """Whether the `key` mapping or list of header names names `lower` (read as written: the
+    shared readers report what is wrong with it)."""
+    node = upstream.node(key)
+    values = node.value if isinstance(node.value, list) else []
+    for item in values:
+        name = item[0] if isinstance(item, tuple) else item
+        if isinstance(name.value, str) and name.value.lower() == lower:
+            return True
+    return False
+
+
+DECLARATION = KindDeclaration(
+    name="openai",
+    keys=SHARED_KEYS,
+    url_example="http://127.0.0.1:8000/v1",
+    option_keys=(SESSION_HEADER,),
+    read_options=read_options,
+    lists_models=True,
+)
