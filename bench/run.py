@@ -1,8 +1,10 @@
 """Run the benchmark matrix and print a markdown table of medians.
 
 Cells are {sync, stream} x {concurrency 1, 64}; targets are the fake upstream itself
-(`direct`), agentproxy with one worker in front of it, the bare aiohttp relay (the ceiling for
-an aiohttp proxy) and, with --litellm, the LiteLLM proxy. Runs are interleaved: every
+(`direct`), agentproxy with one worker in front of it as a user starts it (`agentproxy`: its
+access log on, one line per request) and without the access log (`agentproxy-quiet`:
+`--log-level warning`), the bare aiohttp relay (the ceiling for an aiohttp proxy) and, with
+--litellm, the LiteLLM proxy. Runs are interleaved: every
 repetition visits every cell, and every cell every target in turn, so drift on the machine
 (thermal, noisy neighbours) spreads over all targets instead of biasing one.
 
@@ -46,7 +48,11 @@ LUA = BENCH / "wrk" / "chat.lua"
 LITELLM_VENV = BENCH / ".litellm-venv"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MODEL = "bench"
-ALL_TARGETS = ("direct", "agentproxy", "relay", "litellm")
+ALL_TARGETS = ("direct", "agentproxy", "agentproxy-quiet", "relay", "litellm")
+PROXIES = ("agentproxy", "agentproxy-quiet")
+# A server log over this size keeps only its head and tail after the run: with the access log
+# on, agentproxy writes a line per request, over 100 MB in a full run.
+LOG_KEEP = 1 << 20
 
 
 def log(msg: str) -> None:
@@ -360,13 +366,15 @@ def start_target(
     port = free_port()
     common = ["--host", "127.0.0.1", "--port", str(port)]
     timeout = 30.0
-    if name == "agentproxy":
+    if name in PROXIES:
         routes = tmp / "routes.yaml"
         routes.write_text(routes_yaml(fake_url))
+        # `agentproxy` as `agentproxy serve` runs by default: text access log on stderr (to
+        # the server's log file here, as a container runtime or a redirect would take it).
+        quiet = ["--log-level", "warning"] if name == "agentproxy-quiet" else []
         cmd = [*(shlex.split(args.proxy_cmd) if args.proxy_cmd
                  else [sys.executable, "-m", "proxy"]),
-               "serve", "--routes", str(routes), *common, "--workers", "1",
-               "--log-level", "warning"]
+               "serve", "--routes", str(routes), *common, "--workers", "1", *quiet]
         # The checkout's own package, installed or not.
         env = {"BENCH_KEY": key,
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
@@ -384,7 +392,7 @@ def start_target(
         cfg.write_text(litellm_config(fake_url, key))
         cmd = [str(exe), "--config", str(cfg), *common, "--num_workers", "1"]
         # Offline start (its price list ships with it, no telemetry) and no per-request log
-        # lines, which agentproxy at --log-level warning does not write either.
+        # lines: compare it with agentproxy-quiet, which writes none either.
         env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False",
                "LITELLM_LOG": "ERROR", "DISABLE_SCHEMA_UPDATE": "True"}
         server = launcher.start(name, "server", cmd, port, env=env)
@@ -400,6 +408,20 @@ def start_target(
     log(f"{name} skipped: {why}\n--- last lines of {server.log_path}:\n{server.tail()}\n---")
     launcher.stop(server)
     return why
+
+
+def trim_log(path: Path, keep: int = LOG_KEEP) -> None:
+    """Cuts a server log to its first and last `keep` bytes (startup and the end are what
+    explain a failure; the access lines between are one per request)."""
+    size = path.stat().st_size
+    if size <= 2 * keep:
+        return
+    with path.open("rb") as f:
+        head = f.read(keep)
+        f.seek(size - keep)
+        tail = f.read()
+    cut = f"\n[... {size - 2 * keep:,} bytes cut by bench/run.py ...]\n".encode()
+    path.write_bytes(head + cut + tail)
 
 
 # --------------------------------------------------------------------------- the matrix
@@ -523,7 +545,7 @@ def tables(summary: dict[tuple[str, str], dict[str, float | None]], cells: list[
     refs = [r for r in ("direct", "relay", "litellm") if r in targets]
     rows = []
     for cell in cells:
-        for t in (x for x in ("agentproxy", "litellm", "relay") if x in targets):
+        for t in (x for x in (*PROXIES, "litellm", "relay") if x in targets):
             for ref in refs:
                 a, b = summary.get((cell.label, t)), summary.get((cell.label, ref))
                 if ref == t or a is None or b is None:
@@ -600,9 +622,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--targets", default="direct,agentproxy,relay",
-                   help="comma-separated, from direct,agentproxy,relay,litellm "
-                        "(default direct,agentproxy,relay)")
+    p.add_argument("--targets", default="direct,agentproxy,agentproxy-quiet,relay",
+                   help="comma-separated, from direct,agentproxy,agentproxy-quiet,relay,"
+                        "litellm (default direct,agentproxy,agentproxy-quiet,relay)")
     p.add_argument("--litellm", action="store_true", help="add the LiteLLM proxy as a target")
     p.add_argument("--reps", type=int, default=3, help="repetitions of the matrix (default 3)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds of wrk per cell")
@@ -747,7 +769,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         r["rep"] = rep
                         r["settle_s"] = round(waited, 2)
                         runs.append(r)
-                        log(f"[{rep}/{args.reps}] {cell.label:<15} {name:<10} "
+                        log(f"[{rep}/{args.reps}] {cell.label:<15} {name:<16} "
                             f"{r['rps']:>9,.0f} req/s  p50 {r['p50_ms']:7.2f} ms  "
                             f"p99 {r['p99_ms']:7.2f} ms"
                             + (f"  TTFT p50 {r['ttft_p50_ms']:.2f} ms"
@@ -763,6 +785,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             log("interrupted: stopping every server; partial results follow")
         finally:
             launcher.stop_all()
+            for path in log_dir.glob("*.log"):
+                trim_log(path)
 
     targets = [t for t in args.target_list if any(r["target"] == t for r in runs)]
     summary = summarise(runs, args.cells, targets)

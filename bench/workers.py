@@ -66,6 +66,9 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=64, help="wrk connections (64)")
     p.add_argument("--reps", type=int, default=3, help="repetitions (3)")
     p.add_argument("--duration", type=float, default=8.0, help="seconds of wrk per run (8)")
+    p.add_argument("--log-level", default="info",
+                   help="agentproxy's --log-level: info (its default: an access line per "
+                        "request) or warning (none)")
     args = p.parse_args()
     counts = [int(w) for w in args.workers.split(",")]
     upstreams = [u.strip() for u in args.upstreams.split(",")]
@@ -100,7 +103,7 @@ def main() -> int:
                             f"agentproxy-{upstream}-{n}", "server",
                             [sys.executable, "-m", "proxy", "serve", "--routes", str(routes),
                              "--host", "127.0.0.1", "--port", str(port), "--workers", str(n),
-                             "--log-level", "warning"], port, env=env, cwd=REPO)
+                             "--log-level", args.log_level], port, env=env, cwd=REPO)
                         if (why := wait_ready(server, key, 30.0)) is not None:
                             print(f"agentproxy did not start: {why}", file=sys.stderr)
                             return 1
@@ -129,7 +132,7 @@ def main() -> int:
                 rps = statistics.median(results[(upstream, mode, n)])
                 print(f"| {upstream} | {mode} | {n} | {rps:,.0f} | {rps / base:.2f}x |")
     print(f"\n{os.cpu_count()} CPUs, nothing pinned; wrk -t1 -c{args.concurrency}, "
-          f"{args.duration:g} s per run")
+          f"{args.duration:g} s per run; --log-level {args.log_level}")
     return 0
 
 

@@ -22,7 +22,6 @@ class Grant:
     """What one authenticated caller may do. `key_id` namespaces its sessions."""
 
     key_id: str
-    patterns: tuple[str, ...]
     _match: re.Pattern[str] | None
 
     def allows(self, model: str) -> bool:
@@ -33,7 +32,7 @@ def make_grant(key: str, patterns: Iterable[str]) -> Grant:
     pats = tuple(patterns)
     # A single regex per key, compiled once per route table, keeps the per-request check cheap.
     match = None if "*" in pats else re.compile("|".join(f"(?:{translate(p)})" for p in pats))
-    return Grant(key_id=key_id(key), patterns=pats, _match=match)
+    return Grant(key_id=key_id(key), _match=match)
 
 
 def key_id(key: str) -> str:
@@ -50,7 +49,7 @@ def env_keys(value: str | None) -> list[str]:
     return [k.strip() for k in (value or "").split(",") if k.strip()]
 
 
-OPEN_GRANT = Grant(key_id="anonymous", patterns=("*",), _match=None)
+OPEN_GRANT = Grant(key_id="anonymous", _match=None)
 
 
 class Authenticator:

@@ -8,6 +8,8 @@ import time
 
 import orjson
 
+from proxy.access_log import AccessWriter, install, quote
+
 _STD = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
 
@@ -46,17 +48,15 @@ def _text_value(value: object) -> str:
         return "-"
     if isinstance(value, bool):
         return "true" if value else "false"
-    text = str(value)
-    # Quote what would break the key=value reading of the line, or forge a second line: some
-    # values (the model name) come from the client.
-    if not text or not text.isprintable() or any(c in text for c in ' "='):
-        return orjson.dumps(text).decode()
-    return text
+    return quote(str(value))
 
 
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    """Every record to stderr in `fmt`; the access lines too, through a writer of their own
+    that skips the logging machinery (proxy/access_log.py says why)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    install(AccessWriter(sys.stderr, fmt))

@@ -1,8 +1,9 @@
-"""Prometheus metrics, the per-request record they are made from, and the access log line.
+"""Prometheus metrics and the per-request record they are made from.
 
 Every chat request fills one `Exchange` as it goes (model, upstream, first token, status);
-the front wrapper (proxy/app.py) hands it to `Metrics.observe` and to `log_exchange` when the
-request ends, so the handlers never talk to Prometheus on the hot path themselves.
+the front wrapper (proxy/app.py) hands it to `Metrics.observe` and to the access log
+(proxy/access_log.py) when the request ends, so the handlers never talk to Prometheus on the
+hot path themselves.
 
 With `--workers N` the parent process sets PROMETHEUS_MULTIPROC_DIR before it starts the
 workers, so prometheus_client keeps every value in a file per process there; `/metrics` in any
@@ -13,10 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import re
-from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,6 +31,10 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+
+# The front (proxy/app.py) imports the access log from here.
+from proxy.access_log import access_log as access_log
+from proxy.access_log import log_exchange as log_exchange
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -53,7 +56,14 @@ _TOKEN = re.compile(
     rb'"(?:content|reasoning_content|reasoning)"\s*:\s*"(?!")|"tool_calls"\s*:\s*\[\s*\{'
 )
 
-access_log = logging.getLogger("agentproxy.access")
+# Why a request was refused before any handler ran (`agentproxy_rejected_requests`), and which
+# wait a too-slow connection overran (`agentproxy_connection_timeouts`); each series exists
+# from the start, at 0, for alerts on its rate.
+REJECT_REASONS = (
+    "bad_request_line", "bad_header", "header_too_large", "bad_framing", "bad_body",
+    "unsupported_encoding", "bad_target",
+)
+TIMEOUT_PHASES = ("header", "body")
 
 
 def multiprocess_dir() -> str | None:
@@ -178,15 +188,32 @@ class Metrics:
             "When the route table being served was loaded (Unix time).",
             registry=reg, multiprocess_mode="livemax",
         )
+        self.rejected_requests = Counter(
+            "agentproxy_rejected_requests",
+            "Requests refused as malformed before any handler ran (refused by the HTTP parser, "
+            "a target that is not a path, a body that cannot be decoded, an unsupported "
+            "Content-Encoding), by reason.",
+            ["reason"], registry=reg,
+        )
+        self.connection_timeouts = Counter(
+            "agentproxy_connection_timeouts",
+            "Connections closed for a client too slow to send: no complete first request head "
+            "within --header-timeout (header), no body byte for --body-timeout (body).",
+            ["phase"], registry=reg,
+        )
+        for reason in REJECT_REASONS:
+            self.rejected_requests.labels(reason)
+        for phase in TIMEOUT_PHASES:
+            self.connection_timeouts.labels(phase)
         self.tasks = TaskCount()
         reg.register(self.tasks)
         self._version: str | None = None
-        # A request's figures are added up here, in plain ints and floats, and handed to
-        # prometheus_client when a scrape asks (`flush`): its values take a lock each (and in
-        # multiprocess mode write to a file), several per request. In multiprocess mode every
-        # request is flushed at once, so a scrape of any worker still gives exact totals.
-        self._pending: dict[tuple[str, str, int], _Tally] = {}
-        self._overhead = _Buckets(self.overhead)
+        # The labelled children of each (route, upstream, status), looked up once: `labels()`
+        # takes a lock and checks its arguments on every call, and a request's metrics cost
+        # 6.0 µs with it against 2.8 µs without (prometheus_client 0.26).
+        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram, Histogram]] = {}
+        # Open streams are counted here and handed to the gauge when a scrape asks (`flush`),
+        # or at once in multiprocess mode, where any worker's scrape must see them.
         self._open = 0
         self._open_flushed = 0
         for result in ("success", "error"):
@@ -194,19 +221,21 @@ class Metrics:
 
     def observe(self, ex: Exchange, duration: float, overhead: float | None) -> None:
         key = (ex.route, ex.upstream, ex.status)
-        tally = self._pending.get(key)
-        if tally is None:
-            tally = self._pending[key] = _Tally(self, key)
-        tally.count += 1
-        tally.duration.add(duration)
+        children = self._children.get(key)
+        if children is None:
+            route, upstream, status = key
+            children = self._children[key] = (
+                self.requests.labels(route, upstream, str(status)),
+                self.duration.labels(route, upstream),
+                self.ttft.labels(route, upstream),
+            )
+        requests, durations, ttfts = children
+        requests.inc()
+        durations.observe(duration)
         if ex.ttft is not None:
-            tally.ttft.add(ex.ttft)
+            ttfts.observe(ex.ttft)
         if overhead is not None:
-            self._overhead.add(overhead)
-        if self.multiprocess_dir:
-            # Only what this request touched: the other tallies hold nothing.
-            tally.flush()
-            self._overhead.flush()
+            self.overhead.observe(overhead)
 
     def stream_opened(self) -> None:
         self._open += 1
@@ -224,11 +253,7 @@ class Metrics:
             self.open_streams.set(self._open)
 
     def flush(self) -> None:
-        """Hands what was added up since the last flush to prometheus_client. On the event
-        loop: the tallies are the loop's."""
-        for tally in self._pending.values():
-            tally.flush()
-        self._overhead.flush()
+        """Hands the count of open streams to its gauge. On the event loop, before `render`."""
         self._flush_open()
 
     def upstream_error(self, upstream: str, code: str | None) -> None:
@@ -236,6 +261,13 @@ class Metrics:
 
     def failover(self, upstream: str) -> None:
         self.failovers.labels(upstream).inc()
+
+    def rejected(self, reason: str) -> None:
+        """A request refused as malformed: rare, so counted at once."""
+        self.rejected_requests.labels(reason).inc()
+
+    def timed_out(self, phase: str) -> None:
+        self.connection_timeouts.labels(phase).inc()
 
     def reloaded(self, ok: bool) -> None:
         self.reloads.labels("success" if ok else "error").inc()
@@ -262,76 +294,3 @@ class Metrics:
             registry.register(self.tasks)
             return generate_latest(registry)
         return generate_latest(self.registry)
-
-
-class _Buckets:
-    """Observations of one histogram child since its last flush: a count per bucket and
-    their sum, as prometheus_client's Histogram keeps them (a bucket per upper bound, the
-    smallest bound not below the value, +Inf last; cumulated only when exposed)."""
-
-    __slots__ = ("_bounds", "_child", "_counts", "_sum")
-
-    def __init__(self, child: Histogram) -> None:
-        self._child = child
-        self._bounds: list[float] = child._upper_bounds
-        self._counts = [0] * len(self._bounds)
-        self._sum = 0.0
-
-    def add(self, value: float) -> None:
-        self._counts[bisect_left(self._bounds, value)] += 1
-        self._sum += value
-
-    def flush(self) -> None:
-        counts = self._counts
-        if not any(counts):
-            return
-        # Histogram.observe() adds one observation at a time; these are its own value
-        # objects (the same that observe() increments), so what is exposed is the same.
-        child = self._child
-        child._sum.inc(self._sum)
-        for i, n in enumerate(counts):
-            if n:
-                child._buckets[i].inc(n)
-                counts[i] = 0
-        self._sum = 0.0
-
-
-class _Tally:
-    """One (route, upstream, status)'s requests since the last flush."""
-
-    __slots__ = ("_counter", "count", "duration", "ttft")
-
-    def __init__(self, metrics: Metrics, key: tuple[str, str, int]) -> None:
-        route, upstream, status = key
-        self._counter = metrics.requests.labels(route, upstream, str(status))
-        self.count = 0
-        self.duration = _Buckets(metrics.duration.labels(route, upstream))
-        self.ttft = _Buckets(metrics.ttft.labels(route, upstream))
-
-    def flush(self) -> None:
-        if self.count:
-            self._counter.inc(self.count)
-            self.count = 0
-        self.duration.flush()
-        self.ttft.flush()
-
-
-def log_exchange(
-    request_id: str, method: str, path: str, ex: Exchange, duration: float, sent: int,
-    level: int = logging.INFO,
-) -> None:
-    """One line per request. The caller checks `access_log.isEnabledFor(level)` first."""
-    fields: dict[str, Any] = {
-        "request_id": request_id,
-        "status": ex.status,
-        "duration_ms": round(duration * 1000.0, 2),
-        "bytes": sent,
-    }
-    if ex.chat:
-        fields["model"] = ex.model[:256]
-        fields["upstream"] = ex.upstream
-        fields["stream"] = ex.stream
-        fields["ttft_ms"] = None if ex.ttft is None else round(ex.ttft * 1000.0, 2)
-    if ex.error is not None:
-        fields["error"] = ex.error
-    access_log.log(level, "%s %s", method, path, extra=fields)

@@ -37,6 +37,8 @@ class FakeOpenAI:
     url: str = ""
     # How long the deliberately slow modes keep quiet, in seconds.
     delay: float = 0.5
+    # Extra headers on every chat answer (names may repeat, as Set-Cookie does).
+    response_headers: list[tuple[str, str]] = field(default_factory=list)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -92,7 +94,9 @@ class FakeOpenAI:
             await self._hold(request)
         chunks = self.answer_chunks(body)
         if not body.get("stream"):
-            return web.json_response(self.completion(body, chunks))
+            return web.json_response(
+                self.completion(body, chunks), headers=CIMultiDict(self.response_headers)
+            )
         return await self.stream(request, body, chunks)
 
     async def _pause(self) -> None:
@@ -153,8 +157,10 @@ class FakeOpenAI:
     async def stream(
         self, request: web.Request, body: dict[str, Any], deltas: list[dict[str, Any]]
     ) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                               "X-Upstream-Note": "fake"})
+        response = web.StreamResponse(headers=CIMultiDict([
+            ("Content-Type", "text/event-stream"), ("X-Upstream-Note", "fake"),
+            *self.response_headers,
+        ]))
         await response.prepare(request)
         tool = any("tool_calls" in d for d in deltas)
 

@@ -268,23 +268,32 @@ def test_letta_translator_never_raises_and_its_output_is_encodable(
     for item in out:
         if isinstance(item, dict):
             orjson.dumps(item)
-    chunks_out = [o for o in out if isinstance(o, dict)]
-    assert chunks_out[0]["choices"][0]["delta"].get("role") == "assistant"
-    if translator.error is None:
-        # A stream that did not fail ends with its finish chunk (then usage, if asked).
-        finals = [c for c in chunks_out if c["choices"] and c["choices"][0]["finish_reason"]]
-        assert len(finals) == 1, name
-        assert chunks_out.index(finals[0]) >= len(chunks_out) - 2
-        assert any(c.get("usage") for c in chunks_out) == options["include_usage"]
-    else:
-        assert isinstance(translator.error, ProxyError)
-        assert not any(
-            c["choices"] and c["choices"][0]["finish_reason"] for c in chunks_out
-        ), "a failed stream must not look finished"
+    assert_finished_or_failed(translator, out, options["include_usage"], name)
     if intact:
         # Splitting never changes the translation.
         _, unsplit = translate(flat(decode_batches([b"".join(chunks)])), **options)
         assert out == unsplit
+
+
+def assert_finished_or_failed(
+    translator: LettaTranslator, out: list[Out], include_usage: bool, name: str = ""
+) -> None:
+    """Exactly one of the two ends a client can be given: a finished stream (the role chunk
+    first, one finish chunk, last or just before the usage chunk asked for) or a failed one
+    (an error with an OpenAI-shaped body and a message, and no finish chunk)."""
+    chunks_out = [o for o in out if isinstance(o, dict)]
+    assert chunks_out[0]["choices"][0]["delta"].get("role") == "assistant"
+    assert len({c["id"] for c in chunks_out}) == 1
+    finals = [c for c in chunks_out if c["choices"] and c["choices"][0]["finish_reason"]]
+    error = translator.error
+    if error is None:
+        assert len(finals) == 1, name
+        assert chunks_out.index(finals[0]) == len(chunks_out) - (2 if include_usage else 1)
+        assert any(c.get("usage") for c in chunks_out) == include_usage
+    else:
+        assert finals == [], "a failed stream must not look finished"
+        body = orjson.loads(error.to_json())["error"]
+        assert body["message"] and body["type"] and 400 <= error.status < 600, body
 
 
 @pytest.mark.parametrize("name", sorted(LETTA))
@@ -338,7 +347,11 @@ def test_letta_translator_survives_any_types_in_well_formed_events(
     for item in out:
         if isinstance(item, dict):
             orjson.dumps(item)
-    assert translator.error is None or isinstance(translator.error, ProxyError)
+    assert_finished_or_failed(translator, out, options["include_usage"])
+    # Only a stop_reason can finish a stream; without one, the stream ended too early.
+    stops = [e for e in events if orjson.loads(e.data).get("message_type") == "stop_reason"]
+    if not stops:
+        assert translator.error is not None
 
 
 @pytest.mark.parametrize("show_tools", [False, True])
@@ -368,19 +381,31 @@ def test_relay_frame_never_raises_and_the_client_reads_the_upstreams_data(
     name, intact, chunks = case
     batches = [b for b in decode_batches(chunks) if not any(e.event == "sse-error" for e in b)]
     state, out = relay(batches)
-    assert state.error is None or isinstance(state.error, ProxyError)
     # Every relayed event is one well-framed data event: the client decodes exactly the data
     # the upstream sent, in order, up to [DONE] or the error (never [DONE] itself: the handler
     # writes that).
     client = flat(decode_batches([out]))
     assert all(e.event == "message" for e in client)
     expected = []
+    ended_by = None
     for event in flat(batches):
-        if event.data == "[DONE]" or event.event == "error" or event.data.startswith('{"error"'):
+        if event.data == "[DONE]":
+            ended_by = "done"
+            break
+        if event.event == "error" or event.data.startswith('{"error"'):
+            ended_by = "error"
             break
         if event.data:
             expected.append(event.data)
     assert [e.data for e in client] == expected, name
+    # The relay fails the stream exactly when the upstream sent an error before [DONE], and
+    # that failure is one the client can be told about.
+    assert state.done == (ended_by == "done")
+    if ended_by == "error":
+        assert state.error is not None
+        assert orjson.loads(state.error.to_json())["error"]["message"]
+    else:
+        assert state.error is None
     assert re.fullmatch(rb"(data: [^\r\n]*\n(data: [^\r\n]*\n)*\n)*", out), out[-300:]
     if intact:
         _, unsplit = relay(decode_batches([b"".join(chunks)]))

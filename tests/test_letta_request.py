@@ -9,7 +9,6 @@ import pytest
 from proxy.errors import InvalidRequest
 from proxy.upstreams.letta_request import (
     letta_body,
-    new_turn,
     new_turn_start,
     pick_conversation,
     session_summary,
@@ -56,7 +55,6 @@ def bot(content: str) -> dict[str, Any]:
 def test_new_turn_is_what_follows_the_last_assistant_message(
     messages: list[dict[str, Any]], expected: list[dict[str, Any]]
 ) -> None:
-    assert new_turn(messages) == expected
     assert messages[new_turn_start(messages) :] == expected
 
 
@@ -150,7 +148,7 @@ def test_unsupported_parts_are_rejected_with_the_clients_index(part: Any, param:
     messages = [user("a"), bot("b"), user("c"), user([{"type": "text", "text": "x"}, part])]
     start = new_turn_start(messages)
     with pytest.raises(InvalidRequest) as info:
-        to_letta_messages(new_turn(messages), index_base=start)
+        to_letta_messages(messages[start:], index_base=start)
     assert info.value.param == param
     assert info.value.status == 400
 
@@ -208,13 +206,14 @@ def test_to_letta_messages_does_not_change_its_input() -> None:
         [],
         [SYSTEM],
         [{"role": "tool", "tool_call_id": "c1", "content": "42"}],
-        new_turn([user("hi"), bot("hello")]),
+        [user("hi"), bot("hello")],
     ],
     ids=["empty", "only-system", "only-tool", "last-is-assistant"],
 )
 def test_nothing_new_to_send_is_a_400(messages: list[dict[str, Any]]) -> None:
+    start = new_turn_start(messages)
     with pytest.raises(InvalidRequest) as info:
-        to_letta_messages(messages, client_system="prepend")
+        to_letta_messages(messages[start:], client_system="prepend", index_base=start)
     assert info.value.param == "messages"
 
 

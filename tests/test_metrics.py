@@ -234,7 +234,7 @@ async def test_asyncio_tasks_gauge_counts_the_loops_tasks_at_scrape_time(
     await eventually(back_to_idle, "the stream's tasks to end")
 
 
-def test_figures_added_up_between_scrapes_land_in_the_buckets_observe_would_use() -> None:
+def test_each_request_lands_in_the_bucket_of_its_duration_and_in_the_sum() -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
     from proxy.metrics import Exchange, Metrics

@@ -294,6 +294,7 @@ FAILURES_BEFORE_COMMIT = [
     for mode, options, name, streams in [
         ("refused", "", "connection-refused", (False, True)),
         ("error500", "", "answers-500", (False, True)),
+        ("ratelimit", "", "answers-429", (False, True)),
         ("slow_headers", FIRST_EVENT, "no-answer-in-time", (False, True)),
         # Failures of a stream's body, which a sync answer does not have:
         ("slow_first_event", "    keepalive: 5\n" + FIRST_EVENT, "headers-but-no-event", (True,)),
@@ -323,6 +324,7 @@ async def test_next_upstream_serves_when_the_first_fails_before_anything_was_sen
     else:
         reply = await client.chat.completions.create(model="m", messages=HI)
         assert reply.choices[0].message.content == "one two three"
+    assert len(fake_openai.received) == (0 if mode == "refused" else 1)
     assert len(second_openai.received) == 1
 
 

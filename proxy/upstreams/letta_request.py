@@ -28,11 +28,6 @@ def new_turn_start(messages: list[dict[str, Any]]) -> int:
     return 0
 
 
-def new_turn(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The messages the agent has not seen yet: those after the last assistant message."""
-    return messages[new_turn_start(messages) :]
-
-
 def to_letta_messages(
     messages: list[dict[str, Any]],
     *,

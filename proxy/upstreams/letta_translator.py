@@ -22,8 +22,9 @@ from proxy.errors import UpstreamFailed
 from proxy.openai_types import ChatChunk, ChunkFactory, Usage, make_usage
 from proxy.sse import Event
 
-# Letta stop_reason -> OpenAI finish_reason. A reason missing here ends the stream with an
-# error event instead of a finish chunk.
+# Letta stop_reason -> OpenAI finish_reason. A reason in neither this table nor
+# ERROR_STOP_REASONS (one newer than this code) finishes with "stop": the agent did stop, and
+# its text was delivered. Those in ERROR_STOP_REASONS end the stream with an error instead.
 FINISH_REASONS: Final[dict[str, str]] = {
     "end_turn": "stop",
     # The run hit a budget, so the answer may be cut short: what "length" tells a client.
