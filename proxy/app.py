@@ -24,7 +24,15 @@ from proxy.app_keys import (
     METRICS,
     TABLES,
 )
+from proxy.bad_requests import check_content_encoding
+from proxy.connection_limits import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_KEEPALIVE_TIMEOUT,
+    ConnectionLimits,
+)
 from proxy.errors import (
+    AuthenticationFailed,
     HeadersTooLarge,
     InternalError,
     InvalidRequest,
@@ -35,6 +43,7 @@ from proxy.errors import (
     ServiceUnavailable,
 )
 from proxy.handlers import stamp_headers
+from proxy.http_server import serve_connections
 from proxy.metrics import CONTENT_TYPE, Exchange, Metrics, access_log, log_exchange
 from proxy.reload import Outcome, TableHolder, watch
 from proxy.shutdown import DEFAULT_DRAIN_TIMEOUT, Drain, shutting_down
@@ -240,6 +249,7 @@ def _refusal(
         raise HeadersTooLarge(
             f"Request headers too large: {size} bytes, the limit is {MAX_HEADER_BYTES}."
         )
+    check_content_encoding(request)
     return None
 
 
@@ -294,7 +304,15 @@ async def _expect(request: web.Request) -> None:
     """`Expect: 100-continue` as aiohttp does it; other expectations are ignored (RFC 9110
     §10.1.1 allows it, nginx does it). aiohttp's own handler answers them with a plain-text
     417 that echoes the value, and with a 500 when the value is not UTF-8."""
-    if request.headers.get("Expect", "").lower() != "100-continue":
+    headers = request.headers
+    if headers.get("Expect", "").lower() != "100-continue":
+        return
+    try:
+        # A caller that will be refused is refused before it sends its body: no 100 first.
+        request.app[TABLES].current.auth.check(
+            headers.get("Authorization"), headers.get("X-Api-Key")
+        )
+    except AuthenticationFailed:
         return
     if request.version == aiohttp.HttpVersion11:
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -310,16 +328,22 @@ def create_app(
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
     metrics: Metrics | None = None,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
 ) -> web.Application:
     """`reload_interval`: seconds between looks at the routes file (0: on SIGHUP only);
     `drain_timeout`: how long requests in flight may run on after shutdown begins;
-    `max_connections`: requests served at once before new ones get a 503 (0: no limit)."""
+    `max_connections`: requests served at once before new ones get a 503 (0: no limit);
+    `header_timeout`, `body_timeout`, `keepalive_timeout`: proxy/connection_limits.py."""
     app = web.Application(client_max_size=max_body, handler_args=_PARSER_LIMITS)
     app[TABLES] = holder
     app[MAX_BODY] = max_body
     app[METRICS] = metrics = metrics if metrics is not None else Metrics()
     app[DRAIN] = drain = Drain(holder, drain_timeout)
     front = _Front(drain, metrics, max_connections)
+    limits = ConnectionLimits(header_timeout, body_timeout, keepalive_timeout)
+    serve_connections(app, limits, metrics, new_request_id)
     app.on_startup.append(front.on_startup)
     app.cleanup_ctx.append(_http_session_ctx)
     app.cleanup_ctx.append(_watcher_ctx(reload_interval))

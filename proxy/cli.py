@@ -21,6 +21,11 @@ from typing import TYPE_CHECKING
 from proxy import __version__
 from proxy.auth import env_keys, generate_key
 from proxy.config import ConfigError, load_config
+from proxy.connection_limits import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_KEEPALIVE_TIMEOUT,
+)
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -47,6 +52,9 @@ class ServeOptions:
     drain_timeout: float = 30.0
     reload_interval: float = 1.0
     max_connections: int = 1000
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,6 +86,21 @@ def _parser() -> argparse.ArgumentParser:
                        help="requests each worker serves at once; more get a 503 with "
                             "Retry-After (env AGENTPROXY_MAX_CONNECTIONS; default 1000; 0: no "
                             "limit)")
+    serve.add_argument("--header-timeout", type=float,
+                       default=float(_env("HEADER_TIMEOUT", str(DEFAULT_HEADER_TIMEOUT))),
+                       help="seconds a new connection gets to send its first request's line "
+                            "and headers (env AGENTPROXY_HEADER_TIMEOUT; default "
+                            f"{DEFAULT_HEADER_TIMEOUT:g}; 0: no limit)")
+    serve.add_argument("--body-timeout", type=float,
+                       default=float(_env("BODY_TIMEOUT", str(DEFAULT_BODY_TIMEOUT))),
+                       help="seconds a request body may stall, with no byte arriving, before "
+                            "a 408 (env AGENTPROXY_BODY_TIMEOUT; default "
+                            f"{DEFAULT_BODY_TIMEOUT:g}; 0: no limit)")
+    serve.add_argument("--keepalive-timeout", type=float,
+                       default=float(_env("KEEPALIVE_TIMEOUT", str(DEFAULT_KEEPALIVE_TIMEOUT))),
+                       help="seconds an idle connection waits for its next request (env "
+                            "AGENTPROXY_KEEPALIVE_TIMEOUT; default "
+                            f"{DEFAULT_KEEPALIVE_TIMEOUT:g}; 0: no keep-alive)")
     serve.add_argument("--drain-timeout", type=float,
                        default=float(_env("DRAIN_TIMEOUT", "30")),
                        help="on SIGTERM, seconds running requests get to finish before streams "
@@ -169,6 +192,9 @@ def serve(args: argparse.Namespace) -> int:
         drain_timeout=max(0.0, args.drain_timeout),
         reload_interval=max(0.0, args.reload_interval),
         max_connections=max(0, args.max_connections),
+        header_timeout=max(0.0, args.header_timeout),
+        body_timeout=max(0.0, args.body_timeout),
+        keepalive_timeout=max(0.0, args.keepalive_timeout),
     )
     if options.workers == 1:
         return run_worker(options)
@@ -224,6 +250,9 @@ def run_worker(options: ServeOptions) -> int:
         reload_interval=options.reload_interval,
         drain_timeout=options.drain_timeout,
         max_connections=options.max_connections,
+        header_timeout=options.header_timeout,
+        body_timeout=options.body_timeout,
+        keepalive_timeout=options.keepalive_timeout,
     )
     tune_gc()
     with asyncio.Runner(loop_factory=_new_loop) as runner:
@@ -256,6 +285,7 @@ async def _serve(app: web.Application, holder: TableHolder, options: ServeOption
     """Serves until SIGTERM or SIGINT, then drains (see proxy/shutdown.py); SIGHUP reloads."""
     from aiohttp import web
 
+    from proxy.access_log import flush as flush_access_log
     from proxy.app_keys import DRAIN
 
     # The app's own drain (on_shutdown) has ended every request by the time aiohttp's shutdown
@@ -289,6 +319,8 @@ async def _serve(app: web.Application, holder: TableHolder, options: ServeOption
         )
     finally:
         await runner.cleanup()
+        # The last access lines now: a write they wait for would not outlive the loop.
+        flush_access_log()
 
 
 def _run_workers(options: ServeOptions) -> int:

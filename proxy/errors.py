@@ -52,16 +52,26 @@ class InvalidRequest(ProxyError):
     code = "invalid_request_error"
 
 
+class PreviousResponseNotFound(InvalidRequest):
+    """A `previous_response_id` that does not verify: one answer for every reason, so a caller
+    learns nothing about which check failed (tampered, expired, another key or route, garbage).
+    """
+
+    code = "previous_response_not_found"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Previous response not found: the id is unknown, expired, or was issued for another "
+            "API key or model. Start a new response without `previous_response_id`, sending the "
+            "whole conversation in `input`.",
+            param="previous_response_id",
+        )
+
+
 class AuthenticationFailed(ProxyError):
     status = 401
     type = "invalid_request_error"
     code = "invalid_api_key"
-
-
-class PermissionDenied(ProxyError):
-    status = 403
-    type = "invalid_request_error"
-    code = "permission_denied"
 
 
 class NotFound(ProxyError):
@@ -96,6 +106,14 @@ class PayloadTooLarge(ProxyError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class RequestTimeout(ProxyError):
+    """The client stopped sending its request part-way."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class HeadersTooLarge(ProxyError):
@@ -171,8 +189,3 @@ class InternalError(ProxyError):
     def __init__(self, request_id: str | None = None) -> None:
         ref = f" (request id {request_id})" if request_id else ""
         super().__init__(f"The proxy failed to handle the request{ref}.")
-
-
-def error_event(err: ProxyError) -> bytes:
-    """The SSE event that ends a stream whose 200 was already committed."""
-    return b"data: " + err.to_json() + b"\n\n"

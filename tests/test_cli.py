@@ -56,6 +56,51 @@ def test_check_reports_a_missing_file() -> None:
     assert "does-not-exist.yaml" in done.stdout
 
 
+NEWLINE_KEY_ROUTES = """\
+upstreams:
+  vllm:
+    kind: openai
+    url: http://127.0.0.1:9/v1
+    api_key: ${UPSTREAM_KEY}
+models:
+  m:
+    upstream: vllm
+"""
+
+
+@pytest.mark.parametrize("probe", [False, True], ids=["check", "check-probe"])
+def test_check_refuses_an_api_key_whose_variable_ends_with_a_newline(
+    tmp_path: Path, probe: bool
+) -> None:
+    # The usual way in: `export KEY=$(cat key.txt)` keeps the file's last newline, and every
+    # request then failed with a 500 while `check` said ok and `check --probe` crashed.
+    (tmp_path / "routes.yaml").write_text(NEWLINE_KEY_ROUTES)
+    env = {**os.environ, "UPSTREAM_KEY": "sk-upstream-secret\n"}
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "check", *(["--probe"] if probe else []), "routes.yaml"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stdout == (
+        "routes.yaml:5 upstreams.vllm.api_key: environment variable UPSTREAM_KEY ends with a "
+        "line break; a credential cannot contain control characters\n"
+    )
+    assert done.stderr == ""
+    assert "secret" not in done.stdout
+
+
+def test_check_refuses_a_routes_file_over_4_mib(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    with path.open("wb") as file:
+        file.truncate((4 << 20) + 1)
+    done = run_check(str(path))
+    assert done.returncode == 1
+    assert done.stdout == (
+        f"{path}: cannot read the file: the file is larger than 4 MiB, the limit for a routes "
+        "file\n"
+    )
+
+
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int, Path]]:
     port = free_port()

@@ -1,0 +1,258 @@
+"""aiohttp's HTTP server, with the proxy's answer to what never reaches a handler.
+
+Two things happen below the application, in aiohttp's connection protocol, that the proxy must
+do its own way:
+- a request the HTTP parser refuses, or whose target no route can match, gets an
+  OpenAI-shaped error, one log line without header values, and a count (proxy/bad_requests.py);
+- a client too slow to send its request is cut off (proxy/connection_limits.py): one sweep
+  over the open connections, a few times per shortest limit, instead of a timer per request.
+
+aiohttp offers no public way to choose the protocol class, so `serve_connections` wraps this
+one application's `_make_handler` (what every runner calls to build its Server): the Server
+is aiohttp's with `__call__` building a ProxyRequestHandler, aiohttp's RequestHandler with a
+few methods overridden. Per request that adds one call and a set lookup (`finish_response`,
+under 0.1 µs); the rest runs per connection, per sweep or on errors only. The overrides read
+some of aiohttp's private state (the connection's request count, current request and message
+queue, a body's waiter): tests/test_connection_limits.py and tests/test_bad_requests.py fail
+if an aiohttp upgrade moves it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
+from aiohttp.web_request import BaseRequest
+
+from proxy import bad_requests
+from proxy.app_keys import EXCHANGE
+from proxy.connection_limits import ConnectionLimits
+from proxy.errors import InternalError, ProxyError, RequestTimeout
+from proxy.metrics import Metrics
+
+log = logging.getLogger("agentproxy.http")
+
+# What the proxy's handlers answer with (errors included: proxy.app.render).
+_HANDLER_ANSWERS = frozenset({web.Response, web.StreamResponse})
+
+
+class _Policy:
+    """What every connection of one server shares."""
+
+    __slots__ = ("limits", "metrics", "new_id")
+
+    def __init__(
+        self, limits: ConnectionLimits, metrics: Metrics, new_id: Callable[[], str]
+    ) -> None:
+        self.limits = limits
+        self.metrics = metrics
+        self.new_id = new_id
+
+
+def serve_connections(
+    app: web.Application,
+    limits: ConnectionLimits,
+    metrics: Metrics,
+    new_id: Callable[[], str],
+) -> None:
+    """Makes every runner of `app` serve it with ProxyServer. `new_id` mints request ids."""
+    policy = _Policy(limits, metrics, new_id)
+    make_plain = app._make_handler
+
+    def make_handler(**kwargs: Any) -> web.Server:
+        return ProxyServer(make_plain(**kwargs), policy)
+
+    app._make_handler = make_handler  # type: ignore[method-assign]
+
+
+class ProxyServer(web.Server):
+    """aiohttp's Server, building ProxyRequestHandlers and sweeping them."""
+
+    def __init__(self, plain: web.Server, policy: _Policy) -> None:
+        # Everything as the application built it, and the keep-alive limit for aiohttp's own
+        # timer (it also bounds the wait for the first request).
+        kwargs = {**plain._kwargs, "keepalive_timeout": policy.limits.keepalive_timeout}
+        super().__init__(
+            plain.request_handler,
+            request_factory=plain.request_factory,
+            handler_cancellation=plain.handler_cancellation,
+            loop=plain._loop,
+            **kwargs,
+        )
+        self.policy = policy
+        self._sweeping: asyncio.TimerHandle | None = None
+
+    def __call__(self) -> RequestHandler:
+        return ProxyRequestHandler(self, loop=self._loop, **self._kwargs)
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        if self._sweeping is None:
+            self._sweeping = self._loop.call_later(
+                self.policy.limits.sweep_interval, self._sweep
+            )
+
+    def _sweep(self) -> None:
+        self._sweeping = None
+        now = self._loop.time()
+        try:
+            for handler in list(self._connections):
+                if isinstance(handler, ProxyRequestHandler):
+                    handler.sweep(now)
+        finally:
+            # Only while there is something to watch: an idle server does no work.
+            if self._connections:
+                self._sweeping = self._loop.call_later(
+                    self.policy.limits.sweep_interval, self._sweep
+                )
+
+    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (aiohttp's)
+        if self._sweeping is not None:
+            self._sweeping.cancel()
+            self._sweeping = None
+        await super().shutdown(timeout)
+
+
+class ProxyRequestHandler(RequestHandler):
+    """One connection: aiohttp's protocol with the proxy's refusals and limits."""
+
+    __slots__ = ("_accepted", "_body_of", "_body_seen", "_body_since", "_policy")
+
+    def __init__(
+        self, manager: ProxyServer, *, loop: asyncio.AbstractEventLoop, **kwargs: Any
+    ) -> None:
+        super().__init__(manager, loop=loop, **kwargs)
+        self._policy = manager.policy
+        self._accepted = 0.0
+        # The body a handler waits for, how much of it had come at the last sweep, and since
+        # when no more has.
+        self._body_of: StreamReader | None = None
+        self._body_seen = 0
+        self._body_since = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._accepted = self._loop.time()
+        super().connection_made(transport)
+
+    # -- the sweep ------------------------------------------------------------------------
+
+    def sweep(self, now: float) -> None:
+        """Ends what overran its limit: a first request head that has not come, a body that
+        stopped coming, a body the parser gave up on."""
+        if self.transport is None or self._force_close:
+            return
+        policy = self._policy
+        if self._request_count == 0:  # no request head parsed on this connection yet
+            if policy.limits.header_overdue(self._accepted, now):
+                policy.metrics.timed_out("header")
+                log.debug("closed a connection that sent no request head in time")
+                self.force_close()
+            return
+        request = self._current_request
+        payload = request.content if request is not None else None
+        if request is None or payload is None or payload.is_eof():
+            self._body_of = None
+            return
+        messages = self._messages
+        if messages and isinstance(messages[-1][0], _ErrInfo):
+            # The parser failed inside this request's body (bad chunked framing): it queues
+            # its refusal for after the handler, which would wait for the body forever.
+            self._refuse_body(request, payload, messages[-1][0].exc)
+            return
+        if payload._waiter is None:  # the handler is not reading the body
+            self._body_of = None
+            return
+        seen = payload.total_raw_bytes
+        if payload is not self._body_of or seen != self._body_seen:
+            # The handler began to wait, or some more came: a stall would start now.
+            self._body_of, self._body_seen, self._body_since = payload, seen, now
+            return
+        if policy.limits.body_stalled(self._body_since, now):
+            policy.metrics.timed_out("body")
+            self._body_of = None
+            timeout = policy.limits.body_timeout
+            self._end_body(payload, RequestTimeout(
+                f"The request body stopped arriving: no byte for {timeout:g} s "
+                "(--body-timeout).",
+                headers={"Connection": "close"},
+            ))
+
+    def _refuse_body(self, request: BaseRequest, payload: StreamReader, exc: BaseException) -> None:
+        refusal = bad_requests.parser_refusal(exc)
+        exchange = request.get(EXCHANGE)
+        request_id = exchange.request_id if exchange is not None else None
+        bad_requests.report(self._policy.metrics, refusal, request_id)
+        self._end_body(payload, refusal.error)
+
+    def _end_body(self, payload: StreamReader, err: Exception) -> None:
+        """The handler's read raises `err` (its answer); the connection closes after it."""
+        payload.set_exception(err)
+        # At its end: aiohttp does not then wait to discard the rest of a body that will not
+        # come.
+        payload.feed_eof()
+        self.close()
+
+    # -- refusals ---------------------------------------------------------------------------
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's answer to a request its parser refused, or to a failure outside any of
+        the proxy's handlers (which answer their own)."""
+        if request.writer.output_size > 0:
+            raise ConnectionError(
+                "Response is sent already, cannot send another response with the error message"
+            )
+        request_id = self._policy.new_id()
+        if isinstance(exc, HttpProcessingError):
+            refusal = bad_requests.parser_refusal(exc)
+            # As aiohttp does: TLS and other noise on a fresh connection, from scanners.
+            quiet = isinstance(exc, BadHttpMethod) and self._request_count == 1
+            bad_requests.report(self._policy.metrics, refusal, request_id, quiet=quiet)
+            return bad_requests.respond(refusal.error, request_id)
+        log.error("request %s failed outside any handler", request_id, exc_info=exc)
+        err = InternalError(request_id)
+        err.status = status
+        return bad_requests.respond(err, request_id)
+
+    def finish_response(
+        self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> Coroutine[Any, Any, tuple[web.StreamResponse, bool]]:
+        # Not a coroutine of its own: no extra layer on every request's way out; and the
+        # handlers' own classes are let through by a set lookup (isinstance against aiohttp's
+        # ABC-based classes costs about 150 ns).
+        if type(resp) not in _HANDLER_ANSWERS and isinstance(resp, web.HTTPException):
+            # Raised outside the proxy's handlers, which answer in JSON: the router found no
+            # route (every path has one, so the target is not a path, or holds a newline).
+            resp = self._refuse_target(request, resp)
+        return RequestHandler.finish_response(self, request, resp, start_time)
+
+    def _refuse_target(self, request: BaseRequest, exc: web.HTTPException) -> web.Response:
+        request_id = self._policy.new_id()
+        if exc.status not in (404, 405):  # not the router's: keep its status
+            err = ProxyError(exc.reason)
+            err.status, err.code = exc.status, None
+            err.type = "invalid_request_error" if exc.status < 500 else "server_error"
+            return bad_requests.respond(err, request_id)
+        refusal = bad_requests.target_refusal(request.method, request.path)
+        bad_requests.report(self._policy.metrics, refusal, request_id)
+        return bad_requests.respond(refusal.error, request_id)
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        exc = kw.get("exc_info")
+        if isinstance(exc, RequestPayloadError):
+            # A body aiohttp could not decode: the handler has answered (400); aiohttp met the
+            # fault again while discarding the rest, and would log it with a traceback.
+            bad_requests.report(self._policy.metrics, bad_requests.body_refusal(exc), None)
+            return
+        super().log_exception(*args, **kw)
