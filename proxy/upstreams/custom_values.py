@@ -1,0 +1,69 @@
+"""The placeholder values of one chat request to a custom upstream (sans-IO).
+
+The adapter builds them once per request, renders every call of the request with them
+(session lookup or create, the chat call, cancel), and adds the stream's captured values
+before rendering `cancel`. Only the placeholders the upstream's templates use are computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from proxy.upstreams.custom_session import SessionKeys, caller_id
+from proxy.upstreams.custom_spec import CustomSpec
+from proxy.upstreams.custom_template import CAPTURED_PREFIX, stringify
+from proxy.upstreams.custom_turn import ClientSystem, turn_values
+
+__all__ = ["request_values", "session_id", "with_captured"]
+
+
+def request_values(
+    spec: CustomSpec,
+    messages: list[dict[str, Any]],
+    *,
+    session: SessionKeys,
+    key_id: str,
+    model: str | None,
+    stream: bool,
+    request_id: str,
+    user: Any = None,
+    client_system: ClientSystem = "drop",
+) -> dict[str, Any]:
+    """Every placeholder's value but `session.id` (None here: see `session_id`).
+
+    Raises InvalidRequest when the chat has no new user text. `model` is the route's
+    upstream name for the agent (its `model:`, or a wildcard's suffix); `stream` whether this
+    upstream call streams (spec.upstream_streams).
+    """
+    needed = spec.placeholders
+    values = turn_values(messages, needed, client_system=client_system,
+                         message_format=spec.message_format)
+    values["model"] = model
+    values["session.key"] = session.key
+    values["session.uuid"] = session.uuid
+    values["session.id"] = None
+    values["stream"] = stream
+    values["request_id"] = request_id
+    values["user"] = user if isinstance(user, str) and user else None
+    if "caller" in needed:
+        values["caller"] = caller_id(key_id)
+    return values
+
+
+def session_id(spec: CustomSpec, values: Mapping[str, Any], session: SessionKeys) -> str | None:
+    """The upstream session id that `session.id` derives (`{{ session.key }}` by default);
+    None for a stateless request. Servers that issue ids (`session.lookup`) get theirs from
+    the lookup instead."""
+    if session.stateless:
+        return None
+    value = spec.session.id.render(values)
+    return None if value is None or value == "" else stringify(value)
+
+
+def with_captured(values: Mapping[str, Any], captured: Mapping[str, Any]) -> dict[str, Any]:
+    """`values` plus `captured.NAME` for what the stream's rules captured (for `cancel`)."""
+    out = dict(values)
+    for name, value in captured.items():
+        out[CAPTURED_PREFIX + name] = value
+    return out
