@@ -1,6 +1,7 @@
 """Prometheus metrics, the per-request record they are made from, and the access log line.
 
-Every chat request fills one `Exchange` as it goes (model, upstream, first token, status);
+Every chat request fills one `Exchange` (proxy/exchange.py) as it goes (model, upstream,
+first token, status);
 the front wrapper (proxy/app.py) hands it to `Metrics.observe` and to `log_exchange` when the
 request ends, so the handlers never talk to Prometheus on the hot path themselves.
 
@@ -33,6 +34,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from proxy.exchange import Exchange
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -62,38 +65,6 @@ def multiprocess_dir() -> str | None:
 
 def has_token(event: bytes) -> bool:
     return _TOKEN.search(event) is not None
-
-
-class Exchange:
-    """What one request is and did, for its headers, metrics and log line. Never holds keys
-    or content. The one thing the front wrapper hands the handlers (a single request key)."""
-
-    __slots__ = (
-        "chat", "error", "model", "overhead", "request_id", "route", "started", "status",
-        "stream", "task", "ttft", "upstream", "upstream_ms",
-    )
-
-    def __init__(self, started: float, request_id: str) -> None:
-        self.started = started
-        self.request_id = request_id
-        # The task serving the request: what the drain cancels, and what a Watch interrupts.
-        self.task: asyncio.Task[Any] | None = None
-        self.chat = False
-        self.stream = False
-        # The model the client asked for (logs) and the route that served it (metric label:
-        # a `prefix/*` route would otherwise let clients mint unbounded label values).
-        self.model = ""
-        self.route = ""
-        self.upstream = ""
-        self.status = 0
-        self.ttft: float | None = None
-        # Seconds, fixed when the response headers go out (Server-Timing's `proxy` value).
-        self.overhead: float | None = None
-        # The error code a stream ended with after its 200 was committed.
-        self.error: str | None = None
-        # Milliseconds spent waiting for the upstream's answer (Server-Timing's `upstream`);
-        # None until an upstream answered.
-        self.upstream_ms: float | None = None
 
 
 class TaskCount(Collector):

@@ -1,15 +1,19 @@
-"""`agentproxy check --probe`: ask each upstream what the route table assumes of it."""
+"""`agentproxy check --probe`: ask each upstream what the route table assumes of it.
+
+What to ask is each kind's own business (`Upstream.probe`, `Upstream.probe_route`).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import aiohttp
 
 from proxy.config import Config, Problem
 from proxy.errors import ProxyError
+from proxy.exchange import Exchange
 from proxy.routing import RouteTable
-from proxy.upstreams.letta import Letta
 
 
 async def probe(config: Config) -> list[Problem]:
@@ -18,30 +22,30 @@ async def probe(config: Config) -> list[Problem]:
     problems: list[Problem] = []
     async with aiohttp.ClientSession(trust_env=False) as http:
 
+        def record() -> Exchange:
+            return Exchange(time.perf_counter(), "probe", asyncio.current_task())
+
         async def check_upstream(name: str) -> None:
-            upstream = table.upstreams[name]
-            if upstream.kind == "echo":
-                return
             try:
-                await upstream.list_models(http)
+                await table.upstreams[name].probe(http, record())
             except ProxyError as exc:
                 spec = config.upstreams[name]
                 problems.append(Problem(config.source, spec.line, f"upstreams.{name}", exc.message))
 
-        async def check_agent(route_index: int) -> None:
+        async def check_route(route_index: int) -> None:
             route = table.routes[route_index]
             spec = route.spec
-            upstream = route.upstreams[0]
-            if not isinstance(upstream, Letta) or spec.agent is None:
-                return
             try:
-                await upstream.agent_id(spec.agent, http, spec.name, wildcard=False)
+                await route.upstreams[0].probe_route(spec, http, record())
             except ProxyError as exc:
                 path = f"models.{spec.name}.agent"
                 problems.append(Problem(config.source, spec.line, path, exc.message))
 
-        await asyncio.gather(
-            *(check_upstream(name) for name in table.upstreams),
-            *(check_agent(i) for i in range(len(table.routes))),
-        )
+        try:
+            await asyncio.gather(
+                *(check_upstream(name) for name in table.upstreams),
+                *(check_route(i) for i in range(len(table.routes))),
+            )
+        finally:
+            await table.state.close()
     return sorted(problems, key=lambda p: p.line)

@@ -23,6 +23,7 @@ from typing import Literal
 
 from proxy.config import Config, ConfigError, load_config, parse_config
 from proxy.routing import RouteTable
+from proxy.state import AppState
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,10 @@ class TableHolder:
     def __init__(self, path: str | Path, extra_keys: Sequence[str] = ()) -> None:
         self.path = Path(path)
         self.extra_keys = tuple(extra_keys)
+        # What outlives a table: circuits, slots, session locks (proxy/state.py).
+        self.state = AppState()
         raw = self.path.read_bytes()
-        self.current = RouteTable(self._parse(raw), self.extra_keys)
+        self.current = RouteTable(self._parse(raw), self.extra_keys, self.state)
         # The content last tried, good or bad: a broken file is reported once, not every poll.
         self._seen: bytes | None = raw
         self._unreadable: str | None = None
@@ -88,7 +91,7 @@ class TableHolder:
             if config.version == self.current.version:
                 was_broken, self.last_error = self.last_error is not None, None
                 return "restored" if was_broken else "unchanged"
-            table = RouteTable(config, self.extra_keys)
+            table = RouteTable(config, self.extra_keys, self.state)
         except ConfigError as exc:
             return self._failed(str(exc))
         except OSError as exc:

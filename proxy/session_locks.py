@@ -1,8 +1,8 @@
 """One request at a time per upstream thread, with a bounded wait.
 
 Letta leaves concurrent sends to one conversation undefined, so the proxy serialises them.
-The registry lives for the process, not the route table: a reload must not let a second
-request into a thread that a request of the old table still holds.
+The registry lives with the app (proxy/state.py), not the route table: a reload must not let
+a second request into a thread that a request of the old table still holds.
 """
 
 from __future__ import annotations
@@ -53,5 +53,3 @@ class KeyedLocks:
         else:
             self._locks[key] = (lock, users - 1)
 
-
-SESSION_LOCKS = KeyedLocks()

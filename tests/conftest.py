@@ -17,7 +17,6 @@ from aiohttp import web
 
 from proxy.app import create_app
 from proxy.reload import TableHolder
-from proxy.upstreams.health import HEALTH
 from tests.fake_letta import FakeLetta, make_app
 from tests.fake_openai import FakeOpenAI
 
@@ -80,12 +79,6 @@ class Proxy:
 
 
 ProxyFactory = Callable[..., Awaitable[Proxy]]
-
-
-@pytest.fixture(autouse=True)
-def fresh_upstream_health() -> None:
-    """Circuits and concurrency slots live for the process; each test starts from none."""
-    HEALTH.clear()
 
 
 @asynccontextmanager

@@ -92,6 +92,13 @@ def _parse_error(body: bytes) -> dict[str, Any]:
 def error_from_response(
     upstream: str, status: int, body: bytes, headers: Mapping[str, str]
 ) -> ProxyError:
+    if 300 <= status < 400:
+        # Never followed (see proxy/upstreams/http.py): the url is wrong, or the server is
+        # not the one the route table means.
+        return UpstreamFailed(
+            f"Upstream '{upstream}' answered with a redirect (HTTP {status}), which the proxy "
+            "does not follow; check the upstream's url."
+        )
     err = _parse_error(body)
     message = str(err.get("message") or "")[:2000]
     if status in (401, 403):
