@@ -108,9 +108,13 @@ async def serving_fake_letta() -> AsyncIterator[tuple[FakeLetta, str]]:
     """A FakeLetta and its base URL; streams still held are let go at the end."""
     state = FakeLetta()
     async with serving(make_app(state)) as url:
-        yield state, url
-    for scenario in [state.default_scenario, *state.scenarios]:
-        scenario.release.set()
+        try:
+            yield state, url
+        finally:
+            # Before the server's cleanup, which waits for its handlers: a stream still held
+            # (the proxy never cancelled it) must not keep a failing test waiting minutes.
+            for scenario in [state.default_scenario, *state.scenarios]:
+                scenario.release.set()
 
 
 @pytest.fixture

@@ -50,6 +50,10 @@ _NOT_RELAYED = frozenset(
 # to this many names per upstream (the names come from the upstream, so the memo is bounded).
 _VERDICTS_MAX = 512
 _UNSEEN = ""
+# Shorter configured values (`1`, `true`) are not secrets, and scrubbing them would mangle
+# messages.
+_SECRET_MIN = 6
+REDACTED = "[redacted]"
 
 
 class HttpUpstream(Upstream):
@@ -68,6 +72,15 @@ class HttpUpstream(Upstream):
         self.headers: CIMultiDict[str] = CIMultiDict(headers)
         self.timeout = client_timeout(spec.timeouts)
         self._verdicts: dict[bytes, str | None] = {}
+        # What the upstream must never get to show a client or a log: its configured
+        # credentials, which a broken server may echo back in an error message.
+        self._secrets = tuple(
+            sorted(
+                {v for v in (spec.api_key, *spec.headers.values()) if v and len(v) >= _SECRET_MIN},
+                key=len,
+                reverse=True,
+            )
+        )
 
     def extra_headers(self) -> dict[str, str]:
         """Headers the kind always sends (before the configured ones)."""
@@ -108,7 +121,9 @@ class HttpUpstream(Upstream):
         """What an exception out of sending a request (`answered` False) or reading its
         answer (`what`: "answer" or "stream") means to the client: `exc` itself when it
         already says it (the proxy's own errors, a cancellation)."""
-        if isinstance(exc, ProxyError | asyncio.CancelledError):
+        if isinstance(exc, ProxyError):
+            return self.scrubbed(exc)
+        if isinstance(exc, asyncio.CancelledError):
             return exc
         if isinstance(exc, TimeoutError):
             return timeout_error(self.name, self.spec.timeouts, exc)
@@ -123,13 +138,25 @@ class HttpUpstream(Upstream):
             )
         return exc
 
+    def scrub(self, text: str) -> str:
+        """`text` with the upstream's configured credentials taken out."""
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        return text
+
+    def scrubbed(self, err: ProxyError) -> ProxyError:
+        if self._secrets:
+            err.message = self.scrub(err.message)
+        return err
+
     async def refused(self, resp: aiohttp.ClientResponse) -> ProxyError:
         """The error for an answer whose status is not a success; the response is released."""
         try:
             body = await read_error_body(resp)
         finally:
             resp.release()
-        return error_from_response(self.name, resp.status, body, resp.headers)
+        return self.scrubbed(error_from_response(self.name, resp.status, body, resp.headers))
 
     async def call_api(
         self,

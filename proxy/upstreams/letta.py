@@ -344,8 +344,11 @@ class Letta(HttpUpstream):
             yield list(final)
         if translator.error is not None:
             if translator.error_detail:
-                log.warning("Letta run %s failed: %s", translator.run_id, translator.error_detail)
-            raise translator.error
+                log.warning(
+                    "Letta run %s failed: %s", translator.run_id,
+                    self.scrub(translator.error_detail),
+                )
+            raise self.scrubbed(translator.error)
 
     async def _close(self, run: _Run, http: aiohttp.ClientSession) -> None:
         if run.closed:
@@ -384,7 +387,10 @@ class Letta(HttpUpstream):
                 )
             log.info("cancelled Letta run %s after the client left", run_id)
         except (ProxyError, TimeoutError, RuntimeError) as exc:
-            log.warning("cancelling a Letta run of agent %s failed: %s", run.agent_id, exc)
+            log.warning(
+                "cancelling a Letta run of agent %s failed: %s", run.agent_id,
+                self.scrub(str(exc)),
+            )
         finally:
             run.resp.close()
 

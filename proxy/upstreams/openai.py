@@ -189,6 +189,8 @@ class OpenAI(HttpUpstream):
             raise self.failure(exc, answered=True, what="stream") from None
         finally:
             _let_go(resp, state.done)
+        if state.error is not None:
+            raise self.scrubbed(state.error)
         state.check_end()
 
     async def _decode(
@@ -218,6 +220,8 @@ class OpenAI(HttpUpstream):
             raise self.failure(exc, answered=True, what="stream") from None
         finally:
             _let_go(resp, state.done)
+        if state.error is not None:
+            raise self.scrubbed(state.error)
         state.check_end()
 
     async def list_models(
