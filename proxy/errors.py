@@ -55,6 +55,22 @@ class InvalidRequest(ProxyError):
     code = "invalid_request_error"
 
 
+class PreviousResponseNotFound(InvalidRequest):
+    """A `previous_response_id` that does not verify: one answer for every reason, so a caller
+    learns nothing about which check failed (tampered, expired, another key or route, garbage).
+    """
+
+    code = "previous_response_not_found"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Previous response not found: the id is unknown, expired, or was issued for another "
+            "API key or model. Start a new response without `previous_response_id`, sending the "
+            "whole conversation in `input`.",
+            param="previous_response_id",
+        )
+
+
 class AuthenticationFailed(ProxyError):
     status = 401
     type = "invalid_request_error"

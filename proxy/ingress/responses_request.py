@@ -1,0 +1,400 @@
+"""Parsing a Responses API request and translating it to a chat-completions body. Sans-IO.
+
+`parse_responses_request(raw)` checks the body (a bad type or value is an InvalidRequest that
+names the `param`, never a 500) and returns a frozen ResponsesRequest: the chat body every
+adapter understands, the stream flag, the state fields a route must honour or refuse
+(`refuse_state`), and the fields the response object echoes.
+
+The input items become messages in `responses_input`; here `instructions` becomes the first
+(system) message, function `tools` and `tool_choice` the chat forms, `max_output_tokens`
+`max_tokens`, `text.format` `response_format`, `reasoning.effort` `reasoning_effort`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Final
+
+import orjson
+
+from proxy.errors import InvalidRequest
+from proxy.ingress.fields import kind_of, opt_bool, opt_int, opt_number, opt_str, req_str
+from proxy.ingress.responses_input import translate_input
+
+__all__ = ["ResponsesRequest", "parse_responses_request", "refuse_state"]
+
+# orjson parses deeper than it serializes; a body past this would fail when forwarded.
+MAX_DEPTH: Final = 254
+_TOOL_CHOICE_MODES: Final = frozenset({"none", "auto", "required"})
+_EFFORTS: Final = frozenset({"none", "minimal", "low", "medium", "high", "xhigh", "max"})
+_RESEND: Final = (
+    "resend the whole conversation in `input` (earlier messages, function calls and their "
+    "outputs)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ResponsesRequest:
+    chat: dict[str, Any]
+    """The chat-completions body: `messages`, `model` when given, `stream` (and
+    `stream_options.include_usage` when streaming: a Responses answer always has usage)."""
+    model: str | None
+    stream: bool
+    previous_response_id: str | None
+    conversation: str | None
+    background: bool
+    store: bool | None
+    """As asked; an answer says `store: false` wherever nothing is kept."""
+    echo: Mapping[str, Any]
+    """The request's fields that the response object repeats (ResponsesWriter's `echo`)."""
+
+
+def parse_responses_request(raw: bytes) -> ResponsesRequest:
+    body = _load(raw)
+
+    model = opt_str(body, "model")
+    if model == "":
+        raise InvalidRequest("'model' must be a non-empty string.", param="model")
+    stream = opt_bool(body, "stream") or False
+    background = opt_bool(body, "background") or False
+    store = opt_bool(body, "store")
+    previous = opt_str(body, "previous_response_id")
+    if previous == "":
+        raise InvalidRequest(
+            "'previous_response_id' must be a non-empty string.", param="previous_response_id"
+        )
+    conversation = _conversation(body.get("conversation"))
+    if body.get("prompt") is not None:
+        raise InvalidRequest(
+            "Stored prompts (`prompt`) are not supported: this proxy stores nothing. Send the "
+            "text in `instructions` and `input`.",
+            param="prompt",
+        )
+    include = body.get("include")
+    if include is not None and (
+        not isinstance(include, list) or not all(isinstance(x, str) for x in include)
+    ):
+        raise InvalidRequest("'include' must be an array of strings.", param="include")
+    if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
+        raise InvalidRequest("'stream_options' must be an object.", param="stream_options")
+
+    instructions = opt_str(body, "instructions")
+    messages: list[dict[str, Any]] = []
+    if instructions:
+        messages.append({"role": "system", "content": instructions})
+    translate_input(body.get("input"), messages)
+    if not any(m["role"] != "system" for m in messages):
+        raise InvalidRequest(
+            "Missing required parameter: 'input' (a string or an array of input items).",
+            param="input",
+        )
+
+    chat: dict[str, Any] = {"messages": messages}
+    echo: dict[str, Any] = {"instructions": instructions, "previous_response_id": previous}
+    if model is not None:
+        chat["model"] = model
+    chat["stream"] = stream
+    if stream:
+        chat["stream_options"] = {"include_usage": True}
+
+    _translate_tools(body, chat, echo)
+
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+        value = opt_number(body, name)
+        if value is not None:
+            chat[name] = value
+            echo[name] = value
+    max_output = opt_int(body, "max_output_tokens", minimum=1)
+    if max_output is not None:
+        chat["max_tokens"] = max_output
+    echo["max_output_tokens"] = max_output
+    echo["max_tool_calls"] = opt_int(body, "max_tool_calls", minimum=0)
+    for name in ("user", "safety_identifier", "prompt_cache_key"):
+        echo[name] = opt_str(body, name)
+    if echo["user"]:
+        chat["user"] = echo["user"]
+    truncation = opt_str(body, "truncation")
+    if truncation is not None:
+        if truncation not in ("auto", "disabled"):
+            raise InvalidRequest(
+                "Invalid value for 'truncation': supported values are 'auto' and 'disabled'.",
+                param="truncation",
+            )
+        echo["truncation"] = truncation
+    echo["metadata"] = _metadata(body.get("metadata"))
+    _translate_text(body.get("text"), chat, echo)
+    _translate_reasoning(body.get("reasoning"), chat, echo)
+
+    return ResponsesRequest(
+        chat=chat,
+        model=model,
+        stream=stream,
+        previous_response_id=previous,
+        conversation=conversation,
+        background=background,
+        store=store,
+        echo=MappingProxyType(echo),
+    )
+
+
+def refuse_state(request: ResponsesRequest, *, chains: bool = False) -> None:
+    """A 400 for the state a route cannot keep, never a silent drop.
+
+    `chains=True` is for routes that continue `previous_response_id` themselves (Letta);
+    `conversation` and `background` need stored responses, which no route has.
+    """
+    if request.previous_response_id is not None and not chains:
+        raise InvalidRequest(
+            "This model keeps no conversation state, so `previous_response_id` cannot be "
+            f"continued: {_RESEND} and leave `previous_response_id` out.",
+            param="previous_response_id",
+        )
+    if request.conversation is not None:
+        raise InvalidRequest(
+            "Conversations (`conversation`) are not supported: this proxy stores no "
+            f"conversations. Leave `conversation` out and {_RESEND}.",
+            param="conversation",
+        )
+    if request.background:
+        raise InvalidRequest(
+            "Background responses are not supported: this proxy stores no responses to poll. "
+            f"Send the request without `background` (stream it if it takes long) and {_RESEND}.",
+            param="background",
+        )
+
+
+# -- the body -----------------------------------------------------------------------------
+
+
+def _load(raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest(
+            "We could not parse the JSON body of your request. The body must be a JSON object."
+        ) from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    # Counting brackets bounds the depth cheaply; only suspicious bodies pay for the trial.
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:
+        try:
+            orjson.dumps(body)
+        except orjson.JSONEncodeError:
+            raise InvalidRequest(
+                f"The request body is nested too deeply (more than {MAX_DEPTH} levels)."
+            ) from None
+    return body
+
+
+def _conversation(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, dict) and isinstance(value.get("id"), str) and value["id"]:
+        return str(value["id"])
+    raise InvalidRequest(
+        "'conversation' must be a conversation id or an object with an 'id'.",
+        param="conversation",
+    )
+
+
+def _metadata(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise InvalidRequest(
+            "'metadata' must be an object whose values are strings.", param="metadata"
+        )
+    return value
+
+
+# -- tools, text, reasoning -----------------------------------------------------------------
+
+
+def _translate_tools(body: dict[str, Any], chat: dict[str, Any], echo: dict[str, Any]) -> None:
+    raw_tools = body.get("tools")
+    if raw_tools is None:
+        raw_tools = []
+    if not isinstance(raw_tools, list):
+        raise InvalidRequest(
+            f"Invalid type for 'tools': expected an array, got {kind_of(raw_tools)}.",
+            param="tools",
+        )
+    tools: list[dict[str, Any]] = []
+    chat_tools: list[dict[str, Any]] = []
+    for i, tool in enumerate(raw_tools):
+        if not isinstance(tool, dict):
+            raise InvalidRequest(f"Invalid type for 'tools[{i}]': expected an object.",
+                                 param="tools")
+        kind = tool.get("type")
+        if kind != "function":
+            raise InvalidRequest(
+                f"Tool type {kind!r} (tools[{i}]) is not supported: this proxy serves "
+                "function tools only; hosted tools (web_search, file_search, ...) need "
+                "OpenAI's own servers.",
+                param="tools",
+            )
+        name = req_str(tool, "name", f"tools[{i}]")
+        description = opt_str(tool, "description", f"tools[{i}].description")
+        parameters = tool.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise InvalidRequest(
+                f"'tools[{i}].parameters' must be a JSON Schema object.",
+                param=f"tools[{i}].parameters",
+            )
+        strict = opt_bool(tool, "strict", f"tools[{i}].strict")
+        tools.append({"type": "function", "name": name, "description": description,
+                      "parameters": parameters, "strict": strict})
+        function: dict[str, Any] = {"name": name}
+        if description is not None:
+            function["description"] = description
+        function["parameters"] = parameters if parameters is not None else {
+            "type": "object", "properties": {}}
+        if strict is not None:
+            function["strict"] = strict
+        chat_tools.append({"type": "function", "function": function})
+    echo["tools"] = tools
+
+    names = {t["name"] for t in tools}
+    choice = body.get("tool_choice")
+    chat_choice: Any = None
+    if choice is None:
+        echo["tool_choice"] = "auto"
+    elif isinstance(choice, str) and choice in _TOOL_CHOICE_MODES:
+        echo["tool_choice"] = chat_choice = choice
+    elif isinstance(choice, dict) and choice.get("type") == "function":
+        name = req_str(choice, "name", "tool_choice")
+        _known(name, names, "tool_choice")
+        echo["tool_choice"] = {"type": "function", "name": name}
+        chat_choice = {"type": "function", "function": {"name": name}}
+    elif isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        # Enforced by offering the upstream only the allowed functions: a model cannot call
+        # what it was not given, and chat servers rarely know `allowed_tools`.
+        mode = choice.get("mode", "auto")
+        allowed = choice.get("tools")
+        if mode not in ("auto", "required") or not isinstance(allowed, list):
+            raise InvalidRequest(
+                "'tool_choice' of type allowed_tools needs 'mode' ('auto' or 'required') and "
+                "'tools', an array of {\"type\": \"function\", \"name\": ...}.",
+                param="tool_choice",
+            )
+        keep: list[str] = []
+        for j, entry in enumerate(allowed):
+            if not isinstance(entry, dict) or entry.get("type") != "function":
+                raise InvalidRequest(
+                    f"'tool_choice.tools[{j}]' must be {{\"type\": \"function\", \"name\": ...}}.",
+                    param="tool_choice",
+                )
+            keep.append(req_str(entry, "name", f"tool_choice.tools[{j}]"))
+            _known(keep[-1], names, "tool_choice")
+        echo["tool_choice"] = {
+            "type": "allowed_tools",
+            "mode": mode,
+            "tools": [{"type": "function", "name": n} for n in keep],
+        }
+        chat_tools = [t for t in chat_tools if t["function"]["name"] in keep]
+        chat_choice = mode
+    else:
+        raise InvalidRequest(
+            "Invalid value for 'tool_choice': use 'none', 'auto', 'required', "
+            "{\"type\": \"function\", \"name\": ...} or an allowed_tools object.",
+            param="tool_choice",
+        )
+
+    parallel = opt_bool(body, "parallel_tool_calls")
+    echo["parallel_tool_calls"] = True if parallel is None else parallel
+    # Chat servers refuse tool_choice and parallel_tool_calls without tools.
+    if chat_tools:
+        chat["tools"] = chat_tools
+        if chat_choice is not None:
+            chat["tool_choice"] = chat_choice
+        if parallel is not None:
+            chat["parallel_tool_calls"] = parallel
+
+
+def _known(name: str, names: set[str], param: str) -> None:
+    if name not in names:
+        raise InvalidRequest(
+            f"'{param}' names the function {name!r}, which is not among 'tools'.", param=param
+        )
+
+
+def _translate_text(text: Any, chat: dict[str, Any], echo: dict[str, Any]) -> None:
+    if text is None:
+        return
+    if not isinstance(text, dict):
+        raise InvalidRequest("'text' must be an object.", param="text")
+    out: dict[str, Any] = {}
+    fmt = text.get("format")
+    if fmt is not None:
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind == "text":
+            out["format"] = {"type": "text"}
+        elif kind == "json_object":
+            out["format"] = {"type": "json_object"}
+            chat["response_format"] = {"type": "json_object"}
+        elif kind == "json_schema":
+            name = req_str(fmt, "name", "text.format")
+            schema = fmt.get("schema")
+            if not isinstance(schema, dict):
+                raise InvalidRequest(
+                    "'text.format.schema' must be a JSON Schema object.",
+                    param="text.format.schema",
+                )
+            description = opt_str(fmt, "description", "text.format.description")
+            strict = opt_bool(fmt, "strict", "text.format.strict")
+            out["format"] = {"type": "json_schema", "name": name, "schema": schema,
+                             "description": description, "strict": bool(strict)}
+            json_schema: dict[str, Any] = {"name": name, "schema": schema}
+            if description is not None:
+                json_schema["description"] = description
+            if strict is not None:
+                json_schema["strict"] = strict
+            chat["response_format"] = {"type": "json_schema", "json_schema": json_schema}
+        else:
+            raise InvalidRequest(
+                "Invalid value for 'text.format.type': supported values are 'text', "
+                "'json_object' and 'json_schema'.",
+                param="text.format.type",
+            )
+    verbosity = opt_str(text, "verbosity", "text.verbosity")
+    if verbosity is not None:
+        if verbosity not in ("low", "medium", "high"):
+            raise InvalidRequest(
+                "Invalid value for 'text.verbosity': supported values are 'low', 'medium' "
+                "and 'high'.",
+                param="text.verbosity",
+            )
+        out["verbosity"] = verbosity
+    if out:
+        out.setdefault("format", {"type": "text"})
+        echo["text"] = out
+
+
+def _translate_reasoning(value: Any, chat: dict[str, Any], echo: dict[str, Any]) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise InvalidRequest("'reasoning' must be an object.", param="reasoning")
+    effort = opt_str(value, "effort", "reasoning.effort")
+    if effort is not None and effort not in _EFFORTS:
+        raise InvalidRequest(
+            "Invalid value for 'reasoning.effort': supported values are "
+            + ", ".join(f"'{e}'" for e in sorted(_EFFORTS)) + ".",
+            param="reasoning.effort",
+        )
+    summary = opt_str(value, "summary", "reasoning.summary")
+    if summary is not None and summary not in ("auto", "concise", "detailed"):
+        raise InvalidRequest(
+            "Invalid value for 'reasoning.summary': supported values are 'auto', 'concise' "
+            "and 'detailed'.",
+            param="reasoning.summary",
+        )
+    if effort is not None:
+        chat["reasoning_effort"] = effort
+    echo["reasoning"] = {"effort": effort, "summary": summary}
+
+

@@ -1,0 +1,551 @@
+"""The Responses API writer: internal chunks in, Responses stream events and object out. Sans-IO.
+
+One ResponsesWriter per response. `start()` gives `response.created` and
+`response.in_progress`; `feed(batch)` turns each batch of chunks into events; `finish()` closes
+what is open and ends with `response.completed` (or `response.incomplete` after a `length` or
+`content_filter` stop); `fail(err)` ends with `response.failed`. Both end with `data: [DONE]`.
+`final()` is the finished response object: a sync answer is the same writer fed the same
+chunks, so the sync answer and the stream's last object cannot disagree.
+
+Items, in the order the chunks bring them, one open at a time:
+* `reasoning_content` → a `reasoning` item (`rs_`) with one `reasoning_text` part;
+* `content` (and `refusal`) → a `message` item (`msg_`) with `output_text` (`refusal`) parts;
+* each chat tool call (by its `index`) → a `function_call` item (`fc_`), `call_id` = the chat
+  call's id; its arguments stream as `function_call_arguments.delta` (at least one) and end
+  with `.done` carrying exactly what was streamed (`{}` when the upstream sent none).
+
+Per-event cost is the hot path: text deltas are framed from a prefix built once per content
+part, so a chunk costs one `orjson.dumps` of its text and a few byte joins.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Final
+
+import orjson
+
+from proxy.chunks import Comment, Out
+from proxy.errors import ProxyError, UpstreamFailed
+from proxy.openai_types import ChatChunk, ChatCompletion, ChunkFactory, ToolCallDelta
+from proxy.sse import DONE, encode_comment
+
+__all__ = [
+    "RESPONSE_DEFAULTS",
+    "ResponsesWriter",
+    "completion_chunks",
+    "render_sync",
+    "responses_usage",
+]
+
+RESPONSE_DEFAULTS: Final[Mapping[str, Any]] = {
+    # Every field the Open Responses object requires, at the value that holds when the request
+    # did not set it; the request's `echo` overrides them.
+    "instructions": None,
+    "previous_response_id": None,
+    "tools": [],
+    "tool_choice": "auto",
+    "parallel_tool_calls": True,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "top_logprobs": 0,
+    "max_output_tokens": None,
+    "max_tool_calls": None,
+    "text": {"format": {"type": "text"}},
+    "reasoning": None,
+    "truncation": "disabled",
+    "user": None,
+    "metadata": {},
+    "service_tier": "default",
+    "safety_identifier": None,
+    "prompt_cache_key": None,
+}
+
+_INCOMPLETE: Final = {"length": "max_output_tokens", "content_filter": "content_filter"}
+
+
+def _frame(kind: str) -> bytes:
+    return b"event: " + kind.encode() + b"\ndata: "
+
+
+_CREATED: Final = _frame("response.created")
+_IN_PROGRESS: Final = _frame("response.in_progress")
+_COMPLETED: Final = _frame("response.completed")
+_INCOMPLETE_EV: Final = _frame("response.incomplete")
+_FAILED: Final = _frame("response.failed")
+_ITEM_ADDED: Final = _frame("response.output_item.added")
+_ITEM_DONE: Final = _frame("response.output_item.done")
+_PART_ADDED: Final = _frame("response.content_part.added")
+_PART_DONE: Final = _frame("response.content_part.done")
+_ARGS_DONE: Final = _frame("response.function_call_arguments.done")
+
+# Per content-part kind: the delta event, the done event, and the part's text field.
+_PARTS: Final = {
+    "output_text": ("response.output_text.delta", "response.output_text.done", "text"),
+    "refusal": ("response.refusal.delta", "response.refusal.done", "refusal"),
+    "reasoning_text": ("response.reasoning_text.delta", "response.reasoning_text.done", "text"),
+}
+_SEQ: Final = b',"sequence_number":'
+_END: Final = b"}\n\n"
+
+
+def _empty_part(kind: str) -> dict[str, Any]:
+    if kind == "output_text":
+        return {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+    if kind == "refusal":
+        return {"type": "refusal", "refusal": ""}
+    return {"type": "reasoning_text", "text": ""}
+
+
+class _Item:
+    """An open `message` or `reasoning` item and its open content part."""
+
+    __slots__ = ("id", "index", "kind", "part", "part_kind", "parts", "prefix", "texts")
+
+    def __init__(self, kind: str, item_id: str, index: int) -> None:
+        self.kind = kind
+        self.id = item_id
+        self.index = index
+        self.parts: list[dict[str, Any]] = []
+        self.part_kind = ""
+        self.part: dict[str, Any] | None = None
+        self.texts: list[str] = []
+        self.prefix = b""
+
+    def snapshot(self, status: str) -> dict[str, Any]:
+        parts = list(self.parts)
+        if self.part is not None:
+            part = dict(self.part)
+            part[_PARTS[self.part_kind][2]] = "".join(self.texts)
+            parts.append(part)
+        if self.kind == "message":
+            return {"id": self.id, "type": "message", "status": status, "role": "assistant",
+                    "content": parts}
+        return {"id": self.id, "type": "reasoning", "status": status, "summary": [],
+                "content": parts}
+
+
+class _Call:
+    """An open `function_call` item."""
+
+    __slots__ = ("args", "call_id", "chat_index", "id", "index", "name", "prefix")
+
+    def __init__(self, item_id: str, index: int, chat_index: int, call_id: str, name: str) -> None:
+        self.id = item_id
+        self.index = index
+        self.chat_index = chat_index
+        self.call_id = call_id
+        self.name = name
+        self.args: list[str] = []
+        self.prefix = (
+            b'event: response.function_call_arguments.delta\ndata: {"type":'
+            b'"response.function_call_arguments.delta","item_id":"' + item_id.encode()
+            + b'","output_index":' + str(index).encode() + b',"delta":'
+        )
+
+    def snapshot(self, status: str, arguments: str | None = None) -> dict[str, Any]:
+        return {"id": self.id, "type": "function_call", "status": status,
+                "call_id": self.call_id, "name": self.name,
+                "arguments": "".join(self.args) if arguments is None else arguments}
+
+
+class ResponsesWriter:
+    """Turns one response's chunk batches into Responses SSE bytes and the final object."""
+
+    __slots__ = (
+        "_base",
+        "_call",
+        "_calls",
+        "_clock",
+        "_final",
+        "_finish_reason",
+        "_ids",
+        "_item",
+        "_out",
+        "_output",
+        "_seq",
+        "_started",
+        "_usage",
+        "response_id",
+    )
+
+    def __init__(
+        self,
+        response_id: str,
+        model: str,
+        created_at: float,
+        echo: Mapping[str, Any],
+        store: bool = False,
+        *,
+        clock: Callable[[], float] = time.time,
+        item_base: str | None = None,
+    ) -> None:
+        self.response_id = response_id
+        self._base: dict[str, Any] = {
+            "id": response_id,
+            "object": "response",
+            "created_at": int(created_at),
+            "model": model,
+            **RESPONSE_DEFAULTS,
+            **echo,
+            "store": store,
+            "background": False,
+        }
+        self._clock = clock
+        # Item ids only need to be unique and URL-safe: one random base per response, then
+        # the output index (no random draw per item).
+        self._ids = item_base or base64.urlsafe_b64encode(os.urandom(9)).decode()
+        self._seq = 0
+        self._out: list[bytes] = []
+        self._output: list[_Item | _Call | dict[str, Any]] = []
+        self._item: _Item | None = None
+        self._call: _Call | None = None
+        self._calls: dict[int, _Call] = {}
+        self._finish_reason: str | None = None
+        self._usage: Mapping[str, Any] | None = None
+        self._started = False
+        self._final: dict[str, Any] | None = None
+
+    # -- public API --------------------------------------------------------------------------
+
+    def start(self) -> bytes:
+        """`response.created` and `response.in_progress`; empty if already started."""
+        if not self._started:
+            self._start()
+        return self._flush()
+
+    def feed(self, batch: Iterable[Out]) -> bytes:
+        """The events for one batch of chunks (keep-alive comments included)."""
+        if self._final is not None:
+            return b""
+        if not self._started:
+            self._start()
+        for out in batch:
+            if isinstance(out, Comment):
+                self._out.append(encode_comment(out.text))
+                continue
+            usage = out.get("usage")
+            if usage:
+                self._usage = usage
+            for choice in out["choices"]:
+                delta = choice["delta"]
+                if delta:
+                    text = delta.get("reasoning_content")
+                    if text:
+                        self._text(text, "reasoning", "reasoning_text")
+                    text = delta.get("content")
+                    if text:
+                        self._text(text, "message", "output_text")
+                    text = delta.get("refusal")
+                    if text:
+                        self._text(text, "message", "refusal")
+                    calls = delta.get("tool_calls")
+                    if calls:
+                        self._tool_calls(calls)
+                reason = choice["finish_reason"]
+                if reason is not None:
+                    self._finish_reason = reason
+        return self._flush()
+
+    def keepalive(self, text: str = "keep-alive") -> bytes:
+        return encode_comment(text)
+
+    def finish(self) -> bytes:
+        """Closes every item, then `response.completed` / `response.incomplete`, then [DONE]."""
+        if self._final is not None:
+            return b""
+        if not self._started:
+            self._start()
+        reason = _INCOMPLETE.get(self._finish_reason or "")
+        status = "completed" if reason is None else "incomplete"
+        if not self._output:
+            # A chat answer with no content is an empty string; clients read output[0].
+            self._open_item("message", "output_text")
+        self._close_open(status)
+        response = self._response(status)
+        if reason is None:
+            response["completed_at"] = int(self._clock())
+            self._emit(_COMPLETED, {"type": "response.completed", "response": response})
+        else:
+            response["incomplete_details"] = {"reason": reason}
+            self._emit(_INCOMPLETE_EV, {"type": "response.incomplete", "response": response})
+        self._final = response
+        self._out.append(DONE)
+        return self._flush()
+
+    def fail(self, err: ProxyError) -> bytes:
+        """`response.failed` with the error (after the start events if none went out), [DONE].
+
+        Open items get no `.done` event, so no client acts on a half-streamed function call;
+        the failed object lists them as `incomplete`. Events of a batch that raised go first.
+        """
+        if self._final is not None:
+            return b""
+        if not self._started:
+            self._start()
+        response = self._response("failed")
+        response["error"] = {
+            "code": "rate_limit_exceeded" if err.status == 429 else "server_error",
+            "message": err.message,
+            "type": err.type,
+            "param": err.param,
+        }
+        self._emit(_FAILED, {"type": "response.failed", "response": response})
+        self._final = response
+        self._out.append(DONE)
+        return self._flush()
+
+    def final(self) -> dict[str, Any]:
+        """The terminal response object (the sync answer); only after finish() or fail()."""
+        if self._final is None:
+            raise RuntimeError("the response has not ended: call finish() or fail() first")
+        return self._final
+
+    # -- events -------------------------------------------------------------------------------
+
+    def _flush(self) -> bytes:
+        data = b"".join(self._out)
+        self._out.clear()
+        return data
+
+    def _emit(self, frame: bytes, payload: dict[str, Any]) -> None:
+        payload["sequence_number"] = self._seq
+        self._seq += 1
+        self._out.append(frame + orjson.dumps(payload) + b"\n\n")
+
+    def _start(self) -> None:
+        self._started = True
+        response = self._response("in_progress")
+        response["usage"] = None
+        self._emit(_CREATED, {"type": "response.created", "response": response})
+        self._emit(_IN_PROGRESS, {"type": "response.in_progress", "response": response})
+
+    def _response(self, status: str) -> dict[str, Any]:
+        response = dict(self._base)
+        response["status"] = status
+        response["completed_at"] = None
+        response["error"] = None
+        response["incomplete_details"] = None
+        response["output"] = [
+            o if isinstance(o, dict) else o.snapshot("incomplete") for o in self._output
+        ]
+        response["usage"] = responses_usage(self._usage)
+        return response
+
+    def _text(self, text: str, kind: str, part_kind: str) -> None:
+        item = self._item
+        if item is None or item.kind != kind:
+            item = self._open_item(kind, part_kind)
+        elif item.part_kind != part_kind:
+            self._close_part(item)
+            self._open_part(item, part_kind)
+        item.texts.append(text)
+        self._out.append(
+            item.prefix + orjson.dumps(text) + _SEQ + str(self._seq).encode() + _END
+        )
+        self._seq += 1
+
+    def _open_item(self, kind: str, part_kind: str) -> _Item:
+        self._close_open("completed")
+        index = len(self._output)
+        item = _Item(kind, f"{'msg' if kind == 'message' else 'rs'}_{self._ids}_{index}", index)
+        self._output.append(item)
+        self._item = item
+        self._emit(_ITEM_ADDED, {"type": "response.output_item.added", "output_index": index,
+                                 "item": item.snapshot("in_progress")})
+        self._open_part(item, part_kind)
+        return item
+
+    def _open_part(self, item: _Item, part_kind: str) -> None:
+        content_index = len(item.parts)
+        item.part_kind = part_kind
+        item.part = _empty_part(part_kind)
+        item.texts = []
+        delta_type = _PARTS[part_kind][0]
+        logprobs = b'"logprobs":[],' if part_kind == "output_text" else b""
+        item.prefix = (
+            _frame(delta_type) + b'{"type":"' + delta_type.encode() + b'","item_id":"'
+            + item.id.encode() + b'","output_index":' + str(item.index).encode()
+            + b',"content_index":' + str(content_index).encode() + b"," + logprobs
+            + b'"delta":'
+        )
+        self._emit(_PART_ADDED, {"type": "response.content_part.added", "item_id": item.id,
+                                 "output_index": item.index, "content_index": content_index,
+                                 "part": dict(item.part)})
+
+    def _close_part(self, item: _Item) -> None:
+        part = item.part
+        if part is None:
+            return
+        done_type, field = _PARTS[item.part_kind][1:]
+        content_index = len(item.parts)
+        text = "".join(item.texts)
+        part[field] = text
+        done: dict[str, Any] = {"type": done_type, "item_id": item.id,
+                                "output_index": item.index, "content_index": content_index,
+                                field: text}
+        if item.part_kind == "output_text":
+            done["logprobs"] = []
+        self._emit(_frame(done_type), done)
+        self._emit(_PART_DONE, {"type": "response.content_part.done", "item_id": item.id,
+                                "output_index": item.index, "content_index": content_index,
+                                "part": part})
+        item.parts.append(part)
+        item.part = None
+        item.texts = []
+
+    def _close_open(self, status: str) -> None:
+        item = self._item
+        if item is not None:
+            self._close_part(item)
+            final = item.snapshot(status)
+            self._output[item.index] = final
+            self._item = None
+            self._emit(_ITEM_DONE, {"type": "response.output_item.done",
+                                    "output_index": item.index, "item": final})
+        call = self._call
+        if call is not None:
+            self._call = None
+            arguments = "".join(call.args)
+            if not arguments:
+                # Clients json-parse the arguments: a call with none takes an empty object,
+                # and every call streams at least one delta.
+                arguments = "{}"
+                call.args.append(arguments)
+                self._args_delta(call, arguments)
+            self._emit(_ARGS_DONE, {"type": "response.function_call_arguments.done",
+                                    "item_id": call.id, "output_index": call.index,
+                                    "arguments": arguments})
+            final = call.snapshot(status, arguments)
+            self._output[call.index] = final
+            self._emit(_ITEM_DONE, {"type": "response.output_item.done",
+                                    "output_index": call.index, "item": final})
+
+    def _tool_calls(self, calls: list[ToolCallDelta]) -> None:
+        for delta in calls:
+            chat_index = delta.get("index", 0)
+            function = delta.get("function") or {}
+            args = function.get("arguments") or ""
+            name = function.get("name") or ""
+            call = self._calls.get(chat_index)
+            if call is None:
+                self._close_open("completed")
+                index = len(self._output)
+                call = _Call(
+                    f"fc_{self._ids}_{index}",
+                    index,
+                    chat_index,
+                    delta.get("id") or f"call_{self._ids}_{chat_index}",
+                    name,
+                )
+                self._calls[chat_index] = call
+                self._call = call
+                self._output.append(call)
+                self._emit(_ITEM_ADDED, {"type": "response.output_item.added",
+                                         "output_index": index,
+                                         "item": call.snapshot("in_progress")})
+            elif call is not self._call:
+                if args or (name and name != call.name):
+                    # Its `.done` already went out with the arguments final: a client would
+                    # run a call whose arguments the upstream then changed.
+                    raise UpstreamFailed(
+                        "The upstream interleaved the arguments of parallel tool calls, which "
+                        "the Responses stream cannot represent after a call was completed."
+                    )
+                continue
+            elif name and name != call.name:
+                call.name += name
+            if args:
+                call.args.append(args)
+                self._args_delta(call, args)
+
+    def _args_delta(self, call: _Call, args: str) -> None:
+        self._out.append(call.prefix + orjson.dumps(args) + _SEQ + str(self._seq).encode() + _END)
+        self._seq += 1
+
+
+def responses_usage(usage: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Chat usage → Responses usage with both details objects; zeros for what is unknown."""
+    usage = usage or {}
+    prompt = _count(usage.get("prompt_tokens"))
+    completion = _count(usage.get("completion_tokens"))
+    total = _count(usage.get("total_tokens")) or prompt + completion
+    prompt_details = usage.get("prompt_tokens_details") or {}
+    completion_details = usage.get("completion_tokens_details") or {}
+    if not isinstance(prompt_details, Mapping):
+        prompt_details = {}
+    if not isinstance(completion_details, Mapping):
+        completion_details = {}
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {
+            "cached_tokens": _count(prompt_details.get("cached_tokens")),
+            "cache_write_tokens": _count(prompt_details.get("cache_write_tokens")),
+        },
+        "output_tokens": completion,
+        "output_tokens_details": {
+            "reasoning_tokens": _count(completion_details.get("reasoning_tokens")),
+        },
+        "total_tokens": total,
+    }
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return max(value, 0)
+    if isinstance(value, float) and value == value and value >= 0:
+        return int(value)
+    return 0
+
+
+def render_sync(writer: ResponsesWriter, batches: Iterable[Iterable[Out]]) -> dict[str, Any]:
+    """The sync answer: the stream's final object, from the same writer fed the same chunks."""
+    writer.start()
+    for batch in batches:
+        writer.feed(batch)
+    writer.finish()
+    return writer.final()
+
+
+def completion_chunks(completion: ChatCompletion) -> list[ChatChunk]:
+    """The chunks that accumulate to a sync chat completion, for a writer to read."""
+    factory = ChunkFactory(completion.get("model", ""), completion.get("id") or None)
+    factory.created = completion.get("created") or factory.created
+    chunks: list[ChatChunk] = [factory.role()]
+    finish = "stop"
+    for choice in completion.get("choices", [])[:1]:
+        message = choice.get("message") or {}
+        reasoning = message.get("reasoning_content")
+        if reasoning:
+            chunks.append(factory.reasoning(reasoning))
+        content = message.get("content")
+        if content:
+            chunks.append(factory.content(content))
+        refusal = message.get("refusal")
+        if refusal:
+            chunks.append(factory.chunk({"refusal": refusal}))
+        calls: list[ToolCallDelta] = []
+        for i, call in enumerate(message.get("tool_calls") or ()):
+            function = call.get("function") or {}
+            calls.append({
+                "index": i,
+                "id": call.get("id") or "",
+                "type": "function",
+                "function": {"name": function.get("name") or "",
+                             "arguments": function.get("arguments") or ""},
+            })
+        if calls:
+            chunks.append(factory.chunk({"tool_calls": calls}))
+        finish = choice.get("finish_reason") or finish
+    chunks.append(factory.finish(finish))
+    usage = completion.get("usage")
+    if usage:
+        chunks.append(factory.usage(usage))
+    return chunks
