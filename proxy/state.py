@@ -60,3 +60,4 @@ class AppState:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self.wheel.stop()
+        self.session_locks.close()
