@@ -45,6 +45,10 @@ __all__ = [
 ]
 
 _BOM = b"\xef\xbb\xbf"
+# The largest event an upstream may send, in bytes (docs/resilience.md): far above any chunk
+# of text or tool call, and what 30 concurrent such events can cost stays in the low hundreds
+# of MiB.
+MAX_EVENT = 4 * 1024 * 1024
 _CR = 0x0D
 _LF = 0x0A
 _SPACE = 0x20
@@ -84,6 +88,7 @@ class SSEDecoder:
         "_data",
         "_error",
         "_event",
+        "_size",
         "_skip_lf",
         "comments",
         "last_event_id",
@@ -91,10 +96,13 @@ class SSEDecoder:
         "retry",
     )
 
-    def __init__(self, max_line: int = 16 * 1024 * 1024) -> None:
+    def __init__(self, max_line: int = MAX_EVENT) -> None:
         if max_line < 1:
             raise ValueError("max_line must be positive")
+        # Bounds one line and also one event's data lines together: a hostile upstream must
+        # not make the proxy hold more than this for one event, however it splits it.
         self.max_line = max_line
+        self._size = 0
         self.comments = 0
         self.last_event_id: str | None = None
         self.retry: int | None = None
@@ -200,6 +208,12 @@ class SSEDecoder:
         self._error = f"SSE line longer than {self.max_line} bytes"
         raise SSEError(self._error)
 
+    def _too_big(self) -> None:
+        self._buf.clear()
+        self._data.clear()
+        self._error = f"SSE event larger than {self.max_line} bytes"
+        raise SSEError(self._error)
+
     def _process(self, lines: list[bytes]) -> list[Event]:
         events: list[Event] = []
         data = self._data
@@ -217,6 +231,7 @@ class SSEDecoder:
                         )
                     )
                     data.clear()
+                self._size = 0
                 self._event = ""
                 continue
             colon = line.find(b":")
@@ -234,6 +249,9 @@ class SSEDecoder:
                 value = line[start:]
             if name == b"data":
                 data.append(value)
+                self._size += len(value) + 1
+                if self._size > self.max_line:
+                    self._too_big()
             elif name == b"event":
                 self._event = value.decode("utf-8", "replace")
             elif name == b"id":
