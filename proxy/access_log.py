@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import orjson
 
 if TYPE_CHECKING:
-    from proxy.metrics import Exchange
+    from proxy.exchange import Exchange
 
 access_log = logging.getLogger("agentproxy.access")
 

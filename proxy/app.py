@@ -16,12 +16,14 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from proxy import handlers
+from proxy.access_log import access_log, log_exchange
 from proxy.app_keys import (
     DRAIN,
     EXCHANGE,
     HTTP,
     MAX_BODY,
     METRICS,
+    STATE,
     TABLES,
 )
 from proxy.bad_requests import check_content_encoding
@@ -42,16 +44,21 @@ from proxy.errors import (
     ProxyError,
     ServiceUnavailable,
 )
+from proxy.exchange import DRAIN as DRAINED
+from proxy.exchange import Exchange
 from proxy.handlers import stamp_headers
 from proxy.http_server import serve_connections
-from proxy.metrics import CONTENT_TYPE, Exchange, Metrics, access_log, log_exchange
+from proxy.ingress.chat import chat_completions
+from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.reload import Outcome, TableHolder, watch
 from proxy.shutdown import DEFAULT_DRAIN_TIMEOUT, Drain, shutting_down
+from proxy.state import AppState
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
 DEFAULT_MAX_CONNECTIONS = 1000
+DEFAULT_SEND_TIMEOUT = 60.0
 # The request's header lines, names and values together. The HTTP parser's own limits sit
 # above it (one line at most twice as long, 128 lines), so an oversized header section meets
 # this check first and gets an OpenAI-shaped 431; only what exceeds the parser's limits is
@@ -121,14 +128,15 @@ class _Front:
 
         async def guarded(request: web.Request) -> web.StreamResponse:
             given = request.headers.get("X-Request-Id")
+            task = asyncio.current_task(front.loop)
+            assert task is not None
             exchange = request[EXCHANGE] = Exchange(
                 time.perf_counter(),
                 given if given and _REQUEST_ID.fullmatch(given) else new_request_id(),
+                task,
             )
             drain = front.drain
-            task = exchange.task = asyncio.current_task(front.loop)
-            assert task is not None
-            drain.track(task)
+            drain.track(exchange)
             response: web.StreamResponse | None = None
             try:
                 response = _refusal(request, drain, front.max_connections)
@@ -139,11 +147,10 @@ class _Front:
             except web.HTTPException as exc:
                 response = render(_from_http_exception(request, exc))
             except asyncio.CancelledError:
-                if not drain.ended(task):
+                if exchange.take(DRAINED) is None:
                     # aiohttp cancels the handler when the client disconnects.
                     exchange.error = exchange.error or "client_closed"
                     raise
-                task.uncancel()
                 response = render(shutting_down())
             except web.RequestPayloadError:
                 # The client's body cannot be read: a Content-Encoding it does not have, or
@@ -156,7 +163,7 @@ class _Front:
                 log.exception("request %s failed", exchange.request_id)
                 response = render(InternalError(exchange.request_id))
             finally:
-                drain.untrack(task)
+                drain.untrack(exchange)
                 if response is not None and not response.prepared:
                     # A stream stamped its own headers before it committed them.
                     stamp_headers(exchange, response)
@@ -270,6 +277,30 @@ def _http_session_ctx(app: web.Application) -> AsyncIterator[None]:
     return ctx(app)
 
 
+def _state_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The state that outlives route tables (proxy/state.py): its streams swept for the send
+    timeout while the app runs; its background tasks awaited, then cancelled, at the end."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        state = app[STATE]
+        sweeper = asyncio.create_task(_sweep(state), name="send-timeout-sweep")
+        yield
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
+        await state.close()
+
+    return ctx(app)
+
+
+async def _sweep(state: AppState) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(1.0)
+        if len(state.streams):
+            state.streams.sweep(loop.time())
+
+
 def _watcher_ctx(interval: float) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         holder, metrics = app[TABLES], app[METRICS]
@@ -331,13 +362,17 @@ def create_app(
     header_timeout: float = DEFAULT_HEADER_TIMEOUT,
     body_timeout: float = DEFAULT_BODY_TIMEOUT,
     keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
+    send_timeout: float = DEFAULT_SEND_TIMEOUT,
 ) -> web.Application:
     """`reload_interval`: seconds between looks at the routes file (0: on SIGHUP only);
     `drain_timeout`: how long requests in flight may run on after shutdown begins;
     `max_connections`: requests served at once before new ones get a 503 (0: no limit);
-    `header_timeout`, `body_timeout`, `keepalive_timeout`: proxy/connection_limits.py."""
+    `header_timeout`, `body_timeout`, `keepalive_timeout`: proxy/connection_limits.py;
+    `send_timeout`: how long one write to a client that does not read may block a stream."""
     app = web.Application(client_max_size=max_body, handler_args=_PARSER_LIMITS)
     app[TABLES] = holder
+    app[STATE] = holder.state
+    holder.state.streams.send_timeout = send_timeout
     app[MAX_BODY] = max_body
     app[METRICS] = metrics = metrics if metrics is not None else Metrics()
     app[DRAIN] = drain = Drain(holder, drain_timeout)
@@ -346,11 +381,12 @@ def create_app(
     serve_connections(app, limits, metrics, new_request_id)
     app.on_startup.append(front.on_startup)
     app.cleanup_ctx.append(_http_session_ctx)
+    app.cleanup_ctx.append(_state_ctx)
     app.cleanup_ctx.append(_watcher_ctx(reload_interval))
     app.on_shutdown.append(_drain_on_shutdown)
     routes: list[tuple[str, str, Handler]] = [
-        ("POST", "/v1/chat/completions", handlers.chat_completions),
-        ("POST", "/chat/completions", handlers.chat_completions),
+        ("POST", "/v1/chat/completions", chat_completions),
+        ("POST", "/chat/completions", chat_completions),
         ("GET", "/v1/models", handlers.list_models),
         ("GET", "/models", handlers.list_models),
         ("GET", "/v1/models/{model:.+}", handlers.get_model),

@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("agentproxy")
 
 
+# Set by the parent of `--workers` for its workers: the file of their shared session locks.
+SESSION_LOCKS_ENV = "AGENTPROXY_SESSION_LOCK_FILE"
+
+
 def _env(name: str, default: str) -> str:
     return os.environ.get(f"AGENTPROXY_{name}", default)
 
@@ -55,6 +59,7 @@ class ServeOptions:
     header_timeout: float = DEFAULT_HEADER_TIMEOUT
     body_timeout: float = DEFAULT_BODY_TIMEOUT
     keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT
+    send_timeout: float = 60.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -109,6 +114,10 @@ def _parser() -> argparse.ArgumentParser:
                        default=float(_env("RELOAD_INTERVAL", "1")),
                        help="seconds between looks at the routes file; 0 reloads on SIGHUP only "
                             "(env AGENTPROXY_RELOAD_INTERVAL; default 1)")
+    serve.add_argument("--send-timeout", type=float,
+                       default=float(_env("SEND_TIMEOUT", "60")),
+                       help="seconds one write to a streaming client may stay blocked before the "
+                            "stream is ended (env AGENTPROXY_SEND_TIMEOUT; default 60)")
 
     check = sub.add_parser("check", help="validate a route table and exit")
     check.add_argument("routes", nargs="?", default=_env("ROUTES", "routes.yaml"))
@@ -195,6 +204,7 @@ def serve(args: argparse.Namespace) -> int:
         header_timeout=max(0.0, args.header_timeout),
         body_timeout=max(0.0, args.body_timeout),
         keepalive_timeout=max(0.0, args.keepalive_timeout),
+        send_timeout=max(0.1, args.send_timeout),
     )
     if options.workers == 1:
         return run_worker(options)
@@ -244,6 +254,10 @@ def run_worker(options: ServeOptions) -> int:
             limits[0], limits[0] // 2,
         )
     holder = TableHolder(options.routes, options.extra_keys)
+    shared_locks = os.environ.get(SESSION_LOCKS_ENV)
+    if shared_locks:
+        # One session, one turn, across the workers of this host (proxy/session_locks.py).
+        holder.state.session_locks.share(shared_locks)
     app = create_app(
         holder,
         max_body=options.max_body,
@@ -253,6 +267,7 @@ def run_worker(options: ServeOptions) -> int:
         header_timeout=options.header_timeout,
         body_timeout=options.body_timeout,
         keepalive_timeout=options.keepalive_timeout,
+        send_timeout=options.send_timeout,
     )
     tune_gc()
     with asyncio.Runner(loop_factory=_new_loop) as runner:
@@ -332,6 +347,8 @@ def _run_workers(options: ServeOptions) -> int:
     metrics_dir, owned = _metrics_dir()
     if metrics_dir is None:
         return 1
+    # The workers' shared session locks: a file in the run's own directory.
+    os.environ[SESSION_LOCKS_ENV] = os.path.join(metrics_dir, "sessions.lock")
     ctx = multiprocessing.get_context("spawn")
     children = [ctx.Process(target=run_worker, args=(options,)) for _ in range(options.workers)]
     try:

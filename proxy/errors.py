@@ -16,6 +16,9 @@ class ProxyError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str | None = "internal_error"
+    # Set on an upstream failure that came after the upstream may have acted on the request
+    # (a Letta message sent): failover then reports it instead of trying the next upstream.
+    delivered: bool = False
 
     def __init__(
         self,

@@ -9,8 +9,8 @@ The rules (docs/resilience.md explains why):
 * The next upstream takes over when one fails before the proxy committed anything to the
   client: it refused the connection, answered 5xx or 429, or sent nothing in time. A 4xx that
   is the client's fault goes back to the client, since every upstream would refuse it too.
-* A request the upstream may already have acted on (`call.delivered`: a Letta message that
-  was sent) is never sent to another upstream, whatever happened to it.
+* A request the upstream may already have acted on (its error says `delivered`: a Letta
+  message that was sent) is never sent to another upstream, whatever happened to it.
 * When every upstream with a free slot failed or none had one, the request queues for the
   first busy one, up to its `queue_timeout`, then gets a 429 with `Retry-After`.
 """
@@ -28,7 +28,7 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from proxy.upstreams.base import Call, Upstream
+from proxy.upstreams.base import Upstream
 
 # The upstream is not working: counted by its circuit breaker.
 FAILURES = (UpstreamUnavailable, UpstreamFailed, UpstreamTimeout)
@@ -52,40 +52,70 @@ def plan(upstreams: tuple[Upstream, ...], now: float) -> list[Upstream]:
     return [min(upstreams, key=lambda u: u.health.last_failure)]
 
 
-class Failover:
-    """The rules above for one request, as a state machine the handler drives:
+class Lease:
+    """One upstream's concurrency slot, held for one attempt; it owns its own release.
 
-        failover = Failover(route.upstreams, call, on_error, on_failover)
+    `release()` may be called any number of times and gives the slot back once, so whoever
+    ends the attempt (failover on a failure, the writer at the end of a stream) just calls it.
+    """
+
+    __slots__ = ("_held", "probe", "upstream")
+
+    def __init__(self, upstream: Upstream, probe: bool) -> None:
+        self.upstream = upstream
+        self.probe = probe
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self.upstream.health.release()
+
+    def succeeded(self) -> None:
+        """The upstream answered: its circuit closes."""
+        self.upstream.health.succeeded()
+
+    def failed(self, exc: BaseException) -> None:
+        """The attempt ended with `exc`: the circuit is told, the slot given back."""
+        self.release()
+        health = self.upstream.health
+        if is_failure(exc):
+            health.failed(time.monotonic())
+        else:
+            health.abandoned(self.probe)
+
+
+class Failover:
+    """The rules above for one request, as a state machine the caller drives:
+
+        failover = Failover(route.upstreams, on_error, on_failover)
         while True:
-            upstream = failover.next() or await failover.queue()
+            lease = failover.next() or await failover.queue()
             try:
-                result = await attempt(upstream)
+                result = await attempt(lease.upstream)
             except BaseException as exc:
-                if failover.retry(upstream, exc):
+                if failover.retry(lease, exc):
                     continue
                 raise
-            failover.succeeded(upstream)
+            lease.succeeded()
             break
 
-    The upstream returned holds a concurrency slot until the caller calls
-    `upstream.health.release()`. A loop in the handler, not a coroutine that runs the
-    attempts: every coroutine layer is paid again at each suspension of the request.
+    The lease returned holds a concurrency slot until `lease.release()`. A loop in the
+    caller, not a coroutine that runs the attempts: every coroutine layer is paid again at
+    each suspension of the request.
     """
 
     __slots__ = (
-        "_busy", "_call", "_failed", "_i", "_last", "_on_error", "_on_failover", "_order",
-        "_probe", "_queued",
+        "_busy", "_failed", "_i", "_last", "_on_error", "_on_failover", "_order", "_queued",
     )
 
     def __init__(
         self,
         upstreams: tuple[Upstream, ...],
-        call: Call,
         on_error: Callable[[Upstream, ProxyError], None],
         on_failover: Callable[[Upstream], None],
     ) -> None:
         self._order = plan(upstreams, time.monotonic())
-        self._call = call
         self._on_error = on_error
         self._on_failover = on_failover
         self._i = 0
@@ -93,11 +123,10 @@ class Failover:
         self._queued = False
         self._failed: Upstream | None = None
         self._last: ProxyError | None = None
-        self._probe = False
 
-    def next(self) -> Upstream | None:
-        """The next upstream with a free slot, its slot taken; None when only the queue of
-        the first busy one is left (call `queue`). Raises the last error when none is left."""
+    def next(self) -> Lease | None:
+        """A lease on the next upstream with a free slot; None when only the queue of the
+        first busy one is left (call `queue`). Raises the last error when none is left."""
         order = self._order
         while self._i < len(order):
             upstream = order[self._i]
@@ -110,8 +139,9 @@ class Failover:
         assert self._last is not None
         raise self._last
 
-    async def queue(self) -> Upstream:
-        """The first busy upstream, once a slot frees up within its queue_timeout; once."""
+    async def queue(self) -> Lease:
+        """A lease on the first busy upstream, once a slot frees up within its
+        queue_timeout; once."""
         upstream = self._busy[0]
         health = upstream.health
         self._queued = True
@@ -125,32 +155,21 @@ class Failover:
             )
         return self._begin(upstream)
 
-    def _begin(self, upstream: Upstream) -> Upstream:
+    def _begin(self, upstream: Upstream) -> Lease:
         failed = self._failed
         if failed is not None:
             failed.health.failovers += 1
             self._on_failover(failed)
-        self._probe = upstream.health.begin()
-        self._call.delivered = False
-        return upstream
+        return Lease(upstream, upstream.health.begin())
 
-    def retry(self, upstream: Upstream, exc: BaseException) -> bool:
-        """After an attempt raised `exc`: its slot given back and its circuit told; True when
+    def retry(self, lease: Lease, exc: BaseException) -> bool:
+        """After an attempt raised `exc`: the lease let go and the circuit told; True when
         the next upstream may take the request, False when `exc` must go to the client."""
-        health = upstream.health
-        health.release()
-        if is_failure(exc):
-            health.failed(time.monotonic())
-        else:
-            health.abandoned(self._probe)
+        lease.failed(exc)
         if not isinstance(exc, ProxyError):
             return False
-        self._on_error(upstream, exc)
-        if self._queued or self._call.delivered or not isinstance(exc, _PASS_ON):
+        self._on_error(lease.upstream, exc)
+        if self._queued or exc.delivered or not isinstance(exc, _PASS_ON):
             return False
-        self._last, self._failed = exc, upstream
+        self._last, self._failed = exc, lease.upstream
         return True
-
-    @staticmethod
-    def succeeded(upstream: Upstream) -> None:
-        upstream.health.succeeded()

@@ -1,9 +1,9 @@
 """Prometheus metrics and the per-request record they are made from.
 
-Every chat request fills one `Exchange` as it goes (model, upstream, first token, status);
-the front wrapper (proxy/app.py) hands it to `Metrics.observe` and to the access log
-(proxy/access_log.py) when the request ends, so the handlers never talk to Prometheus on the
-hot path themselves.
+Every chat request fills one `Exchange` (proxy/exchange.py) as it goes (model, upstream,
+first token, status); the front wrapper (proxy/app.py) hands it to `Metrics.observe` and to
+the access log (proxy/access_log.py) when the request ends, so the handlers never talk to
+Prometheus on the hot path themselves.
 
 With `--workers N` the parent process sets PROMETHEUS_MULTIPROC_DIR before it starts the
 workers, so prometheus_client keeps every value in a file per process there; `/metrics` in any
@@ -17,7 +17,6 @@ import contextlib
 import os
 import re
 from collections.abc import Iterator
-from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -32,9 +31,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-# The front (proxy/app.py) imports the access log from here.
-from proxy.access_log import access_log as access_log
-from proxy.access_log import log_exchange as log_exchange
+from proxy.exchange import Exchange
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -72,38 +69,6 @@ def multiprocess_dir() -> str | None:
 
 def has_token(event: bytes) -> bool:
     return _TOKEN.search(event) is not None
-
-
-class Exchange:
-    """What one request is and did, for its headers, metrics and log line. Never holds keys
-    or content. The one thing the front wrapper hands the handlers (a single request key)."""
-
-    __slots__ = (
-        "chat", "error", "model", "overhead", "request_id", "route", "started", "status",
-        "stream", "task", "ttft", "upstream", "upstream_ms",
-    )
-
-    def __init__(self, started: float, request_id: str) -> None:
-        self.started = started
-        self.request_id = request_id
-        # The task serving the request: what the drain cancels, and what a Watch interrupts.
-        self.task: asyncio.Task[Any] | None = None
-        self.chat = False
-        self.stream = False
-        # The model the client asked for (logs) and the route that served it (metric label:
-        # a `prefix/*` route would otherwise let clients mint unbounded label values).
-        self.model = ""
-        self.route = ""
-        self.upstream = ""
-        self.status = 0
-        self.ttft: float | None = None
-        # Seconds, fixed when the response headers go out (Server-Timing's `proxy` value).
-        self.overhead: float | None = None
-        # The error code a stream ended with after its 200 was committed.
-        self.error: str | None = None
-        # Milliseconds spent waiting for the upstream's answer (Server-Timing's `upstream`);
-        # None until an upstream answered.
-        self.upstream_ms: float | None = None
 
 
 class TaskCount(Collector):

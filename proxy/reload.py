@@ -32,6 +32,7 @@ from typing import Literal, TypeVar
 from proxy.config import Config, ConfigError, Problem, parse_config
 from proxy.config.source import READ_TIMEOUT, decode_source, read_source
 from proxy.routing import RouteTable
+from proxy.state import AppState
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,10 @@ class TableHolder:
         self.path = Path(path)
         self.extra_keys = tuple(extra_keys)
         self.read_timeout = read_timeout
+        # What outlives a table: circuits, slots, session locks (proxy/state.py).
+        self.state = AppState()
         raw = read_source(self.path, timeout=read_timeout)
-        self.current = RouteTable(self._parse(raw), self.extra_keys)
+        self.current = RouteTable(self._parse(raw), self.extra_keys, self.state)
         # The content last tried, good or bad: a broken file is reported once, not every poll.
         self._seen: bytes | None = raw
         self._unreadable: str | None = None
@@ -168,7 +171,7 @@ class TableHolder:
             self.last_error = self.last_error_detail = None
             return "restored" if was_broken else "unchanged"
         try:
-            table = RouteTable(built, self.extra_keys)
+            table = RouteTable(built, self.extra_keys, self.state)
         except Exception as exc:
             # A bug while building adapters must not take the serving table down with it.
             log.exception("building the route table from %s failed", self.path)

@@ -12,9 +12,12 @@ import aiohttp
 
 from proxy.auth import Authenticator, Grant, make_grant
 from proxy.config import Config, ModelSpec
-from proxy.errors import ModelNotFound, ProxyError, UpstreamUnavailable
-from proxy.upstreams import build_upstream
+from proxy.errors import ModelNotFound, ProxyError
+from proxy.exchange import Exchange
+from proxy.failover import Failover
+from proxy.state import AppState
 from proxy.upstreams.base import Upstream
+from proxy.upstreams.kinds import build_upstream, declaration
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +33,8 @@ class Route:
     _listing: list[dict[str, Any]] = field(default_factory=list)
     _listed_at: float = -LISTING_TTL
 
-    @property
-    def stateful(self) -> bool:
-        """Its upstream keeps conversations, so requests carry a session hint."""
-        return self.upstreams[0].kind == "letta"
+    # Its upstream keeps conversations, so requests carry a session hint.
+    stateful: bool = False
 
     @property
     def name(self) -> str:
@@ -42,35 +43,58 @@ class Route:
     def owned_by(self) -> str:
         return self.spec.owned_by or self.upstreams[0].name
 
-    async def upstream_cards(self, http: aiohttp.ClientSession) -> list[dict[str, Any]]:
+    async def upstream_cards(
+        self, http: aiohttp.ClientSession, exchange: Exchange
+    ) -> list[dict[str, Any]]:
+        """The upstream's model list, by the same failover and circuit rules as a request."""
         now = time.monotonic()
         if now - self._listed_at < LISTING_TTL:
             return self._listing
-        last: ProxyError | None = None
-        for upstream in self.upstreams:
+        failover = Failover(self.upstreams, _ignore_error, _ignore)
+        while True:
+            lease = failover.next() or await failover.queue()
             try:
-                self._listing = await upstream.list_models(http)
-            except UpstreamUnavailable as exc:
-                last = exc
-                continue
-            self._listed_at = now
-            return self._listing
-        assert last is not None
-        raise last
+                listing = await lease.upstream.list_models(http, exchange)
+            except BaseException as exc:
+                if failover.retry(lease, exc):
+                    continue
+                raise
+            lease.succeeded()
+            lease.release()
+            break
+        self._listing, self._listed_at = listing, now
+        return listing
+
+
+def _ignore_error(upstream: Upstream, exc: ProxyError) -> None:
+    pass
+
+
+def _ignore(upstream: Upstream) -> None:
+    pass
 
 
 class RouteTable:
     """Immutable once built: a request reads it once and keeps it to the end."""
 
-    def __init__(self, config: Config, extra_keys: Iterable[str] = ()) -> None:
-        self.config = config
+    def __init__(
+        self, config: Config, extra_keys: Iterable[str] = (), state: AppState | None = None
+    ) -> None:
+        self.state = state = state if state is not None else AppState()
         self.version = config.version
         self.loaded_at = time.time()
         self.created = int(self.loaded_at)
-        upstreams = {name: build_upstream(spec) for name, spec in config.upstreams.items()}
+        upstreams = {
+            name: build_upstream(spec, state) for name, spec in config.upstreams.items()
+        }
         self.upstreams = upstreams
         self.routes: list[Route] = [
-            Route(m, tuple(upstreams[u] for u in m.upstreams)) for m in config.models
+            Route(
+                m,
+                tuple(upstreams[u] for u in m.upstreams),
+                stateful=declaration(config.upstreams[m.upstreams[0]].kind).stateful,
+            )
+            for m in config.models
         ]
         self._exact = {r.name: r for r in self.routes if r.spec.wildcard_prefix is None}
         self._wildcards = [
@@ -82,7 +106,6 @@ class RouteTable:
         for key in extra_keys:
             grants.setdefault(key, make_grant(key, ("*",)))
         self.auth = Authenticator(grants, open=config.auth.allow_unauthenticated)
-        self.has_keys = bool(grants)
 
     def resolve(self, model: str, grant: Grant) -> tuple[Route, str]:
         """The route for `model` and the name to send upstream; unknown and forbidden alike 404."""
@@ -105,10 +128,10 @@ class RouteTable:
         }
 
     async def _wildcard_cards(
-        self, route: Route, prefix: str, http: aiohttp.ClientSession
+        self, route: Route, prefix: str, http: aiohttp.ClientSession, exchange: Exchange
     ) -> list[dict[str, Any]]:
         cards = []
-        for card in await route.upstream_cards(http):
+        for card in await route.upstream_cards(http, exchange):
             created = card.get("created")
             owner = card.get("owned_by")
             cards.append(
@@ -120,7 +143,9 @@ class RouteTable:
             )
         return cards
 
-    async def model_cards(self, http: aiohttp.ClientSession, grant: Grant) -> list[dict[str, Any]]:
+    async def model_cards(
+        self, http: aiohttp.ClientSession, exchange: Exchange, grant: Grant
+    ) -> list[dict[str, Any]]:
         cards: list[dict[str, Any]] = []
         seen: set[str] = set()
         for route in self.routes:
@@ -129,7 +154,7 @@ class RouteTable:
                 new = [self._card(route.name, route.owned_by())]
             else:
                 try:
-                    new = await self._wildcard_cards(route, prefix, http)
+                    new = await self._wildcard_cards(route, prefix, http, exchange)
                 except ProxyError as exc:
                     # One unreachable upstream must not hide every other model.
                     log.warning("listing models of %s failed: %s", route.name, exc.message)
@@ -141,13 +166,13 @@ class RouteTable:
         return cards
 
     async def model_card(
-        self, model_id: str, http: aiohttp.ClientSession, grant: Grant
+        self, model_id: str, http: aiohttp.ClientSession, exchange: Exchange, grant: Grant
     ) -> dict[str, Any]:
         route, _ = self.resolve(model_id, grant)
         prefix = route.spec.wildcard_prefix
         if prefix is None:
             return self._card(route.name, route.owned_by())
-        for card in await self._wildcard_cards(route, prefix, http):
+        for card in await self._wildcard_cards(route, prefix, http, exchange):
             if card["id"] == model_id:
                 return card
         raise ModelNotFound(model_id)

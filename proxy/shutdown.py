@@ -4,7 +4,7 @@ On SIGTERM the CLI calls `Drain.begin()` (so `/readyz` answers 503 from that ins
 the aiohttp runner closes the listening sockets and the idle keep-alive connections, and
 calls the app's on_shutdown hook, `Drain.wait()`: it waits until every request in flight has
 finished or the drain deadline has passed, then cancels the ones left. A cancelled stream ends
-with an error event and `[DONE]` (see handlers._relay_stream), any other request answers 503,
+with an error event and `[DONE]` (see proxy/ingress/streaming.py), any other request answers 503,
 so no client is left with a connection that just drops.
 """
 
@@ -14,6 +14,7 @@ import asyncio
 import logging
 
 from proxy.errors import ServiceUnavailable
+from proxy.exchange import Exchange
 from proxy.reload import TableHolder
 
 log = logging.getLogger(__name__)
@@ -28,24 +29,22 @@ def shutting_down() -> ServiceUnavailable:
 
 
 class Drain:
-    __slots__ = ("_ended", "_tracked", "deadline", "holder", "timeout")
+    """The requests in flight, and ending them at the drain deadline through the one
+    interruption protocol of proxy/exchange.py (reason `drain`)."""
+
+    __slots__ = ("_tracked", "deadline", "holder", "timeout")
 
     def __init__(self, holder: TableHolder, timeout: float = DEFAULT_DRAIN_TIMEOUT) -> None:
         self.holder = holder
         self.timeout = timeout
         self.deadline: float | None = None
-        self._tracked: set[asyncio.Task[object]] = set()
-        self._ended: set[asyncio.Task[object]] = set()
+        self._tracked: set[Exchange] = set()
 
-    def track(self, task: asyncio.Task[object]) -> None:
-        self._tracked.add(task)
+    def track(self, exchange: Exchange) -> None:
+        self._tracked.add(exchange)
 
-    def untrack(self, task: asyncio.Task[object]) -> None:
-        self._tracked.discard(task)
-
-    def ended(self, task: asyncio.Task[object]) -> bool:
-        """True when the drain deadline, not the client, cancelled this request."""
-        return task in self._ended
+    def untrack(self, exchange: Exchange) -> None:
+        self._tracked.discard(exchange)
 
     @property
     def in_flight(self) -> int:
@@ -59,7 +58,8 @@ class Drain:
     async def wait(self) -> None:
         self.begin()
         assert self.deadline is not None
-        pending = set(self._tracked)
+        tasks = {ex.task: ex for ex in self._tracked if ex.task is not None}
+        pending = set(tasks)
         if pending:
             log.info(
                 "draining: %d requests in flight, waiting up to %.3g s", len(pending),
@@ -68,11 +68,10 @@ class Drain:
             remaining = self.deadline - asyncio.get_running_loop().time()
             if remaining > 0:
                 _, pending = await asyncio.wait(pending, timeout=remaining)
-        pending &= self._tracked
-        if not pending:
+        left = [tasks[t] for t in pending if tasks[t] in self._tracked]
+        if not left:
             return
-        log.warning("drain deadline reached: ending %d requests still in flight", len(pending))
-        for task in pending:
-            self._ended.add(task)
-            task.cancel()
-        await asyncio.wait(pending, timeout=ENDING_GRACE)
+        log.warning("drain deadline reached: ending %d requests still in flight", len(left))
+        for exchange in left:
+            exchange.interrupt("drain")
+        await asyncio.wait([ex.task for ex in left if ex.task], timeout=ENDING_GRACE)

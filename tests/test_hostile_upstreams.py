@@ -417,9 +417,10 @@ OPENAI_CASES: list[tuple[str, bool, Outcome]] = [
     ("json-not-completion", False, NOT_COMPLETION),
     ("json-array", False, NOT_COMPLETION),
     ("sse-for-sync", False, NOT_COMPLETION),
-    # Chunks are relayed without parsing their JSON (see proxy/upstreams/openai.py): a client
-    # gets the upstream's broken chunk as it was, and a clean end.
-    ("invalid-json-chunks", True, Served(events=4)),
+    # Chunks are relayed without parsing their JSON (see proxy/upstreams/openai.py), but an
+    # event that has not even the shape of a JSON object ends the stream with an error event:
+    # a client SDK would raise a decode error on it instead of reporting an API error.
+    ("invalid-json-chunks", True, Broken("upstream_error", "not a JSON object", before=1)),
     ("no-done", True, Broken("upstream_error", "without [DONE]", before=3)),
     # Cut inside its last line, but that line is the whole `data: [DONE]`: a complete stream.
     ("done-without-line-end", True, Served(events=3)),

@@ -237,7 +237,8 @@ async def test_asyncio_tasks_gauge_counts_the_loops_tasks_at_scrape_time(
 def test_each_request_lands_in_the_bucket_of_its_duration_and_in_the_sum() -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from proxy.metrics import Exchange, Metrics
+    from proxy.exchange import Exchange
+    from proxy.metrics import Metrics
 
     metrics = Metrics(CollectorRegistry())
     for duration in (0.3, 0.25, 400.0):  # inside a bucket, on a bound, past the last

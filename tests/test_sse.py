@@ -497,3 +497,21 @@ def test_encode_data_rejects_line_ends(bad: bytes) -> None:
 def test_encode_comment_rejects_line_ends(bad: str) -> None:
     with pytest.raises(ValueError, match="CR or LF"):
         encode_comment(bad)
+
+
+def test_an_event_of_many_short_data_lines_is_bounded_like_one_long_line() -> None:
+    decoder = SSEDecoder(max_line=1000)
+    with pytest.raises(SSEError, match="event larger than 1000 bytes"):
+        for _ in range(20):
+            decoder.feed(b"data: " + b"x" * 100 + b"\n")
+    # After the refusal the decoder takes nothing more.
+    with pytest.raises(SSEError):
+        decoder.feed(b"\n")
+
+
+def test_the_event_bound_counts_each_event_afresh() -> None:
+    decoder = SSEDecoder(max_line=1000)
+    events = []
+    for _ in range(5):
+        events += decoder.feed(b"data: " + b"x" * 300 + b"\ndata: " + b"y" * 300 + b"\n\n")
+    assert len(events) == 5

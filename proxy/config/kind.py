@@ -3,21 +3,21 @@
 Each kind has a module proxy/upstreams/<kind>_options.py with one `DECLARATION`, listed in the
 registry proxy/upstreams/kinds.py. The schema asks the declaration which keys the kind's
 upstreams and routes take and lets it read its own; the rest of the proxy asks it whether the
-kind keeps sessions, lists models, or has something to probe. Adding a kind is a new module
+kind keeps sessions, lists models, and which adapter serves it. Adding a kind is a new module
 and one line in the registry; no `if kind == ...` anywhere.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from proxy.config.reader import Block, Reader
-from proxy.config.specs import ModelSpec, RouteFields, UpstreamSpec
+from proxy.config.specs import RouteFields, UpstreamSpec
 
 if TYPE_CHECKING:
-    import aiohttp
+    from proxy.upstreams.base import Upstream
 
 
 class OptionsReader(Protocol):
@@ -35,11 +35,8 @@ class RouteReader(Protocol):
         are the specs of its upstreams that were read without a problem)."""
 
 
-# Checks a route against the running upstream for `agentproxy check --probe`: (path, message)
-# for each problem, the path under the route's (`agent` -> `models.<name>.agent`).
-RouteProbe = Callable[
-    [object, ModelSpec, "aiohttp.ClientSession"], Awaitable[list[tuple[str, str]]]
-]
+def _no_adapter() -> type[Upstream]:
+    raise NotImplementedError("this kind declares no adapter")
 
 
 def _same(url: str) -> str:
@@ -79,5 +76,6 @@ class KindDeclaration:
     # and echo: a route reads the same keys for both). A kind that reads route keys of its own
     # is not mixable.
     mixable: bool = True
-    # `check --probe` for one of its routes, beyond reaching the upstream.
-    probe_route: RouteProbe | None = None
+    # Loads the kind's adapter class (proxy/upstreams/<kind>.py) when a table is built: an
+    # import inside a function, so reading a config never imports the request path.
+    adapter: Callable[[], type[Upstream]] = _no_adapter

@@ -1,2 +1,3 @@
-"""Ingress APIs over the internal chunk language: each parses its own request into a chat body
-and turns the chunks an adapter yields into its own stream and sync answer (sans-IO)."""
+"""The APIs clients speak: one module per API for its request parsing and its writer, and the
+stream relay they share. Each turns the internal chunks (proxy/chunks.py) into its API's sync
+body or SSE stream; adapters know nothing of them."""

@@ -1,24 +1,43 @@
-"""What every upstream kind implements, and what a request hands it."""
+"""What every upstream kind implements, what a request hands it, and what it hands back.
+
+A request hands an adapter a frozen `Call`; the adapter hands back a value: an `Answer` (a
+whole completion, for clients that did not stream) or a stream. Nothing travels back on the
+call. There are two kinds of stream:
+
+* `ChunkStream` yields batches of the internal chunk language (proxy/chunks.py). Every kind
+  can give one; it is what every ingress writer reads.
+* `ByteStream` yields chat-completions SSE bytes as an `openai` upstream framed them: the fast
+  path, taken only when the call says the ingress can pass them on untouched (`Call.raw`).
+
+Both end by raising the stream's terminal error (a ProxyError) instead of ending quietly when
+the upstream's stream broke, and neither yields the final `[DONE]`, which the writer adds.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, TypeVar
 
 import aiohttp
+import orjson
 
+from proxy.chunks import Out
 from proxy.config import ModelSpec, UpstreamSpec
-from proxy.upstreams.health import HEALTH
-from proxy.upstreams.watch import Watch
+from proxy.exchange import Exchange
+from proxy.openai_types import ChatCompletion
+from proxy.state import AppState
+from proxy.upstreams.deadlines import Deadlines
+
+T = TypeVar("T")
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Call:
-    """One chat-completions request, as the handler hands it to an upstream adapter."""
+    """One chat turn, as an ingress hands it to an upstream adapter: the chat-completions
+    body (the Responses ingress translates to it first) and what the route and the client's
+    request say about it."""
 
     body: dict[str, Any]
     client_model: str
@@ -26,50 +45,59 @@ class Call:
     stream: bool
     include_usage: bool
     headers: Mapping[str, str]
-    request_id: str
     key_id: str
-    route: ModelSpec | None = None
+    route: ModelSpec
+    # The per-request record: request id, and the task that deadlines interrupt.
+    exchange: Exchange
     session_hint: str | None = None
-    # The task serving the request, for the adapter's Watch (None: the current task).
-    task: asyncio.Task[Any] | None = None
-    # Filled in by the adapter: when the upstream answered, for Server-Timing and metrics.
+    # The ingress passes an openai upstream's chat SSE bytes on as they are.
+    raw: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A whole answer. `raw` is an openai upstream's body when it can be relayed as it is."""
+
+    completion: ChatCompletion
+    headers: tuple[tuple[str, str], ...] = ()
     upstream_ms: float = 0.0
-    response_headers: list[tuple[str, str]] = field(default_factory=list)
-    # Set by an adapter once the upstream may have acted on the request (a Letta message
-    # sent): from then on a failure is reported, never retried on the next upstream.
-    delivered: bool = False
+    raw: bytes | None = None
 
-    def mark_answered(self, started: float) -> None:
-        self.upstream_ms = (time.perf_counter() - started) * 1000.0
+    def body(self) -> bytes:
+        return self.raw if self.raw is not None else orjson.dumps(self.completion)
 
 
-class EventStream:
-    """The SSE events of one upstream answer, and what must be let go when it ends.
+class Stream(Generic[T]):
+    """The events of one upstream answer, and what must be let go when it ends.
 
-    Iterating yields the events themselves (no wrapper per event); `aclose()` closes the
-    generator and then runs `on_close` exactly once, even if iteration never started, which
-    a bare async generator would not do. A `watch` that paces the events is disarmed first,
-    so its timer can never cancel the request's task after the stream has ended.
+    Iterating yields the events themselves (no wrapper per event); `aclose()` stops the
+    deadlines, closes the generator and then runs `on_close` exactly once, even if iteration
+    never started, which a bare async generator would not do.
     """
 
-    __slots__ = ("_events", "_on_close", "_watch")
+    __slots__ = ("_deadlines", "_events", "_on_close", "headers", "upstream_ms")
 
     def __init__(
         self,
-        events: AsyncGenerator[bytes, None],
+        events: AsyncGenerator[T, None],
+        *,
         on_close: Callable[[], Awaitable[None]] | None = None,
-        watch: Watch | None = None,
+        deadlines: Deadlines | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+        upstream_ms: float = 0.0,
     ) -> None:
         self._events = events
         self._on_close = on_close
-        self._watch = watch
+        self._deadlines = deadlines
+        self.headers = headers
+        self.upstream_ms = upstream_ms
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
+    def __aiter__(self) -> AsyncIterator[T]:
         return self._events
 
     async def aclose(self) -> None:
-        if self._watch is not None:
-            self._watch.disarm()
+        if self._deadlines is not None:
+            self._deadlines.close()
         try:
             await self._events.aclose()
         finally:
@@ -78,30 +106,52 @@ class EventStream:
                 await on_close()
 
 
+class ChunkStream(Stream[list[Out]]):
+    __slots__ = ()
+
+
+class ByteStream(Stream[bytes]):
+    __slots__ = ()
+
+
 class Upstream(ABC):
     """One configured upstream. Adapters raise only ProxyError subclasses.
 
-    `open_stream` returns only once the upstream accepted the request, so the handler commits
-    the 200 after that; errors raised while iterating become the stream's terminal error event.
-    The iterator yields whole SSE events (bytes) and never the final `data: [DONE]`, which the
-    handler writes; it raises instead of ending quietly when the upstream stream was truncated.
+    `open_stream` returns only once the upstream accepted the request, so the ingress commits
+    the 200 after that; errors raised while iterating become the stream's terminal error.
     """
 
-    kind: str = ""
+    kind: ClassVar[str] = ""
 
-    def __init__(self, spec: UpstreamSpec) -> None:
+    def __init__(self, spec: UpstreamSpec, state: AppState) -> None:
         self.spec = spec
         self.name = spec.name
-        self.health = HEALTH.get(spec)
+        self.state = state
+        self.health = state.health.get(spec)
 
     @abstractmethod
-    async def complete(self, call: Call, http: aiohttp.ClientSession) -> bytes:
-        """The JSON body of an OpenAI chat.completion."""
+    async def complete(self, call: Call, http: aiohttp.ClientSession) -> Answer:
+        """The whole answer."""
 
     @abstractmethod
-    async def open_stream(self, call: Call, http: aiohttp.ClientSession) -> EventStream:
-        """SSE events, already encoded, after the upstream accepted the request."""
+    async def open_stream(
+        self, call: Call, http: aiohttp.ClientSession
+    ) -> ChunkStream | ByteStream:
+        """The answer's events, after the upstream accepted the request."""
 
-    async def list_models(self, http: aiohttp.ClientSession) -> list[dict[str, Any]]:
+    async def list_models(
+        self, http: aiohttp.ClientSession, exchange: Exchange
+    ) -> list[dict[str, Any]]:
         """Model cards the upstream offers, for `prefix/*` routes."""
+        return []
+
+    async def probe(self, http: aiohttp.ClientSession, exchange: Exchange) -> None:
+        """`check --probe`: raises a ProxyError if the upstream does not answer as expected."""
+        await self.list_models(http, exchange)
+
+    async def probe_route(
+        self, route: ModelSpec, http: aiohttp.ClientSession, exchange: Exchange
+    ) -> list[tuple[str, str]]:
+        """`check --probe` of one route to this upstream: (route key, message) for each
+        problem (a Letta agent that does not resolve: `agent`)."""
         return []

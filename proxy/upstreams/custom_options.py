@@ -10,7 +10,7 @@ CustomSpec is the upstream's `options`. Routes take the letta route keys, except
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from proxy.config.kind import KindDeclaration
 from proxy.config.reader import Block, Reader
@@ -20,6 +20,9 @@ from proxy.config.upstream_keys import SHARED_KEYS
 from proxy.upstreams.custom_spec import CUSTOM_KEYS, CustomSpec, CustomSpecError, SpecProblem
 from proxy.upstreams.custom_spec import compile_custom as compile_spec
 from proxy.upstreams.custom_turn import CLIENT_SYSTEM, ClientSystem
+
+if TYPE_CHECKING:
+    from proxy.upstreams.base import Upstream
 
 ROUTE_KEYS: Final[tuple[str, ...]] = ("model", "client_system", "show", "session")
 ROUTE_SESSION_KEYS: Final[tuple[str, ...]] = ("from_user", "busy_timeout")
@@ -89,8 +92,15 @@ def read_route(
     )
 
 
+def adapter() -> type[Upstream]:
+    from proxy.upstreams.custom import Custom
+
+    return Custom
+
+
 DECLARATION = KindDeclaration(
     name="custom",
+    adapter=adapter,
     keys=SHARED_KEYS,
     url_example="http://127.0.0.1:5001/v1",
     option_keys=CUSTOM_KEYS,

@@ -1,20 +1,32 @@
-"""The `echo` kind: answers with the last user message, with no network at all."""
+"""The `echo` kind: answers with the last user message, with no network at all.
+
+It serves first runs and demos, so it must also be harmless: what it echoes is capped
+(`MAX_ECHO` characters, the rest replaced by a note), and a stream is produced in batches
+with a yield to the event loop between them, so a huge message cannot hold the worker.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncGenerator, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
-import orjson
 
+from proxy.chunks import Out
+from proxy.exchange import Exchange
 from proxy.openai_types import ChatChunk, ChunkFactory, accumulate, make_usage
-from proxy.sse import encode_data
-from proxy.upstreams.base import Call, EventStream, Upstream
+from proxy.upstreams.base import Answer, ByteStream, Call, ChunkStream, Upstream
 
 _PIECES = re.compile(r"\S+\s*|\s+")
 _TOKENS = re.compile(r"\w+|[^\w\s]")
+# Characters echoed back at most; past it the reply is cut and says so.
+MAX_ECHO = 64 * 1024
+# Text counted exactly for usage; a longer text is estimated (about 4 characters a token).
+_COUNT_EXACTLY = 64 * 1024
+# Chunks per batch of a stream, between two yields to the event loop.
+BATCH = 256
 
 
 def message_text(content: Any) -> str:
@@ -33,11 +45,13 @@ def message_text(content: Any) -> str:
 
 def count_tokens(text: str) -> int:
     """A rough count (words and punctuation): echo has no tokenizer, only plausible numbers."""
+    if len(text) > _COUNT_EXACTLY:
+        return len(text) // 4
     return len(_TOKENS.findall(text))
 
 
 class Echo(Upstream):
-    kind = "echo"
+    kind: ClassVar[str] = "echo"
 
     def _chunks(self, call: Call) -> Iterator[ChatChunk]:
         messages = call.body["messages"]
@@ -46,6 +60,11 @@ class Echo(Upstream):
             if message.get("role") == "user":
                 reply = message_text(message.get("content"))
                 break
+        if len(reply) > MAX_ECHO:
+            reply = (
+                reply[:MAX_ECHO]
+                + f" [echo: cut at {MAX_ECHO} of {len(reply)} characters]"
+            )
         prompt = sum(count_tokens(message_text(m.get("content"))) for m in messages)
         factory = ChunkFactory(call.client_model)
         yield factory.role()
@@ -55,12 +74,25 @@ class Echo(Upstream):
         if call.include_usage or not call.stream:
             yield factory.usage(make_usage(prompt, count_tokens(reply)))
 
-    async def complete(self, call: Call, http: aiohttp.ClientSession) -> bytes:
-        return orjson.dumps(accumulate(self._chunks(call)))
+    async def complete(self, call: Call, http: aiohttp.ClientSession) -> Answer:
+        return Answer(accumulate(self._chunks(call)))
 
-    async def open_stream(self, call: Call, http: aiohttp.ClientSession) -> EventStream:
-        return EventStream(self._events(call))
+    async def probe(self, http: aiohttp.ClientSession, exchange: Exchange) -> None:
+        """Nothing to contact."""
 
-    async def _events(self, call: Call) -> AsyncGenerator[bytes, None]:
+    async def open_stream(
+        self, call: Call, http: aiohttp.ClientSession
+    ) -> ChunkStream | ByteStream:
+        return ChunkStream(self._batches(call))
+
+    async def _batches(self, call: Call) -> AsyncGenerator[list[Out], None]:
+        batch: list[Out] = []
         for chunk in self._chunks(call):
-            yield encode_data(orjson.dumps(chunk))
+            batch.append(chunk)
+            if len(batch) == BATCH:
+                yield batch
+                batch = []
+                # Let other requests (and /healthz) run between batches.
+                await asyncio.sleep(0)
+        if batch:
+            yield batch

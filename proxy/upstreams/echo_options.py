@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from proxy.config.kind import KindDeclaration
 
-DECLARATION = KindDeclaration(name="echo")
+if TYPE_CHECKING:
+    from proxy.upstreams.base import Upstream
+
+def adapter() -> type[Upstream]:
+    from proxy.upstreams.echo import Echo
+
+    return Echo
+
+
+DECLARATION = KindDeclaration(name="echo", adapter=adapter)

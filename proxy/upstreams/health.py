@@ -1,9 +1,9 @@
 """What the proxy knows about each upstream beyond one request: its circuit and its load.
 
-The registry lives for the process, not for a route table, like the session locks: a reload
-that leaves an upstream's name and URL alone must neither forget that it keeps failing nor
-let a new table's requests past the concurrency limit that the old table's requests still
-fill. Settings (thresholds, limits) are taken from the newest table that names the upstream.
+The registry lives with the app (proxy/state.py), not with a route table: a reload that
+leaves an upstream's name and URL alone must neither forget that it keeps failing nor let a
+new table's requests past the concurrency limit that the old table's requests still fill.
+Settings (thresholds, limits) are taken from the newest table that names the upstream.
 
 Circuit: after `circuit.failures` consecutive failures the upstream is "open" for
 `circuit.cooldown` seconds: routes that list another upstream skip it. Then it is
@@ -171,9 +171,3 @@ class HealthRegistry:
         else:
             health.configure(spec)
         return health
-
-    def clear(self) -> None:
-        self._by_upstream.clear()
-
-
-HEALTH = HealthRegistry()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,7 +17,9 @@ from proxy.errors import (
     UpstreamUnavailable,
 )
 
-_MAX_ERROR_BODY = 64 * 1024
+_MAX_ERROR_BODY = 1024 * 1024
+# The message of a JSON error body cut at the read limit.
+_CUT_MESSAGE = re.compile(rb'"message"\s*:\s*"((?:[^"\\]|\\.){0,4000})"')
 # A whole JSON answer (a sync completion, a listing) is held in memory: a broken or hostile
 # upstream must not be able to make that unbounded.
 MAX_ANSWER = 64 * 1024 * 1024
@@ -48,11 +51,20 @@ def _too_big(upstream: str, limit: int) -> UpstreamFailed:
 
 
 async def read_error_body(resp: aiohttp.ClientResponse) -> bytes:
-    """At most 64 KiB: an error page is read to explain the failure, never relayed whole."""
+    """At most 1 MiB: an error page is read to explain the failure, never relayed whole.
+    Enough that a long JSON error (a validation error that lists every field) still parses
+    and keeps its message; past it, `_parse_error` looks for the message in what came."""
+    chunks: list[bytes] = []
+    size = 0
     try:
-        return await resp.content.read(_MAX_ERROR_BODY)
+        async for chunk in resp.content.iter_any():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size >= _MAX_ERROR_BODY:
+                break
     except aiohttp.ClientError:
-        return b""
+        pass
+    return b"".join(chunks)[:_MAX_ERROR_BODY]
 
 
 def connection_error(upstream: str, exc: aiohttp.ClientError) -> UpstreamUnavailable:
@@ -71,7 +83,13 @@ def _parse_error(body: bytes) -> dict[str, Any]:
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return {}
+        found = _CUT_MESSAGE.search(body)
+        if found is None:
+            return {}
+        try:
+            return {"message": orjson.loads(b'"' + found.group(1) + b'"')}
+        except orjson.JSONDecodeError:
+            return {}
     if not isinstance(parsed, dict):
         return {}
     err = parsed.get("error")
@@ -92,6 +110,13 @@ def _parse_error(body: bytes) -> dict[str, Any]:
 def error_from_response(
     upstream: str, status: int, body: bytes, headers: Mapping[str, str]
 ) -> ProxyError:
+    if 300 <= status < 400:
+        # Never followed (see proxy/upstreams/http.py): the url is wrong, or the server is
+        # not the one the route table means.
+        return UpstreamFailed(
+            f"Upstream '{upstream}' answered with a redirect (HTTP {status}), which the proxy "
+            "does not follow; check the upstream's url."
+        )
     err = _parse_error(body)
     message = str(err.get("message") or "")[:2000]
     if status in (401, 403):

@@ -8,12 +8,11 @@ from typing import TYPE_CHECKING, Literal
 from proxy.config.kind import KindDeclaration
 from proxy.config.reader import Block, Reader
 from proxy.config.route_keys import read_client_system, read_session, read_show
-from proxy.config.specs import ModelSpec, RouteFields, SessionSpec, UpstreamSpec
+from proxy.config.specs import RouteFields, SessionSpec, UpstreamSpec
 from proxy.config.upstream_keys import SHARED_KEYS
-from proxy.errors import ProxyError
 
 if TYPE_CHECKING:
-    import aiohttp
+    from proxy.upstreams.base import Upstream
 
 ROUTE_KEYS: tuple[str, ...] = ("agent", "client_system", "show", "session")
 
@@ -46,19 +45,10 @@ def read_route(
     return RouteFields(agent=agent, client_system=client_system, show=show, session=session)
 
 
-async def probe_route(
-    upstream: object, route: ModelSpec, http: aiohttp.ClientSession
-) -> list[tuple[str, str]]:
-    """The route's agent must resolve to exactly one agent of the server."""
+def adapter() -> type[Upstream]:
     from proxy.upstreams.letta import Letta
 
-    if not isinstance(upstream, Letta) or route.agent is None:
-        return []
-    try:
-        await upstream.agent_id(route.agent, http, route.name, wildcard=False)
-    except ProxyError as exc:
-        return [("agent", exc.message)]
-    return []
+    return Letta
 
 
 DECLARATION = KindDeclaration(
@@ -72,5 +62,5 @@ DECLARATION = KindDeclaration(
     stateful=True,
     lists_models=True,
     mixable=False,
-    probe_route=probe_route,
+    adapter=adapter,
 )

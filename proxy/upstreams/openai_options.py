@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from proxy.config.kind import KindDeclaration
 from proxy.config.reader import Block, Reader
 from proxy.config.upstream_keys import NOT_FORWARDABLE, SHARED_KEYS, header_name
+
+if TYPE_CHECKING:
+    from proxy.upstreams.base import Upstream
 
 SESSION_HEADER = "session_header"
 
@@ -52,8 +56,15 @@ def _names(upstream: Block, key: str, lower: str) -> bool:
     return False
 
 
+def adapter() -> type[Upstream]:
+    from proxy.upstreams.openai import OpenAI
+
+    return OpenAI
+
+
 DECLARATION = KindDeclaration(
     name="openai",
+    adapter=adapter,
     keys=SHARED_KEYS,
     url_example="http://127.0.0.1:8000/v1",
     option_keys=(SESSION_HEADER,),

@@ -1,0 +1,88 @@
+"""From a resolved route and a call to an upstream's answer: failover, leases, first event.
+
+Both ingresses (chat completions, Responses) hand their call here and get back a `Served`:
+the lease on the upstream that answered and either its whole answer or its open stream with
+the first event already read. Nothing is committed to the client before this returns, so a
+failure here is still a real HTTP error, and the next upstream still gets its turn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from proxy.errors import ProxyError
+from proxy.exchange import Exchange
+from proxy.failover import Failover, Lease
+from proxy.metrics import Metrics
+from proxy.routing import Route
+from proxy.upstreams.base import Answer, ByteStream, Call, ChunkStream, Upstream
+
+
+@dataclass(slots=True)
+class Served:
+    lease: Lease
+    answer: Answer | None = None
+    stream: ChunkStream | ByteStream | None = None
+    # The stream's first event (read before the commit), or None when it ended at once.
+    first: Any = None
+
+
+async def serve(
+    route: Route, call: Call, http: aiohttp.ClientSession, metrics: Metrics
+) -> Served:
+    exchange = call.exchange
+
+    def on_error(upstream: Upstream, exc: ProxyError) -> None:
+        exchange.upstream = upstream.name
+        # The class's code, not the instance's: an upstream's own codes are unbounded.
+        metrics.upstream_error(upstream.name, type(exc).code)
+
+    def on_failover(upstream: Upstream) -> None:
+        metrics.failover(upstream.name)
+
+    failover = Failover(route.upstreams, on_error, on_failover)
+    while True:
+        lease = failover.next() or await failover.queue()
+        upstream = lease.upstream
+        try:
+            if call.stream:
+                served = await _open(lease, call, http)
+            else:
+                served = Served(lease, answer=await upstream.complete(call, http))
+        except BaseException as exc:
+            if failover.retry(lease, exc):
+                continue
+            raise
+        break
+    lease.succeeded()
+    _record(exchange, upstream, served)
+    return served
+
+
+async def _open(lease: Lease, call: Call, http: aiohttp.ClientSession) -> Served:
+    """The stream and its first event, before anything is committed to the client.
+
+    Waiting for the first event (not only the upstream's headers) lets an upstream that
+    fails or stays silent at once still get a real HTTP error, and the next upstream its
+    turn. The wait lasts at most the keep-alive interval: then the first event is the
+    keep-alive, and the 200 goes out with it.
+    """
+    stream = await lease.upstream.open_stream(call, http)
+    try:
+        first = await anext(aiter(stream))
+    except StopAsyncIteration:
+        first = None
+    except BaseException:
+        await stream.aclose()
+        raise
+    return Served(lease, stream=stream, first=first)
+
+
+def _record(exchange: Exchange, upstream: Upstream, served: Served) -> None:
+    exchange.upstream = upstream.name
+    result = served.answer or served.stream
+    assert result is not None
+    exchange.upstream_ms = result.upstream_ms

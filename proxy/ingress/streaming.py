@@ -1,0 +1,159 @@
+"""Relaying an upstream stream to a client: what every ingress's stream has in common.
+
+An ingress supplies an `Encoder` (chunks -> its API's events, its error event, its end); this
+module commits the 200, writes what the upstream sends as it comes, and ends the stream in
+every case: the upstream's terminal error becomes the encoder's error event, the drain ends
+it cleanly, a client that stopped reading is cut off after the send timeout, and a client
+that left just stops it. However it ends, the upstream request is closed (`aclosing`) and the
+upstream's concurrency slot given back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import aclosing
+from typing import Protocol
+
+from aiohttp import web
+
+from proxy.app_keys import EXCHANGE, METRICS, STATE
+from proxy.chunks import Comment, Out
+from proxy.dispatch import Served
+from proxy.errors import InternalError, ProxyError
+from proxy.exchange import ENDINGS, Exchange
+from proxy.failover import is_failure
+from proxy.handlers import stamp_headers
+from proxy.metrics import has_token
+from proxy.shutdown import shutting_down
+from proxy.sse import SSE_HEADERS, SSEWriter
+from proxy.upstreams.base import ByteStream, ChunkStream
+
+log = logging.getLogger(__name__)
+
+
+class Encoder(Protocol):
+    def batch(self, batch: list[Out]) -> bytes:
+        """The client's bytes for a batch of chunks and keep-alives."""
+
+    def error(self, err: ProxyError) -> bytes:
+        """The event that reports a failure after the commit."""
+
+    def end(self) -> bytes:
+        """What closes the stream (after `error`, too), `[DONE]` last."""
+
+
+async def relay(request: web.Request, served: Served, encoder: Encoder) -> web.StreamResponse:
+    stream = served.stream
+    assert stream is not None
+    exchange = request[EXCHANGE]
+    app = request.app
+    metrics = app[METRICS]
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    response.headers.extend(stream.headers)
+    writer = SSEWriter(request, response, exchange, app[STATE].streams)
+    tail: bytes | None = None
+    lease = served.lease
+    try:
+        async with aclosing(stream):
+            # The proxy's share of a stream is its time to the commit.
+            exchange.overhead = stamp_headers(exchange, response)
+            await writer.commit()
+            exchange.status = response.status
+            metrics.stream_opened()
+            try:
+                if isinstance(stream, ByteStream):
+                    whole = await _pump_bytes(writer, stream, served.first, exchange)
+                else:
+                    whole = await _pump_chunks(writer, stream, served.first, exchange, encoder)
+                if whole:
+                    tail = encoder.end()
+                else:
+                    # The client left: aclosing() closes the upstream request on the way out.
+                    exchange.error = "client_closed"
+            except ProxyError as exc:
+                if is_failure(exc):
+                    lease.upstream.health.failed(time.monotonic())
+                exchange.error = exc.code
+                metrics.upstream_error(exchange.upstream, type(exc).code)
+                await writer.write(encoder.error(exc))
+                tail = encoder.end()
+            except asyncio.CancelledError:
+                reason = exchange.take(ENDINGS)
+                if reason is None:
+                    exchange.error = exchange.error or "client_closed"
+                    raise
+                if reason == "send":
+                    exchange.error = "send_timeout"
+                    writer.abandon()
+                else:
+                    # The drain deadline passed: the client gets a clean end, not a cut.
+                    err = shutting_down()
+                    exchange.error = err.code
+                    await writer.write(encoder.error(err))
+                    tail = encoder.end()
+            except Exception:
+                log.exception("stream %s failed", exchange.request_id)
+                exchange.error = InternalError.code
+                await writer.write(encoder.error(InternalError(exchange.request_id)))
+                tail = encoder.end()
+            finally:
+                metrics.stream_closed()
+    finally:
+        lease.release()
+    if tail is not None:
+        await writer.end(tail)
+    else:
+        await writer.end(b"")
+    return response
+
+
+async def _pump_bytes(
+    writer: SSEWriter, stream: ByteStream, first: bytes | None, exchange: Exchange
+) -> bool:
+    """The byte fast path: an openai upstream's chat events, as they came."""
+    if first is not None:
+        if has_token(first):
+            exchange.ttft = time.perf_counter() - exchange.started
+        if not await writer.write(first):
+            return False
+    async for data in stream:
+        if exchange.ttft is None and has_token(data):
+            exchange.ttft = time.perf_counter() - exchange.started
+        if not await writer.write(data):
+            return False
+    return True
+
+
+async def _pump_chunks(
+    writer: SSEWriter,
+    stream: ChunkStream,
+    first: list[Out] | None,
+    exchange: Exchange,
+    encoder: Encoder,
+) -> bool:
+    if first is not None:
+        if _has_token(first):
+            exchange.ttft = time.perf_counter() - exchange.started
+        if not await writer.write(encoder.batch(first)):
+            return False
+    async for batch in stream:
+        if exchange.ttft is None and _has_token(batch):
+            exchange.ttft = time.perf_counter() - exchange.started
+        if not await writer.write(encoder.batch(batch)):
+            return False
+    return True
+
+
+def _has_token(batch: list[Out]) -> bool:
+    """Whether a batch carries generated output: text, reasoning, or a tool call (the role
+    chunk that opens every stream does not count, so the time to it is not "first token")."""
+    for out in batch:
+        if isinstance(out, Comment):
+            continue
+        for choice in out["choices"]:
+            delta = choice["delta"]
+            if delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"):
+                return True
+    return False

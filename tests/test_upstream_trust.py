@@ -1,0 +1,371 @@
+"""What a hostile or broken upstream must not get the proxy to do (issue: hardening).
+
+Each test drives the proxy over real HTTP with the official SDK (or raw aiohttp where the
+SDK hides what is checked), against an aiohttp upstream on port 0 scripted per test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import openai
+import orjson
+import pytest
+from aiohttp import web
+from multidict import CIMultiDict
+
+from tests.conftest import KEY, ProxyFactory, serving
+from tests.fake_letta import FakeLetta
+
+HI = [{"role": "user", "content": "hi"}]
+SECRET = "sk-upstream-0123456789abcdef"
+HEADER_SECRET = "hdr-secret-abcdef012345"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Scripted:
+    """An upstream whose every route runs `handler`, recording the paths it was asked."""
+
+    handler: Handler
+    paths: list[str] = field(default_factory=list)
+    headers: list[CIMultiDict[str]] = field(default_factory=list)
+
+    def app(self) -> web.Application:
+        async def any_route(request: web.Request) -> web.StreamResponse:
+            self.paths.append(request.path_qs)
+            self.headers.append(CIMultiDict(request.headers))
+            await request.read()
+            return await self.handler(request)
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", any_route)
+        return app
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[tuple[Scripted, str]]:
+    async def unset(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"error": {"message": "no script"}}, status=500)
+
+    scripted = Scripted(unset)
+    async with serving(scripted.app()) as url:
+        yield scripted, url
+
+
+def routes(url: str, extra_upstream: str = "", models: str = "") -> str:
+    return f"""
+upstreams:
+  up:
+    kind: openai
+    url: {url}/v1
+    api_key: ${{UP_KEY}}
+    headers:
+      X-Up-Token: ${{UP_HEADER}}
+    forward_headers: [X-Session-Id, X-Trace]
+{extra_upstream}
+models:
+  m:
+    upstream: up
+{models}
+"""
+
+
+@pytest.fixture(autouse=True)
+def secrets_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UP_KEY", SECRET)
+    monkeypatch.setenv("UP_HEADER", HEADER_SECRET)
+
+
+def completion(text: str = "ok") -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "finish_reason": "stop", "logprobs": None}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_an_upstream_redirect_is_not_followed_and_is_a_502_naming_the_status(
+    make_proxy: ProxyFactory, upstream: tuple[Scripted, str], status: int
+) -> None:
+    scripted, url = upstream
+    elsewhere = Scripted(lambda r: asyncio.sleep(0, web.json_response(completion())))
+    async with serving(elsewhere.app()) as target:
+
+        async def redirect(request: web.Request) -> web.StreamResponse:
+            return web.Response(status=status, headers={"Location": target + "/steal"})
+
+        scripted.handler = redirect
+        proxy = await make_proxy(routes(url))
+        with pytest.raises(openai.APIStatusError) as info:
+            await proxy.client().chat.completions.create(model="m", messages=HI)
+    assert info.value.status_code == 502
+    assert f"HTTP {status}" in info.value.message
+    # Neither the configured credentials nor the prompt went to the redirect's target.
+    assert elsewhere.paths == []
+
+
+async def test_credentials_an_upstream_echoes_back_are_scrubbed_from_the_client_and_the_log(
+    make_proxy: ProxyFactory, upstream: tuple[Scripted, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    scripted, url = upstream
+
+    async def echo_auth(request: web.Request) -> web.StreamResponse:
+        leak = f"bad request: Authorization={request.headers['Authorization']} " \
+               f"token={request.headers['X-Up-Token']}"
+        return web.json_response({"error": {"message": leak}}, status=400)
+
+    scripted.handler = echo_auth
+    proxy = await make_proxy(routes(url))
+    with pytest.raises(openai.BadRequestError) as info:
+        await proxy.client().chat.completions.create(model="m", messages=HI)
+    message = info.value.message
+    assert "Authorization=Bearer [redacted]" in message
+    assert SECRET not in message and HEADER_SECRET not in message
+    assert SECRET not in caplog.text and HEADER_SECRET not in caplog.text
+
+
+async def test_credentials_echoed_in_a_stream_error_event_are_scrubbed(
+    make_proxy: ProxyFactory, upstream: tuple[Scripted, str]
+) -> None:
+    scripted, url = upstream
+
+    async def stream_leak(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        role = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
+        await resp.write(b"data: " + orjson.dumps(role) + b"\n\n")
+        leak = b'data: {"error": {"message": "key ' + SECRET.encode() + b' expired"}}\n\n'
+        await resp.write(leak)
+        return resp
+
+    scripted.handler = stream_leak
+    proxy = await make_proxy(routes(url))
+    stream = await proxy.client().chat.completions.create(model="m", messages=HI, stream=True)
+    with pytest.raises(openai.APIError) as info:
+        [c async for c in stream]
+    assert SECRET not in info.value.message and "[redacted]" in info.value.message
+
+
+async def test_a_long_upstream_error_body_keeps_its_message(
+    make_proxy: ProxyFactory, upstream: tuple[Scripted, str]
+) -> None:
+    scripted, url = upstream
+    body = {"error": {"message": "field messages.3 is invalid", "detail": "x" * 300_000}}
+
+    async def long_error(request: web.Request) -> web.StreamResponse:
+        return web.json_response(body, status=400)
+
+    scripted.handler = long_error
+    proxy = await make_proxy(routes(url))
+    with pytest.raises(openai.BadRequestError) as info:
+        await proxy.client().chat.completions.create(model="m", messages=HI)
+    assert "field messages.3 is invalid" in info.value.message
+
+
+@pytest.mark.parametrize(
+    "name", ["Location", "WWW-Authenticate", "Access-Control-Allow-Origin", "Alt-Svc",
+             "Strict-Transport-Security", "Set-Cookie"],
+)
+@pytest.mark.parametrize("stream", [False, True], ids=["sync", "stream"])
+async def test_upstream_origin_headers_are_not_relayed(
+    make_proxy: ProxyFactory, upstream: tuple[Scripted, str], name: str, stream: bool
+) -> None:
+    scripted, url = upstream
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        headers = {name: "https://upstream.invalid/x", "X-Kept": "yes"}
+        if not stream:
+            return web.json_response(completion(), headers=headers)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", **headers})
+        await resp.prepare(request)
+        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                 "choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "stop"}]}
+        await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\ndata: [DONE]\n\n")
+        return resp
+
+    scripted.handler = answer
+    proxy = await make_proxy(routes(url))
+    async with aiohttp.ClientSession() as http, http.post(
+        proxy.url + "/v1/chat/completions",
+        json={"model": "m", "messages": HI, "stream": stream},
+        headers={"Authorization": f"Bearer {KEY}"},
+    ) as resp:
+        await resp.read()
+        assert resp.status == 200
+        assert resp.headers.get("X-Kept") == "yes"
+        assert name not in resp.headers
+
+
+async def test_client_headers_named_in_its_connection_header_are_not_forwarded(
+    make_proxy: ProxyFactory, upstream: tuple[Scripted, str]
+) -> None:
+    scripted, url = upstream
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return web.json_response(completion())
+
+    scripted.handler = answer
+    proxy = await make_proxy(routes(url))
+    client = proxy.client()
+    await client.chat.completions.create(
+        model="m", messages=HI,
+        extra_headers={"X-Session-Id": "s1", "X-Trace": "t1", "Connection": "keep-alive, X-Trace"},
+    )
+    sent = scripted.headers[-1]
+    assert sent.get("X-Session-Id") == "s1"
+    assert "X-Trace" not in sent
+
+
+async def test_a_request_without_model_from_a_key_barred_from_the_default_does_not_name_it(
+    make_proxy: ProxyFactory, upstream: tuple[Scripted, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, url = upstream
+    monkeypatch.setenv("LIMITED", "sk-limited-0000000000000000")
+    proxy = await make_proxy(
+        routes(url, models='  "other":\n    upstream: up\n')
+        + "auth:\n  keys:\n    - key: ${LIMITED}\n      models: [other]\n",
+        keys=(),
+    )
+    async with aiohttp.ClientSession() as http, http.post(
+        proxy.url + "/v1/chat/completions", json={"messages": HI},
+        headers={"Authorization": "Bearer sk-limited-0000000000000000"},
+    ) as resp:
+        body = await resp.json()
+    assert resp.status == 400
+    assert body["error"]["param"] == "model"
+    assert '"m"' not in body["error"]["message"] and "`m`" not in body["error"]["message"]
+
+
+async def test_the_wildcard_listing_fails_over_like_a_request(
+    make_proxy: ProxyFactory, upstream: tuple[Scripted, str]
+) -> None:
+    broken, broken_url = upstream
+
+    async def fail(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"error": {"message": "down"}}, status=503)
+
+    broken.handler = fail
+
+    async def models(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"object": "list", "data": [{"id": "llama"}]})
+
+    good = Scripted(models)
+    async with serving(good.app()) as good_url:
+        proxy = await make_proxy(f"""
+upstreams:
+  a:
+    kind: openai
+    url: {broken_url}/v1
+  b:
+    kind: openai
+    url: {good_url}/v1
+models:
+  "local/*":
+    upstream: [a, b]
+""")
+        ids = [m.id for m in (await proxy.client().models.list()).data]
+    assert ids == ["local/llama"]
+    assert broken.paths == ["/v1/models"]
+
+
+async def test_letta_ids_that_are_not_letta_shaped_never_reach_a_url_path(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
+) -> None:
+    state, url = letta
+    state.agents = [{"id": "../../admin/x?y=1#", "name": "support-bot"}]
+    proxy = await make_proxy(f"""
+upstreams:
+  letta:
+    kind: letta
+    url: {url}
+models:
+  support:
+    upstream: letta
+    agent: support-bot
+""")
+    with pytest.raises(openai.APIStatusError) as info:
+        await proxy.client().chat.completions.create(model="support", messages=HI)
+    assert info.value.status_code == 502
+    assert all("admin" not in r.path for r in state.requests)
+
+
+async def test_a_client_that_stops_reading_is_cut_off_and_frees_its_slot(
+    make_proxy: ProxyFactory, upstream: tuple[Scripted, str]
+) -> None:
+    scripted, url = upstream
+    big = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+           "choices": [{"index": 0, "delta": {"content": "x" * 60_000}, "finish_reason": None}]}
+    event = b"data: " + orjson.dumps(big) + b"\n\n"
+    gone = asyncio.Event()
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        if not orjson.loads(await request.read()).get("stream"):
+            return web.json_response(completion())
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        try:
+            while True:
+                await resp.write(event)
+        except (ConnectionResetError, asyncio.CancelledError):
+            gone.set()
+            raise
+
+    scripted.handler = endless
+    proxy = await make_proxy(
+        routes(url, extra_upstream="    max_concurrency: 1\n    queue_timeout: 0\n"),
+        send_timeout=1.0,
+    )
+    reader, writer = await asyncio.open_connection(*proxy.url.removeprefix("http://").split(":"))
+    body = orjson.dumps({"model": "m", "stream": True, "messages": HI})
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    await writer.drain()
+    await reader.readuntil(b"\r\n\r\n")  # the 200 went out; now this client never reads again
+    started = time.monotonic()
+    # The upstream is let go and the slot freed within the send timeout (plus the sweep).
+    await asyncio.wait_for(gone.wait(), 10)
+    assert time.monotonic() - started < 8
+    answer = await proxy.client().chat.completions.create(model="m", messages=HI)
+    assert answer.choices[0].message.content == "ok"
+    writer.close()
+
+
+async def test_echo_of_a_huge_message_is_capped_and_never_stalls_the_worker(
+    make_proxy: ProxyFactory,
+) -> None:
+    proxy = await make_proxy(
+        "upstreams:\n  demo:\n    kind: echo\nmodels:\n  echo:\n    upstream: demo\n"
+    )
+    huge = "word " * 800_000  # 4 MB
+    client = proxy.client()
+    stream_task = asyncio.create_task(
+        client.chat.completions.create(
+            model="echo", messages=[{"role": "user", "content": huge}], stream=True
+        )
+    )
+    async with aiohttp.ClientSession() as http:
+        # /healthz stays responsive while the echo runs.
+        worst = 0.0
+        while not stream_task.done():
+            started = time.monotonic()
+            async with http.get(proxy.url + "/healthz") as resp:
+                assert resp.status == 200
+            worst = max(worst, time.monotonic() - started)
+        stream = stream_task.result()
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert len(text) < 70_000
+    assert "cut at" in text
+    assert worst < 1.0
