@@ -75,6 +75,9 @@ class UpstreamSpec:
     max_concurrency: int | None = None
     queue_timeout: float = 10.0
     circuit: Circuit = field(default_factory=Circuit)
+    # openai kind: "native" relays `/v1/responses` to the upstream's own `/responses`;
+    # "translate" turns it into a chat turn like every other kind.
+    responses: Literal["translate", "native"] = "translate"
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +171,8 @@ _FILE = "(file)"
 _TOP_KEYS = ("upstreams", "models", "auth")
 _RESILIENCE_KEYS = ("keepalive", "max_concurrency", "queue_timeout", "circuit")
 _OPENAI_KEYS = ("kind", "url", "api_key", "headers", "forward_headers", "timeouts",
-                *_RESILIENCE_KEYS)
+                "responses", *_RESILIENCE_KEYS)
+RESPONSES_MODES: tuple[str, ...] = ("translate", "native")
 _TIMEOUT_KEYS = ("connect", "first_event", "idle", "total")
 _CIRCUIT_KEYS = ("failures", "cooldown")
 _LETTA_KEYS = ("kind", "url", "api_key", "headers", "timeouts", *_RESILIENCE_KEYS)
@@ -494,6 +498,11 @@ class _Reader:
         kind: UpstreamKind, url_required: bool = True,
     ) -> UpstreamSpec | None:
         letta = kind == "letta"
+        if letta and "responses" in entries:
+            self.error(entries["responses"][0], _join(path, "responses"),
+                       "not used by kind letta: Letta routes translate the Responses API "
+                       "themselves, and chain it through Letta conversations")
+            entries = {k: v for k, v in entries.items() if k != "responses"}
         self.known_keys(entries, _LETTA_KEYS if letta else _OPENAI_KEYS, path)
         url = None
         if "url" in entries:
@@ -519,6 +528,15 @@ class _Reader:
         if "timeouts" in entries:
             timeouts = self.timeouts(entries["timeouts"][1], _join(path, "timeouts"))
         resilience = self.resilience(entries, path)
+        if "responses" in entries and not letta:
+            node = entries["responses"][1]
+            mode = self.string(node, _join(path, "responses"))
+            if mode is not None and mode not in RESPONSES_MODES:
+                self.error(node, _join(path, "responses"),
+                           f"expected 'native' (relay /v1/responses to the upstream's own "
+                           f"/responses) or 'translate' (the default), got '{mode}'")
+            elif mode is not None:
+                resilience["responses"] = mode
         if url is None:
             return None
         return UpstreamSpec(
