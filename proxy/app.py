@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +25,7 @@ from proxy.app_keys import (
     HTTP,
     MAX_BODY,
     METRICS,
+    RESPONSE_IDS,
     STATE,
     TABLES,
 )
@@ -49,8 +52,11 @@ from proxy.exchange import Exchange
 from proxy.handlers import stamp_headers
 from proxy.http_server import serve_connections
 from proxy.ingress.chat import chat_completions
+from proxy.ingress.embeddings import embeddings
+from proxy.ingress.responses import create_response, stored_response
 from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.reload import Outcome, TableHolder, watch
+from proxy.response_ids import ENV_SECRET, ResponseIds
 from proxy.shutdown import DEFAULT_DRAIN_TIMEOUT, Drain, shutting_down
 from proxy.state import AppState
 
@@ -363,17 +369,27 @@ def create_app(
     body_timeout: float = DEFAULT_BODY_TIMEOUT,
     keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
     send_timeout: float = DEFAULT_SEND_TIMEOUT,
+    response_ids: ResponseIds | None = None,
 ) -> web.Application:
     """`reload_interval`: seconds between looks at the routes file (0: on SIGHUP only);
     `drain_timeout`: how long requests in flight may run on after shutdown begins;
     `max_connections`: requests served at once before new ones get a 503 (0: no limit);
     `header_timeout`, `body_timeout`, `keepalive_timeout`: proxy/connection_limits.py;
-    `send_timeout`: how long one write to a client that does not read may block a stream."""
+    `send_timeout`: how long one write to a client that does not read may block a stream;
+    `response_ids`: the keyring of signed response ids (default: from AGENTPROXY_ID_SECRET)."""
     app = web.Application(client_max_size=max_body, handler_args=_PARSER_LIMITS)
     app[TABLES] = holder
     app[STATE] = holder.state
     holder.state.streams.send_timeout = send_timeout
     app[MAX_BODY] = max_body
+    if response_ids is None and ENV_SECRET in os.environ:
+        # A secret that is set is checked now, not at the first chained response.
+        response_ids = ResponseIds.from_env(os.environ)
+    app[RESPONSE_IDS] = (
+        functools.cache(lambda: ResponseIds.from_env(os.environ))
+        if response_ids is None
+        else lambda: response_ids
+    )
     app[METRICS] = metrics = metrics if metrics is not None else Metrics()
     app[DRAIN] = drain = Drain(holder, drain_timeout)
     front = _Front(drain, metrics, max_connections)
@@ -387,6 +403,18 @@ def create_app(
     routes: list[tuple[str, str, Handler]] = [
         ("POST", "/v1/chat/completions", chat_completions),
         ("POST", "/chat/completions", chat_completions),
+        ("POST", "/v1/responses", create_response),
+        ("POST", "/responses", create_response),
+        ("GET", "/v1/responses/{response_id}", stored_response),
+        ("DELETE", "/v1/responses/{response_id}", stored_response),
+        ("POST", "/v1/responses/{response_id}/cancel", stored_response),
+        ("GET", "/v1/responses/{response_id}/input_items", stored_response),
+        ("GET", "/responses/{response_id}", stored_response),
+        ("DELETE", "/responses/{response_id}", stored_response),
+        ("POST", "/responses/{response_id}/cancel", stored_response),
+        ("GET", "/responses/{response_id}/input_items", stored_response),
+        ("POST", "/v1/embeddings", embeddings),
+        ("POST", "/embeddings", embeddings),
         ("GET", "/v1/models", handlers.list_models),
         ("GET", "/models", handlers.list_models),
         ("GET", "/v1/models/{model:.+}", handlers.get_model),

@@ -9,6 +9,7 @@ import gc
 import logging
 import multiprocessing
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -206,9 +207,33 @@ def serve(args: argparse.Namespace) -> int:
         keepalive_timeout=max(0.0, args.keepalive_timeout),
         send_timeout=max(0.1, args.send_timeout),
     )
+    if not _check_id_secret(options.workers):
+        return 1
     if options.workers == 1:
         return run_worker(options)
     return _run_workers(options)
+
+
+def _check_id_secret(workers: int) -> bool:
+    """A set AGENTPROXY_ID_SECRET must be usable; without one, `--workers N` get ONE random
+    secret made here and inherited, so a response id one worker signs verifies on any."""
+    from proxy.response_ids import ENV_SECRET, IdSecretError, parse_secret
+
+    value = os.environ.get(ENV_SECRET)
+    if value is not None:
+        try:
+            parse_secret(value)
+        except IdSecretError as exc:
+            print(f"agentproxy: {exc}", file=sys.stderr)
+            return False
+    elif workers > 1:
+        os.environ[ENV_SECRET] = secrets.token_urlsafe(32)
+        log.warning(
+            "%s is not set: the workers share a random secret for response ids, which stop "
+            "working when the proxy restarts; set the same secret everywhere to keep them.",
+            ENV_SECRET,
+        )
+    return True
 
 
 def raise_open_files_limit() -> tuple[int, int] | None:

@@ -8,8 +8,9 @@ failure here is still a real HTTP error, and the next upstream still gets its tu
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -28,12 +29,41 @@ class Served:
     stream: ChunkStream | ByteStream | None = None
     # The stream's first event (read before the commit), or None when it ended at once.
     first: Any = None
+    # The upstream relayed the client's Responses request as it is (`native_responses`):
+    # the answer's `raw` and the stream's bytes are already Responses.
+    native: bool = False
+
+
+T = TypeVar("T")
 
 
 async def serve(
     route: Route, call: Call, http: aiohttp.ClientSession, metrics: Metrics
 ) -> Served:
-    exchange = call.exchange
+    async def attempt(lease: Lease) -> Served:
+        upstream = lease.upstream
+        # Per upstream: a route may list one that relays Responses and one that translates.
+        native = call.responses is not None and upstream.native_responses
+        if call.stream:
+            return await _open(lease, call, http, native)
+        if native:
+            return Served(lease, answer=await upstream.respond(call, http), native=True)
+        return Served(lease, answer=await upstream.complete(call, http))
+
+    served = await with_failover(route, call.exchange, metrics, attempt)
+    _record(call.exchange, served.lease.upstream, served)
+    return served
+
+
+async def with_failover(
+    route: Route,
+    exchange: Exchange,
+    metrics: Metrics,
+    attempt: Callable[[Lease], Awaitable[T]],
+) -> T:
+    """`attempt` on the route's upstreams in turn, by the failover and circuit rules, until
+    one succeeds; its lease is the caller's to release (the result holds it or the caller
+    releases it at once)."""
 
     def on_error(upstream: Upstream, exc: ProxyError) -> None:
         exchange.upstream = upstream.name
@@ -46,23 +76,19 @@ async def serve(
     failover = Failover(route.upstreams, on_error, on_failover)
     while True:
         lease = failover.next() or await failover.queue()
-        upstream = lease.upstream
         try:
-            if call.stream:
-                served = await _open(lease, call, http)
-            else:
-                served = Served(lease, answer=await upstream.complete(call, http))
+            result = await attempt(lease)
         except BaseException as exc:
             if failover.retry(lease, exc):
                 continue
             raise
-        break
-    lease.succeeded()
-    _record(exchange, upstream, served)
-    return served
+        lease.succeeded()
+        return result
 
 
-async def _open(lease: Lease, call: Call, http: aiohttp.ClientSession) -> Served:
+async def _open(
+    lease: Lease, call: Call, http: aiohttp.ClientSession, native: bool = False
+) -> Served:
     """The stream and its first event, before anything is committed to the client.
 
     Waiting for the first event (not only the upstream's headers) lets an upstream that
@@ -70,7 +96,10 @@ async def _open(lease: Lease, call: Call, http: aiohttp.ClientSession) -> Served
     turn. The wait lasts at most the keep-alive interval: then the first event is the
     keep-alive, and the 200 goes out with it.
     """
-    stream = await lease.upstream.open_stream(call, http)
+    upstream = lease.upstream
+    stream: ChunkStream | ByteStream = await (
+        upstream.open_responses(call, http) if native else upstream.open_stream(call, http)
+    )
     try:
         first = await anext(aiter(stream))
     except StopAsyncIteration:
@@ -78,7 +107,7 @@ async def _open(lease: Lease, call: Call, http: aiohttp.ClientSession) -> Served
     except BaseException:
         await stream.aclose()
         raise
-    return Served(lease, stream=stream, first=first)
+    return Served(lease, stream=stream, first=first, native=native)
 
 
 def _record(exchange: Exchange, upstream: Upstream, served: Served) -> None:

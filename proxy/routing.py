@@ -92,7 +92,8 @@ class RouteTable:
             Route(
                 m,
                 tuple(upstreams[u] for u in m.upstreams),
-                stateful=declaration(config.upstreams[m.upstreams[0]].kind).stateful,
+                stateful=declaration(config.upstreams[m.upstreams[0]].kind).stateful
+                or any(upstreams[u].wants_session for u in m.upstreams),
             )
             for m in config.models
         ]

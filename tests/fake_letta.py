@@ -9,6 +9,10 @@ It is a real aiohttp server (port 0), so SSE chunk boundaries and client disconn
 Streams come from `fixtures/letta/<name>.sse`, written one event per chunk. Which stream a
 message request gets: the next queued `state.scenarios`, else `state.agent_scenarios[agent]`,
 else `state.default_scenario` (conversations: `state.default_conversation_scenario`).
+
+Conversations keep the messages sent to them (`state.history[conv_id]`), and
+`POST /v1/conversations/{id}/fork` copies them into a new conversation as Letta does, so a
+test can tell the branches of one conversation apart.
 """
 
 from __future__ import annotations
@@ -101,6 +105,8 @@ class FakeLetta:
     disconnected: list[str] = field(default_factory=list)
     disconnect_seen: asyncio.Event = field(default_factory=asyncio.Event)
     completed_streams: int = 0
+    # The user messages each conversation has received, its fork's copied first.
+    history: dict[str, list[Any]] = field(default_factory=dict)
 
     def agent(self, agent_id: str) -> dict[str, Any] | None:
         return next((a for a in self.agents if a.get("id") == agent_id), None)
@@ -138,6 +144,7 @@ def make_app(state: FakeLetta | None = None) -> web.Application:
     app.router.add_get("/v1/conversations/", _list_conversations)
     app.router.add_post("/v1/conversations/", _create_conversation)
     app.router.add_post("/v1/conversations/{conversation_id}/messages", _conversation_messages)
+    app.router.add_post("/v1/conversations/{conversation_id}/fork", _fork_conversation)
     return app
 
 
@@ -291,6 +298,25 @@ async def _create_conversation(request: web.Request) -> web.Response:
     return web.json_response(conv)
 
 
+async def _fork_conversation(request: web.Request) -> web.Response:
+    state = request.app[FAKE_LETTA]
+    source_id = request.match_info["conversation_id"]
+    source = next((c for c in state.conversations if c["id"] == source_id), None)
+    if source is None:
+        return web.json_response(load_json("conversation_fork_missing.404.json"), status=404)
+    fork = load_json("conversation_fork.response.json")
+    created = datetime.now(UTC) + timedelta(microseconds=len(state.conversations))
+    stamp = created.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # As Letta 0.16.8 answers a fork: same agent, summary not copied, message ids not shown.
+    fork.update(
+        id=f"conv-{uuid.uuid4()}", agent_id=source["agent_id"], created_at=stamp,
+        updated_at=stamp,
+    )
+    state.conversations.append(fork)
+    state.history[fork["id"]] = list(state.history.get(source_id, []))
+    return web.json_response(fork)
+
+
 async def _conversation_messages(request: web.Request) -> web.StreamResponse:
     state = request.app[FAKE_LETTA]
     conv_id = request.match_info["conversation_id"]
@@ -302,6 +328,7 @@ async def _conversation_messages(request: web.Request) -> web.StreamResponse:
         return _detail(
             422, [{"type": "missing", "loc": ["body", "messages"], "msg": "Field required"}]
         )
+    state.history.setdefault(conv_id, []).extend(body["messages"])
     scenario = state.scenario_for(conv["agent_id"], state.default_conversation_scenario)
     # Unlike the agent route, this one streams unless told not to.
     return await _answer(request, scenario, stream=body.get("streaming", True) is not False)

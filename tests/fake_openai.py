@@ -4,12 +4,20 @@ Behaviour is chosen per test through `FakeOpenAI.mode`; the default answers like
 that echoes the user, and asks for the `get_weather` tool when the request offers tools.
 The slow modes keep quiet for `delay` seconds: `slow_headers` before answering at all,
 `slow_first_event` after the stream's headers, `silence_mid_stream` before the finish chunk.
+`length` stops with finish_reason `length`; `parallel_tools` asks for two calls at once.
+
+`/v1/responses` answers as Letta Code's app server does (captured, fixtures/letta-code/), for
+the `responses: native` relay; `/v1/embeddings` answers like OpenAI's, base64 or floats as
+asked.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import struct
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -17,6 +25,12 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 CREATED = 1_700_000_000
+LETTA_CODE = Path(__file__).parent / "fixtures" / "letta-code"
+
+
+def embedding_of(text: str) -> list[float]:
+    """The fake's embedding of a text: exact in float32, so a decoded base64 vector equals it."""
+    return [float(len(text)), 0.5, -2.0]
 
 
 @dataclass
@@ -44,7 +58,66 @@ class FakeOpenAI:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.list_models)
+        app.router.add_post("/v1/responses", self.responses)
+        app.router.add_post("/v1/embeddings", self.embeddings)
         return app
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.received.append(Received("POST", request.path, CIMultiDict(request.headers), body))
+        if self.mode == "error500":
+            return web.json_response({"error": {"message": "GPU on fire"}}, status=500)
+        texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        data = []
+        for i, text in enumerate(texts):
+            vector: Any = embedding_of(str(text))
+            if body.get("encoding_format") == "base64":
+                vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": vector})
+        return web.json_response({
+            "object": "list", "data": data, "model": body["model"],
+            "usage": {"prompt_tokens": len(texts), "total_tokens": len(texts)},
+        })
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.received.append(Received("POST", request.path, CIMultiDict(request.headers), body))
+        if self.mode == "error400":
+            return web.json_response(
+                {"error": {"message": "Unsupported parameter.", "type": "invalid_request_error",
+                           "param": "input", "code": None}},
+                status=400,
+            )
+        if self.mode == "redirect":
+            raise web.HTTPFound("http://127.0.0.1:9/elsewhere")
+        if not body.get("stream"):
+            return web.Response(
+                body=(LETTA_CODE / "responses_sync.json").read_bytes(),
+                content_type="application/json",
+            )
+        raw = (LETTA_CODE / "responses_stream.sse").read_bytes()
+        events = [e + b"\n\n" for e in raw.split(b"\n\n") if e.strip()]
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "X-Upstream-Note": "native"})
+        await response.prepare(request)
+        try:
+            for n, event in enumerate(events):
+                if n == 5 and self.mode == "stream_error_event":
+                    await response.write(
+                        b'event: error\ndata: {"type":"error","code":"server_error",'
+                        b'"message":"model crashed","param":null,"sequence_number":5}\n\n'
+                    )
+                    return response
+                if n == 5 and self.mode == "midstream_drop":
+                    request.transport.close()  # type: ignore[union-attr]
+                    return response
+                await response.write(event)
+            if self.mode == "native_done":
+                await response.write(b"data: [DONE]\n\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.disconnected.set()
+            raise
+        return response
 
     async def list_models(self, request: web.Request) -> web.Response:
         self.received.append(Received("GET", request.path, CIMultiDict(request.headers), None))
@@ -117,6 +190,15 @@ class FakeOpenAI:
         """The deltas of the answer, as a streaming model would send them."""
         messages = body["messages"]
         last = messages[-1]
+        if body.get("tools") and last.get("role") != "tool" and self.mode == "parallel_tools":
+            return [
+                {"tool_calls": [{"index": 0, "id": "call_one", "type": "function",
+                                 "function": {"name": "get_weather", "arguments": ""}}]},
+                {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": "Paris"}'}}]},
+                {"tool_calls": [{"index": 1, "id": "call_two", "type": "function",
+                                 "function": {"name": "get_time", "arguments": '{"tz": '}}]},
+                {"tool_calls": [{"index": 1, "function": {"arguments": '"CET"}'}}]},
+            ]
         if body.get("tools") and last.get("role") != "tool":
             return [
                 {"tool_calls": [{"index": 0, "id": "call_abc123", "type": "function",
@@ -137,10 +219,16 @@ class FakeOpenAI:
         message: dict[str, Any] = {"role": "assistant"}
         if tool:
             message["content"] = None
-            message["tool_calls"] = [
-                {"id": "call_abc123", "type": "function",
-                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
-            ]
+            calls: list[dict[str, Any]] = []
+            for delta in deltas:
+                for part in delta["tool_calls"]:
+                    if "id" in part:
+                        calls.append({"id": part["id"], "type": "function",
+                                      "function": {"name": part["function"]["name"],
+                                                   "arguments": ""}})
+                    calls[part["index"]]["function"]["arguments"] += (
+                        part["function"].get("arguments") or "")
+            message["tool_calls"] = calls
         else:
             message["content"] = "".join(d["content"] for d in deltas)
         return {
@@ -149,10 +237,15 @@ class FakeOpenAI:
             "created": CREATED,
             "model": body["model"],
             "choices": [{"index": 0, "message": message,
-                         "finish_reason": "tool_calls" if tool else "stop", "logprobs": None}],
+                         "finish_reason": self.finish_reason(tool), "logprobs": None}],
             "usage": {"prompt_tokens": 11, "completion_tokens": len(deltas),
                       "total_tokens": 11 + len(deltas)},
         }
+
+    def finish_reason(self, tool: bool) -> str:
+        if self.mode == "length":
+            return "length"
+        return "tool_calls" if tool else "stop"
 
     async def stream(
         self, request: web.Request, body: dict[str, Any], deltas: list[dict[str, Any]]
@@ -190,7 +283,7 @@ class FakeOpenAI:
                 await response.write(b'data: {"error": {"message": "model crashed"}}\n\n')
                 return response
             if self.mode != "no_finish":
-                await response.write(chunk({}, "tool_calls" if tool else "stop"))
+                await response.write(chunk({}, self.finish_reason(tool)))
             if (body.get("stream_options") or {}).get("include_usage"):
                 usage = {"id": "chatcmpl-fake1", "object": "chat.completion.chunk",
                          "created": CREATED, "model": body["model"], "choices": [],

@@ -960,3 +960,52 @@ def test_a_file_at_the_size_limit_is_read(tmp_path: Path) -> None:
     path.write_text(text)
     assert path.stat().st_size == MAX_BYTES
     assert [m.name for m in load_config(path, environ={}).models] == ["echo"]
+def test_responses_native_parses_for_openai_and_defaults_to_translate() -> None:
+    config = parse_config(
+        "upstreams:\n"
+        "  vllm: {kind: openai, url: 'http://127.0.0.1:8000/v1', responses: native}\n"
+        "  lms: {kind: openai, url: 'http://127.0.0.1:1234/v1'}\n"
+        "  explicit: {kind: openai, url: 'http://127.0.0.1:1235/v1', responses: translate}\n"
+        "models:\n  m: {upstream: vllm}\n",
+        "routes.yaml", {},
+    )
+    modes = [
+        config.upstreams[n].options_as(OpenAIOptions).responses
+        for n in ("vllm", "lms", "explicit")
+    ]
+    assert modes == [
+        "native", "translate", "translate"]
+
+
+@pytest.mark.parametrize(
+    ("upstream", "expected"),
+    [
+        pytest.param(
+            "{kind: openai, url: 'http://127.0.0.1:8000/v1', responses: nativ}",
+            "routes.yaml:3 upstreams.vllm.responses: expected 'native' (relay /v1/responses to "
+            "the upstream's own /responses) or 'translate' (the default), got 'nativ'",
+            id="unknown-mode",
+        ),
+        pytest.param(
+            "{kind: openai, url: 'http://127.0.0.1:8000/v1', responses: true}",
+            "routes.yaml:3 upstreams.vllm.responses: expected a string, got a boolean",
+            id="not-a-string",
+        ),
+        pytest.param(
+            "{kind: letta, url: 'http://127.0.0.1:8283', responses: native}",
+            "routes.yaml:3 upstreams.vllm.responses: not used by kind letta",
+            id="letta",
+        ),
+        pytest.param(
+            "{kind: echo, responses: native}",
+            "routes.yaml:3 upstreams.vllm.responses: not used by kind echo",
+            id="echo",
+        ),
+    ],
+)
+def test_responses_key_is_checked_with_file_and_line(upstream: str, expected: str) -> None:
+    text = (
+        f"upstreams:\n  other: {{kind: echo}}\n  vllm: {upstream}\n"
+        "models:\n  m: {upstream: other}\n"
+    )
+    assert problems(text) == [expected]

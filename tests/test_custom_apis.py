@@ -20,6 +20,7 @@ import yaml
 from proxy.chunks import Out
 from proxy.errors import UpstreamFailed
 from proxy.openai_types import ChatChunk, ChatCompletion, ChunkFactory, Usage, accumulate
+from proxy.session_keys import session_keys
 from proxy.upstreams import custom_values
 from proxy.upstreams.custom_reader import (
     StreamReader,
@@ -27,7 +28,6 @@ from proxy.upstreams.custom_reader import (
     error_message_of,
     is_json_content_type,
 )
-from proxy.upstreams.custom_session import session_keys
 from proxy.upstreams.custom_spec import CustomSpec, compile_custom
 from tests import custom_configs
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from proxy.errors import InvalidRequest
-from proxy.upstreams.custom_session import (
+from proxy.session_keys import (
     caller_id,
     session_key,
     session_keys,

@@ -30,7 +30,22 @@ import orjson
 
 from proxy.chunks import Comment, Out
 from proxy.errors import ProxyError, UpstreamFailed
-from proxy.openai_types import ChatChunk, ChatCompletion, ChunkFactory, ToolCallDelta
+from proxy.ingress.responses_items import (
+    END,
+    PARTS,
+    SEQ,
+    OpenCall,
+    OpenItem,
+    empty_part,
+    frame,
+)
+from proxy.ingress.responses_object import (
+    RESPONSE_DEFAULTS,
+    completion_chunks,
+    failure_error,
+    responses_usage,
+)
+from proxy.openai_types import ToolCallDelta
 from proxy.sse import DONE, encode_comment
 
 __all__ = [
@@ -41,117 +56,18 @@ __all__ = [
     "responses_usage",
 ]
 
-RESPONSE_DEFAULTS: Final[Mapping[str, Any]] = {
-    # Every field the Open Responses object requires, at the value that holds when the request
-    # did not set it; the request's `echo` overrides them.
-    "instructions": None,
-    "previous_response_id": None,
-    "tools": [],
-    "tool_choice": "auto",
-    "parallel_tool_calls": True,
-    "temperature": 1.0,
-    "top_p": 1.0,
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
-    "top_logprobs": 0,
-    "max_output_tokens": None,
-    "max_tool_calls": None,
-    "text": {"format": {"type": "text"}},
-    "reasoning": None,
-    "truncation": "disabled",
-    "user": None,
-    "metadata": {},
-    "service_tier": "default",
-    "safety_identifier": None,
-    "prompt_cache_key": None,
-}
-
 _INCOMPLETE: Final = {"length": "max_output_tokens", "content_filter": "content_filter"}
 
-
-def _frame(kind: str) -> bytes:
-    return b"event: " + kind.encode() + b"\ndata: "
-
-
-_CREATED: Final = _frame("response.created")
-_IN_PROGRESS: Final = _frame("response.in_progress")
-_COMPLETED: Final = _frame("response.completed")
-_INCOMPLETE_EV: Final = _frame("response.incomplete")
-_FAILED: Final = _frame("response.failed")
-_ITEM_ADDED: Final = _frame("response.output_item.added")
-_ITEM_DONE: Final = _frame("response.output_item.done")
-_PART_ADDED: Final = _frame("response.content_part.added")
-_PART_DONE: Final = _frame("response.content_part.done")
-_ARGS_DONE: Final = _frame("response.function_call_arguments.done")
-
-# Per content-part kind: the delta event, the done event, and the part's text field.
-_PARTS: Final = {
-    "output_text": ("response.output_text.delta", "response.output_text.done", "text"),
-    "refusal": ("response.refusal.delta", "response.refusal.done", "refusal"),
-    "reasoning_text": ("response.reasoning_text.delta", "response.reasoning_text.done", "text"),
-}
-_SEQ: Final = b',"sequence_number":'
-_END: Final = b"}\n\n"
-
-
-def _empty_part(kind: str) -> dict[str, Any]:
-    if kind == "output_text":
-        return {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-    if kind == "refusal":
-        return {"type": "refusal", "refusal": ""}
-    return {"type": "reasoning_text", "text": ""}
-
-
-class _Item:
-    """An open `message` or `reasoning` item and its open content part."""
-
-    __slots__ = ("id", "index", "kind", "part", "part_kind", "parts", "prefix", "texts")
-
-    def __init__(self, kind: str, item_id: str, index: int) -> None:
-        self.kind = kind
-        self.id = item_id
-        self.index = index
-        self.parts: list[dict[str, Any]] = []
-        self.part_kind = ""
-        self.part: dict[str, Any] | None = None
-        self.texts: list[str] = []
-        self.prefix = b""
-
-    def snapshot(self, status: str) -> dict[str, Any]:
-        parts = list(self.parts)
-        if self.part is not None:
-            part = dict(self.part)
-            part[_PARTS[self.part_kind][2]] = "".join(self.texts)
-            parts.append(part)
-        if self.kind == "message":
-            return {"id": self.id, "type": "message", "status": status, "role": "assistant",
-                    "content": parts}
-        return {"id": self.id, "type": "reasoning", "status": status, "summary": [],
-                "content": parts}
-
-
-class _Call:
-    """An open `function_call` item."""
-
-    __slots__ = ("args", "call_id", "chat_index", "id", "index", "name", "prefix")
-
-    def __init__(self, item_id: str, index: int, chat_index: int, call_id: str, name: str) -> None:
-        self.id = item_id
-        self.index = index
-        self.chat_index = chat_index
-        self.call_id = call_id
-        self.name = name
-        self.args: list[str] = []
-        self.prefix = (
-            b'event: response.function_call_arguments.delta\ndata: {"type":'
-            b'"response.function_call_arguments.delta","item_id":"' + item_id.encode()
-            + b'","output_index":' + str(index).encode() + b',"delta":'
-        )
-
-    def snapshot(self, status: str, arguments: str | None = None) -> dict[str, Any]:
-        return {"id": self.id, "type": "function_call", "status": status,
-                "call_id": self.call_id, "name": self.name,
-                "arguments": "".join(self.args) if arguments is None else arguments}
+_CREATED: Final = frame("response.created")
+_IN_PROGRESS: Final = frame("response.in_progress")
+_COMPLETED: Final = frame("response.completed")
+_INCOMPLETE_EV: Final = frame("response.incomplete")
+_FAILED: Final = frame("response.failed")
+_ITEM_ADDED: Final = frame("response.output_item.added")
+_ITEM_DONE: Final = frame("response.output_item.done")
+_PART_ADDED: Final = frame("response.content_part.added")
+_PART_DONE: Final = frame("response.content_part.done")
+_ARGS_DONE: Final = frame("response.function_call_arguments.done")
 
 
 class ResponsesWriter:
@@ -202,10 +118,10 @@ class ResponsesWriter:
         self._ids = item_base or base64.urlsafe_b64encode(os.urandom(9)).decode()
         self._seq = 0
         self._out: list[bytes] = []
-        self._output: list[_Item | _Call | dict[str, Any]] = []
-        self._item: _Item | None = None
-        self._call: _Call | None = None
-        self._calls: dict[int, _Call] = {}
+        self._output: list[OpenItem | OpenCall | dict[str, Any]] = []
+        self._item: OpenItem | None = None
+        self._call: OpenCall | None = None
+        self._calls: dict[int, OpenCall] = {}
         self._finish_reason: str | None = None
         self._usage: Mapping[str, Any] | None = None
         self._started = False
@@ -252,6 +168,10 @@ class ResponsesWriter:
                     self._finish_reason = reason
         return self._flush()
 
+    @property
+    def started(self) -> bool:
+        return self._started
+
     def keepalive(self, text: str = "keep-alive") -> bytes:
         return encode_comment(text)
 
@@ -289,12 +209,7 @@ class ResponsesWriter:
         if not self._started:
             self._start()
         response = self._response("failed")
-        response["error"] = {
-            "code": "rate_limit_exceeded" if err.status == 429 else "server_error",
-            "message": err.message,
-            "type": err.type,
-            "param": err.param,
-        }
+        response["error"] = failure_error(err)
         self._emit(_FAILED, {"type": "response.failed", "response": response})
         self._final = response
         self._out.append(DONE)
@@ -346,14 +261,14 @@ class ResponsesWriter:
             self._open_part(item, part_kind)
         item.texts.append(text)
         self._out.append(
-            item.prefix + orjson.dumps(text) + _SEQ + str(self._seq).encode() + _END
+            item.prefix + orjson.dumps(text) + SEQ + str(self._seq).encode() + END
         )
         self._seq += 1
 
-    def _open_item(self, kind: str, part_kind: str) -> _Item:
+    def _open_item(self, kind: str, part_kind: str) -> OpenItem:
         self._close_open("completed")
         index = len(self._output)
-        item = _Item(kind, f"{'msg' if kind == 'message' else 'rs'}_{self._ids}_{index}", index)
+        item = OpenItem(kind, f"{'msg' if kind == 'message' else 'rs'}_{self._ids}_{index}", index)
         self._output.append(item)
         self._item = item
         self._emit(_ITEM_ADDED, {"type": "response.output_item.added", "output_index": index,
@@ -361,15 +276,15 @@ class ResponsesWriter:
         self._open_part(item, part_kind)
         return item
 
-    def _open_part(self, item: _Item, part_kind: str) -> None:
+    def _open_part(self, item: OpenItem, part_kind: str) -> None:
         content_index = len(item.parts)
         item.part_kind = part_kind
-        item.part = _empty_part(part_kind)
+        item.part = empty_part(part_kind)
         item.texts = []
-        delta_type = _PARTS[part_kind][0]
+        delta_type = PARTS[part_kind][0]
         logprobs = b'"logprobs":[],' if part_kind == "output_text" else b""
         item.prefix = (
-            _frame(delta_type) + b'{"type":"' + delta_type.encode() + b'","item_id":"'
+            frame(delta_type) + b'{"type":"' + delta_type.encode() + b'","item_id":"'
             + item.id.encode() + b'","output_index":' + str(item.index).encode()
             + b',"content_index":' + str(content_index).encode() + b"," + logprobs
             + b'"delta":'
@@ -378,11 +293,11 @@ class ResponsesWriter:
                                  "output_index": item.index, "content_index": content_index,
                                  "part": dict(item.part)})
 
-    def _close_part(self, item: _Item) -> None:
+    def _close_part(self, item: OpenItem) -> None:
         part = item.part
         if part is None:
             return
-        done_type, field = _PARTS[item.part_kind][1:]
+        done_type, field = PARTS[item.part_kind][1:]
         content_index = len(item.parts)
         text = "".join(item.texts)
         part[field] = text
@@ -391,7 +306,7 @@ class ResponsesWriter:
                                 field: text}
         if item.part_kind == "output_text":
             done["logprobs"] = []
-        self._emit(_frame(done_type), done)
+        self._emit(frame(done_type), done)
         self._emit(_PART_DONE, {"type": "response.content_part.done", "item_id": item.id,
                                 "output_index": item.index, "content_index": content_index,
                                 "part": part})
@@ -436,7 +351,7 @@ class ResponsesWriter:
             if call is None:
                 self._close_open("completed")
                 index = len(self._output)
-                call = _Call(
+                call = OpenCall(
                     f"fc_{self._ids}_{index}",
                     index,
                     chat_index,
@@ -464,45 +379,9 @@ class ResponsesWriter:
                 call.args.append(args)
                 self._args_delta(call, args)
 
-    def _args_delta(self, call: _Call, args: str) -> None:
-        self._out.append(call.prefix + orjson.dumps(args) + _SEQ + str(self._seq).encode() + _END)
+    def _args_delta(self, call: OpenCall, args: str) -> None:
+        self._out.append(call.prefix + orjson.dumps(args) + SEQ + str(self._seq).encode() + END)
         self._seq += 1
-
-
-def responses_usage(usage: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Chat usage → Responses usage with both details objects; zeros for what is unknown."""
-    usage = usage or {}
-    prompt = _count(usage.get("prompt_tokens"))
-    completion = _count(usage.get("completion_tokens"))
-    total = _count(usage.get("total_tokens")) or prompt + completion
-    prompt_details = usage.get("prompt_tokens_details") or {}
-    completion_details = usage.get("completion_tokens_details") or {}
-    if not isinstance(prompt_details, Mapping):
-        prompt_details = {}
-    if not isinstance(completion_details, Mapping):
-        completion_details = {}
-    return {
-        "input_tokens": prompt,
-        "input_tokens_details": {
-            "cached_tokens": _count(prompt_details.get("cached_tokens")),
-            "cache_write_tokens": _count(prompt_details.get("cache_write_tokens")),
-        },
-        "output_tokens": completion,
-        "output_tokens_details": {
-            "reasoning_tokens": _count(completion_details.get("reasoning_tokens")),
-        },
-        "total_tokens": total,
-    }
-
-
-def _count(value: Any) -> int:
-    if isinstance(value, bool):
-        return 0
-    if isinstance(value, int):
-        return max(value, 0)
-    if isinstance(value, float) and value == value and value >= 0:
-        return int(value)
-    return 0
 
 
 def render_sync(writer: ResponsesWriter, batches: Iterable[Iterable[Out]]) -> dict[str, Any]:
@@ -512,40 +391,3 @@ def render_sync(writer: ResponsesWriter, batches: Iterable[Iterable[Out]]) -> di
         writer.feed(batch)
     writer.finish()
     return writer.final()
-
-
-def completion_chunks(completion: ChatCompletion) -> list[ChatChunk]:
-    """The chunks that accumulate to a sync chat completion, for a writer to read."""
-    factory = ChunkFactory(completion.get("model", ""), completion.get("id") or None)
-    factory.created = completion.get("created") or factory.created
-    chunks: list[ChatChunk] = [factory.role()]
-    finish = "stop"
-    for choice in completion.get("choices", [])[:1]:
-        message = choice.get("message") or {}
-        reasoning = message.get("reasoning_content")
-        if reasoning:
-            chunks.append(factory.reasoning(reasoning))
-        content = message.get("content")
-        if content:
-            chunks.append(factory.content(content))
-        refusal = message.get("refusal")
-        if refusal:
-            chunks.append(factory.chunk({"refusal": refusal}))
-        calls: list[ToolCallDelta] = []
-        for i, call in enumerate(message.get("tool_calls") or ()):
-            function = call.get("function") or {}
-            calls.append({
-                "index": i,
-                "id": call.get("id") or "",
-                "type": "function",
-                "function": {"name": function.get("name") or "",
-                             "arguments": function.get("arguments") or ""},
-            })
-        if calls:
-            chunks.append(factory.chunk({"tool_calls": calls}))
-        finish = choice.get("finish_reason") or finish
-    chunks.append(factory.finish(finish))
-    usage = completion.get("usage")
-    if usage:
-        chunks.append(factory.usage(usage))
-    return chunks

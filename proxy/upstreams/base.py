@@ -11,6 +11,12 @@ call. There are two kinds of stream:
 
 Both end by raising the stream's terminal error (a ProxyError) instead of ending quietly when
 the upstream's stream broke, and neither yields the final `[DONE]`, which the writer adds.
+
+What an adapter can do beyond a chat turn is a capability of its class or instance, read by the
+ingress and the dispatch, never a comparison of kind names: `stateful` (sessions), `chains`
+(continues `previous_response_id` itself), `embeds` (`/embeddings`) and `native_responses`
+(relays `/responses` as its upstream serves it). A result that served a turn in an upstream
+conversation says which one in `session`, so a Responses id can name it.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import orjson
 from proxy.chunks import Out
 from proxy.config import ModelSpec, UpstreamSpec
 from proxy.exchange import Exchange
-from proxy.openai_types import ChatCompletion
+from proxy.openai_types import ChatChunk, ChatCompletion
 from proxy.state import AppState
 from proxy.upstreams.deadlines import Deadlines
 
@@ -52,16 +58,32 @@ class Call:
     session_hint: str | None = None
     # The ingress passes an openai upstream's chat SSE bytes on as they are.
     raw: bool = False
+    # Continue from this upstream conversation (a verified `previous_response_id`): an
+    # upstream that `chains` forks it and runs the turn in the fork.
+    fork_from: str | None = None
+    # The turn must run in a conversation that can be continued later: where no session hint
+    # selects one, a new conversation rather than the agent's default thread.
+    new_conversation: bool = False
+    # The client's Responses body, for an upstream with `native_responses` to relay as is.
+    responses: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """A whole answer. `raw` is an openai upstream's body when it can be relayed as it is."""
+    """A whole answer. `raw` is an openai upstream's body when it can be relayed as it is;
+    `completion` is None only for an answer in another API's shape (a native Responses or an
+    embeddings body), which `raw` then holds. `session`: the upstream conversation that served
+    the turn, where the upstream keeps them."""
 
-    completion: ChatCompletion
+    completion: ChatCompletion | None
     headers: tuple[tuple[str, str], ...] = ()
     upstream_ms: float = 0.0
     raw: bytes | None = None
+    session: str | None = None
+    # The chunks `completion` accumulates, where the adapter had them: a writer of another API
+    # reads these rather than chunks rebuilt from the completion, which has lost their order
+    # (text, then a tool summary, then text again).
+    chunks: list[ChatChunk] | None = None
 
     def body(self) -> bytes:
         return self.raw if self.raw is not None else orjson.dumps(self.completion)
@@ -75,7 +97,7 @@ class Stream(Generic[T]):
     never started, which a bare async generator would not do.
     """
 
-    __slots__ = ("_deadlines", "_events", "_on_close", "headers", "upstream_ms")
+    __slots__ = ("_deadlines", "_events", "_on_close", "headers", "session", "upstream_ms")
 
     def __init__(
         self,
@@ -85,12 +107,15 @@ class Stream(Generic[T]):
         deadlines: Deadlines | None = None,
         headers: tuple[tuple[str, str], ...] = (),
         upstream_ms: float = 0.0,
+        session: str | None = None,
     ) -> None:
         self._events = events
         self._on_close = on_close
         self._deadlines = deadlines
         self.headers = headers
         self.upstream_ms = upstream_ms
+        # The upstream conversation that serves the turn (see Answer.session).
+        self.session = session
 
     def __aiter__(self) -> AsyncIterator[T]:
         return self._events
@@ -111,6 +136,9 @@ class ChunkStream(Stream[list[Out]]):
 
 
 class ByteStream(Stream[bytes]):
+    """SSE bytes as the upstream framed them: chat events (`Call.raw`), or Responses events
+    from an upstream with `native_responses`. Whole events per item; comments alone."""
+
     __slots__ = ()
 
 
@@ -122,6 +150,17 @@ class Upstream(ABC):
     """
 
     kind: ClassVar[str] = ""
+    # It continues a Responses `previous_response_id` itself (`Call.fork_from`) and reports
+    # the conversation of each turn; routes of other kinds refuse the stateful fields.
+    chains: ClassVar[bool] = False
+    # It serves `POST /embeddings` (`embed`).
+    embeds: ClassVar[bool] = False
+
+    @property
+    def wants_session(self) -> bool:
+        """Requests to it carry a session hint even if its kind keeps no sessions (an
+        `openai` upstream with a `session_header`)."""
+        return False
 
     def __init__(self, spec: UpstreamSpec, state: AppState) -> None:
         self.spec = spec
@@ -138,6 +177,24 @@ class Upstream(ABC):
         self, call: Call, http: aiohttp.ClientSession
     ) -> ChunkStream | ByteStream:
         """The answer's events, after the upstream accepted the request."""
+
+    @property
+    def native_responses(self) -> bool:
+        """It relays a Responses request to its upstream's own `/responses` (`respond`,
+        `open_responses`) instead of translating it to a chat turn."""
+        return False
+
+    async def respond(self, call: Call, http: aiohttp.ClientSession) -> Answer:
+        """The upstream's own Responses object for `call.responses` (`raw`)."""
+        raise NotImplementedError(f"upstream kind {self.kind} does not relay /responses")
+
+    async def open_responses(self, call: Call, http: aiohttp.ClientSession) -> ByteStream:
+        """The upstream's own Responses events for `call.responses`."""
+        raise NotImplementedError(f"upstream kind {self.kind} does not relay /responses")
+
+    async def embed(self, call: Call, http: aiohttp.ClientSession) -> Answer:
+        """The upstream's embeddings answer for `call.body` (`raw`)."""
+        raise NotImplementedError(f"upstream kind {self.kind} does not serve embeddings")
 
     async def list_models(
         self, http: aiohttp.ClientSession, exchange: Exchange

@@ -15,9 +15,9 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal, TypeAlias, cast
 
+from proxy.session_keys import WITHOUT_HINT, WithoutHint
 from proxy.upstreams.custom_framing import FRAMINGS, Framing
 from proxy.upstreams.custom_paths import Getter, Path, PathError, compile_path, compile_paths
-from proxy.upstreams.custom_session import WITHOUT_HINT, WithoutHint
 from proxy.upstreams.custom_template import (
     BODY_PLACEHOLDERS,
     PathTemplate,

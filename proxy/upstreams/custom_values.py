@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from proxy.upstreams.custom_session import SessionKeys, caller_id
+from proxy.session_keys import SessionKeys, caller_id
 from proxy.upstreams.custom_spec import CustomSpec
 from proxy.upstreams.custom_template import CAPTURED_PREFIX, stringify
 from proxy.upstreams.custom_turn import ClientSystem, turn_values

@@ -75,7 +75,8 @@ class Echo(Upstream):
             yield factory.usage(make_usage(prompt, count_tokens(reply)))
 
     async def complete(self, call: Call, http: aiohttp.ClientSession) -> Answer:
-        return Answer(accumulate(self._chunks(call)))
+        chunks = list(self._chunks(call))
+        return Answer(accumulate(chunks), chunks=chunks)
 
     async def probe(self, http: aiohttp.ClientSession, exchange: Exchange) -> None:
         """Nothing to contact."""

@@ -2,6 +2,13 @@
 
 Every request, sync included, uses Letta's token stream, so a sync answer is exactly the
 accumulated stream (Letta's own sync answer leaves out text written before a tool call).
+
+Chaining (the Responses API): every result names the conversation that served the turn
+(`session`, None for the agent's default thread). A call that continues one (`fork_from`)
+forks it first (`POST /v1/conversations/{id}/fork`) and sends only the new turn to the fork,
+so the forked conversation is never written again and every response id stays a fixed branch
+point. A call that needs a continuable conversation (`new_conversation`) and has no session
+hint gets a new conversation, not the agent's default thread, which has no id to continue.
 Ids that Letta returns are checked against its documented shapes before they go into a URL
 path: a hostile or broken server must not be able to point the proxy's requests, which carry
 the Letta key, at another path.
@@ -24,7 +31,7 @@ import orjson
 
 from proxy.chunks import KEEP_ALIVE, Comment, Out
 from proxy.config import ModelSpec
-from proxy.errors import ModelNotFound, ProxyError, UpstreamFailed
+from proxy.errors import ModelNotFound, PreviousResponseNotFound, ProxyError, UpstreamFailed
 from proxy.exchange import Exchange
 from proxy.openai_types import ChatChunk, ChunkFactory, accumulate
 from proxy.sse import SSEDecoder, SSEError
@@ -54,6 +61,9 @@ AGENT_TTL = 30.0
 CANCEL_TIMEOUT = 5.0
 RUN_ID_WAIT = 2.0
 PER_KEY_HINT = "\0per-key"
+# The summary of a conversation made for one Responses turn: readable in Letta's own UI, and
+# never a session token (those are `SESSION_PREFIX` + a digest), so no hint ever selects it.
+NEW_CONVERSATION_SUMMARY = "agentproxy: Responses API"
 MAX_CACHED_CONVERSATIONS = 10_000
 
 
@@ -63,6 +73,8 @@ class _Run:
 
     agent_id: str
     lock_key: str
+    # The conversation the turn runs in; None for the agent's default thread.
+    conversation: str | None
     resp: aiohttp.ClientResponse
     translator: LettaTranslator
     # The turn's deadlines, from the moment the message was sent (not from the lookups).
@@ -79,6 +91,7 @@ class _Run:
 
 class Letta(HttpUpstream):
     kind: ClassVar[str] = "letta"
+    chains: ClassVar[bool] = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -162,6 +175,43 @@ class Letta(HttpUpstream):
         self._conversations[key] = conversation
         return conversation
 
+    async def fork(
+        self, source: str, agent_id: str, http: aiohttp.ClientSession, exchange: Exchange
+    ) -> str:
+        """A new conversation that starts as a copy of `source`.
+
+        `source` comes from a verified response id, but it is checked like any id before it
+        goes into a path; a source that is gone, or that is another agent's (the route was
+        pointed at another agent since), is the same previous_response_not_found as a bad id.
+        """
+        if CONVERSATION_ID.fullmatch(source) is None:
+            raise PreviousResponseNotFound()
+        try:
+            forked = await self.call_api(
+                http, exchange, "POST", f"/v1/conversations/{source}/fork"
+            )
+        except ProxyError as err:
+            if err.status == 404:
+                raise PreviousResponseNotFound() from None
+            raise
+        if not isinstance(forked, dict):
+            raise UpstreamFailed(f"Upstream '{self.name}' answered a fork without a conversation.")
+        conversation = self._checked(forked.get("id"), CONVERSATION_ID, "conversation id")
+        if forked.get("agent_id") not in (None, agent_id):
+            raise PreviousResponseNotFound()
+        return conversation
+
+    async def new_conversation(
+        self, agent_id: str, http: aiohttp.ClientSession, exchange: Exchange
+    ) -> str:
+        """A conversation of its own for one Responses turn without a session hint."""
+        created = await self.call_api(
+            http, exchange, "POST", "/v1/conversations/", params={"agent_id": agent_id},
+            body={"summary": NEW_CONVERSATION_SUMMARY},
+        )
+        conversation = created.get("id") if isinstance(created, dict) else None
+        return self._checked(conversation, CONVERSATION_ID, "conversation id")
+
     async def list_models(
         self, http: aiohttp.ClientSession, exchange: Exchange
     ) -> list[dict[str, Any]]:
@@ -222,14 +272,7 @@ class Letta(HttpUpstream):
         assert ref is not None
         route_name = call.client_model if wildcard else route.name
         agent = await self.agent_id(ref, http, exchange, route_name, wildcard=wildcard)
-        hint = call.session_hint
-        if hint is None and route.session.without_hint == "per_key":
-            hint = PER_KEY_HINT
-        conversation = None
-        if hint is not None:
-            conversation = await self.conversation(
-                agent, session_summary(call.key_id, hint), http, exchange
-            )
+        conversation = await self._thread(call, agent, http)
         lock_key = f"{self.base}|{agent}|{conversation or 'default'}"
         locks = self.state.session_locks
         await locks.acquire(lock_key, route.session.busy_timeout)
@@ -263,7 +306,24 @@ class Letta(HttpUpstream):
             show_tools="tools" in route.show,
             include_usage=include_usage,
         )
-        return _Run(agent, lock_key, resp, translator, deadlines)
+        return _Run(agent, lock_key, conversation, resp, translator, deadlines)
+
+    async def _thread(self, call: Call, agent: str, http: aiohttp.ClientSession) -> str | None:
+        """The conversation the turn runs in (None: the agent's default thread)."""
+        exchange = call.exchange
+        if call.fork_from is not None:
+            # A continued response wins over any session hint: the id names its branch.
+            return await self.fork(call.fork_from, agent, http, exchange)
+        hint = call.session_hint
+        if hint is None and call.route.session.without_hint == "per_key":
+            hint = PER_KEY_HINT
+        if hint is not None:
+            return await self.conversation(
+                agent, session_summary(call.key_id, hint), http, exchange
+            )
+        if call.new_conversation:
+            return await self.new_conversation(agent, http, exchange)
+        return None
 
     async def _post_turn(
         self,
@@ -422,7 +482,9 @@ class Letta(HttpUpstream):
         finally:
             await batches.aclose()
             await self._close(run, http)
-        return Answer(accumulate(chunks), upstream_ms=upstream_ms)
+        return Answer(
+            accumulate(chunks), upstream_ms=upstream_ms, session=run.conversation, chunks=chunks
+        )
 
     async def open_stream(
         self, call: Call, http: aiohttp.ClientSession
@@ -440,7 +502,9 @@ class Letta(HttpUpstream):
             finally:
                 await self._close(run, http)
 
-        return ChunkStream(batches, on_close=close, upstream_ms=upstream_ms)
+        return ChunkStream(
+            batches, on_close=close, upstream_ms=upstream_ms, session=run.conversation
+        )
 
 
 def _dumps(body: Any) -> bytes:

@@ -4,6 +4,11 @@ For a chat-completions client the stream is relayed event by event without parsi
 chunk's JSON (`ByteStream`): the proxy only frames the SSE stream, so a truncated stream is
 noticed, checks each event's shape, and looks for a finish_reason with a regex. For any other
 ingress the same stream is decoded into chunks (`ChunkStream`).
+
+The adapter owns the rest of its upstream's API that the proxy relays: `embed` (`/embeddings`,
+`model` rewritten both ways) and, with `responses: native`, `respond` / `open_responses`
+(`/responses`, `model` rewritten and `store: false`, since the proxy keeps every route
+stateless but Letta's; events relayed as the upstream sent them, `[DONE]` left to the writer).
 """
 
 from __future__ import annotations
@@ -21,11 +26,13 @@ from proxy.chunks import KEEP_ALIVE, Out
 from proxy.errors import ProxyError, UpstreamFailed
 from proxy.exchange import Exchange
 from proxy.openai_types import ChatChunk, ChatCompletion
+from proxy.session_keys import session_key
 from proxy.sse import SSEDecoder, encode_comment
 from proxy.upstreams.base import Answer, ByteStream, Call, ChunkStream
 from proxy.upstreams.deadlines import Deadlines
 from proxy.upstreams.http import HttpUpstream
 from proxy.upstreams.http_errors import read_answer
+from proxy.upstreams.openai_options import OpenAIOptions
 
 # A finish chunk carries a string finish_reason; every other chunk has null or nothing.
 _FINISH = re.compile(r'"finish_reason"\s*:\s*"')
@@ -40,21 +47,50 @@ _PLAIN_EVENTS = re.compile(rb'(?:data: \{(?!"error")[^\n]*\}\n\n)+')
 _DONE_EVENT = b"data: [DONE]\n\n"
 _DONE_LEN = len(_DONE_EVENT)
 _KEEPALIVE = encode_comment()
+# The last event of a Responses stream, by `event:` name or, without one, by its data's type.
+_RESPONSES_TERMINAL = frozenset(
+    {"response.completed", "response.incomplete", "response.failed"}
+)
+_RESPONSES_TERMINAL_TYPE = re.compile(
+    r'^\{[^{]*?"type"\s*:\s*"response\.(?:completed|incomplete|failed)"'
+)
 
 
 class OpenAI(HttpUpstream):
     kind: ClassVar[str] = "openai"
+    embeds: ClassVar[bool] = True
+
+    @property
+    def native_responses(self) -> bool:
+        return self.options.responses == "native"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        options = self.spec.options
+        # A spec built by hand (not read from a file) has no options: the defaults.
+        self.options = options if isinstance(options, OpenAIOptions) else OpenAIOptions()
         self.chat_url = self.base + "/chat/completions"
         self.models_url = self.base + "/models"
+        self.responses_url = self.base + "/responses"
+        self.embeddings_url = self.base + "/embeddings"
         self._forward = self.spec.forward_headers
+        self._session_header = self.options.session_header
+
+    @property
+    def wants_session(self) -> bool:
+        return self._session_header is not None
 
     def _request_headers(self, call: Call) -> CIMultiDict[str]:
-        if not self._forward:
+        session = self._session_header
+        if session is not None and call.session_hint is not None:
+            headers = self.headers.copy()
+            # The proxy's own key for the chat, namespaced by the caller's API key: one
+            # client chat is one upstream session, and two keys never share one.
+            headers[session] = session_key(call.key_id, call.session_hint)
+        elif not self._forward:
             return self.headers
-        headers = self.headers.copy()
+        else:
+            headers = self.headers.copy()
         client = call.headers
         # Headers the client's own `Connection` header names are for its hop only (RFC 9110
         # §7.6.1), even when forward_headers lists them.
@@ -73,17 +109,33 @@ class OpenAI(HttpUpstream):
             body = {**body, "model": call.upstream_model}
         return orjson.dumps(body)
 
-    def _post(self, call: Call, http: aiohttp.ClientSession) -> Any:
+    def _responses_payload(self, call: Call) -> bytes:
+        assert call.responses is not None
+        body = dict(call.responses)
+        if call.upstream_model is not None:
+            body["model"] = call.upstream_model
+        body["store"] = False
+        return orjson.dumps(body)
+
+    def _post(
+        self, call: Call, http: aiohttp.ClientSession, url: str | None = None,
+        payload: bytes | None = None,
+    ) -> Any:
         return self.send(
-            http, "POST", self.chat_url, data=self._payload(call),
+            http, "POST", url or self.chat_url,
+            data=self._payload(call) if payload is None else payload,
             headers=self._request_headers(call),
         )
 
-    async def complete(self, call: Call, http: aiohttp.ClientSession) -> Answer:
+    async def _json_answer(
+        self, call: Call, http: aiohttp.ClientSession, url: str, payload: bytes, what: str
+    ) -> tuple[dict[str, Any], bytes, tuple[tuple[str, str], ...], float]:
+        """POST `payload` to `url`: the parsed JSON object, its bytes, the headers to relay and
+        the milliseconds it took; anything but a JSON object is the upstream's failure."""
         started = time.perf_counter()
         deadlines = self.deadlines(call.exchange)
         try:
-            resp, data = await deadlines.answer(self._complete(call, http))
+            resp, data = await deadlines.answer(self._fetch(call, http, url, payload))
         except BaseException as exc:
             raise self.failure(exc, answered=False) from None
         finally:
@@ -93,17 +145,45 @@ class OpenAI(HttpUpstream):
             parsed = orjson.loads(data)
         except orjson.JSONDecodeError:
             parsed = None
-        if not isinstance(parsed, dict) or not isinstance(parsed.get("choices"), list):
+        if not isinstance(parsed, dict):
+            raise UpstreamFailed(f"Upstream '{self.name}' answered with a body that is not {what}.")
+        return parsed, data, self.relayable_headers(resp.raw_headers), upstream_ms
+
+    async def complete(self, call: Call, http: aiohttp.ClientSession) -> Answer:
+        parsed, data, headers, upstream_ms = await self._json_answer(
+            call, http, self.chat_url, self._payload(call), "a chat completion"
+        )
+        if not isinstance(parsed.get("choices"), list):
             raise UpstreamFailed(
                 f"Upstream '{self.name}' answered with a body that is not a chat completion."
             )
         completion: ChatCompletion = parsed  # type: ignore[assignment]
-        return Answer(completion, self.relayable_headers(resp.raw_headers), upstream_ms, data)
+        return Answer(completion, headers, upstream_ms, data)
 
-    async def _complete(
-        self, call: Call, http: aiohttp.ClientSession
+    async def respond(self, call: Call, http: aiohttp.ClientSession) -> Answer:
+        _, data, headers, upstream_ms = await self._json_answer(
+            call, http, self.responses_url, self._responses_payload(call), "a response object"
+        )
+        return Answer(None, headers, upstream_ms, data)
+
+    async def embed(self, call: Call, http: aiohttp.ClientSession) -> Answer:
+        parsed, data, headers, upstream_ms = await self._json_answer(
+            call, http, self.embeddings_url, self._payload(call), "an embeddings list"
+        )
+        if not isinstance(parsed.get("data"), list):
+            raise UpstreamFailed(
+                f"Upstream '{self.name}' answered with a body that is not an embeddings list."
+            )
+        if "model" in parsed and parsed["model"] != call.client_model:
+            # The client's name for the model, as in every other answer of the proxy.
+            parsed["model"] = call.client_model
+            data = orjson.dumps(parsed)
+        return Answer(None, headers, upstream_ms, data)
+
+    async def _fetch(
+        self, call: Call, http: aiohttp.ClientSession, url: str, payload: bytes
     ) -> tuple[aiohttp.ClientResponse, bytes]:
-        resp = await self._post(call, http)
+        resp = await self._post(call, http, url, payload)
         try:
             if resp.status >= 300:
                 raise await self.refused(resp)
@@ -114,13 +194,14 @@ class OpenAI(HttpUpstream):
         finally:
             resp.release()
 
-    async def open_stream(
-        self, call: Call, http: aiohttp.ClientSession
-    ) -> ChunkStream | ByteStream:
+    async def _accepted_stream(
+        self, call: Call, http: aiohttp.ClientSession, url: str, payload: bytes | None
+    ) -> tuple[aiohttp.ClientResponse, Deadlines, float]:
+        """The upstream's answer to a streaming request, once it is a 2xx event stream."""
         started = time.perf_counter()
         deadlines = self.deadlines(call.exchange)
         try:
-            resp = await deadlines.answer(self._post(call, http))
+            resp = await deadlines.answer(self._post(call, http, url, payload))
             if resp.status >= 300:
                 raise await self.refused(resp)
         except BaseException as exc:
@@ -133,9 +214,93 @@ class OpenAI(HttpUpstream):
                 f"Upstream '{self.name}' answered a streaming request without an event stream "
                 f"(Content-Type {resp.headers.get('Content-Type', 'missing')!r})."
             )
-        upstream_ms = (time.perf_counter() - started) * 1000.0
-        headers = self.relayable_headers(resp.raw_headers)
         deadlines.set_keepalive(self.spec.keepalive)
+        return resp, deadlines, (time.perf_counter() - started) * 1000.0
+
+    async def open_responses(self, call: Call, http: aiohttp.ClientSession) -> ByteStream:
+        resp, deadlines, upstream_ms = await self._accepted_stream(
+            call, http, self.responses_url, self._responses_payload(call)
+        )
+        return ByteStream(
+            self._relay_responses(resp, deadlines), on_close=_closer(resp),
+            deadlines=deadlines, headers=self.relayable_headers(resp.raw_headers),
+            upstream_ms=upstream_ms,
+        )
+
+    async def _relay_responses(
+        self, resp: aiohttp.ClientResponse, deadlines: Deadlines
+    ) -> AsyncGenerator[bytes, None]:
+        """The upstream's Responses events, each framed again as `event:` + `data:` (so a
+        truncated event never reaches the client), up to its terminal event; its `[DONE]`, if
+        it sends one, is dropped (the writer ends every stream with its own)."""
+        decoder = SSEDecoder()
+        state = _RelayState(self.name)
+        terminal = ended = False
+        failure: ProxyError | None = None
+        content = resp.content
+        read = deadlines.read
+        try:
+            while not (terminal or ended):
+                chunk = await read(content)
+                if chunk is None:
+                    yield _KEEPALIVE
+                    continue
+                comments = decoder.comments
+                out: list[bytes] = []
+                for ev in decoder.feed(chunk) if chunk else state.flush(decoder):
+                    data: str = ev.data
+                    if data == "[DONE]":
+                        ended = True
+                        break
+                    if not data:
+                        continue
+                    # SSE names an event without an `event:` line "message".
+                    name = "" if ev.event == "message" else ev.event
+                    if name == "error" or data.startswith('{"error"'):
+                        failure = stream_error(self.name, data)
+                        break
+                    if not (data.startswith("{") and data.rstrip().endswith("}")):
+                        failure = UpstreamFailed(
+                            f"Upstream '{self.name}' sent a stream event that is not a JSON "
+                            "object."
+                        )
+                        break
+                    payload = data.encode().replace(b"\n", b"\ndata: ")
+                    head = b"event: " + name.encode() + b"\n" if name else b""
+                    out.append(head + b"data: " + payload + b"\n\n")
+                    if (
+                        name in _RESPONSES_TERMINAL
+                        if name
+                        else _RESPONSES_TERMINAL_TYPE.match(data) is not None
+                    ):
+                        terminal = True
+                        break
+                if out:
+                    deadlines.sent()
+                    yield b"".join(out)
+                elif decoder.comments != comments:
+                    deadlines.sent()
+                    yield _KEEPALIVE
+                if failure is not None:
+                    # Raised only after the events before it were passed on.
+                    raise failure
+                ended = ended or not chunk
+        except BaseException as exc:
+            raise self.failure(exc, answered=True, what="stream") from None
+        finally:
+            _let_go(resp, terminal)
+        if not terminal:
+            raise UpstreamFailed(
+                f"Upstream '{self.name}' ended the Responses stream without a terminal event."
+            )
+
+    async def open_stream(
+        self, call: Call, http: aiohttp.ClientSession
+    ) -> ChunkStream | ByteStream:
+        resp, deadlines, upstream_ms = await self._accepted_stream(
+            call, http, self.chat_url, None
+        )
+        headers = self.relayable_headers(resp.raw_headers)
         close = _closer(resp)
         if call.raw:
             return ByteStream(

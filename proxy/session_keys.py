@@ -1,10 +1,11 @@
-"""Session ids for `custom` upstreams, derived from (caller's API key, session hint): no state.
+"""Session keys for upstreams that keep sessions (the `custom` kind, `openai` upstreams with a
+`session_header`), derived from (caller's API key, session hint): no state.
 
-Most agent servers let the caller choose the session id (custom-apis.md §0.3), so a stateless
-proxy derives it: the same key and hint give the same id on every worker and after every
-restart, two keys never share one, and the id reveals neither the key nor the hint.
-`session.key` is `ap-` + 32 hex digits; `session.uuid` is the same digest as a UUID, for
-servers that take only UUIDs (LangGraph threads).
+Most agent servers let the caller choose the session id, so a stateless proxy derives it:
+the same key and hint give the same id on every worker and after every restart, two keys
+never share one, and the id reveals neither the key nor the hint. `session.key` is `ap-` +
+32 hex digits; `session.uuid` is the same digest as a UUID, for servers that take only UUIDs
+(LangGraph threads).
 """
 
 from __future__ import annotations

@@ -1,0 +1,95 @@
+"""`POST /v1/embeddings`: a pass-through to the upstreams that serve it (`Upstream.embeds`).
+
+The body goes on as the client sent it with `model` rewritten to the upstream's name, and
+the answer comes back with the client's name for the model; everything else, `encoding_format`
+included, is untouched (openai-python asks for base64 and decodes it itself). A route whose
+upstreams do not all serve embeddings is a 400 naming `model`, before any upstream call.
+Failover and circuits are those of a chat turn.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy.app_keys import EXCHANGE, HTTP, METRICS, TABLES
+from proxy.chat_request import MAX_DEPTH, check_content_type
+from proxy.dispatch import with_failover
+from proxy.errors import InvalidRequest
+from proxy.failover import Lease
+from proxy.handlers import authenticate, json_response, resolve_model
+from proxy.upstreams.base import Answer, Call
+
+__all__ = ["embeddings", "parse_embeddings_request"]
+
+
+def parse_embeddings_request(raw: bytes) -> dict[str, Any]:
+    """The body, checked as far as the proxy needs it: an object with `input`, and `model`
+    a non-empty string when given. The rest is the upstream's to judge."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidRequest(
+            "We could not parse the JSON body of your request. The body must be a JSON object."
+        ) from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:
+        try:
+            orjson.dumps(body)
+        except orjson.JSONEncodeError:
+            raise InvalidRequest(
+                f"The request body is nested too deeply (more than {MAX_DEPTH} levels)."
+            ) from None
+    model = body.get("model")
+    if model is not None and (not isinstance(model, str) or not model):
+        raise InvalidRequest("'model' must be a non-empty string.", param="model")
+    text = body.get("input")
+    if text is None or text == "" or text == []:
+        raise InvalidRequest(
+            "Missing required parameter: 'input' (a string, an array of strings, or token "
+            "arrays).",
+            param="input",
+        )
+    return body
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    exchange = request[EXCHANGE]
+    exchange.chat = True
+    app = request.app
+    table = app[TABLES].current
+    grant = authenticate(request, table)
+    check_content_type(request.content_type if request.body_exists else "")
+    body = parse_embeddings_request(await request.read())
+    route, model, upstream_model = resolve_model(table, body.get("model"), grant)
+    exchange.model, exchange.route = model, route.name
+    if not all(upstream.embeds for upstream in route.upstreams):
+        raise InvalidRequest(
+            f"The model {model} does not support embeddings: only models served by openai "
+            "upstreams do.",
+            param="model",
+        )
+    call = Call(
+        body=body,
+        client_model=model,
+        upstream_model=upstream_model,
+        stream=False,
+        include_usage=False,
+        headers=request.headers,
+        key_id=grant.key_id,
+        route=route.spec,
+        exchange=exchange,
+    )
+    http = app[HTTP]
+
+    async def attempt(lease: Lease) -> tuple[Lease, Answer]:
+        return lease, await lease.upstream.embed(call, http)
+
+    lease, answer = await with_failover(route, exchange, app[METRICS], attempt)
+    lease.release()
+    exchange.upstream = lease.upstream.name
+    exchange.upstream_ms = answer.upstream_ms
+    return json_response(answer.body(), headers=answer.headers)

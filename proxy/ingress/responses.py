@@ -1,0 +1,162 @@
+"""The Responses API: `POST /v1/responses`, sync and streaming, on every route kind.
+
+The request is translated to a chat turn (proxy/ingress/responses_request.py), served like
+any chat turn (proxy/dispatch.py), and its chunks written as Responses events by a
+ResponsesWriter; a sync answer is the same writer fed the answer's chunks, so it equals the
+stream's final object. An upstream with `native_responses` gets the client's request instead
+(`model` rewritten) and its answer is relayed as it is (proxy/ingress/responses_native.py).
+
+Decisions:
+* State. Routes whose upstreams do not `chain` keep nothing: every answer says
+  `store: false`, and `previous_response_id`, `conversation` and `background: true` are a 400
+  naming the parameter, before any upstream call (never silently dropped). Letta routes chain:
+  the response id is signed (proxy/response_ids.py) over the model name the client used, the
+  Letta conversation that served the turn, and the caller's key fingerprint; such an answer
+  says `store: true`, since the conversation is kept (by Letta, not by the proxy).
+* A `previous_response_id` is verified before any upstream call; whatever is wrong with it
+  (tampered, expired, another key's or another model's, garbage) is one
+  `previous_response_not_found` 400. The adapter then forks that conversation, and a session
+  hint on the same request is ignored: the id names the branch.
+* Without `previous_response_id`, a Letta route picks the conversation by the session-hint
+  rules of chat. Where those would use the agent's default thread, which has no conversation
+  id to continue from, the turn runs in a new conversation instead: a Responses request
+  without `previous_response_id` starts a conversation, as it does at OpenAI.
+* `GET/DELETE /v1/responses/{id}`, `.../cancel`, `.../input_items` are a 404: nothing is
+  stored to retrieve.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy.app_keys import EXCHANGE, HTTP, METRICS, RESPONSE_IDS, TABLES
+from proxy.chat_request import check_content_type
+from proxy.chunks import Comment, Out
+from proxy.dispatch import serve
+from proxy.errors import NotFound, ProxyError
+from proxy.handlers import authenticate, json_response, resolve_model
+from proxy.ingress.responses_native import NativeEncoder, tracked
+from proxy.ingress.responses_request import parse_responses_request, refuse_state
+from proxy.ingress.responses_writer import ResponsesWriter, completion_chunks, render_sync
+from proxy.ingress.streaming import relay
+from proxy.response_ids import ResponseIds, new_response_id
+from proxy.sessions import session_hint
+from proxy.sse import encode_comment
+from proxy.upstreams.base import ByteStream, Call
+
+__all__ = ["ResponsesEncoder", "create_response", "stored_response"]
+
+
+class ResponsesEncoder:
+    """The relay's Encoder over a ResponsesWriter: the writer starts with the first batch
+    that carries a chunk; keep-alives before it are plain SSE comments."""
+
+    __slots__ = ("writer",)
+
+    def __init__(self, writer: ResponsesWriter) -> None:
+        self.writer = writer
+
+    def batch(self, batch: list[Out]) -> bytes:
+        writer = self.writer
+        if not writer.started and all(isinstance(out, Comment) for out in batch):
+            return b"".join(encode_comment(o.text) for o in batch if isinstance(o, Comment))
+        return writer.feed(batch)
+
+    def error(self, err: ProxyError) -> bytes:
+        return self.writer.fail(err)
+
+    def end(self) -> bytes:
+        return self.writer.finish()
+
+
+async def create_response(request: web.Request) -> web.StreamResponse:
+    exchange = request[EXCHANGE]
+    exchange.chat = True
+    app = request.app
+    table = app[TABLES].current
+    grant = authenticate(request, table)
+    check_content_type(request.content_type if request.body_exists else "")
+    raw = await request.read()
+    parsed = parse_responses_request(raw)
+    route, model, upstream_model = resolve_model(table, parsed.model, grant)
+    exchange.model, exchange.route, exchange.stream = model, route.name, parsed.stream
+    upstreams = route.upstreams
+    chains = all(upstream.chains for upstream in upstreams)
+    refuse_state(parsed, chains=chains)
+    ids = app[RESPONSE_IDS]
+    fork_from = None
+    if parsed.previous_response_id is not None:
+        fork_from = ids().verify(parsed.previous_response_id, model, grant.key_id).conversation
+    hint = None
+    if route.stateful and fork_from is None:
+        hint = session_hint(
+            request.headers, parsed.chat, model, from_user=route.spec.session.from_user
+        )
+    native: dict[str, Any] | None = None
+    if any(upstream.native_responses for upstream in upstreams):
+        # Already parsed and checked once: this copy is what a native upstream gets.
+        native = orjson.loads(raw)
+    call = Call(
+        body=parsed.chat,
+        client_model=model,
+        upstream_model=upstream_model,
+        stream=parsed.stream,
+        include_usage=True,
+        headers=request.headers,
+        key_id=grant.key_id,
+        route=route.spec,
+        exchange=exchange,
+        session_hint=hint,
+        fork_from=fork_from,
+        new_conversation=chains,
+        responses=native,
+    )
+    served = await serve(route, call, app[HTTP], app[METRICS])
+    answer = served.answer
+    if answer is not None:
+        served.lease.release()
+        if served.native or answer.completion is None:
+            return json_response(answer.body(), headers=answer.headers)
+        writer = _writer(ids, model, grant.key_id, answer.session, parsed.echo)
+        chunks = answer.chunks
+        if chunks is None:
+            chunks = completion_chunks(answer.completion)
+        final = render_sync(writer, [chunks])
+        return json_response(orjson.dumps(final), headers=answer.headers)
+    stream = served.stream
+    assert stream is not None
+    if served.native and isinstance(stream, ByteStream):
+        native_encoder = NativeEncoder(model)
+        if served.first is not None:
+            native_encoder.see(served.first)
+        served.stream = tracked(stream, native_encoder)
+        return await relay(request, served, native_encoder)
+    writer = _writer(ids, model, grant.key_id, stream.session, parsed.echo)
+    return await relay(request, served, ResponsesEncoder(writer))
+
+
+def _writer(
+    ids: Callable[[], ResponseIds], model: str, key_id: str, session: str | None, echo: Any
+) -> ResponsesWriter:
+    """The writer of one response: a signed id that continues `session` where the upstream
+    served the turn in a conversation, else a plain random id of a response kept nowhere."""
+    if session is None:
+        return ResponsesWriter(new_response_id(), model, time.time(), echo, store=False)
+    response_id = ids().mint(model, session, key_id)
+    return ResponsesWriter(response_id, model, time.time(), echo, store=True)
+
+
+async def stored_response(request: web.Request) -> web.Response:
+    """`GET/DELETE /v1/responses/{id}`, `/cancel`, `/input_items`: nothing is stored."""
+    authenticate(request, request.app[TABLES].current)
+    raise NotFound(
+        "This proxy stores no responses, so none can be retrieved, deleted, cancelled or "
+        "listed. To continue a conversation, send `previous_response_id` (models that keep "
+        "conversations, such as Letta agents) or resend the conversation in `input`.",
+        param="response_id",
+    )

@@ -1,0 +1,89 @@
+"""The open items of a Responses stream and the frames of its events. Sans-IO.
+
+A `message` or `reasoning` item (`OpenItem`) with its one open content part, and a
+`function_call` item (`OpenCall`), as ResponsesWriter keeps them while their deltas stream:
+each knows its id and output index, the text or arguments so far, and the prefix of its delta
+events, built once so a delta costs one `orjson.dumps` of its text and a few byte joins.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+__all__ = ["END", "PARTS", "SEQ", "OpenCall", "OpenItem", "empty_part", "frame"]
+
+
+def frame(kind: str) -> bytes:
+    """The start of an event of type `kind`, up to its JSON data."""
+    return b"event: " + kind.encode() + b"\ndata: "
+
+
+
+# Per content-part kind: the delta event, the done event, and the part's text field.
+PARTS: Final = {
+    "output_text": ("response.output_text.delta", "response.output_text.done", "text"),
+    "refusal": ("response.refusal.delta", "response.refusal.done", "refusal"),
+    "reasoning_text": ("response.reasoning_text.delta", "response.reasoning_text.done", "text"),
+}
+SEQ: Final = b',"sequence_number":'
+END: Final = b"}\n\n"
+
+
+def empty_part(kind: str) -> dict[str, Any]:
+    if kind == "output_text":
+        return {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+    if kind == "refusal":
+        return {"type": "refusal", "refusal": ""}
+    return {"type": "reasoning_text", "text": ""}
+
+
+class OpenItem:
+    """An open `message` or `reasoning` item and its open content part."""
+
+    __slots__ = ("id", "index", "kind", "part", "part_kind", "parts", "prefix", "texts")
+
+    def __init__(self, kind: str, item_id: str, index: int) -> None:
+        self.kind = kind
+        self.id = item_id
+        self.index = index
+        self.parts: list[dict[str, Any]] = []
+        self.part_kind = ""
+        self.part: dict[str, Any] | None = None
+        self.texts: list[str] = []
+        self.prefix = b""
+
+    def snapshot(self, status: str) -> dict[str, Any]:
+        parts = list(self.parts)
+        if self.part is not None:
+            part = dict(self.part)
+            part[PARTS[self.part_kind][2]] = "".join(self.texts)
+            parts.append(part)
+        if self.kind == "message":
+            return {"id": self.id, "type": "message", "status": status, "role": "assistant",
+                    "content": parts}
+        return {"id": self.id, "type": "reasoning", "status": status, "summary": [],
+                "content": parts}
+
+
+class OpenCall:
+    """An open `function_call` item."""
+
+    __slots__ = ("args", "call_id", "chat_index", "id", "index", "name", "prefix")
+
+    def __init__(self, item_id: str, index: int, chat_index: int, call_id: str, name: str) -> None:
+        self.id = item_id
+        self.index = index
+        self.chat_index = chat_index
+        self.call_id = call_id
+        self.name = name
+        self.args: list[str] = []
+        self.prefix = (
+            b'event: response.function_call_arguments.delta\ndata: {"type":'
+            b'"response.function_call_arguments.delta","item_id":"' + item_id.encode()
+            + b'","output_index":' + str(index).encode() + b',"delta":'
+        )
+
+    def snapshot(self, status: str, arguments: str | None = None) -> dict[str, Any]:
+        return {"id": self.id, "type": "function_call", "status": status,
+                "call_id": self.call_id, "name": self.name,
+                "arguments": "".join(self.args) if arguments is None else arguments}

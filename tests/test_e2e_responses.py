@@ -1,0 +1,364 @@
+"""End to end: the Responses API through the proxy with openai-python, on echo and openai routes.
+
+Every stream passes the reusable check (tests/responses_assert.py); sync answers are compared
+with the stream's final object; what the fake upstream received shows the translation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import openai
+import orjson
+import pytest
+
+from tests.conftest import KEY, Proxy, ProxyFactory, closed_port
+from tests.fake_openai import FakeOpenAI
+from tests.responses_assert import assert_responses_stream, output_text, parse_sse
+from tests.responses_client import CLOCK, WEATHER, comparable, post_raw, stream_final
+
+
+def routes_for(fake: FakeOpenAI) -> str:
+    return f"""
+upstreams:
+  fake:
+    kind: openai
+    url: {fake.url}/v1
+    api_key: upstream-secret
+  demo:
+    kind: echo
+models:
+  mistral:
+    upstream: fake
+    model: mistralai/Mistral-7B-Instruct-v0.2
+  echo:
+    upstream: demo
+"""
+
+
+@pytest.fixture
+async def proxy(make_proxy: ProxyFactory, fake_openai: FakeOpenAI) -> Proxy:
+    return await make_proxy(routes_for(fake_openai))
+
+
+def chat_body(fake: FakeOpenAI) -> dict[str, Any]:
+    body = fake.received[-1].body
+    assert body is not None
+    return body
+
+
+# -- echo and plain text ---------------------------------------------------------------------
+
+
+async def test_echo_route_answers_sync_with_the_strict_response_object(proxy: Proxy) -> None:
+    reply = await proxy.client().responses.create(model="echo", input="hello there")
+    assert reply.output_text == "hello there"
+    assert reply.status == "completed"
+    assert reply.id.startswith("resp_") and reply.output[0].id.startswith("msg_")
+    assert reply.model == "echo"
+    assert reply.store is False
+    assert reply.usage is not None and reply.usage.output_tokens == 2
+
+
+async def test_echo_route_stream_passes_the_event_checks_and_the_sdk_accumulates_it(
+    proxy: Proxy,
+) -> None:
+    final, _ = await stream_final(proxy, {"model": "echo", "input": "one two three"})
+    assert output_text(final) == "one two three"
+    assert final["store"] is False
+    async with proxy.client().responses.stream(model="echo", input="one two three") as stream:
+        answer = await stream.get_final_response()
+    assert answer.output_text == "one two three"
+    assert answer.status == "completed"
+
+
+@pytest.mark.parametrize("model", ["echo", "mistral"])
+async def test_sync_answer_equals_the_streams_final_object(proxy: Proxy, model: str) -> None:
+    body = {"model": model, "input": "same answer twice", "instructions": "Be brief.",
+            "metadata": {"k": "v"}}
+    status, _, raw = await post_raw(proxy, body)
+    assert status == 200
+    sync = orjson.loads(raw)
+    final, _ = await stream_final(proxy, body)
+    assert comparable(sync) == comparable(final)
+    assert sync["metadata"] == {"k": "v"} and sync["instructions"] == "Be brief."
+
+
+async def test_openai_route_translates_to_chat_and_rewrites_the_model(
+    proxy: Proxy, fake_openai: FakeOpenAI
+) -> None:
+    reply = await proxy.client().responses.create(
+        model="mistral", input="hello upstream", instructions="Be brief.", max_output_tokens=50,
+        temperature=0.2,
+    )
+    assert reply.output_text == "hello upstream"
+    assert reply.model == "mistral" and reply.store is False
+    assert reply.usage is not None and (reply.usage.input_tokens, reply.usage.total_tokens) == (
+        11, 13)
+    sent = chat_body(fake_openai)
+    assert fake_openai.received[-1].path == "/v1/chat/completions"
+    assert sent["model"] == "mistralai/Mistral-7B-Instruct-v0.2"
+    assert sent["messages"] == [{"role": "system", "content": "Be brief."},
+                                {"role": "user", "content": "hello upstream"}]
+    assert sent["max_tokens"] == 50 and sent["temperature"] == 0.2
+    assert fake_openai.received[-1].headers["Authorization"] == "Bearer upstream-secret"
+    assert KEY not in str(fake_openai.received[-1].headers)
+
+
+async def test_openai_route_stream_asks_the_upstream_for_usage(
+    proxy: Proxy, fake_openai: FakeOpenAI
+) -> None:
+    final, _ = await stream_final(proxy, {"model": "mistral", "input": "a b c"})
+    assert output_text(final) == "a b c"
+    assert final["usage"]["output_tokens"] == 3 and final["store"] is False
+    sent = chat_body(fake_openai)
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+
+
+async def test_responses_path_without_v1_works_too(proxy: Proxy) -> None:
+    status, _, raw = await post_raw(proxy, {"model": "echo", "input": "short"}, path="/responses")
+    assert status == 200 and b'"text":"short"' in raw
+
+
+# -- function tools ------------------------------------------------------------------------
+
+
+async def test_function_call_streams_as_an_item_with_argument_deltas(
+    proxy: Proxy, fake_openai: FakeOpenAI
+) -> None:
+    final, raw = await stream_final(proxy, {
+        "model": "mistral", "input": "weather in Paris?", "tools": [WEATHER],
+        "tool_choice": "required",
+    })
+    [call] = final["output"]
+    assert call["type"] == "function_call" and call["id"].startswith("fc_")
+    assert call["call_id"] == "call_abc123" and call["name"] == "get_weather"
+    assert call["arguments"] == '{"city": "Paris"}'
+    deltas = [d for _, d in parse_sse(raw).events
+              if d["type"] == "response.function_call_arguments.delta"]
+    assert [d["delta"] for d in deltas] == ['{"city": ', '"Paris"}']
+    sent = chat_body(fake_openai)
+    assert sent["tools"] == [{"type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city.",
+        "parameters": WEATHER["parameters"]}}]
+    assert sent["tool_choice"] == "required"
+
+
+async def test_named_tool_choice_is_sent_in_chat_form(
+    proxy: Proxy, fake_openai: FakeOpenAI
+) -> None:
+    reply = await proxy.client().responses.create(
+        model="mistral", input="weather?", tools=[WEATHER, CLOCK],
+        tool_choice={"type": "function", "name": "get_weather"},
+    )
+    assert reply.output[0].type == "function_call"
+    assert chat_body(fake_openai)["tool_choice"] == {
+        "type": "function", "function": {"name": "get_weather"}}
+
+
+async def test_parallel_calls_are_two_items_with_their_own_ids_and_arguments(
+    proxy: Proxy, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.mode = "parallel_tools"
+    body = {"model": "mistral", "input": "weather and time?", "tools": [WEATHER, CLOCK]}
+    final, raw = await stream_final(proxy, body)
+    calls = [(o["call_id"], o["name"], o["arguments"]) for o in final["output"]]
+    assert calls == [("call_one", "get_weather", '{"city": "Paris"}'),
+                     ("call_two", "get_time", '{"tz": "CET"}')]
+    added = [d["item"] for _, d in parse_sse(raw).events
+             if d["type"] == "response.output_item.added"]
+    assert [a["call_id"] for a in added] == ["call_one", "call_two"]
+    status, _, sync_raw = await post_raw(proxy, body)
+    assert status == 200
+    assert comparable(orjson.loads(sync_raw)) == comparable(final)
+
+
+async def test_function_call_output_round_trip_rebuilds_tool_calls_and_tool_messages(
+    proxy: Proxy, fake_openai: FakeOpenAI
+) -> None:
+    client = proxy.client()
+    first = await client.responses.create(
+        model="mistral", input="weather in Paris?", tools=[WEATHER])
+    call = first.output[0]
+    assert call.type == "function_call"
+    second = await client.responses.create(
+        model="mistral", tools=[WEATHER],
+        input=[
+            {"role": "user", "content": "weather in Paris?"},
+            call.model_dump(exclude_none=True),
+            {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"},
+        ],
+    )
+    assert second.output_text == "The weather is sunny."
+    messages = chat_body(fake_openai)["messages"]
+    assert messages[0] == {"role": "user", "content": "weather in Paris?"}
+    assert messages[1]["role"] == "assistant"
+    assert messages[1]["tool_calls"] == [{"id": "call_abc123", "type": "function", "function": {
+        "name": "get_weather", "arguments": '{"city": "Paris"}'}}]
+    assert messages[2] == {"role": "tool", "tool_call_id": "call_abc123", "content": "sunny"}
+
+
+async def test_an_agents_sdk_agent_runs_its_tool_loop_through_the_proxy(
+    proxy: Proxy, fake_openai: FakeOpenAI
+) -> None:
+    import agents  # the dev extra's openai-agents
+
+    agents.set_tracing_disabled(True)
+    ran: list[str] = []
+
+    @agents.function_tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        ran.append(city)
+        return "sunny"
+
+    model = agents.OpenAIResponsesModel(model="mistral", openai_client=proxy.client())
+    agent = agents.Agent(name="forecaster", instructions="Answer about weather.",
+                         tools=[get_weather], model=model)
+    result = await agents.Runner.run(agent, "What is the weather in Paris?")
+    assert ran == ["Paris"]
+    assert result.final_output == "The weather is sunny."
+    # The second model call carried the tool's output back as a chat `tool` message.
+    messages = chat_body(fake_openai)["messages"]
+    assert messages[-1] == {"role": "tool", "tool_call_id": "call_abc123", "content": "sunny"}
+    assert messages[0] == {"role": "system", "content": "Answer about weather."}
+
+
+# -- how a response ends -------------------------------------------------------------------
+
+
+async def test_length_stop_is_response_incomplete_in_stream_and_sync(
+    proxy: Proxy, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.mode = "length"
+    body = {"model": "mistral", "input": "cut me short", "max_output_tokens": 3}
+    final, raw = await stream_final(proxy, body)
+    assert parse_sse(raw).events[-1][1]["type"] == "response.incomplete"
+    assert final["status"] == "incomplete"
+    assert final["incomplete_details"] == {"reason": "max_output_tokens"}
+    reply = await proxy.client().responses.create(model="mistral", input="cut me short")
+    assert reply.status == "incomplete"
+    assert reply.incomplete_details is not None
+    assert reply.incomplete_details.reason == "max_output_tokens"
+
+
+@pytest.mark.parametrize("mode", ["stream_error_event", "midstream_drop"])
+async def test_upstream_failure_after_the_commit_is_response_failed_then_done(
+    proxy: Proxy, fake_openai: FakeOpenAI, mode: str
+) -> None:
+    fake_openai.mode = mode
+    status, _, raw = await post_raw(
+        proxy, {"model": "mistral", "input": "one two three", "stream": True})
+    assert status == 200
+    final = assert_responses_stream(raw)
+    kinds = [d["type"] for _, d in parse_sse(raw).events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.failed"
+    assert "response.output_text.delta" in kinds
+    assert final["status"] == "failed"
+    assert final["error"]["code"] == "server_error"
+    assert "'fake'" in final["error"]["message"]
+    assert raw.endswith(b"data: [DONE]\n\n")
+
+
+async def test_the_sdk_reads_a_failed_stream_to_its_failed_event(
+    proxy: Proxy, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.mode = "stream_error_event"
+    async with proxy.client().responses.stream(model="mistral", input="x y") as stream:
+        events = [event async for event in stream]
+        with pytest.raises(RuntimeError, match=r"response\.completed"):
+            await stream.get_final_response()
+    assert events[0].type == "response.created"
+    last = events[-1]
+    assert last.type == "response.failed"
+    assert last.response.error is not None and "model crashed" in last.response.error.message
+
+
+async def test_upstream_error_before_the_commit_is_an_http_error(
+    proxy: Proxy, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.mode = "error400"
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as info:
+            await proxy.client().responses.create(model="mistral", input="x", stream=stream)
+        assert info.value.code == "context_length_exceeded"
+
+
+async def test_unreachable_upstream_is_a_502_not_a_stream(make_proxy: ProxyFactory) -> None:
+    proxy = await make_proxy(f"""
+upstreams:
+  gone: {{kind: openai, url: "http://127.0.0.1:{closed_port()}/v1"}}
+models:
+  m: {{upstream: gone}}
+""")
+    status, headers, raw = await post_raw(proxy, {"model": "m", "input": "x", "stream": True})
+    assert status == 502 and headers["Content-Type"].startswith("application/json")
+    assert b'"code":"upstream_unavailable"' in raw
+
+
+# -- state the stateless routes refuse -------------------------------------------------------
+
+STATE_FIELDS = [
+    pytest.param("previous_response_id", {"previous_response_id": "resp_abc"},
+                 id="previous_response_id"),
+    pytest.param("conversation", {"conversation": "conv_123"}, id="conversation"),
+    pytest.param("background", {"background": True}, id="background"),
+]
+
+
+@pytest.mark.parametrize("model", ["mistral", "echo"])
+@pytest.mark.parametrize(("param", "extra"), STATE_FIELDS)
+async def test_stateless_routes_refuse_state_before_any_upstream_call(
+    proxy: Proxy, fake_openai: FakeOpenAI, model: str, param: str, extra: dict[str, Any]
+) -> None:
+    for stream in (False, True):
+        status, _, raw = await post_raw(
+            proxy, {"model": model, "input": "hi", "stream": stream, **extra})
+        assert status == 400
+        error = orjson.loads(raw)["error"]
+        assert error["param"] == param
+        assert "`input`" in error["message"]
+    assert fake_openai.received == []
+
+
+async def test_the_sdk_sees_the_refusal_as_a_bad_request(proxy: Proxy) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        await proxy.client().responses.create(
+            model="echo", input="hi", previous_response_id="resp_abc")
+    assert info.value.param == "previous_response_id"
+
+
+# -- nothing is stored -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/responses/resp_abc"),
+        ("DELETE", "/v1/responses/resp_abc"),
+        ("POST", "/v1/responses/resp_abc/cancel"),
+        ("GET", "/v1/responses/resp_abc/input_items"),
+        ("GET", "/responses/resp_abc"),
+        ("DELETE", "/responses/resp_abc"),
+    ],
+)
+async def test_stored_response_endpoints_are_a_404_saying_nothing_is_stored(
+    proxy: Proxy, method: str, path: str
+) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.request(method, proxy.url + path,
+                                headers={"Authorization": f"Bearer {KEY}"}) as resp:
+            assert resp.status == 404
+            error = (await resp.json())["error"]
+        async with http.request(method, proxy.url + path) as anonymous:
+            assert anonymous.status == 401
+    assert error["code"] == "not_found"
+    assert "stores no responses" in error["message"]
+
+
+async def test_the_sdk_gets_not_found_for_a_stored_response(proxy: Proxy) -> None:
+    with pytest.raises(openai.NotFoundError):
+        await proxy.client().responses.retrieve("resp_abc")
+    with pytest.raises(openai.NotFoundError):
+        await proxy.client().responses.delete("resp_abc")

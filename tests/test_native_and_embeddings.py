@@ -1,0 +1,226 @@
+"""What openai upstreams serve beside chat: `responses: native` (their own `/responses`,
+relayed) and `/v1/embeddings` (passed through, `model` rewritten both ways)."""
+
+from __future__ import annotations
+
+import base64
+import struct
+
+import openai
+import orjson
+import pytest
+
+from tests.conftest import KEY, Proxy, ProxyFactory, closed_port
+from tests.fake_openai import LETTA_CODE, FakeOpenAI, embedding_of
+from tests.responses_assert import parse_sse
+from tests.responses_client import post_raw
+
+UPSTREAM_MODEL = "letta-code-agent"
+
+
+def native_routes(fake: FakeOpenAI, extra: str = "") -> str:
+    return f"""
+upstreams:
+  code:
+    kind: openai
+    url: {fake.url}/v1
+    api_key: upstream-secret
+    responses: native
+  plain:
+    kind: openai
+    url: {fake.url}/v1
+  demo:
+    kind: echo
+{extra}
+models:
+  coder:
+    upstream: code
+    model: {UPSTREAM_MODEL}
+  mistral:
+    upstream: plain
+    model: mistralai/Mistral-7B-Instruct-v0.2
+  echo:
+    upstream: demo
+"""
+
+
+@pytest.fixture
+async def proxy(make_proxy: ProxyFactory, fake_openai: FakeOpenAI) -> Proxy:
+    return await make_proxy(native_routes(fake_openai))
+
+
+def captured_events() -> bytes:
+    return (LETTA_CODE / "responses_stream.sse").read_bytes()
+
+
+# -- responses: native -----------------------------------------------------------------------
+
+
+async def test_native_stream_relays_the_upstreams_events_as_they_were_then_done(
+    proxy: Proxy, fake_openai: FakeOpenAI
+) -> None:
+    status, headers, raw = await post_raw(
+        proxy, {"model": "coder", "input": "responses stream hi", "stream": True})
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/event-stream")
+    assert headers["X-Upstream-Note"] == "native"
+    assert raw == captured_events() + b"data: [DONE]\n\n"
+    seen = fake_openai.received[-1]
+    assert seen.path == "/v1/responses"
+    assert seen.body == {"model": UPSTREAM_MODEL, "input": "responses stream hi",
+                         "stream": True, "store": False}
+    assert seen.headers["Authorization"] == "Bearer upstream-secret"
+    assert KEY not in str(seen.headers)
+
+
+async def test_the_sdk_reads_a_native_stream_to_its_final_response(proxy: Proxy) -> None:
+    async with proxy.client().responses.stream(model="coder", input="hi") as stream:
+        final = await stream.get_final_response()
+    assert final.status == "completed"
+    assert final.output_text.endswith("responses stream hi")
+
+
+async def test_native_sync_answer_is_the_upstreams_body(
+    proxy: Proxy, fake_openai: FakeOpenAI
+) -> None:
+    status, _, raw = await post_raw(proxy, {"model": "coder", "input": "responses api hi"})
+    assert status == 200
+    assert raw == (LETTA_CODE / "responses_sync.json").read_bytes()
+    reply = await proxy.client().responses.create(model="coder", input="hi")
+    assert reply.output_text.endswith("responses api hi")
+    assert fake_openai.received[-1].body["model"] == UPSTREAM_MODEL  # type: ignore[index]
+
+
+async def test_an_upstream_done_is_not_doubled(proxy: Proxy, fake_openai: FakeOpenAI) -> None:
+    fake_openai.mode = "native_done"
+    _, _, raw = await post_raw(proxy, {"model": "coder", "input": "x", "stream": True})
+    assert raw.count(b"data: [DONE]") == 1 and raw.endswith(b"data: [DONE]\n\n")
+
+
+@pytest.mark.parametrize("mode", ["stream_error_event", "midstream_drop"])
+async def test_a_native_stream_that_breaks_ends_with_response_failed_then_done(
+    proxy: Proxy, fake_openai: FakeOpenAI, mode: str
+) -> None:
+    fake_openai.mode = mode
+    status, _, raw = await post_raw(proxy, {"model": "coder", "input": "x", "stream": True})
+    assert status == 200
+    parsed = parse_sse(raw)
+    assert parsed.done == 1
+    events = parsed.events
+    assert [d["type"] for _, d in events[:2]] == ["response.created", "response.in_progress"]
+    name, failed = events[-1]
+    assert name == failed["type"] == "response.failed"
+    assert failed["sequence_number"] == 5 == len(events) - 1
+    response = failed["response"]
+    assert response["id"] == events[0][1]["response"]["id"]
+    assert response["status"] == "failed" and response["error"]["code"] == "server_error"
+    assert "'code'" in response["error"]["message"]
+
+
+async def test_a_native_upstreams_refusal_is_an_http_error_before_the_commit(
+    proxy: Proxy, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.mode = "error400"
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as info:
+            await proxy.client().responses.create(model="coder", input="x", stream=stream)
+        assert info.value.param == "input"
+
+
+async def test_a_native_upstreams_redirect_is_not_followed(
+    proxy: Proxy, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.mode = "redirect"
+    status, _, raw = await post_raw(proxy, {"model": "coder", "input": "x", "stream": True})
+    assert status == 502 and b"redirect" in raw
+    assert len(fake_openai.received) == 1
+
+
+async def test_native_routes_refuse_state_before_any_upstream_call(
+    proxy: Proxy, fake_openai: FakeOpenAI
+) -> None:
+    status, _, raw = await post_raw(
+        proxy, {"model": "coder", "input": "x", "previous_response_id": "resp_1"})
+    assert status == 400 and orjson.loads(raw)["error"]["param"] == "previous_response_id"
+    assert fake_openai.received == []
+
+
+async def test_a_native_upstream_down_fails_over_to_one_that_translates(
+    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
+) -> None:
+    proxy = await make_proxy(f"""
+upstreams:
+  gone: {{kind: openai, url: "http://127.0.0.1:{closed_port()}/v1", responses: native}}
+  plain: {{kind: openai, url: "{fake_openai.url}/v1"}}
+models:
+  m: {{upstream: [gone, plain]}}
+""")
+    reply = await proxy.client().responses.create(model="m", input="translated instead")
+    assert reply.output_text == "translated instead"
+    assert fake_openai.received[-1].path == "/v1/chat/completions"
+
+
+# -- embeddings ------------------------------------------------------------------------------
+
+
+async def test_embeddings_base64_by_default_decodes_and_the_model_is_rewritten_both_ways(
+    proxy: Proxy, fake_openai: FakeOpenAI
+) -> None:
+    reply = await proxy.client().embeddings.create(model="mistral", input=["a", "bbb"])
+    assert [d.embedding for d in reply.data] == [embedding_of("a"), embedding_of("bbb")]
+    assert reply.model == "mistral"
+    seen = fake_openai.received[-1]
+    assert seen.path == "/v1/embeddings"
+    assert seen.body == {"model": "mistralai/Mistral-7B-Instruct-v0.2", "input": ["a", "bbb"],
+                         "encoding_format": "base64"}
+
+
+async def test_embeddings_encoding_format_goes_through_untouched(
+    proxy: Proxy, fake_openai: FakeOpenAI
+) -> None:
+    for fmt in ("float", "base64"):
+        status, _, raw = await post_raw(
+            proxy, {"model": "mistral", "input": "four", "encoding_format": fmt},
+            path="/embeddings")
+        assert status == 200
+        answer = orjson.loads(raw)
+        assert answer["model"] == "mistral"
+        assert fake_openai.received[-1].body["encoding_format"] == fmt  # type: ignore[index]
+        vector = answer["data"][0]["embedding"]
+        if fmt == "base64":
+            vector = list(struct.unpack("<3f", base64.b64decode(vector)))
+        assert vector == embedding_of("four")
+
+
+async def test_embeddings_on_a_route_that_cannot_embed_is_a_400_naming_model(
+    proxy: Proxy, fake_openai: FakeOpenAI
+) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        await proxy.client().embeddings.create(model="echo", input="x")
+    assert info.value.param == "model"
+    assert "model echo does not support embeddings" in info.value.message
+    assert fake_openai.received == []
+
+
+async def test_embeddings_without_input_is_a_400_naming_input(proxy: Proxy) -> None:
+    status, _, raw = await post_raw(proxy, {"model": "mistral"}, path="/v1/embeddings")
+    assert status == 400 and orjson.loads(raw)["error"]["param"] == "input"
+
+
+async def test_embeddings_fail_over_like_chat(
+    make_proxy: ProxyFactory, fake_openai: FakeOpenAI, second_openai: FakeOpenAI
+) -> None:
+    proxy = await make_proxy(f"""
+upstreams:
+  a: {{kind: openai, url: "{fake_openai.url}/v1", circuit: {{failures: 1, cooldown: 60}}}}
+  b: {{kind: openai, url: "{second_openai.url}/v1"}}
+models:
+  e: {{upstream: [a, b], model: embedder}}
+""")
+    fake_openai.mode = "error500"
+    client = proxy.client()
+    for _ in range(2):
+        reply = await client.embeddings.create(model="e", input="x")
+        assert reply.data[0].embedding == embedding_of("x") and reply.model == "e"
+    assert len(fake_openai.received) == 1, "the open circuit skips the failing upstream"
+    assert len(second_openai.received) == 2
