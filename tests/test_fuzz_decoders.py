@@ -30,7 +30,7 @@ from proxy.errors import ProxyError
 from proxy.openai_types import ChunkFactory
 from proxy.sse import Event, SSEDecoder, SSEError
 from proxy.upstreams.letta_translator import LettaTranslator
-from proxy.upstreams.openai import _RelayState
+from proxy.upstreams.openai_relay import RelayState
 from tests.fake_letta import FIXTURES, sse_events
 
 SETTINGS = settings(
@@ -185,9 +185,9 @@ def translate(events: Iterable[Event], **options: bool) -> tuple[LettaTranslator
     return translator, out
 
 
-def relay(batches: list[list[Event]]) -> tuple[_RelayState, bytes]:
+def relay(batches: list[list[Event]]) -> tuple[RelayState, bytes]:
     """What the openai relay does: frame each read's events until [DONE] or an error."""
-    state = _RelayState("up")
+    state = RelayState("up")
     out = bytearray()
     for batch in batches:
         try:
@@ -419,7 +419,7 @@ def test_relay_frame_never_raises_and_the_client_reads_the_upstreams_data(
 
 
 def test_relay_reframes_a_multi_line_data_event_line_by_line() -> None:
-    state = _RelayState("up")
+    state = RelayState("up")
     out = state.frame([Event('{"a":\n1}')])
     assert out == b'data: {"a":\ndata: 1}\n\n'
     assert flat(decode_batches([out])) == [Event('{"a":\n1}')]
@@ -452,10 +452,10 @@ def event_splits(draw: st.DrawFn, data: bytes) -> list[bytes]:
     return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
 
 
-def relay_reads(chunks: list[bytes], *, fast: bool) -> tuple[_RelayState, bytes]:
+def relay_reads(chunks: list[bytes], *, fast: bool) -> tuple[RelayState, bytes]:
     """What OpenAI._relay does with each read, with or without its pass-through."""
     decoder = SSEDecoder()
-    state = _RelayState("up")
+    state = RelayState("up")
     out = bytearray()
     try:
         for chunk in chunks:
@@ -505,18 +505,18 @@ def test_relay_pass_through_gives_exactly_what_the_decoder_path_gives(
     ],
 )
 def test_relay_pass_through_leaves_anything_unusual_to_the_decoder(chunk: bytes) -> None:
-    assert _RelayState("up").pass_through(chunk) is None
+    assert RelayState("up").pass_through(chunk) is None
 
 
 def test_relay_pass_through_relays_plain_events_as_they_came_and_stops_at_done() -> None:
-    state = _RelayState("up")
+    state = RelayState("up")
     out = state.pass_through(PLAIN)
     assert out == PLAIN.removesuffix(b"data: [DONE]\n\n")
     assert state.done and state.finished and state.error is None
 
 
 def test_relay_pass_through_does_not_take_done_at_the_end_of_another_value() -> None:
-    assert _RelayState("up").pass_through(b"data: x data: [DONE]\n\n") is None
+    assert RelayState("up").pass_through(b"data: x data: [DONE]\n\n") is None
 
 
 @pytest.mark.parametrize(
@@ -529,6 +529,6 @@ def test_relay_pass_through_does_not_take_done_at_the_end_of_another_value() -> 
     ],
 )
 def test_relay_pass_through_finds_a_finish_reason_anywhere_in_the_read(chunk: bytes) -> None:
-    state = _RelayState("up")
+    state = RelayState("up")
     assert state.pass_through(chunk) == chunk
     assert state.finished

@@ -1,5 +1,6 @@
-"""One session, one turn, across `--workers`: a Letta conversation never gets two messages at
-once, whichever worker each request lands on."""
+"""One session, one turn, across `--workers` and replicas: a Letta conversation never gets two
+messages at once, whichever worker each request lands on, and Letta's own "busy" answer is
+waited out like the local lock."""
 
 from __future__ import annotations
 
@@ -10,11 +11,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
+import openai
 import orjson
+import pytest
 from aiohttp import web
 
-from tests.conftest import KEY, serving
+from tests.conftest import KEY, ProxyFactory, serving
+from tests.fake_letta import FakeLetta, Scenario
 from tests.processes import serve_process
+
+HI = [{"role": "user", "content": "hi"}]
 
 FIXTURE = Path(__file__).parent / "fixtures" / "letta" / "conversation_stream.sse"
 AGENT = "agent-0e4a5a38-0a3c-4a3e-9b1f-2d4f7c9a1b2c"
@@ -112,3 +118,53 @@ models:
     assert letta.most_in_flight == 1
     assert letta.turns >= 6
     assert len({c["id"] for c in letta.conversations}) >= 1
+
+
+BUSY = {"detail": "CONFLICT: Cannot send a new message: Another request is currently being "
+                  "processed for this conversation."}
+APPROVAL = {"detail": "CONFLICT: Cannot send a new message: The agent is waiting for approval "
+                      "on a tool call. Please approve or deny the pending request before "
+                      "continuing."}
+
+
+async def test_lettas_own_conversation_busy_answer_is_waited_out_and_retried(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
+) -> None:
+    state, url = letta
+    state.scenarios.extend([Scenario(status=409, body=BUSY), Scenario(status=409, body=BUSY)])
+    proxy = await make_proxy(routes(url))
+    answer = await proxy.client().chat.completions.create(
+        model="support", messages=HI, extra_headers={"X-Session-Id": "busy-chat"}
+    )
+    assert answer.choices[0].message.content
+    assert len(state.message_posts()) == 3
+
+
+async def test_lettas_busy_answer_past_the_busy_timeout_is_a_409_session_busy(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
+) -> None:
+    state, url = letta
+    state.scenarios.extend(Scenario(status=409, body=BUSY) for _ in range(100))
+    proxy = await make_proxy(routes(url, "    session: {busy_timeout: 0.3}\n"))
+    with pytest.raises(openai.ConflictError) as info:
+        await proxy.client().chat.completions.create(model="support", messages=HI)
+    assert info.value.code == "session_busy"
+
+
+async def test_a_letta_conflict_that_is_not_busy_is_not_retried(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
+) -> None:
+    state, url = letta
+    state.scenarios.append(Scenario(status=409, body=APPROVAL))
+    proxy = await make_proxy(routes(url))
+    with pytest.raises(openai.ConflictError) as info:
+        await proxy.client().chat.completions.create(model="support", messages=HI)
+    assert "approval" in info.value.message
+    assert len(state.message_posts()) == 1
+
+
+def routes(url: str, model_extra: str = "") -> str:
+    return (
+        f"upstreams:\n  letta: {{kind: letta, url: '{url}'}}\n"
+        f"models:\n  support:\n    upstream: letta\n    agent: support-bot\n{model_extra}"
+    )

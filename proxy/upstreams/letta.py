@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
-from collections import Counter
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, ClassVar
 
 import aiohttp
@@ -31,17 +28,20 @@ import orjson
 
 from proxy.chunks import KEEP_ALIVE, Comment, Out
 from proxy.config import ModelSpec
-from proxy.errors import ModelNotFound, PreviousResponseNotFound, ProxyError, UpstreamFailed
+from proxy.errors import ProxyError, UpstreamFailed
 from proxy.exchange import Exchange
 from proxy.openai_types import ChatChunk, ChunkFactory, accumulate
+from proxy.session_locks import busy
 from proxy.sse import SSEDecoder, SSEError
 from proxy.upstreams.base import Answer, ByteStream, Call, ChunkStream
 from proxy.upstreams.deadlines import Deadlines
 from proxy.upstreams.http import HttpUpstream
+from proxy.upstreams.http_errors import error_from_response, read_error_body
+from proxy.upstreams.letta_directory import LettaDirectory
 from proxy.upstreams.letta_request import (
+    is_busy,
     letta_body,
     new_turn_start,
-    pick_conversation,
     session_summary,
     to_letta_messages,
 )
@@ -49,22 +49,15 @@ from proxy.upstreams.letta_translator import LettaTranslator
 
 log = logging.getLogger(__name__)
 
-_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
-AGENT_ID = re.compile(
-    r"agent-[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
-)
-CONVERSATION_ID = re.compile(f"conv-{_UUID}")
 # Without it Letta takes the caller for a legacy client: it embeds every tool and memory
 # block in agent listings and refuses `"streaming": true` with a 422.
 STAINLESS = ("X-Stainless-Package-Version", "1.0.0")
-AGENT_TTL = 30.0
 CANCEL_TIMEOUT = 5.0
 RUN_ID_WAIT = 2.0
 PER_KEY_HINT = "\0per-key"
-# The summary of a conversation made for one Responses turn: readable in Letta's own UI, and
-# never a session token (those are `SESSION_PREFIX` + a digest), so no hint ever selects it.
-NEW_CONVERSATION_SUMMARY = "agentproxy: Responses API"
-MAX_CACHED_CONVERSATIONS = 10_000
+# Between two tries of a turn that Letta answered "conversation busy".
+BUSY_FIRST_PAUSE = 0.05
+BUSY_MAX_PAUSE = 1.0
 
 
 @dataclass(slots=True)
@@ -95,152 +88,21 @@ class Letta(HttpUpstream):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._agents: dict[str, tuple[float, str]] = {}
-        self._conversations: dict[tuple[str, str], str] = {}
+        self.directory = LettaDirectory(self)
 
     def extra_headers(self) -> dict[str, str]:
         return {STAINLESS[0]: STAINLESS[1]}
 
-    # -- Letta's JSON API ------------------------------------------------------------------
-
     async def agent_id(
-        self,
-        ref: str,
-        http: aiohttp.ClientSession,
-        exchange: Exchange,
-        route: str,
-        *,
+        self, ref: str, http: aiohttp.ClientSession, exchange: Exchange, route: str, *,
         wildcard: bool,
     ) -> str:
-        """The id of the agent `ref` names: an id as it is, a name looked up and cached."""
-        if AGENT_ID.fullmatch(ref):
-            return ref
-        now = time.monotonic()
-        cached = self._agents.get(ref)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        found = await self.call_api(http, exchange, "GET", "/v1/agents/", params={"name": ref})
-        agents: list[str] = [
-            a["id"]
-            for a in _as_list(found)
-            if isinstance(a, dict) and a.get("name") == ref and isinstance(a.get("id"), str)
-        ]
-        if not agents:
-            if wildcard:
-                raise ModelNotFound(route)
-            raise UpstreamFailed(
-                f"Route '{route}': no Letta agent named '{ref}' on upstream '{self.name}'."
-            )
-        if len(agents) > 1:
-            shown = ", ".join(a for a in agents if AGENT_ID.fullmatch(a))
-            raise UpstreamFailed(
-                f"Route '{route}': {len(agents)} Letta agents are named '{ref}' on upstream "
-                f"'{self.name}' ({shown}); name the agent by its id."
-            )
-        agent = self._checked(agents[0], AGENT_ID, "an agent id")
-        self._agents[ref] = (now + AGENT_TTL, agent)
-        return agent
-
-    def _checked(self, value: Any, shape: re.Pattern[str], what: str) -> str:
-        if not isinstance(value, str) or shape.fullmatch(value) is None:
-            raise UpstreamFailed(f"Upstream '{self.name}' returned an invalid {what}.")
-        return value
-
-    async def conversation(
-        self, agent_id: str, token: str, http: aiohttp.ClientSession, exchange: Exchange
-    ) -> str:
-        """The conversation marked `token`, created on first use."""
-        key = (agent_id, token)
-        cached = self._conversations.get(key)
-        if cached is not None:
-            return cached
-        search = {"agent_id": agent_id, "summary_search": token, "limit": "50"}
-        listing = await self.call_api(http, exchange, "GET", "/v1/conversations/", params=search)
-        conversation = pick_conversation(_as_list(listing), token)
-        if conversation is None:
-            created = await self.call_api(
-                http, exchange, "POST", "/v1/conversations/", params={"agent_id": agent_id},
-                body={"summary": token},
-            )
-            # Two first requests may each have created one: all callers settle on the oldest.
-            listing = await self.call_api(
-                http, exchange, "GET", "/v1/conversations/", params=search
-            )
-            conversation = pick_conversation(_as_list(listing), token)
-            if conversation is None and isinstance(created, dict):
-                conversation = created.get("id")
-        conversation = self._checked(conversation, CONVERSATION_ID, "conversation id")
-        if len(self._conversations) >= MAX_CACHED_CONVERSATIONS:
-            self._conversations.clear()
-        self._conversations[key] = conversation
-        return conversation
-
-    async def fork(
-        self, source: str, agent_id: str, http: aiohttp.ClientSession, exchange: Exchange
-    ) -> str:
-        """A new conversation that starts as a copy of `source`.
-
-        `source` comes from a verified response id, but it is checked like any id before it
-        goes into a path; a source that is gone, or that is another agent's (the route was
-        pointed at another agent since), is the same previous_response_not_found as a bad id.
-        """
-        if CONVERSATION_ID.fullmatch(source) is None:
-            raise PreviousResponseNotFound()
-        try:
-            forked = await self.call_api(
-                http, exchange, "POST", f"/v1/conversations/{source}/fork"
-            )
-        except ProxyError as err:
-            if err.status == 404:
-                raise PreviousResponseNotFound() from None
-            raise
-        if not isinstance(forked, dict):
-            raise UpstreamFailed(f"Upstream '{self.name}' answered a fork without a conversation.")
-        conversation = self._checked(forked.get("id"), CONVERSATION_ID, "conversation id")
-        if forked.get("agent_id") not in (None, agent_id):
-            raise PreviousResponseNotFound()
-        return conversation
-
-    async def new_conversation(
-        self, agent_id: str, http: aiohttp.ClientSession, exchange: Exchange
-    ) -> str:
-        """A conversation of its own for one Responses turn without a session hint."""
-        created = await self.call_api(
-            http, exchange, "POST", "/v1/conversations/", params={"agent_id": agent_id},
-            body={"summary": NEW_CONVERSATION_SUMMARY},
-        )
-        conversation = created.get("id") if isinstance(created, dict) else None
-        return self._checked(conversation, CONVERSATION_ID, "conversation id")
+        return await self.directory.agent_id(ref, http, exchange, route, wildcard=wildcard)
 
     async def list_models(
         self, http: aiohttp.ClientSession, exchange: Exchange
     ) -> list[dict[str, Any]]:
-        """Every agent, as its name, or as its id where several agents share the name."""
-        agents: list[dict[str, Any]] = []
-        params = {"limit": "100", "order": "asc"}
-        for _ in range(100):
-            page = _as_list(
-                await self.call_api(http, exchange, "GET", "/v1/agents/", params=params)
-            )
-            agents.extend(
-                a for a in page
-                if isinstance(a, dict) and isinstance(a.get("id"), str)
-                and AGENT_ID.fullmatch(a["id"])
-            )
-            if len(page) < 100 or not agents:
-                break
-            params["after"] = agents[-1]["id"]
-        names = Counter(a.get("name") for a in agents)
-        cards = []
-        for agent in agents:
-            name = agent.get("name")
-            unique = isinstance(name, str) and name and names[name] == 1
-            card: dict[str, Any] = {"id": name if unique else agent["id"]}
-            created = _timestamp(agent.get("created_at"))
-            if created:
-                card["created"] = created
-            cards.append(card)
-        return cards
+        return await self.directory.agent_cards(http, exchange)
 
     async def probe_route(
         self, route: ModelSpec, http: aiohttp.ClientSession, exchange: Exchange
@@ -282,20 +144,18 @@ class Letta(HttpUpstream):
                 if conversation
                 else f"/v1/agents/{agent}/messages"
             )
-            deadlines = self.deadlines(exchange)
-            try:
-                resp = await self._post_turn(http, path, letta_messages, deadlines)
-                if resp.status >= 300:
-                    err = self._turn_error(
-                        await self.refused(resp), resp.status, route_name, ref, agent,
-                        conversation,
-                    )
-                    # Letta had the message: it may have stored it before it failed.
-                    err.delivered = True
-                    raise err
-            except BaseException:
+            resp, deadlines = await self._send_turn(
+                http, path, letta_messages, exchange, route.session.busy_timeout
+            )
+            if resp.status >= 300:
                 deadlines.close()
-                raise
+                err = self._turn_error(
+                    await self.refused(resp), resp.status, route_name, ref, agent,
+                    conversation,
+                )
+                # Letta had the message: it may have stored it before it failed.
+                err.delivered = True
+                raise err
         except BaseException:
             locks.release(lock_key)
             raise
@@ -313,17 +173,54 @@ class Letta(HttpUpstream):
         exchange = call.exchange
         if call.fork_from is not None:
             # A continued response wins over any session hint: the id names its branch.
-            return await self.fork(call.fork_from, agent, http, exchange)
+            return await self.directory.fork(call.fork_from, agent, http, exchange)
         hint = call.session_hint
         if hint is None and call.route.session.without_hint == "per_key":
             hint = PER_KEY_HINT
         if hint is not None:
-            return await self.conversation(
+            return await self.directory.conversation(
                 agent, session_summary(call.key_id, hint), http, exchange
             )
         if call.new_conversation:
-            return await self.new_conversation(agent, http, exchange)
+            return await self.directory.new_conversation(agent, http, exchange)
         return None
+
+    async def _send_turn(
+        self,
+        http: aiohttp.ClientSession,
+        path: str,
+        letta_messages: list[dict[str, Any]],
+        exchange: Exchange,
+        busy_timeout: float,
+    ) -> tuple[aiohttp.ClientResponse, Deadlines]:
+        """The turn posted, waiting out Letta's own "conversation busy" answer like the local
+        session lock: that 409 means Letta did not take the message (another request of the
+        session runs, on another replica or from another client), so sending it again is
+        safe. Any other answer is returned as it is, with the deadlines of its attempt."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + busy_timeout
+        pause = BUSY_FIRST_PAUSE
+        while True:
+            deadlines = self.deadlines(exchange)
+            try:
+                resp = await self._post_turn(http, path, letta_messages, deadlines)
+                if resp.status != 409:
+                    return resp, deadlines
+                body = await read_error_body(resp)
+                resp.release()
+            except BaseException:
+                deadlines.close()
+                raise
+            deadlines.close()
+            if not is_busy(body):
+                err = error_from_response(self.name, 409, body, resp.headers)
+                err.delivered = True
+                raise self.scrubbed(err)
+            left = give_up - loop.time()
+            if left <= 0:
+                raise busy(busy_timeout)
+            await asyncio.sleep(min(pause, left))
+            pause = min(pause * 2, BUSY_MAX_PAUSE)
 
     async def _post_turn(
         self,
@@ -359,10 +256,7 @@ class Letta(HttpUpstream):
     ) -> ProxyError:
         if status == 404:
             # The agent or the conversation is gone: look both up again next time.
-            self._agents.pop(ref, None)
-            self._conversations = {
-                k: v for k, v in self._conversations.items() if v != conversation
-            }
+            self.directory.forget(ref, conversation)
             what = f"conversation {conversation} of agent" if conversation else "agent"
             return UpstreamFailed(
                 f"Route '{route}': Letta {what} '{ref}' ({agent}) was not found on upstream "
@@ -509,16 +403,3 @@ class Letta(HttpUpstream):
 
 def _dumps(body: Any) -> bytes:
     return orjson.dumps(body)
-
-
-def _as_list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
-
-
-def _timestamp(value: Any) -> int | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp())
-    except ValueError:
-        return None

@@ -219,3 +219,11 @@ def _prepend(message: dict[str, Any], text: str) -> None:
             part["text"] = f"{text}\n\n{part['text']}" if part["text"] else text
             return
     content.insert(0, {"type": "text", "text": text})
+
+
+def is_busy(body: bytes) -> bool:
+    """Whether a 409 from Letta's message endpoint says the conversation is busy with another
+    request (the message was not taken), as opposed to another conflict such as a tool call
+    waiting for approval, which waiting does not resolve."""
+    text = body.decode("utf-8", "replace").lower()
+    return "approval" not in text and ("being processed" in text or "busy" in text)

@@ -1,0 +1,244 @@
+"""The `openai` kind's stream relay, sans-IO: what it must know about the upstream's events to
+enforce the stream guarantees, and nothing more (no sockets; proxy/upstreams/openai.py reads).
+
+Chat completions: a read of whole, plain events passes through as the upstream framed them
+(`pass_through`: a few C-level scans instead of a decode per event); anything unusual goes
+through the SSE decoder and is framed again (`frame`), or decoded into chunks (`decode`) for
+an ingress that needs objects. Native Responses: events framed again up to the terminal one.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+
+from proxy.chunks import Out
+from proxy.errors import ProxyError, UpstreamFailed
+from proxy.openai_types import ChatChunk
+from proxy.sse import SSEDecoder
+
+# A finish chunk carries a string finish_reason; every other chunk has null or nothing.
+_FINISH = re.compile(r'"finish_reason"\s*:\s*"')
+_FINISH_BYTES = re.compile(rb'"finish_reason"\s*:\s*"')
+_BOUNDARY = b"\n\n"
+# Whole events, each a single `data:` line holding what has the shape of a JSON object that
+# is not an error (the caller rules out CR, which SSE also reads as a line end): `{`, then
+# anything but a line end, then `}`. `[^\n]*` rather than a class of two characters: the
+# regex engine scans a single excluded byte several times faster, and a read that does not
+# match fails in linear time.
+_PLAIN_EVENTS = re.compile(rb'(?:data: \{(?!"error")[^\n]*\}\n\n)+')
+_DONE_EVENT = b"data: [DONE]\n\n"
+_DONE_LEN = len(_DONE_EVENT)
+# The last event of a Responses stream, by `event:` name or, without one, by its data's type.
+_RESPONSES_TERMINAL = frozenset(
+    {"response.completed", "response.incomplete", "response.failed"}
+)
+_RESPONSES_TERMINAL_TYPE = re.compile(
+    r'^\{[^{]*?"type"\s*:\s*"response\.(?:completed|incomplete|failed)"'
+)
+
+
+class RelayState:
+    """What the relay must know to enforce the stream guarantees, and nothing more."""
+
+    __slots__ = ("done", "error", "finished", "upstream")
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.done = False
+        self.finished = False
+        # Raised only after the events before it were passed on.
+        self.error: ProxyError | None = None
+
+    def flush(self, decoder: SSEDecoder) -> list[Any]:
+        """The events left at the end of the body."""
+        cut = decoder.partial_line
+        events = decoder.flush()
+        if cut and events and events[0].data != "[DONE]":
+            # The body stopped inside a line: that event is cut short, and the client must
+            # not get its broken JSON.
+            raise UpstreamFailed(
+                f"Upstream '{self.upstream}' closed the connection in the middle of the stream."
+            )
+        return events
+
+    def check_end(self) -> None:
+        """Raises the stream's terminal error, if it has one."""
+        if self.error is not None:
+            raise self.error
+        if not self.finished:
+            raise UpstreamFailed(
+                f"Upstream '{self.upstream}' ended the stream without a finish_reason."
+            )
+        if not self.done:
+            raise UpstreamFailed(f"Upstream '{self.upstream}' ended the stream without [DONE].")
+
+    def pass_through(self, chunk: bytes) -> bytes | None:
+        """The client's bytes for a read that holds only whole, plain events, as the upstream
+        framed them; None when anything in it needs the decoder (call `frame` instead).
+
+        Read at an event boundary, a model server's chunk is usually a run of
+        `data: <one line of JSON>\\n\\n` events, and `frame` would give back exactly those
+        bytes. Checking that takes a few scans of the chunk in C instead of a decode, an
+        Event and an encode per event. Anything else (comments, other fields, CR line ends,
+        multi-line data, empty data, an error event, invalid UTF-8, a [DONE] inside a value)
+        takes the decoder's path, so the output never differs from `frame`'s.
+        """
+        if not chunk.endswith(_BOUNDARY) or b"\r" in chunk:
+            return None
+        # [DONE] ends the stream: it comes last in its read, and the writer writes its own.
+        done = chunk.endswith(_DONE_EVENT) and (
+            len(chunk) == _DONE_LEN or chunk[-_DONE_LEN - 2 : -_DONE_LEN] == _BOUNDARY
+        )
+        if done:
+            chunk = chunk[:-_DONE_LEN]
+            if not chunk:
+                self.done = True
+                return chunk
+        if _PLAIN_EVENTS.fullmatch(chunk) is None:
+            return None
+        if not chunk.isascii():
+            try:
+                chunk.decode()
+            except UnicodeDecodeError:
+                return None  # the decoder replaces what is not UTF-8
+        if not self.finished:
+            # The finish chunk is usually the last event with a finish_reason: look there
+            # first, and scan the whole read only when that one is null.
+            last = chunk.rfind(b'"finish_reason"')
+            if last >= 0 and (
+                _FINISH_BYTES.match(chunk, last) is not None
+                or _FINISH_BYTES.search(chunk, 0, last + 1) is not None
+            ):
+                self.finished = True
+        self.done = done
+        return chunk
+
+    def _data(self, ev: Any) -> str | None:
+        """An event's data when it is a chunk to pass on; None to skip it or stop."""
+        if self.done or self.error is not None:
+            return None
+        data: str = ev.data
+        if data == "[DONE]":
+            self.done = True
+            return None
+        if ev.event == "error" or data.startswith('{"error"'):
+            self.error = stream_error(self.upstream, data)
+            return None
+        if not data:
+            return None
+        if not (data.startswith("{") and data.rstrip().endswith("}")):
+            # The shape of a JSON object, checked without parsing: a client SDK would raise
+            # a decode error on anything else instead of reporting an API error.
+            self.error = UpstreamFailed(
+                f"Upstream '{self.upstream}' sent a stream event that is not a JSON object."
+            )
+            return None
+        if not self.finished and _FINISH.search(data) is not None:
+            self.finished = True
+        return data
+
+    def frame(self, events: list[Any]) -> bytes:
+        out: list[bytes] = []
+        for ev in events:
+            data = self._data(ev)
+            if data is None:
+                if self.done or self.error is not None:
+                    break
+                continue
+            payload = data.encode()
+            if b"\n" in payload:
+                # A multi-line data event: each line needs its own `data:` field, or the
+                # client reads the lines after the first as fields of their own.
+                payload = payload.replace(b"\n", b"\ndata: ")
+            out.append(b"data: " + payload + b"\n\n")
+        return b"".join(out)
+
+    def decode(self, events: list[Any]) -> list[Out]:
+        out: list[Out] = []
+        for ev in events:
+            data = self._data(ev)
+            if data is None:
+                if self.done or self.error is not None:
+                    break
+                continue
+            try:
+                chunk = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                chunk = None
+            if not isinstance(chunk, dict) or not isinstance(chunk.get("choices"), list):
+                self.error = UpstreamFailed(
+                    f"Upstream '{self.upstream}' sent a stream event that is not a chat "
+                    "completion chunk."
+                )
+                break
+            typed: ChatChunk = chunk  # type: ignore[assignment]
+            out.append(typed)
+        return out
+
+
+def stream_error(upstream: str, data: str) -> ProxyError:
+    message = ""
+    try:
+        parsed = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict):
+        err = parsed.get("error", parsed)
+        if isinstance(err, dict):
+            message = str(err.get("message") or "")
+        elif isinstance(err, str):
+            message = err
+    detail = f": {message[:500]}" if message else ""
+    return UpstreamFailed(f"Upstream '{upstream}' reported an error mid-stream{detail}")
+
+
+class ResponsesRelayState:
+    """A native Responses stream: its events framed again as `event:` + `data:` (so a
+    truncated event never reaches the client) up to the terminal event; `[DONE]` dropped (the
+    writer ends every stream with its own)."""
+
+    __slots__ = ("ended", "failure", "terminal", "upstream")
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.terminal = False
+        self.ended = False
+        # Raised by the reader only after the events before it were passed on.
+        self.failure: ProxyError | None = None
+
+    def flush(self, decoder: SSEDecoder) -> list[Any]:
+        return RelayState(self.upstream).flush(decoder)
+
+    def frame(self, events: list[Any]) -> bytes:
+        out: list[bytes] = []
+        for ev in events:
+            data: str = ev.data
+            if data == "[DONE]":
+                self.ended = True
+                break
+            if not data:
+                continue
+            # SSE names an event without an `event:` line "message".
+            name = "" if ev.event == "message" else ev.event
+            if name == "error" or data.startswith('{"error"'):
+                self.failure = stream_error(self.upstream, data)
+                break
+            if not (data.startswith("{") and data.rstrip().endswith("}")):
+                self.failure = UpstreamFailed(
+                    f"Upstream '{self.upstream}' sent a stream event that is not a JSON object."
+                )
+                break
+            payload = data.encode().replace(b"\n", b"\ndata: ")
+            head = b"event: " + name.encode() + b"\n" if name else b""
+            out.append(head + b"data: " + payload + b"\n\n")
+            if (
+                name in _RESPONSES_TERMINAL
+                if name
+                else _RESPONSES_TERMINAL_TYPE.match(data) is not None
+            ):
+                self.terminal = True
+                break
+        return b"".join(out)
