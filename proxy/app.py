@@ -1,27 +1,22 @@
-"""create_app(): the front around every handler, routes and the one outgoing ClientSession."""
+"""create_app(): the routes, each wrapped by the front (proxy/front.py), and what lives with
+the app: the one outgoing ClientSession, the state, the routes watcher, the drain."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import functools
-import itertools
 import logging
 import os
-import re
-import time
 from collections.abc import AsyncIterator, Callable
-from random import getrandbits
 
 import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from proxy import handlers
-from proxy.access_log import access_log, log_exchange
 from proxy.app_keys import (
     DRAIN,
-    EXCHANGE,
     HTTP,
     MAX_BODY,
     METRICS,
@@ -29,7 +24,6 @@ from proxy.app_keys import (
     STATE,
     TABLES,
 )
-from proxy.bad_requests import check_content_encoding
 from proxy.connection_limits import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_HEADER_TIMEOUT,
@@ -38,18 +32,8 @@ from proxy.connection_limits import (
 )
 from proxy.errors import (
     AuthenticationFailed,
-    HeadersTooLarge,
-    InternalError,
-    InvalidRequest,
-    MethodNotAllowed,
-    NotFound,
-    PayloadTooLarge,
-    ProxyError,
-    ServiceUnavailable,
 )
-from proxy.exchange import DRAIN as DRAINED
-from proxy.exchange import Exchange
-from proxy.handlers import stamp_headers
+from proxy.front import MAX_HEADER_BYTES, Front, new_request_id
 from proxy.http_server import serve_connections
 from proxy.ingress.chat import chat_completions
 from proxy.ingress.embeddings import embeddings
@@ -57,7 +41,7 @@ from proxy.ingress.responses import create_response, stored_response
 from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.reload import Outcome, TableHolder, watch
 from proxy.response_ids import ENV_SECRET, ResponseIds
-from proxy.shutdown import DEFAULT_DRAIN_TIMEOUT, Drain, shutting_down
+from proxy.shutdown import DEFAULT_DRAIN_TIMEOUT, Drain
 from proxy.state import AppState
 
 log = logging.getLogger(__name__)
@@ -65,129 +49,12 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
 DEFAULT_MAX_CONNECTIONS = 1000
 DEFAULT_SEND_TIMEOUT = 60.0
-# The request's header lines, names and values together. The HTTP parser's own limits sit
-# above it (one line at most twice as long, 128 lines), so an oversized header section meets
-# this check first and gets an OpenAI-shaped 431; only what exceeds the parser's limits is
-# refused by aiohttp itself, with a plain-text 400, before any of the proxy's code runs.
-MAX_HEADER_BYTES = 16 * 1024
+# The request's header lines, names and values together: the HTTP parser's own limits sit
+# above the front's check (proxy/front.py), so an oversized header section meets that check
+# first and gets an OpenAI-shaped 431; what exceeds the parser's limits gets the JSON answer
+# of proxy/bad_requests.py.
 _PARSER_LIMITS = {"max_line_size": 2 * MAX_HEADER_BYTES, "max_field_size": 2 * MAX_HEADER_BYTES}
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
-# Probes and scrapes arrive every few seconds: their log lines are debug, not info.
-_QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 _CATCH_ALL = "/{path:.*}"
-
-
-def render(err: ProxyError) -> web.Response:
-    response = web.Response(
-        body=err.to_json(), status=err.status, content_type="application/json"
-    )
-    response.headers.update(err.headers)
-    return response
-
-
-def _from_http_exception(request: web.Request, exc: web.HTTPException) -> ProxyError:
-    if isinstance(exc, web.HTTPMethodNotAllowed):
-        allowed = ", ".join(sorted(exc.allowed_methods))
-        return MethodNotAllowed(
-            f"Method {request.method} is not allowed for {request.path}; use {allowed}.",
-            headers={"Allow": allowed},
-        )
-    if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        return PayloadTooLarge(
-            f"Request body too large: the limit is {request.app[MAX_BODY]} bytes."
-        )
-    if exc.status == 404:
-        return NotFound(f"Invalid URL ({request.method} {request.path}).")
-    err = ProxyError(exc.reason)
-    err.status = exc.status
-    err.type = "invalid_request_error" if exc.status < 500 else "server_error"
-    err.code = None
-    return err
-
-
-class _Front:
-    """What every request goes through first and last: request id, drain tracking,
-    admission, errors rendered as OpenAI JSON, the stamped headers, and the metrics and log
-    line of the request.
-
-    A wrapper around each route's handler, not an aiohttp middleware: with any middleware
-    aiohttp adds a layer of its own (`_fix_request_current_app`) and a cached handler chain,
-    and every coroutine layer is paid again at each suspension of a request. A catch-all
-    route (`unmatched`) gives unknown paths and methods the same treatment.
-    """
-
-    __slots__ = ("drain", "loop", "max_connections", "metrics")
-
-    def __init__(self, drain: Drain, metrics: Metrics, max_connections: int) -> None:
-        self.drain = drain
-        self.metrics = metrics
-        self.max_connections = max_connections
-        # Set at startup: passing the loop to current_task() spares the request a
-        # get_running_loop(), which on Python 3.11 costs a getpid() system call.
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    async def on_startup(self, app: web.Application) -> None:
-        self.loop = asyncio.get_running_loop()
-
-    def wrap(self, handler: Handler) -> Handler:
-        front = self
-
-        async def guarded(request: web.Request) -> web.StreamResponse:
-            given = request.headers.get("X-Request-Id")
-            task = asyncio.current_task(front.loop)
-            assert task is not None
-            exchange = request[EXCHANGE] = Exchange(
-                time.perf_counter(),
-                given if given and _REQUEST_ID.fullmatch(given) else new_request_id(),
-                task,
-            )
-            drain = front.drain
-            drain.track(exchange)
-            response: web.StreamResponse | None = None
-            try:
-                response = _refusal(request, drain, front.max_connections)
-                if response is None:
-                    response = await handler(request)
-            except ProxyError as err:
-                response = render(err)
-            except web.HTTPException as exc:
-                response = render(_from_http_exception(request, exc))
-            except asyncio.CancelledError:
-                if exchange.take(DRAINED) is None:
-                    # aiohttp cancels the handler when the client disconnects.
-                    exchange.error = exchange.error or "client_closed"
-                    raise
-                response = render(shutting_down())
-            except web.RequestPayloadError:
-                # The client's body cannot be read: a Content-Encoding it does not have, or
-                # broken chunked framing. Its fault, not a 500; the connection cannot be reused.
-                response = render(InvalidRequest("The request body could not be read: "
-                                                 "malformed Content-Encoding or "
-                                                 "Transfer-Encoding."))
-                response.force_close()
-            except Exception:
-                log.exception("request %s failed", exchange.request_id)
-                response = render(InternalError(exchange.request_id))
-            finally:
-                drain.untrack(exchange)
-                if response is not None and not response.prepared:
-                    # A stream stamped its own headers before it committed them.
-                    stamp_headers(exchange, response)
-                _finish(request, front.metrics, exchange, response)
-            return response
-
-        return guarded
-
-
-def new_request_id() -> str:
-    # An id to find a request by in logs, not a secret: a random prefix per process (so
-    # workers and restarts do not collide) and a counter. `secrets` would cost every request
-    # a getrandom() system call, and even a random 96-bit number costs more to format.
-    return f"req_{_ID_PREFIX}{next(_ID_COUNTER):08x}"
-
-
-_ID_PREFIX = f"{getrandbits(64):016x}"
-_ID_COUNTER = itertools.count(1)
 
 
 async def unmatched(request: web.Request) -> web.StreamResponse:
@@ -200,70 +67,6 @@ async def unmatched(request: web.Request) -> web.StreamResponse:
     if allowed:
         raise web.HTTPMethodNotAllowed(request.method, allowed)
     raise web.HTTPNotFound()
-
-
-def _finish(
-    request: web.Request, metrics: Metrics, ex: Exchange, response: web.StreamResponse | None
-) -> None:
-    """Metrics and the log line of a request that has ended, however it ended."""
-    duration = time.perf_counter() - ex.started
-    if response is not None:
-        ex.status = response.status
-    elif not ex.status:
-        ex.status = 499  # cancelled before an answer: the client went away (nginx's code)
-    if ex.chat:
-        overhead = ex.overhead
-        if overhead is None:
-            upstream_ms = ex.upstream_ms
-            if upstream_ms is not None:
-                overhead = max(duration - upstream_ms / 1000.0, 0.0)
-            elif not ex.upstream:
-                overhead = duration  # refused before any upstream: all of it is the proxy's
-            # else an upstream was tried and never answered: its share is unknown.
-        metrics.observe(ex, duration, overhead)
-    level = logging.DEBUG if request.path in _QUIET_PATHS else logging.INFO
-    if access_log.isEnabledFor(level):
-        sent = 0
-        if response is not None:
-            sent = response.body_length if response.prepared else response.content_length or 0
-        log_exchange(
-            ex.request_id, request.method, request.path, ex, duration, sent, level
-        )
-
-
-def _refusal(
-    request: web.Request, drain: Drain, max_connections: int
-) -> web.StreamResponse | None:
-    """Limits that protect the worker, checked before any other work: a response that
-    refuses the request, or None to serve it."""
-    # Each connection carries one request at a time, so the requests in flight are the
-    # connections in use; idle keep-alive connections cost a socket and nothing else.
-    # Probes and scrapes are always answered, so an overloaded pod is not also restarted.
-    if (
-        max_connections
-        and drain.in_flight > max_connections
-        and request.path not in _QUIET_PATHS
-    ):
-        response = render(
-            ServiceUnavailable(
-                f"The proxy is serving its limit of {max_connections} connections "
-                "(--max-connections); retry shortly.",
-                code="too_many_connections",
-                headers={"Retry-After": "1"},
-            )
-        )
-        # Closing frees the socket too, which is what the limit is for.
-        response.force_close()
-        return response
-    size = 0
-    for name, value in request.raw_headers:
-        size += len(name) + len(value)
-    if size > MAX_HEADER_BYTES:
-        raise HeadersTooLarge(
-            f"Request headers too large: {size} bytes, the limit is {MAX_HEADER_BYTES}."
-        )
-    check_content_encoding(request)
-    return None
 
 
 def _http_session_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -392,7 +195,7 @@ def create_app(
     )
     app[METRICS] = metrics = metrics if metrics is not None else Metrics()
     app[DRAIN] = drain = Drain(holder, drain_timeout)
-    front = _Front(drain, metrics, max_connections)
+    front = Front(drain, metrics, max_connections)
     limits = ConnectionLimits(header_timeout, body_timeout, keepalive_timeout)
     serve_connections(app, limits, metrics, new_request_id)
     app.on_startup.append(front.on_startup)

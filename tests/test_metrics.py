@@ -156,7 +156,7 @@ async def test_the_log_line_is_not_built_when_its_level_is_off(
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the log line was built although nobody reads it")
 
-    monkeypatch.setattr("proxy.app.log_exchange", refuse)
+    monkeypatch.setattr("proxy.front.log_exchange", refuse)
     logging.getLogger("agentproxy.access").setLevel(logging.WARNING)
     try:
         proxy = await make_proxy(ECHO_ONLY)
