@@ -5,14 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from proxy.errors import InvalidRequest, UnsupportedMediaType
+from proxy.json_body import kind_of, load_object
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
-# orjson parses JSON nested up to 1024 levels but serializes only up to 254, so a body nested
-# deeper than this would parse and then fail (a 500) where an adapter forwards it.
-MAX_DEPTH = 254
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,23 +31,7 @@ def check_content_type(content_type: str) -> None:
 
 
 def parse_chat_request(raw: bytes) -> ChatRequest:
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise InvalidRequest(
-            "We could not parse the JSON body of your request. The body must be a JSON object."
-        ) from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    # Counting brackets is a cheap bound on the depth: only bodies that could be too deep pay
-    # for the trial serialization.
-    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:
-        try:
-            orjson.dumps(body)
-        except orjson.JSONEncodeError:
-            raise InvalidRequest(
-                f"The request body is nested too deeply (more than {MAX_DEPTH} levels)."
-            ) from None
+    body = load_object(raw)
 
     model = body.get("model")
     if model is not None and (not isinstance(model, str) or not model):
@@ -62,7 +42,7 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest(
-            f"Invalid type for 'stream': expected a boolean, got {_type_name(stream)}.",
+            f"Invalid type for 'stream': expected a boolean, got {kind_of(stream)}.",
             param="stream",
         )
     include_usage = False
@@ -87,7 +67,7 @@ def _check_messages(messages: Any) -> None:
         raise InvalidRequest("Missing required parameter: 'messages'.", param="messages")
     if not isinstance(messages, list):
         raise InvalidRequest(
-            f"Invalid type for 'messages': expected an array, got {_type_name(messages)}.",
+            f"Invalid type for 'messages': expected an array, got {kind_of(messages)}.",
             param="messages",
         )
     if not messages:
@@ -98,7 +78,7 @@ def _check_messages(messages: Any) -> None:
         if not isinstance(message, dict):
             raise InvalidRequest(
                 f"Invalid type for 'messages[{i}]': expected an object, "
-                f"got {_type_name(message)}.",
+                f"got {kind_of(message)}.",
                 param=f"messages[{i}]",
             )
         role = message.get("role")
@@ -114,20 +94,6 @@ def _check_messages(messages: Any) -> None:
         if content is not None and not isinstance(content, (str, list)):
             raise InvalidRequest(
                 f"Invalid type for 'messages[{i}].content': expected a string or an array, "
-                f"got {_type_name(content)}.",
+                f"got {kind_of(content)}.",
                 param=f"messages[{i}].content",
             )
-
-
-def _type_name(value: Any) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return "null"

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from proxy.app_keys import EXCHANGE, HTTP, TABLES
 from proxy.auth import Grant
+from proxy.chat_request import check_content_type
 from proxy.errors import InvalidRequest
 from proxy.exchange import Exchange
 from proxy.routing import Route, RouteTable
@@ -42,6 +43,17 @@ def json_response(
 def authenticate(request: web.Request, table: RouteTable) -> Grant:
     headers = request.headers
     return table.auth.check(headers.get("Authorization"), headers.get("X-Api-Key"))
+
+
+async def accept(request: web.Request) -> tuple[Exchange, RouteTable, Grant, bytes]:
+    """What every API request starts with: its record, the one route table it keeps to its
+    end, the caller (authenticated before the body is read), and the body."""
+    exchange = request[EXCHANGE]
+    exchange.chat = True
+    table = request.app[TABLES].current
+    grant = authenticate(request, table)
+    check_content_type(request.content_type if request.body_exists else "")
+    return exchange, table, grant, await request.read()
 
 
 def resolve_model(

@@ -9,12 +9,12 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
-from proxy.app_keys import EXCHANGE, HTTP, METRICS, TABLES
-from proxy.chat_request import check_content_type, parse_chat_request
+from proxy.app_keys import HTTP, METRICS
+from proxy.chat_request import parse_chat_request
 from proxy.chunks import Comment, Out
 from proxy.dispatch import serve
 from proxy.errors import ProxyError
-from proxy.handlers import authenticate, json_response, resolve_model
+from proxy.handlers import accept, json_response, resolve_model
 from proxy.ingress.streaming import relay
 from proxy.sessions import session_hint
 from proxy.sse import DONE, KEEPALIVE, error_event
@@ -41,13 +41,9 @@ _ENCODER = ChatEncoder()
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    exchange = request[EXCHANGE]
-    exchange.chat = True
+    exchange, table, grant, raw = await accept(request)
     app = request.app
-    table = app[TABLES].current
-    grant = authenticate(request, table)
-    check_content_type(request.content_type if request.body_exists else "")
-    chat = parse_chat_request(await request.read())
+    chat = parse_chat_request(raw)
     route, model, upstream_model = resolve_model(table, chat.model, grant)
     exchange.model, exchange.route, exchange.stream = model, route.name, chat.stream
     hint = None

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from aiohttp import web
 
-from proxy.app_keys import EXCHANGE, HTTP, METRICS, TABLES
-from proxy.chat_request import MAX_DEPTH, check_content_type
+from proxy.app_keys import HTTP, METRICS
 from proxy.dispatch import with_failover
 from proxy.errors import InvalidRequest
 from proxy.failover import Lease
-from proxy.handlers import authenticate, json_response, resolve_model
+from proxy.handlers import accept, json_response, resolve_model
+from proxy.json_body import load_object
 from proxy.upstreams.base import Answer, Call
 
 __all__ = ["embeddings", "parse_embeddings_request"]
@@ -28,21 +27,7 @@ __all__ = ["embeddings", "parse_embeddings_request"]
 def parse_embeddings_request(raw: bytes) -> dict[str, Any]:
     """The body, checked as far as the proxy needs it: an object with `input`, and `model`
     a non-empty string when given. The rest is the upstream's to judge."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise InvalidRequest(
-            "We could not parse the JSON body of your request. The body must be a JSON object."
-        ) from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:
-        try:
-            orjson.dumps(body)
-        except orjson.JSONEncodeError:
-            raise InvalidRequest(
-                f"The request body is nested too deeply (more than {MAX_DEPTH} levels)."
-            ) from None
+    body = load_object(raw)
     model = body.get("model")
     if model is not None and (not isinstance(model, str) or not model):
         raise InvalidRequest("'model' must be a non-empty string.", param="model")
@@ -57,13 +42,9 @@ def parse_embeddings_request(raw: bytes) -> dict[str, Any]:
 
 
 async def embeddings(request: web.Request) -> web.Response:
-    exchange = request[EXCHANGE]
-    exchange.chat = True
+    exchange, table, grant, raw = await accept(request)
     app = request.app
-    table = app[TABLES].current
-    grant = authenticate(request, table)
-    check_content_type(request.content_type if request.body_exists else "")
-    body = parse_embeddings_request(await request.read())
+    body = parse_embeddings_request(raw)
     route, model, upstream_model = resolve_model(table, body.get("model"), grant)
     exchange.model, exchange.route = model, route.name
     if not all(upstream.embeds for upstream in route.upstreams):

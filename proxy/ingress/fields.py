@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.errors import InvalidRequest
+from proxy.json_body import kind_of
 
 
 def opt_str(obj: dict[str, Any], key: str, param: str | None = None) -> str | None:
@@ -61,17 +62,3 @@ def opt_int(obj: dict[str, Any], key: str, *, minimum: int) -> int | None:
             f"Invalid value for '{key}': must be at least {minimum}.", param=key
         )
     return value
-
-
-def kind_of(value: Any) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return "null"

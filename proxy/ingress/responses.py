@@ -34,12 +34,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.app_keys import EXCHANGE, HTTP, METRICS, RESPONSE_IDS, TABLES
-from proxy.chat_request import check_content_type
+from proxy.app_keys import HTTP, METRICS, RESPONSE_IDS, TABLES
 from proxy.chunks import Comment, Out
 from proxy.dispatch import serve
 from proxy.errors import NotFound, ProxyError
-from proxy.handlers import authenticate, json_response, resolve_model
+from proxy.handlers import accept, authenticate, json_response, resolve_model
 from proxy.ingress.responses_native import NativeEncoder, tracked
 from proxy.ingress.responses_request import parse_responses_request, refuse_state
 from proxy.ingress.responses_writer import ResponsesWriter, completion_chunks, render_sync
@@ -75,13 +74,8 @@ class ResponsesEncoder:
 
 
 async def create_response(request: web.Request) -> web.StreamResponse:
-    exchange = request[EXCHANGE]
-    exchange.chat = True
+    exchange, table, grant, raw = await accept(request)
     app = request.app
-    table = app[TABLES].current
-    grant = authenticate(request, table)
-    check_content_type(request.content_type if request.body_exists else "")
-    raw = await request.read()
     parsed = parse_responses_request(raw)
     route, model, upstream_model = resolve_model(table, parsed.model, grant)
     exchange.model, exchange.route, exchange.stream = model, route.name, parsed.stream

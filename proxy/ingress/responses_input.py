@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import Any, Final
 
 from proxy.errors import InvalidRequest
-from proxy.ingress.fields import kind_of, req_str
+from proxy.ingress.fields import req_str
+from proxy.json_body import kind_of
 
 __all__ = ["translate_input"]
 

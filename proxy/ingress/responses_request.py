@@ -17,16 +17,14 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final
 
-import orjson
-
 from proxy.errors import InvalidRequest
-from proxy.ingress.fields import kind_of, opt_bool, opt_int, opt_number, opt_str, req_str
+from proxy.ingress.fields import opt_bool, opt_int, opt_number, opt_str, req_str
 from proxy.ingress.responses_input import translate_input
+from proxy.json_body import kind_of, load_object
 
 __all__ = ["ResponsesRequest", "parse_responses_request", "refuse_state"]
 
 # orjson parses deeper than it serializes; a body past this would fail when forwarded.
-MAX_DEPTH: Final = 254
 _TOOL_CHOICE_MODES: Final = frozenset({"none", "auto", "required"})
 _EFFORTS: Final = frozenset({"none", "minimal", "low", "medium", "high", "xhigh", "max"})
 _RESEND: Final = (
@@ -52,7 +50,7 @@ class ResponsesRequest:
 
 
 def parse_responses_request(raw: bytes) -> ResponsesRequest:
-    body = _load(raw)
+    body = load_object(raw)
 
     model = opt_str(body, "model")
     if model == "":
@@ -168,24 +166,6 @@ def refuse_state(request: ResponsesRequest, *, chains: bool = False) -> None:
 # -- the body -----------------------------------------------------------------------------
 
 
-def _load(raw: bytes) -> dict[str, Any]:
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise InvalidRequest(
-            "We could not parse the JSON body of your request. The body must be a JSON object."
-        ) from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    # Counting brackets bounds the depth cheaply; only suspicious bodies pay for the trial.
-    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:
-        try:
-            orjson.dumps(body)
-        except orjson.JSONEncodeError:
-            raise InvalidRequest(
-                f"The request body is nested too deeply (more than {MAX_DEPTH} levels)."
-            ) from None
-    return body
 
 
 def _conversation(value: Any) -> str | None:
