@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DONE",
+    "EVENT_END",
     "KEEPALIVE",
     "SSE_HEADERS",
     "Event",
@@ -42,6 +43,8 @@ __all__ = [
     "encode_data",
     "encode_named",
     "error_event",
+    "event_head",
+    "reframe",
 ]
 
 _BOM = b"\xef\xbb\xbf"
@@ -271,6 +274,24 @@ def encode_data(data: bytes) -> bytes:
         # A line end would let payload text pose as SSE fields or end the event early.
         raise ValueError("SSE data payload must not contain CR or LF")
     return b"data: " + data + b"\n\n"
+
+
+def reframe(data: bytes, event: str = "") -> bytes:
+    """An event whose payload came from an upstream's own (already decoded) event: every
+    line gets its own `data:` field, so no line of it can pose as a field of its own."""
+    head = b"event: " + event.encode() + b"\n" if event else b""
+    return head + b"data: " + data.replace(b"\n", b"\ndata: ") + EVENT_END
+
+
+def event_head(event: str) -> bytes:
+    """The start of a named event, up to its data: callers that build many events of one
+    name keep it, then add a single-line payload and `EVENT_END`."""
+    if "\n" in event or "\r" in event:
+        raise ValueError("SSE event name must not contain CR or LF")
+    return b"event: " + event.encode() + b"\ndata: "
+
+
+EVENT_END: bytes = b"\n\n"
 
 
 def encode_comment(text: str = "keep-alive") -> bytes:

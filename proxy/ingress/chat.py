@@ -17,7 +17,7 @@ from proxy.errors import ProxyError
 from proxy.handlers import accept, json_response, resolve_model
 from proxy.ingress.streaming import relay
 from proxy.sessions import session_hint
-from proxy.sse import DONE, KEEPALIVE, error_event
+from proxy.sse import DONE, KEEPALIVE, encode_data, error_event
 from proxy.upstreams.base import Call
 
 
@@ -26,7 +26,7 @@ class ChatEncoder:
 
     def batch(self, batch: list[Out]) -> bytes:
         return b"".join(
-            KEEPALIVE if isinstance(out, Comment) else b"data: " + orjson.dumps(out) + b"\n\n"
+            KEEPALIVE if isinstance(out, Comment) else encode_data(orjson.dumps(out))
             for out in batch
         )
 

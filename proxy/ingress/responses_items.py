@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+from proxy.sse import EVENT_END, event_head
+
 __all__ = ["END", "PARTS", "SEQ", "OpenCall", "OpenItem", "empty_part", "frame"]
 
 
 def frame(kind: str) -> bytes:
     """The start of an event of type `kind`, up to its JSON data."""
-    return b"event: " + kind.encode() + b"\ndata: "
+    return event_head(kind)
 
 
 
@@ -26,7 +28,7 @@ PARTS: Final = {
     "reasoning_text": ("response.reasoning_text.delta", "response.reasoning_text.done", "text"),
 }
 SEQ: Final = b',"sequence_number":'
-END: Final = b"}\n\n"
+END: Final = b"}" + EVENT_END
 
 
 def empty_part(kind: str) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from proxy.errors import ProxyError
 from proxy.ingress.responses_items import frame
 from proxy.ingress.responses_object import failure_error
 from proxy.response_ids import new_response_id
-from proxy.sse import DONE, SSEDecoder, encode_comment
+from proxy.sse import DONE, EVENT_END, SSEDecoder, encode_comment
 from proxy.upstreams.base import ByteStream
 
 __all__ = ["NativeEncoder", "tracked"]
@@ -78,7 +78,7 @@ class NativeEncoder:
         response["incomplete_details"] = None
         event = {"type": "response.failed", "response": response, "sequence_number": self.events}
         self.events += 1
-        return _FAILED + orjson.dumps(event) + b"\n\n"
+        return _FAILED + orjson.dumps(event) + EVENT_END
 
     def end(self) -> bytes:
         return DONE

@@ -46,7 +46,7 @@ from proxy.ingress.responses_object import (
     responses_usage,
 )
 from proxy.openai_types import ToolCallDelta
-from proxy.sse import DONE, encode_comment
+from proxy.sse import DONE, EVENT_END, encode_comment
 
 __all__ = [
     "RESPONSE_DEFAULTS",
@@ -231,7 +231,7 @@ class ResponsesWriter:
     def _emit(self, frame: bytes, payload: dict[str, Any]) -> None:
         payload["sequence_number"] = self._seq
         self._seq += 1
-        self._out.append(frame + orjson.dumps(payload) + b"\n\n")
+        self._out.append(frame + orjson.dumps(payload) + EVENT_END)
 
     def _start(self) -> None:
         self._started = True

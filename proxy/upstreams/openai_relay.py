@@ -17,7 +17,7 @@ import orjson
 from proxy.chunks import Out
 from proxy.errors import ProxyError, UpstreamFailed
 from proxy.openai_types import ChatChunk
-from proxy.sse import SSEDecoder
+from proxy.sse import SSEDecoder, reframe
 
 # A finish chunk carries a string finish_reason; every other chunk has null or nothing.
 _FINISH = re.compile(r'"finish_reason"\s*:\s*"')
@@ -148,12 +148,8 @@ class RelayState:
                 if self.done or self.error is not None:
                     break
                 continue
-            payload = data.encode()
-            if b"\n" in payload:
-                # A multi-line data event: each line needs its own `data:` field, or the
-                # client reads the lines after the first as fields of their own.
-                payload = payload.replace(b"\n", b"\ndata: ")
-            out.append(b"data: " + payload + b"\n\n")
+            # A multi-line data event keeps each line in a `data:` field of its own.
+            out.append(reframe(data.encode()))
         return b"".join(out)
 
     def decode(self, events: list[Any]) -> list[Out]:
@@ -231,9 +227,7 @@ class ResponsesRelayState:
                     f"Upstream '{self.upstream}' sent a stream event that is not a JSON object."
                 )
                 break
-            payload = data.encode().replace(b"\n", b"\ndata: ")
-            head = b"event: " + name.encode() + b"\n" if name else b""
-            out.append(head + b"data: " + payload + b"\n\n")
+            out.append(reframe(data.encode(), name))
             if (
                 name in _RESPONSES_TERMINAL
                 if name
