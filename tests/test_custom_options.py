@@ -126,7 +126,6 @@ upstreams:
       path: /chat
       body: {q: "{{ input }}"}
     sync: {text: answer}
-    session: {carry: marker}
 models:
   m: {upstream: bot}
 """
@@ -135,12 +134,7 @@ models:
         "routes.yaml:7 upstreams.bot.request: the request sends no session placeholder and no "
         "`{{ history }}`/`{{ messages }}`: the agent sees each message without the ones before "
         "it (no memory)",
-        "routes.yaml:10 upstreams.bot.session.carry: `carry: marker` without a session secret "
-        "(AGENTPROXY_SESSION_SECRET): markers are signed with a per-process key and stop "
-        "working after a restart",
     ]
-    signed = parse_config(text, environ={"AGENTPROXY_SESSION_SECRET": "s"})
-    assert [w.path for w in signed.warnings] == ["upstreams.bot.request"]
 
 
 def test_a_route_needs_model_when_the_requests_use_it() -> None:

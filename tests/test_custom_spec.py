@@ -310,11 +310,14 @@ def test_a_stateless_request_without_history_warns() -> None:
                for w in warnings(raw))
 
 
-def test_carry_marker_without_a_secret_warns() -> None:
-    raw = block(session={"carry": "marker"})
-    assert any(w.startswith("session.carry: `carry: marker` without a session secret")
-               for w in warnings(raw))
-    assert compile_custom(raw, session_secret=True).warnings == ()
+def test_carry_marker_is_refused_until_the_adapter_carries_markers() -> None:
+    with pytest.raises(CustomSpecError) as caught:
+        compile_custom(block(session={"carry": "marker"}))
+    assert [str(p) for p in caught.value.problems] == [
+        "session.carry: `carry: marker` is not supported yet; use `lookup` (the server finds "
+        "the session by its owner) or `from_response` (remembered per worker for `cache` "
+        "seconds)"
+    ]
 
 
 # --- text framing ---------------------------------------------------------------------------------

@@ -26,8 +26,6 @@ if TYPE_CHECKING:
 
 ROUTE_KEYS: Final[tuple[str, ...]] = ("model", "client_system", "show", "session")
 ROUTE_SESSION_KEYS: Final[tuple[str, ...]] = ("from_user", "busy_timeout")
-# Signs `carry: marker` session markers; without it they cannot outlive the process.
-SESSION_SECRET_ENV: Final = "AGENTPROXY_SESSION_SECRET"
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,9 +43,8 @@ def _path(upstream: Block, problem: SpecProblem) -> str:
 def read_options(reader: Reader, upstream: Block) -> CustomSpec | None:
     raw = {key: reader.plain(upstream.node(key), upstream.at(key))
            for key in CUSTOM_KEYS if key in upstream}
-    secret = bool(reader.environ.get(SESSION_SECRET_ENV))
     try:
-        spec = compile_spec(raw, skip=(), session_secret=secret)
+        spec = compile_spec(raw, skip=())
     except CustomSpecError as exc:
         for problem in exc.problems:
             reader.error(upstream.locate(problem.where), _path(upstream, problem),

@@ -1,4 +1,4 @@
-"""Request templates of the `custom` kind: YAML values with `{{ placeholder }}`s (sans-IO).
+"""Request templates of the `custom` kind: YAML values with `{{ placeholder }}`s, compiled once.
 
 Rules (custom-apis.md §6.3), with no expression language:
 1. A string that is exactly one placeholder, `"{{ x }}"`, becomes the value with its JSON type.
@@ -6,12 +6,10 @@ Rules (custom-apis.md §6.3), with no expression language:
    the `?` placeholder sits inside a longer string).
 3. Any other string is interpolated with the values stringified: null as "", booleans as
    `true`/`false`, lists and objects as compact JSON. In a path every value is percent-encoded
-   as one segment, so `../../admin` or a `/?#` can never change where the request goes; in a
-   query every value is encoded whole.
+   as one segment; in a query every value is encoded whole.
 
-Templates are compiled once at load; an unknown placeholder is a compile error that names it.
-Rendering builds new containers only where a placeholder sits: static parts of a body are
-shared between requests, so a rendered value must be treated as read-only.
+Templates are compiled at load (here) into the nodes of custom_render.py, which render them
+per request; an unknown placeholder is a compile error that names it.
 """
 
 from __future__ import annotations
@@ -19,13 +17,21 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
-from urllib.parse import quote
 
-import orjson
-
-from proxy.errors import UpstreamFailed
+from proxy.upstreams.custom_render import (
+    Const,
+    Interp,
+    ListNode,
+    MapNode,
+    Node,
+    PathTemplate,
+    QueryTemplate,
+    Ref,
+    Template,
+    Whole,
+    stringify,
+)
 
 __all__ = [
     "BODY_PLACEHOLDERS",
@@ -40,6 +46,7 @@ __all__ = [
     "deep_merge",
     "stringify",
 ]
+
 
 BODY_PLACEHOLDERS: Final[frozenset[str]] = frozenset(
     {
@@ -80,162 +87,6 @@ class TemplateError(ValueError):
         self.where = where
 
 
-class _Drop:
-    """Marks a value that `?` removed: its key or list item is left out."""
-
-    __slots__ = ()
-
-
-_DROP: Final = _Drop()
-
-
-def stringify(value: Any) -> str:
-    """A value as interpolated text: null is "", JSON spelling for booleans and containers."""
-    if isinstance(value, str):
-        return value
-    if value is None:
-        return ""
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    return orjson.dumps(value).decode()
-
-
-# -- compiled nodes -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Ref:
-    name: str
-    optional: bool
-
-
-@dataclass(frozen=True, slots=True)
-class _Const:
-    value: Any
-
-    def render(self, values: Mapping[str, Any]) -> Any:
-        return self.value
-
-
-@dataclass(frozen=True, slots=True)
-class _Whole:
-    ref: _Ref
-
-    def render(self, values: Mapping[str, Any]) -> Any:
-        value = values.get(self.ref.name)
-        if self.ref.optional and (value is None or value == ""):
-            return _DROP
-        return value
-
-
-@dataclass(frozen=True, slots=True)
-class _Interp:
-    parts: tuple[str | _Ref, ...]
-
-    def render(self, values: Mapping[str, Any]) -> Any:
-        out: list[str] = []
-        for part in self.parts:
-            if isinstance(part, str):
-                out.append(part)
-                continue
-            value = values.get(part.name)
-            if part.optional and (value is None or value == ""):
-                return _DROP
-            out.append(stringify(value))
-        return "".join(out)
-
-
-@dataclass(frozen=True, slots=True)
-class _Map:
-    items: tuple[tuple[str, _Node], ...]
-
-    def render(self, values: Mapping[str, Any]) -> Any:
-        out: dict[str, Any] = {}
-        for key, node in self.items:
-            value = node.render(values)
-            if value is not _DROP:
-                out[key] = value
-        return out
-
-
-@dataclass(frozen=True, slots=True)
-class _List:
-    items: tuple[_Node, ...]
-
-    def render(self, values: Mapping[str, Any]) -> Any:
-        out: list[Any] = []
-        for node in self.items:
-            value = node.render(values)
-            if value is not _DROP:
-                out.append(value)
-        return out
-
-
-_Node: TypeAlias = _Const | _Whole | _Interp | _Map | _List
-
-
-@dataclass(frozen=True, slots=True)
-class Template:
-    """A compiled body (any JSON value). `render(values)` gives the value to send."""
-
-    root: _Node
-    names: frozenset[str]
-
-    def render(self, values: Mapping[str, Any]) -> Any:
-        return self.root.render(values)
-
-
-@dataclass(frozen=True, slots=True)
-class PathTemplate:
-    """A compiled path: literal text kept as written, every value encoded as one segment."""
-
-    parts: tuple[str | _Ref, ...]
-    names: frozenset[str]
-
-    def render(self, values: Mapping[str, Any]) -> str:
-        out: list[str] = []
-        for part in self.parts:
-            if isinstance(part, str):
-                out.append(part)
-                continue
-            text = stringify(values.get(part.name))
-            if text in ("", ".", ".."):
-                # Empty, `.` and `..` segments are the ones a URL library or a server
-                # normalises away: refuse rather than send the request somewhere else.
-                shown = "empty" if not text else f"{text!r}"
-                raise UpstreamFailed(
-                    f"The custom upstream's path needs `{{{{ {part.name} }}}}`, which is "
-                    f"{shown} for this request.",
-                    code="upstream_path_value",
-                )
-            out.append(quote(text, safe="", errors="replace"))
-        return "".join(out)
-
-
-@dataclass(frozen=True, slots=True)
-class QueryTemplate:
-    """Compiled query parameters; `render` gives the encoded query string ("" when empty)."""
-
-    items: tuple[tuple[str, _Node], ...]
-    names: frozenset[str]
-
-    def render(self, values: Mapping[str, Any]) -> str:
-        pairs: list[str] = []
-        for key, node in self.items:
-            value = node.render(values)
-            if value is _DROP:
-                continue
-            pairs.append(
-                quote(key, safe="", errors="replace")
-                + "="
-                + quote(stringify(value), safe="", errors="replace")
-            )
-        return "&".join(pairs)
-
 
 # -- compiling ----------------------------------------------------------------------------------
 
@@ -247,7 +98,7 @@ class _Compiler:
         self.captured = captured
         self.names: set[str] = set()
 
-    def ref(self, inner: str, where: Where) -> _Ref:
+    def ref(self, inner: str, where: Where) -> Ref:
         match = _INNER.fullmatch(inner)
         if match is None:
             raise TemplateError(
@@ -261,7 +112,7 @@ class _Compiler:
         elif name not in self.allowed:
             raise TemplateError(_unknown(name, self.allowed, self.captured), where)
         self.names.add(name)
-        return _Ref(name, optional)
+        return Ref(name, optional)
 
     def captured_ref(self, name: str, where: Where) -> None:
         if self.captured is None:
@@ -285,8 +136,8 @@ class _Compiler:
                 where,
             )
 
-    def parts(self, text: str, where: Where) -> tuple[str | _Ref, ...]:
-        parts: list[str | _Ref] = []
+    def parts(self, text: str, where: Where) -> tuple[str | Ref, ...]:
+        parts: list[str | Ref] = []
         pos = 0
         while True:
             start = text.find(_OPEN, pos)
@@ -306,21 +157,21 @@ class _Compiler:
             parts.append(text[pos:])
         return tuple(parts)
 
-    def node(self, value: Any, where: Where, in_container: bool) -> _Node:
+    def node(self, value: Any, where: Where, in_container: bool) -> Node:
         if isinstance(value, str):
             if _OPEN not in value:
-                return _Const(value)
+                return Const(value)
             parts = self.parts(value, where)
-            optional = any(isinstance(p, _Ref) and p.optional for p in parts)
+            optional = any(isinstance(p, Ref) and p.optional for p in parts)
             if optional and not in_container:
                 raise TemplateError(
                     "`?` removes the enclosing key or list item; here there is none", where
                 )
-            if len(parts) == 1 and isinstance(parts[0], _Ref):
-                return _Whole(parts[0])
-            return _Interp(parts)
+            if len(parts) == 1 and isinstance(parts[0], Ref):
+                return Whole(parts[0])
+            return Interp(parts)
         if isinstance(value, Mapping):
-            items: list[tuple[str, _Node]] = []
+            items: list[tuple[str, Node]] = []
             for key, item in value.items():
                 if not isinstance(key, str):
                     raise TemplateError(f"keys must be strings, not {key!r}", where)
@@ -329,18 +180,18 @@ class _Compiler:
                         f"{key!r}: placeholders are allowed in values, not in keys", where
                     )
                 items.append((key, self.node(item, (*where, key), True)))
-            statics = {key: node.value for key, node in items if isinstance(node, _Const)}
+            statics = {key: node.value for key, node in items if isinstance(node, Const)}
             if len(statics) == len(items):
-                return _Const(statics)
-            return _Map(tuple(items))
+                return Const(statics)
+            return MapNode(tuple(items))
         if isinstance(value, list | tuple):
             nodes = [self.node(item, (*where, i), True) for i, item in enumerate(value)]
-            consts = [node.value for node in nodes if isinstance(node, _Const)]
+            consts = [node.value for node in nodes if isinstance(node, Const)]
             if len(consts) == len(nodes):
-                return _Const(consts)
-            return _List(tuple(nodes))
+                return Const(consts)
+            return ListNode(tuple(nodes))
         if value is None or isinstance(value, bool | int | float):
-            return _Const(value)
+            return Const(value)
         raise TemplateError(
             f"{value!r} ({type(value).__name__}) is not a JSON value; quote it to send text",
             where,
@@ -388,7 +239,7 @@ def compile_path_template(
     if any(ch.isspace() for ch in literal):
         raise TemplateError(f"{text!r}: a path cannot hold spaces; write them as %20")
     for part in parts:
-        if isinstance(part, _Ref) and part.optional:
+        if isinstance(part, Ref) and part.optional:
             raise TemplateError(
                 f"{text!r}: `{{{{ {part.name}? }}}}` cannot drop a part of a path; use "
                 "`session.stateless` or a `sync`/`stream` override for another path"
@@ -407,7 +258,7 @@ def compile_query(
     if not isinstance(value, Mapping):
         raise TemplateError(f"`query` maps parameter names to values, not {_kind(value)}")
     compiler = _Compiler(allowed, captured)
-    items: list[tuple[str, _Node]] = []
+    items: list[tuple[str, Node]] = []
     for key, item in value.items():
         if not isinstance(key, str) or not key:
             raise TemplateError(f"a query parameter name must be a non-empty string: {key!r}")

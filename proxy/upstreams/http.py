@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import orjson
 from multidict import CIMultiDict
+from yarl import URL
 
 from proxy.config import UpstreamSpec
 from proxy.errors import ProxyError, UpstreamFailed
@@ -97,7 +98,7 @@ class HttpUpstream(Upstream):
         self,
         http: aiohttp.ClientSession,
         method: str,
-        url: str,
+        url: str | URL,
         *,
         data: bytes | None = None,
         params: Mapping[str, str] | None = None,

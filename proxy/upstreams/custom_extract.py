@@ -1,0 +1,173 @@
+"""What a `custom` upstream's JSON says, read with the block's paths (sans-IO): text by the one
+coercion rule, usage counts, the finish reason, error messages, session ids.
+
+Every value taken as text follows one fixed coercion rule (custom-apis.md §6.5), which is what
+lets a dotted path read content blocks (Anthropic, Gemini parts, n8n `{text_chunk}` objects).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Final
+
+import orjson
+
+from proxy.errors import UpstreamFailed
+from proxy.openai_types import Usage, make_usage
+from proxy.upstreams.custom_paths import Getter
+from proxy.upstreams.custom_rules import UsageMapping
+from proxy.upstreams.letta_translator import shorten
+
+if TYPE_CHECKING:
+    from proxy.upstreams.custom_spec import CustomSpec
+
+__all__ = [
+    "ERROR_LIMIT",
+    "add_usage",
+    "coerce_text",
+    "count_of",
+    "error_message_of",
+    "error_text",
+    "failure",
+    "finish_reason",
+    "is_json_content_type",
+    "message_at",
+    "parse_json_body",
+    "session_id_of",
+    "usage_of",
+]
+
+ERROR_LIMIT: Final = 300
+_GENERIC_ERROR: Final = "the request failed"
+
+
+def coerce_text(value: Any, join: str = "") -> str:
+    """A value as text: strings as they are, numbers and booleans spelled as JSON, lists
+    concatenated (with `join` between non-empty parts), an object its `text` when it is a
+    text block (`type` absent or "text", not a thought), anything else nothing."""
+    if type(value) is str:
+        return value
+    if value is None:
+        return ""
+    if type(value) is list:
+        parts = [text for item in value if (text := coerce_text(item, join))]
+        return join.join(parts)
+    if type(value) is dict:
+        block = value.get("text")
+        if (
+            type(block) is str
+            and value.get("type", "text") == "text"
+            and value.get("thought") is not True
+        ):
+            return block
+        return ""
+    if type(value) is bool:
+        return "true" if value else "false"
+    if type(value) is int or type(value) is float:
+        return repr(value)
+    return ""
+
+
+def count_of(value: Any) -> int | None:
+    if type(value) is int:
+        return value
+    if type(value) is float:
+        return int(value)
+    return None
+
+
+def usage_of(mapping: UsageMapping, payload: Any, event: str) -> Usage | None:
+    """The usage an event or body reports; None when it reports none at all."""
+    if mapping.parent is not None:
+        parent = mapping.parent(payload, event)
+        if type(parent) is not dict:
+            return None
+        p_key, c_key, t_key = mapping.keys
+        prompt = count_of(parent.get(p_key)) if p_key is not None else None
+        completion = count_of(parent.get(c_key)) if c_key is not None else None
+        total = count_of(parent.get(t_key)) if t_key is not None else None
+    else:
+        prompt = count_of(mapping.prompt_tokens(payload, event)) if mapping.prompt_tokens else None
+        completion = (
+            count_of(mapping.completion_tokens(payload, event))
+            if mapping.completion_tokens
+            else None
+        )
+        total = count_of(mapping.total_tokens(payload, event)) if mapping.total_tokens else None
+    if prompt is None and completion is None and total is None:
+        return None
+    usage = make_usage(prompt or 0, completion or 0)
+    if total is not None:
+        usage["total_tokens"] = total
+    return usage
+
+
+def add_usage(old: Usage, new: Usage) -> Usage:
+    return {
+        "prompt_tokens": old.get("prompt_tokens", 0) + new.get("prompt_tokens", 0),
+        "completion_tokens": old.get("completion_tokens", 0) + new.get("completion_tokens", 0),
+        "total_tokens": old.get("total_tokens", 0) + new.get("total_tokens", 0),
+    }
+
+
+def finish_reason(value: Any) -> str | None:
+    if value is None:
+        return None
+    # "length" is the one reason a client acts on (the answer was cut); the rest mean stop.
+    return "length" if value == "length" else "stop"
+
+
+def error_text(value: Any) -> str:
+    text = coerce_text(value)
+    if not text and isinstance(value, dict | list) and value:
+        try:
+            text = orjson.dumps(value).decode()
+        except orjson.JSONEncodeError:
+            text = ""
+    return shorten(text, ERROR_LIMIT) if text else ""
+
+
+def failure(label: str, value: Any) -> UpstreamFailed:
+    text = error_text(value) or _GENERIC_ERROR
+    return UpstreamFailed(f"{label} reported an error: {text}")
+
+
+def parse_json_body(raw: bytes, label: str = "The upstream") -> Any:
+    """A sync answer's JSON (leading keep-alive newlines are whitespace to JSON)."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise UpstreamFailed(f"{label} answered with a body that is not JSON.") from None
+
+
+def is_json_content_type(content_type: str | None) -> bool:
+    """Whether a `sse`-framed call was answered with one JSON document instead (Flowise,
+    when a flow cannot stream): then the body is read whole with the `sync` mapping."""
+    if not content_type:
+        return False
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+def error_message_of(spec: CustomSpec, raw: bytes) -> str | None:
+    """The message of a non-2xx JSON body, found with `error_message`; None if none."""
+    return message_at(spec.error_message, raw)
+
+
+def message_at(paths: Getter, raw: bytes) -> str | None:
+    """The message `paths` find in a JSON body, shortened; None if it has none."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    text = error_text(paths(body, "message"))
+    return text or None
+
+
+
+def session_id_of(value: Any) -> str | None:
+    """A session id the upstream issued: a non-empty string, or an integer as text."""
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None

@@ -1,0 +1,196 @@
+"""Compiled request templates of the `custom` kind and their rendering (sans-IO).
+
+custom_template.py compiles YAML values into these nodes once, at load; a request renders
+them with its placeholder values (custom-apis.md §6.3):
+1. a string that is exactly one placeholder becomes the value with its JSON type;
+2. `{{ x? }}` removes the enclosing key or list item when the value is null or "";
+3. any other string is interpolated with the values stringified (`stringify`). In a path
+   every value is percent-encoded as one segment, so `../../admin` or a `/?#` can never
+   change where the request goes; in a query every value is encoded whole.
+
+Rendering builds new containers only where a placeholder sits: static parts of a body are
+shared between requests, so a rendered value must be treated as read-only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final, TypeAlias
+from urllib.parse import quote
+
+import orjson
+
+from proxy.errors import UpstreamFailed
+
+__all__ = [
+    "DROP",
+    "Const",
+    "Interp",
+    "ListNode",
+    "MapNode",
+    "Node",
+    "PathTemplate",
+    "QueryTemplate",
+    "Ref",
+    "Template",
+    "Whole",
+    "stringify",
+]
+
+
+class _Drop:
+    """Marks a value that `?` removed: its key or list item is left out."""
+
+    __slots__ = ()
+
+
+DROP: Final = _Drop()
+
+
+def stringify(value: Any) -> str:
+    """A value as interpolated text: null is "", JSON spelling for booleans and containers."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return orjson.dumps(value).decode()
+
+
+# -- nodes -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    name: str
+    optional: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Const:
+    value: Any
+
+    def render(self, values: Mapping[str, Any]) -> Any:
+        return self.value
+
+
+@dataclass(frozen=True, slots=True)
+class Whole:
+    ref: Ref
+
+    def render(self, values: Mapping[str, Any]) -> Any:
+        value = values.get(self.ref.name)
+        if self.ref.optional and (value is None or value == ""):
+            return DROP
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class Interp:
+    parts: tuple[str | Ref, ...]
+
+    def render(self, values: Mapping[str, Any]) -> Any:
+        out: list[str] = []
+        for part in self.parts:
+            if isinstance(part, str):
+                out.append(part)
+                continue
+            value = values.get(part.name)
+            if part.optional and (value is None or value == ""):
+                return DROP
+            out.append(stringify(value))
+        return "".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class MapNode:
+    items: tuple[tuple[str, Node], ...]
+
+    def render(self, values: Mapping[str, Any]) -> Any:
+        out: dict[str, Any] = {}
+        for key, node in self.items:
+            value = node.render(values)
+            if value is not DROP:
+                out[key] = value
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class ListNode:
+    items: tuple[Node, ...]
+
+    def render(self, values: Mapping[str, Any]) -> Any:
+        out: list[Any] = []
+        for node in self.items:
+            value = node.render(values)
+            if value is not DROP:
+                out.append(value)
+        return out
+
+
+Node: TypeAlias = Const | Whole | Interp | MapNode | ListNode
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """A compiled body (any JSON value). `render(values)` gives the value to send."""
+
+    root: Node
+    names: frozenset[str]
+
+    def render(self, values: Mapping[str, Any]) -> Any:
+        return self.root.render(values)
+
+
+@dataclass(frozen=True, slots=True)
+class PathTemplate:
+    """A compiled path: literal text kept as written, every value encoded as one segment."""
+
+    parts: tuple[str | Ref, ...]
+    names: frozenset[str]
+
+    def render(self, values: Mapping[str, Any]) -> str:
+        out: list[str] = []
+        for part in self.parts:
+            if isinstance(part, str):
+                out.append(part)
+                continue
+            text = stringify(values.get(part.name))
+            if text in ("", ".", ".."):
+                # Empty, `.` and `..` segments are the ones a URL library or a server
+                # normalises away: refuse rather than send the request somewhere else.
+                shown = "empty" if not text else f"{text!r}"
+                raise UpstreamFailed(
+                    f"The custom upstream's path needs `{{{{ {part.name} }}}}`, which is "
+                    f"{shown} for this request.",
+                    code="upstream_path_value",
+                )
+            out.append(quote(text, safe="", errors="replace"))
+        return "".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class QueryTemplate:
+    """Compiled query parameters; `render` gives the encoded query string ("" when empty)."""
+
+    items: tuple[tuple[str, Node], ...]
+    names: frozenset[str]
+
+    def render(self, values: Mapping[str, Any]) -> str:
+        pairs: list[str] = []
+        for key, node in self.items:
+            value = node.render(values)
+            if value is DROP:
+                continue
+            pairs.append(
+                quote(key, safe="", errors="replace")
+                + "="
+                + quote(stringify(value), safe="", errors="replace")
+            )
+        return "&".join(pairs)

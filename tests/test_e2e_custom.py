@@ -1,0 +1,425 @@
+"""The five APIs of custom-apis.md §7 (Dify, Flowise, Langflow, n8n, LangGraph) behind the
+proxy, each configured with its worked YAML alone, through the `openai` SDK over real HTTP.
+
+Each fake replays its server's bytes (tests/fake_agents.py). Per API: sync, stream, sync
+equals the accumulated stream, session continuity, upstream errors before the body, an error
+event mid-stream, a truncated stream, and a client that leaves.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from proxy.openai_types import accumulate
+from tests.conftest import KEY, wait_for
+from tests.custom_e2e import (
+    API_IDS,
+    APIS,
+    DIFY,
+    FLOWISE,
+    HI,
+    LANGFLOW,
+    LANGGRAPH,
+    N8N,
+    OTHER_KEY,
+    Api,
+    custom_env,
+    post_stream,
+    serve_api,
+    text_of,
+)
+from tests.fake_agents import (
+    DIFY_CONVERSATION,
+    DIFY_TASK,
+    FakeDify,
+    Reply,
+    writes_of,
+)
+
+__all__ = ["custom_env"]
+
+apis = pytest.mark.parametrize("api", APIS, ids=API_IDS)
+
+
+def session(name: str) -> dict[str, str]:
+    return {"X-Session-Id": name}
+
+
+# Every API's default answer is to a turn of a chat (LangGraph answers hint-less turns with
+# a stateless run, which says something else).
+HINT = session("chat-0")
+
+
+# -- answers ---------------------------------------------------------------------------------------
+
+
+@apis
+async def test_a_sync_client_gets_the_whole_answer_with_usage(api: Api, tmp_path: Path) -> None:
+    async with serve_api(api, tmp_path) as served:
+        reply = await served.client().chat.completions.create(
+            model=api.model, messages=HI, extra_headers=HINT)
+    assert reply.choices[0].message.content == api.text
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.model == api.model
+    assert reply.usage is not None
+    prompt, completion, total = api.usage or (0, 0, 0)
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens,
+            reply.usage.total_tokens) == (prompt, completion, total)
+
+
+@apis
+async def test_a_stream_keeps_every_streaming_guarantee(api: Api, tmp_path: Path) -> None:
+    async with serve_api(api, tmp_path) as served:
+        events = await post_stream(served, api.model)
+        with_usage = await post_stream(served, api.model, include_usage=True)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-")
+    assert len({c["created"] for c in chunks}) == 1
+    assert all(c["model"] == api.model for c in chunks)
+    finishes = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert finishes == [chunks[-1]]
+    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "stop"}
+    assert not any("usage" in c for c in chunks)
+    assert text_of(events) == api.text
+    # Asked for, usage comes once, last, in a chunk of its own.
+    assert with_usage[-1] == "[DONE]"
+    usage = with_usage[-2]
+    assert usage["choices"] == [] and usage["id"] == with_usage[0]["id"]
+    assert not any("usage" in c for c in with_usage[:-2])
+    prompt, completion, total = api.usage or (0, 0, 0)
+    assert usage["usage"] == {"prompt_tokens": prompt, "completion_tokens": completion,
+                              "total_tokens": total}
+
+
+@apis
+async def test_the_sync_answer_equals_the_accumulated_stream(api: Api, tmp_path: Path) -> None:
+    async with serve_api(api, tmp_path) as served:
+        client = served.client()
+        sync = await client.chat.completions.create(
+            model=api.model, messages=HI, extra_headers=HINT)
+        stream = await client.chat.completions.create(
+            model=api.model, messages=HI, stream=True, stream_options={"include_usage": True},
+            extra_headers=HINT,
+        )
+        chunks = [chunk.model_dump(exclude_unset=True) async for chunk in stream]
+    streamed = accumulate(chunks)  # type: ignore[arg-type]
+    answer = sync.model_dump(exclude_unset=True)
+    for key in ("id", "created"):
+        answer.pop(key)
+        streamed.pop(key)  # type: ignore[misc]
+    assert answer == streamed
+
+
+# -- sessions --------------------------------------------------------------------------------------
+
+
+@apis
+async def test_turn_two_reaches_the_session_of_turn_one_and_another_key_another(
+    api: Api, tmp_path: Path
+) -> None:
+    async with serve_api(api, tmp_path) as served:
+        for key in (KEY, KEY, OTHER_KEY):
+            await served.client(key).chat.completions.create(
+                model=api.model, messages=HI, extra_headers=session("chat-1"))
+        await served.client().chat.completions.create(
+            model=api.model, messages=HI, extra_headers=session("chat-2"))
+    first, second, other_key, other_chat = (api.session_of(c) for c in served.fake.chats())
+    assert first == second
+    assert other_key != first and other_chat != first and other_key != other_chat
+
+
+async def test_dify_turn_two_continues_the_conversation_the_server_issued(
+    tmp_path: Path,
+) -> None:
+    async with serve_api(DIFY, tmp_path) as served:
+        for key in (KEY, KEY, OTHER_KEY):
+            await served.client(key).chat.completions.create(
+                model=DIFY.model, messages=HI, extra_headers=session("chat-1"))
+    fake = served.fake
+    first, second, other = (c.json for c in fake.chats())
+    assert "conversation_id" not in first
+    assert second["conversation_id"] == DIFY_CONVERSATION and second["user"] == first["user"]
+    # The id came from turn 1's own answer (`from_response`): no lookup was needed.
+    lookups = [r for r in fake.requests if r.path == "/v1/conversations"]
+    assert [r.query["user"] for r in lookups] == [first["user"], other["user"]]
+    assert "conversation_id" not in other and other["user"] != first["user"]
+
+
+async def test_dify_without_a_hint_starts_a_conversation_of_its_own_without_a_lookup(
+    tmp_path: Path,
+) -> None:
+    async with serve_api(DIFY, tmp_path) as served:
+        for _ in range(2):
+            await served.client().chat.completions.create(model=DIFY.model, messages=HI)
+    first, second = (c.json for c in served.fake.chats())
+    assert "conversation_id" not in first and "conversation_id" not in second
+    assert first["user"] != second["user"]
+    assert [r.path for r in served.fake.requests] == ["/v1/chat-messages"] * 2
+
+
+async def test_dify_finds_the_conversation_by_lookup_on_a_worker_that_never_saw_it(
+    tmp_path: Path,
+) -> None:
+    fake = FakeDify()
+    async with serve_api(DIFY, tmp_path, fake) as served:
+        await served.client().chat.completions.create(
+            model=DIFY.model, messages=HI, extra_headers=session("chat-1"))
+    # Another proxy (another worker, or this one after a restart) with the same server.
+    async with serve_api(DIFY, tmp_path, fake) as served:
+        await served.client().chat.completions.create(
+            model=DIFY.model, messages=HI, extra_headers=session("chat-1"))
+    first, second = (c.json for c in fake.chats())
+    assert second["conversation_id"] == DIFY_CONVERSATION
+    assert second["user"] == first["user"]
+
+
+async def test_dify_a_remembered_conversation_that_is_gone_is_retried_once_without_it(
+    tmp_path: Path,
+) -> None:
+    async with serve_api(DIFY, tmp_path) as served:
+        client = served.client()
+        await client.chat.completions.create(
+            model=DIFY.model, messages=HI, extra_headers=session("chat-1"))
+        fake = served.fake
+        assert isinstance(fake, FakeDify)
+        fake.conversations.clear()  # deleted in Dify's UI
+        reply = await client.chat.completions.create(
+            model=DIFY.model, messages=HI, extra_headers=session("chat-1"))
+    assert reply.choices[0].message.content == DIFY.text
+    _, stale, fresh = (c.json for c in fake.chats())
+    assert stale["conversation_id"] == DIFY_CONVERSATION
+    assert "conversation_id" not in fresh and fresh["user"] == stale["user"]
+
+
+# -- failures before the body ----------------------------------------------------------------------
+
+REFUSALS = [
+    pytest.param(DIFY, Reply("dify/error_conversation_not_exists.response.json", status=404),
+                 404, "Conversation Not Exists.", id="dify-404"),
+    pytest.param(FLOWISE, Reply("flowise/error_unknown_chatflow_sync.response.json", status=404),
+                 404, "Chatflow 00000000-0000-0000-0000-000000000000 not found in the database!",
+                 id="flowise-404"),
+    pytest.param(LANGFLOW, Reply("langflow/error_unknown_flow.response.json", status=404), 404,
+                 "Flow identifier 00000000-0000-0000-0000-000000000000 not found",
+                 id="langflow-404"),
+    pytest.param(LANGFLOW, Reply("langflow/error_no_api_key.response.json", status=403), 502,
+                 "Upstream 'langflow' refused the proxy's credentials (HTTP 403).",
+                 id="langflow-403-is-502"),
+    pytest.param(N8N, Reply(body=b"Authorization data is wrong!", status=401,
+                            content_type="text/plain"), 502,
+                 "Upstream 'n8n-agent' refused the proxy's credentials (HTTP 401).",
+                 id="n8n-401-is-502"),
+    pytest.param(LANGGRAPH, Reply("langgraph/error_unknown_assistant_runs_stream.response.txt",
+                                  status=422, content_type="application/json"), 422,
+                 "Invalid assistant: 'nope'. Must be either: - A valid assistant UUID, or - One "
+                 "of the registered graphs: agent", id="langgraph-422"),
+    pytest.param(FLOWISE, Reply("flowise/error_llm_500_sync.response.json", status=500), 502,
+                 "Upstream 'flowise' failed with HTTP 500: Error: predictionsServices."
+                 "buildChatflow - 500 fake LLM failure (FAIL in prompt)", id="flowise-500"),
+    pytest.param(DIFY, Reply(body=b"<html>Bad Gateway</html>", status=502,
+                             content_type="text/html"), 502,
+                 "Upstream 'dify-support' failed with HTTP 502", id="dify-html-502"),
+]
+
+
+@pytest.mark.parametrize(("api", "reply", "status", "message"), REFUSALS)
+@pytest.mark.parametrize("stream", [False, True], ids=["sync", "stream"])
+async def test_an_upstream_refusal_before_the_body_is_a_real_http_error(
+    api: Api, reply: Reply, status: int, message: str, stream: bool, tmp_path: Path
+) -> None:
+    async with serve_api(api, tmp_path) as served:
+        served.fake.replies.append(reply)
+        with pytest.raises(openai.APIStatusError) as info:
+            if stream:
+                await served.client().chat.completions.create(
+                    model=api.model, messages=HI, stream=True, extra_headers=HINT)
+            else:
+                await served.client().chat.completions.create(
+                    model=api.model, messages=HI, extra_headers=HINT)
+    assert info.value.status_code == status
+    body: Any = info.value.body
+    assert body["message"] == message
+
+
+async def test_langflows_500_detail_is_shortened_to_one_line(tmp_path: Path) -> None:
+    async with serve_api(LANGFLOW, tmp_path) as served:
+        served.fake.replies.append(Reply("langflow/error_llm_500_sync.response.json", status=500))
+        with pytest.raises(openai.APIStatusError) as info:
+            await served.client().chat.completions.create(model=LANGFLOW.model, messages=HI)
+    body: Any = info.value.body
+    message = body["message"]
+    assert info.value.status_code == 502
+    assert message.startswith("Upstream 'langflow' failed with HTTP 500: {\"message\"")
+    # The upstream's traceback is cut: one line, 300 characters of the detail at most.
+    assert "\n" not in message and len(message) < 400
+
+
+# -- failures in the stream ------------------------------------------------------------------------
+
+ERRORS = [
+    (DIFY, "dify/error_stream.sse", "Hello there", "[openai] Rate limit reached for requests"),
+    (FLOWISE, "flowise/error_llm_500_stream.response.sse", "",
+     "Error: predictionsServices.buildChatflow - 500 fake LLM failure"),
+    (LANGFLOW, "langflow/error_llm_500_stream.response.ndjson", "",
+     "Error code: 500 - {'error': {'message': 'fake LLM failure (FAIL in prompt)'"),
+    (N8N, "n8n/error_stream.ndjson", "Hello", "Execution stopped: the model returned 429"),
+    (LANGGRAPH, "langgraph/error_llm_500_thread_runs_stream.response.sse", "",
+     "An internal error occurred"),
+]
+ERROR_STREAMS = [pytest.param(*error, id=error[0].name) for error in ERRORS]
+# Flowise and Langflow stream only when the client does (`mode: client`).
+STREAMED_FOR_SYNC = [pytest.param(*error, id=error[0].name) for error in ERRORS
+                     if error[0] not in (FLOWISE, LANGFLOW)]
+
+
+@pytest.mark.parametrize(("api", "name", "before", "message"), ERROR_STREAMS)
+async def test_an_error_event_after_the_commit_ends_the_stream_with_an_error_event(
+    api: Api, name: str, before: str, message: str, tmp_path: Path
+) -> None:
+    async with serve_api(api, tmp_path) as served:
+        served.fake.replies.append(Reply(name))
+        events = await post_stream(served, api.model)
+    assert events[-1] == "[DONE]"
+    error = events[-2]["error"]
+    assert error["code"] == "upstream_error"
+    assert error["message"].startswith(f"Upstream '{_upstream(api)}' reported an error: ")
+    assert message in error["message"]
+    assert text_of(events) == before
+    assert not any(e["choices"][0]["finish_reason"] for e in events[:-2])
+
+
+@pytest.mark.parametrize(("api", "name", "before", "message"), STREAMED_FOR_SYNC)
+async def test_an_error_event_is_a_502_for_a_sync_client(
+    api: Api, name: str, before: str, message: str, tmp_path: Path
+) -> None:
+    async with serve_api(api, tmp_path) as served:
+        served.fake.replies.append(Reply(name))
+        with pytest.raises(openai.APIStatusError) as info:
+            await served.client().chat.completions.create(
+                model=api.model, messages=HI, extra_headers=HINT)
+    assert info.value.status_code == 502
+    assert message in info.value.message
+
+
+@apis
+async def test_a_dropped_connection_mid_stream_is_an_error_event(api: Api, tmp_path: Path) -> None:
+    async with serve_api(api, tmp_path) as served:
+        served.fake.replies.append(Reply(_default_stream(api), abort_after=api.first_text))
+        events = await post_stream(served, api.model)
+    assert events[-1] == "[DONE]"
+    assert events[-2]["error"]["message"] == (
+        f"Upstream '{_upstream(api)}' closed the connection in the middle of the stream.")
+    assert text_of(events[:-2]) != ""
+
+
+@pytest.mark.parametrize("api", [a for a in APIS if a.has_end], ids=lambda a: a.name)
+async def test_a_clean_eof_before_the_end_event_is_a_truncated_answer(
+    api: Api, tmp_path: Path
+) -> None:
+    async with serve_api(api, tmp_path) as served:
+        served.fake.replies.append(Reply(_default_stream(api), cut_after=api.first_text))
+        events = await post_stream(served, api.model)
+    assert events[-2]["error"]["message"] == (
+        f"Upstream '{_upstream(api)}''s stream ended before its end event: the answer is "
+        "truncated.")
+
+
+@pytest.mark.parametrize("api", [a for a in APIS if not a.has_end], ids=lambda a: a.name)
+async def test_without_an_end_event_eof_ends_the_answer(api: Api, tmp_path: Path) -> None:
+    async with serve_api(api, tmp_path) as served:
+        served.fake.replies.append(Reply(_default_stream(api), cut_after=api.first_text))
+        events = await post_stream(served, api.model)
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
+    assert text_of(events) != ""
+
+
+# -- a client that leaves --------------------------------------------------------------------------
+
+
+@apis
+async def test_a_client_that_leaves_closes_the_upstream_request(api: Api, tmp_path: Path) -> None:
+    held = Reply(_default_stream(api), hold_after=api.first_text)
+    async with serve_api(api, tmp_path) as served:
+        served.fake.replies.append(held)
+        await _read_first_text_and_leave(served.proxy.url, api.model)
+        await wait_for(lambda: bool(served.fake.gone))
+        # The session's lock was let go: the next turn of the same chat is served.
+        reply = await served.client().chat.completions.create(
+            model=api.model, messages=HI, extra_headers=session("leaving"))
+    assert reply.choices[0].message.content == api.text
+
+
+async def test_dify_a_client_that_leaves_stops_the_task_with_the_captured_task_id(
+    tmp_path: Path,
+) -> None:
+    held = Reply("dify/chat_stream.sse", hold_after=DIFY.first_text)
+    async with serve_api(DIFY, tmp_path) as served:
+        fake = served.fake
+        assert isinstance(fake, FakeDify)
+        fake.replies.append(held)
+        await _read_first_text_and_leave(served.proxy.url, DIFY.model)
+        await wait_for(lambda: bool(fake.stops))
+    (stop,) = fake.stops
+    assert stop.path == f"/v1/chat-messages/{DIFY_TASK}/stop"
+    assert stop.json == {"user": fake.chats()[0].json["user"]}
+    assert stop.headers["Authorization"] == "Bearer app-dify-test-key"
+
+
+async def test_dify_a_finished_stream_is_never_stopped(tmp_path: Path) -> None:
+    async with serve_api(DIFY, tmp_path) as served:
+        fake = served.fake
+        assert isinstance(fake, FakeDify)
+        await post_stream(served, DIFY.model, headers=session("done"))
+        await served.client().chat.completions.create(
+            model=DIFY.model, messages=HI, extra_headers=session("done"))
+        # Also the client that leaves after the end event came.
+        writes = len(writes_of("dify/chat_stream.sse"))
+        fake.replies.append(Reply("dify/chat_stream.sse", hold_after=writes))
+        await _read_until_finish_and_leave(served.proxy.url, DIFY.model)
+        await wait_for(lambda: bool(fake.gone))
+    assert fake.stops == []
+
+
+async def _read_first_text_and_leave(url: str, model: str) -> None:
+    async with aiohttp.ClientSession() as http, http.post(
+        url + "/v1/chat/completions",
+        json={"model": model, "stream": True, "messages": HI},
+        headers={"Authorization": f"Bearer {KEY}", **session("leaving")},
+    ) as resp:
+        assert resp.status == 200
+        async for line in resp.content:
+            if b'"content":"' in line and b'"content":""' not in line:
+                return
+
+
+async def _read_until_finish_and_leave(url: str, model: str) -> None:
+    async with aiohttp.ClientSession() as http, http.post(
+        url + "/v1/chat/completions",
+        json={"model": model, "stream": True, "messages": HI},
+        headers={"Authorization": f"Bearer {KEY}"},
+    ) as resp:
+        async for line in resp.content:
+            if b'"finish_reason":"stop"' in line:
+                return
+
+
+def _upstream(api: Api) -> str:
+    return {"dify": "dify-support", "n8n": "n8n-agent"}.get(api.name, api.name)
+
+
+def _default_stream(api: Api) -> str:
+    return {
+        "dify": "dify/chat_stream.sse",
+        "flowise": "flowise/prediction_stream_chatid.response.sse",
+        "langflow": "langflow/run_stream.response.ndjson",
+        "n8n": "n8n/stream.ndjson",
+        "langgraph": "langgraph/thread_runs_stream_messages_tuple.response.sse",
+    }[api.name]
+
