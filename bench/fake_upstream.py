@@ -157,10 +157,10 @@ class Fake:
         resp = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
-        await resp.prepare(request)
         # One write per event, as a model server does: a proxy must handle many small chunks,
         # not one coalesced body.
         try:
+            await resp.prepare(request)
             for i, ev in enumerate(self._stream_body(model, include_usage)):
                 if i and s.delay_chunk:
                     await asyncio.sleep(s.delay_chunk)

@@ -1,5 +1,6 @@
 """The servers a benchmark starts, each in a session of its own: Ctrl-C then reaches only the
-benchmark, and stopping a server ends its whole process group, workers it forked included.
+benchmark, and stopping a server ends its whole process group, workers it forked included;
+and their logs, cut to a size worth keeping.
 
 Imported by the scripts as `process_groups`: running `python bench/X.py` puts bench/ on
 sys.path.
@@ -14,6 +15,10 @@ import socket
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+
+# A server log over twice this size keeps only its head and tail after the run: with the
+# access log on, agentproxy writes a line per request, over 100 MB in a full bench/run.py.
+LOG_KEEP = 1 << 20
 
 
 def free_port() -> int:
@@ -54,3 +59,17 @@ def stop_group(proc: subprocess.Popen[bytes], grace: float) -> None:
     if proc.poll() is None:
         signal_group(proc, signal.SIGTERM)
         wait_or_kill(proc, grace)
+
+
+def trim_log(path: Path, keep: int = LOG_KEEP) -> None:
+    """Cuts a server log to its first and last `keep` bytes (startup and the end are what
+    explain a failure; the access lines between are one per request)."""
+    size = path.stat().st_size
+    if size <= 2 * keep:
+        return
+    with path.open("rb") as f:
+        head = f.read(keep)
+        f.seek(size - keep)
+        tail = f.read()
+    cut = f"\n[... {size - 2 * keep:,} bytes cut by the benchmark ...]\n".encode()
+    path.write_bytes(head + cut + tail)

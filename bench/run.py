@@ -1,16 +1,21 @@
 """Run the benchmark matrix and print a markdown table of medians.
 
-Cells are {sync, stream} x {concurrency 1, 64}; targets are the fake upstream itself
-(`direct`), agentproxy with one worker in front of it as a user starts it (`agentproxy`: its
-access log on, one line per request) and without the access log (`agentproxy-quiet`:
-`--log-level warning`), the bare aiohttp relay (the ceiling for an aiohttp proxy) and, with
---litellm, the LiteLLM proxy. Runs are interleaved: every
-repetition visits every cell, and every cell every target in turn, so drift on the machine
-(thermal, noisy neighbours) spreads over all targets instead of biasing one.
+Cells are {sync, stream} x {concurrency 1, 64} of chat completions, and with
+`--modes responses-sync,responses-stream` the same on `POST /v1/responses`; targets are the
+fake upstream itself (`direct`), agentproxy with one worker in front of it as a user starts it
+(`agentproxy`: its access log on, one line per request) and without the access log
+(`agentproxy-quiet`: `--log-level warning`), the bare aiohttp relay (the ceiling for an aiohttp
+proxy) and, with --litellm, the LiteLLM proxy. With `--baseline PATH`, agentproxy from another
+checkout (`before`, `before-quiet`) runs beside this one, for an A/B of two trees in one run.
+Runs are interleaved: every repetition visits every cell, and every cell every target in turn,
+so drift on the machine (thermal, noisy neighbours) spreads over all targets instead of
+biasing one.
 
     python bench/run.py --quick                 # one short repetition, about a minute
     python bench/run.py                         # 3 repetitions of 10 s per cell
     python bench/run.py --litellm               # also LiteLLM (installed on first use)
+    python bench/run.py --baseline ../before    # A/B: this tree against the one in ../before
+    python bench/run.py --modes sync,stream,responses-sync,responses-stream
 
 Needs wrk (`apt-get install wrk`). Raw results go to bench/results/run-<time>.json, server
 logs beside them. See bench/README.md for what each number means.
@@ -39,20 +44,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from process_groups import free_port, start_in_session, stop_group
+from process_groups import free_port, start_in_session, stop_group, trim_log
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 RESULTS = BENCH / "results"
-LUA = BENCH / "wrk" / "chat.lua"
+LUA = {"chat": BENCH / "wrk" / "chat.lua", "responses": BENCH / "wrk" / "responses.lua"}
 LITELLM_VENV = BENCH / ".litellm-venv"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MODEL = "bench"
-ALL_TARGETS = ("direct", "agentproxy", "agentproxy-quiet", "relay", "litellm")
+ALL_TARGETS = ("direct", "agentproxy", "agentproxy-quiet", "before", "before-quiet", "relay",
+               "litellm")
 PROXIES = ("agentproxy", "agentproxy-quiet")
-# A server log over this size keeps only its head and tail after the run: with the access log
-# on, agentproxy writes a line per request, over 100 MB in a full run.
-LOG_KEEP = 1 << 20
+# With --baseline: the same target started from the other checkout, and the one it is A/B'd with.
+BASELINES = {"before": "agentproxy", "before-quiet": "agentproxy-quiet"}
+AGENTPROXIES = (*PROXIES, *BASELINES)
+MODES = ("sync", "stream", "responses-sync", "responses-stream")
 
 
 def log(msg: str) -> None:
@@ -68,6 +75,8 @@ class Server:
     url: str
     proc: subprocess.Popen[bytes]
     log_path: Path
+    # Why the server has no Responses cells (None: it answers /v1/responses, or none asked).
+    no_responses: str | None = None
 
     def tail(self, lines: int = 15) -> str:
         try:
@@ -116,12 +125,20 @@ class Launcher:
             self.stop(server)
 
 
-def post_chat(url: str, key: str, stream: bool, timeout: float = 5.0) -> tuple[int, bytes]:
-    body = json.dumps({
-        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream,
-    }).encode()
+def post_chat(url: str, key: str, stream: bool, timeout: float = 5.0,
+              api: str = "chat") -> tuple[int, bytes]:
+    """One request of the bench's body: a chat completion, or with `api="responses"` the same
+    question to /v1/responses (what bench/wrk/responses.lua sends)."""
+    if api == "responses":
+        path = "/v1/responses"
+        body = json.dumps({"model": MODEL, "input": "hi", "stream": stream}).encode()
+    else:
+        path = "/v1/chat/completions"
+        body = json.dumps({
+            "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream,
+        }).encode()
     req = urllib.request.Request(
-        url + "/v1/chat/completions", data=body, method="POST",
+        url + path, data=body, method="POST",
         headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
     )
     try:
@@ -164,6 +181,34 @@ def check_stream(server: Server, key: str, chunks: int) -> str | None:
         return "stream did not end with data: [DONE]"
     if len(data) - 1 != chunks:
         return f"{len(data) - 1} data events before [DONE], the fake sent {chunks}"
+    return None
+
+
+def check_responses(server: Server, key: str, chunks: int) -> str | None:
+    """None when the server answers /v1/responses: a completed sync response, and a stream
+    of one `response.output_text.delta` per content event of the fake (chunks - 2), ending in
+    `response.completed` and `data: [DONE]`."""
+    try:
+        status, body = post_chat(server.url, key, stream=False, timeout=10.0, api="responses")
+        if status != 200:
+            return f"sync: HTTP {status}: {body[:200]!r}"
+        if json.loads(body).get("status") != "completed":
+            return f"sync: not completed: {body[:200]!r}"
+        status, body = post_chat(server.url, key, stream=True, timeout=10.0, api="responses")
+    except (OSError, urllib.error.URLError, ValueError) as exc:
+        return str(exc)
+    if status != 200:
+        return f"stream: HTTP {status}: {body[:200]!r}"
+    lines = body.replace(b"\r\n", b"\n").split(b"\n")
+    names = [ln[6:].strip() for ln in lines if ln.startswith(b"event:")]
+    data = [ln[5:].strip() for ln in lines if ln.startswith(b"data:")]
+    if not data or data[-1] != b"[DONE]":
+        return "stream did not end with data: [DONE]"
+    if not names or names[-1] != b"response.completed":
+        return f"stream's last event is {names[-1:]!r}, not response.completed"
+    deltas = names.count(b"response.output_text.delta")
+    if deltas != chunks - 2:
+        return f"{deltas} response.output_text.delta events, the fake sent {chunks - 2} contents"
     return None
 
 
@@ -287,9 +332,10 @@ def settle(launcher: Launcher, timeout: float = 30.0) -> float:
 
 def run_wrk(
     url: str, key: str, stream: bool, concurrency: int, duration: float, pin: list[str],
+    api: str = "chat",
 ) -> dict[str, Any]:
     cmd = [*pin, "wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s",
-           "--timeout", "10s", "--latency", "-s", str(LUA), url]
+           "--timeout", "10s", "--latency", "-s", str(LUA[api]), url]
     env = {**os.environ, "KEY": key, "MODEL": MODEL, "STREAM": "1" if stream else "0"}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True,
                          timeout=duration + 60, check=False)
@@ -302,10 +348,11 @@ def run_wrk(
 
 def run_ttft(
     url: str, key: str, concurrency: int, duration: float, chunks: int, pin: list[str],
+    api: str = "chat",
 ) -> dict[str, Any]:
     cmd = [*pin, sys.executable, str(BENCH / "ttft.py"), "--url", url, "--key", key,
            "--model", MODEL, "--concurrency", str(concurrency), "--duration", str(duration),
-           "--chunks", str(chunks), "--json"]
+           "--chunks", str(chunks), "--api", api, "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 90, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"ttft.py failed (exit {out.returncode}): {out.stderr.strip()[-500:]}")
@@ -366,20 +413,26 @@ def start_target(
     port = free_port()
     common = ["--host", "127.0.0.1", "--port", str(port)]
     timeout = 30.0
-    if name in PROXIES:
+    if name in AGENTPROXIES:
         routes = tmp / "routes.yaml"
         routes.write_text(routes_yaml(fake_url))
         # `agentproxy` as `agentproxy serve` runs by default: text access log on stderr (to
         # the server's log file here, as a container runtime or a redirect would take it).
-        quiet = ["--log-level", "warning"] if name == "agentproxy-quiet" else []
-        cmd = [*(shlex.split(args.proxy_cmd) if args.proxy_cmd
-                 else [sys.executable, "-m", "proxy"]),
-               "serve", "--routes", str(routes), *common, "--workers", "1", *quiet]
+        quiet = ["--log-level", "warning"] if name.endswith("-quiet") else []
+        flags = ["serve", "--routes", str(routes), *common, "--workers", "1", *quiet]
+        if name in BASELINES:
+            # The other checkout's package, from its own directory: the same flags and
+            # Python (the trees share their dependencies), never --proxy-cmd, which would
+            # start this tree's installed entry point.
+            tree: Path = args.baseline
+            cmd = [sys.executable, "-m", "proxy", *flags]
+        else:
+            tree = REPO
+            cmd = [*(shlex.split(args.proxy_cmd) if args.proxy_cmd
+                     else [sys.executable, "-m", "proxy"]), *flags]
         # The checkout's own package, installed or not.
-        env = {"BENCH_KEY": key,
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
-                                                           os.environ.get("PYTHONPATH")]))}
-        server = launcher.start(name, "server", cmd, port, env=env, cwd=REPO)
+        env = {"BENCH_KEY": key, "PYTHONPATH": python_path(tree)}
+        server = launcher.start(name, "server", cmd, port, env=env, cwd=tree)
     elif name == "relay":
         cmd = [sys.executable, str(BENCH / "bare_relay.py"), *common,
                "--upstream", f"{fake_url}/v1"]
@@ -404,24 +457,39 @@ def start_target(
         wrong = check_stream(server, key, args.chunks)
         if wrong is not None:
             log(f"warning: {name} streams wrongly ({wrong}); measuring it anyway")
+        if any(c.api == "responses" for c in args.cells):
+            if name not in AGENTPROXIES:
+                server.no_responses = "no Responses API (its chat cells are the reference)"
+            elif (wrong := check_responses(server, key, args.chunks)) is not None:
+                server.no_responses = f"/v1/responses does not work: {wrong}"
+                log(f"{name}: no Responses cells ({wrong})")
         return server
     log(f"{name} skipped: {why}\n--- last lines of {server.log_path}:\n{server.tail()}\n---")
     launcher.stop(server)
     return why
 
 
-def trim_log(path: Path, keep: int = LOG_KEEP) -> None:
-    """Cuts a server log to its first and last `keep` bytes (startup and the end are what
-    explain a failure; the access lines between are one per request)."""
-    size = path.stat().st_size
-    if size <= 2 * keep:
-        return
-    with path.open("rb") as f:
-        head = f.read(keep)
-        f.seek(size - keep)
-        tail = f.read()
-    cut = f"\n[... {size - 2 * keep:,} bytes cut by bench/run.py ...]\n".encode()
-    path.write_bytes(head + cut + tail)
+def python_path(tree: Path) -> str:
+    """PYTHONPATH that imports `proxy` from `tree`, ahead of any installed copy."""
+    return os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))
+
+
+def check_baseline(tree: Path) -> str | None:
+    """None when `python -m proxy` started in `tree` imports that tree's package, else why
+    not (an editable install of this checkout must not win over it)."""
+    if not (tree / "proxy" / "__main__.py").is_file():
+        return f"{tree} has no proxy/__main__.py: not an agentproxy checkout"
+    out = subprocess.run(
+        [sys.executable, "-c", "import proxy; print(proxy.__file__)"], cwd=tree,
+        env={**os.environ, "PYTHONPATH": python_path(tree)}, capture_output=True, text=True,
+        timeout=60, check=False,
+    )
+    if out.returncode != 0:
+        return f"importing proxy in {tree} failed: {out.stderr.strip()[-500:]}"
+    where = Path(out.stdout.strip()).resolve()
+    if not where.is_relative_to(tree.resolve()):
+        return f"python -m proxy in {tree} imports {where}, not that tree's package"
+    return None
 
 
 # --------------------------------------------------------------------------- the matrix
@@ -429,19 +497,37 @@ def trim_log(path: Path, keep: int = LOG_KEEP) -> None:
 
 @dataclass(frozen=True)
 class Cell:
-    mode: str
+    mode: str  # one of MODES
     concurrency: int
+    # Measured only for the targets without a Responses API, as the reference of a
+    # Responses cell whose chat mode was not asked for.
+    reference: bool = False
 
     @property
     def label(self) -> str:
         return f"{self.mode} c={self.concurrency}"
+
+    @property
+    def api(self) -> str:
+        """chat (/v1/chat/completions) or responses (/v1/responses)."""
+        return "responses" if self.mode.startswith("responses-") else "chat"
+
+    @property
+    def stream(self) -> bool:
+        return self.mode.endswith("stream")
+
+    @property
+    def chat_label(self) -> str:
+        """The chat cell of the same mode and concurrency: a Responses cell's reference for
+        the targets that have no Responses API (the relay)."""
+        return f"{self.mode.removeprefix('responses-')} c={self.concurrency}"
 
 
 def measure(
     cell: Cell, target: str, server: Server, fake: Server, key: str, args: argparse.Namespace,
     pin: dict[str, str], load_pin: list[str],
 ) -> dict[str, Any]:
-    stream = cell.mode == "stream"
+    stream = cell.stream
     tree = process_tree(server.proc.pid)
     fake_tree = process_tree(fake.proc.pid)
     placement = "load CPUs" if pin and server is fake else "unpinned"
@@ -456,7 +542,7 @@ def measure(
     watched = parse_cpus(pin["load"]) if pin else set(range(os.cpu_count() or 1))
     rss_reset = reset_peak_rss(tree)
     cpu0, fake0, sys0 = cpu_ticks(tree), cpu_ticks(fake_tree), cpu_times(watched)
-    wrk = run_wrk(server.url, key, stream, cell.concurrency, args.duration, load_pin)
+    wrk = run_wrk(server.url, key, stream, cell.concurrency, args.duration, load_pin, cell.api)
     cpu1, fake1, sys1 = cpu_ticks(tree), cpu_ticks(fake_tree), cpu_times(watched)
     rss = peak_rss_kib(tree)
     requests = max(1, int(wrk["requests"]))
@@ -467,7 +553,7 @@ def measure(
     ttft = None
     if stream and args.ttft_duration > 0:
         ttft = run_ttft(server.url, key, cell.concurrency, args.ttft_duration, args.chunks,
-                        load_pin)
+                        load_pin, cell.api)
     errs = wrk["errors"]
     return {
         "mode": cell.mode, "concurrency": cell.concurrency, "target": target,
@@ -491,6 +577,14 @@ def measure(
         "rss_reset": rss_reset,
         "fake_cpu_ms_per_req": fake_ms / requests,
     }
+
+
+def measured(cell: Cell, target: str, server: Server) -> bool:
+    """Whether `target` has a run in `cell`: Responses cells only on the agentproxy targets
+    that answer /v1/responses; reference cells only on the others."""
+    if target in AGENTPROXIES:
+        return not cell.reference and (cell.api == "chat" or server.no_responses is None)
+    return cell.api == "chat"
 
 
 def median_of(runs: list[dict[str, Any]], key: str) -> float | None:
@@ -521,8 +615,29 @@ def ratio(a: float | None, b: float | None) -> str:
     return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
 
 
+def ratio_row(cell: str, t: str, ref: str, a: dict[str, float | None],
+              b: dict[str, float | None], extra: str | None = None) -> str:
+    first = f"| {cell} | {t} | {ref} " + ("" if extra is None else f"| {extra} ")
+    return (f"{first}| {ratio(a['rps'], b['rps'])} "
+            f"| {ratio(a['p50_ms'], b['p50_ms'])} | {ratio(a['p99_ms'], b['p99_ms'])} "
+            f"| {ratio(a['ttft_p50_ms'], b['ttft_p50_ms'])} "
+            f"| {ratio(a['cpu_ms_per_req'], b['cpu_ms_per_req'])} "
+            f"| {ratio(a['rss_peak_kib'], b['rss_peak_kib'])} |")
+
+
+def per_rep_rps(runs: list[dict[str, Any]], cell: Cell, a: str, b: str) -> str:
+    """req/s of `a` over `b` in each repetition of `cell` (the same round of the interleave)."""
+    def rps(target: str) -> dict[int, float]:
+        return {r["rep"]: r["rps"] for r in runs if r["target"] == target
+                and r["mode"] == cell.mode and r["concurrency"] == cell.concurrency}
+
+    mine, theirs = rps(a), rps(b)
+    return ", ".join(f"{mine[rep] / theirs[rep]:.2f}" for rep in sorted(mine)
+                     if theirs.get(rep)) or "-"
+
+
 def tables(summary: dict[tuple[str, str], dict[str, float | None]], cells: list[Cell],
-           targets: list[str]) -> str:
+           targets: list[str], runs: list[dict[str, Any]] | None = None) -> str:
     lines = [
         "| cell | target | req/s | p50 ms | p99 ms | TTFT p50 ms | TTFT p99 ms "
         "| CPU ms/req | peak RSS MiB | server CPU % | load CPU % | errors |",
@@ -545,18 +660,23 @@ def tables(summary: dict[tuple[str, str], dict[str, float | None]], cells: list[
     refs = [r for r in ("direct", "relay", "litellm") if r in targets]
     rows = []
     for cell in cells:
-        for t in (x for x in (*PROXIES, "litellm", "relay") if x in targets):
+        for t in (x for x in (*AGENTPROXIES, "litellm", "relay") if x in targets):
+            a = summary.get((cell.label, t))
+            if a is None:
+                continue
             for ref in refs:
-                a, b = summary.get((cell.label, t)), summary.get((cell.label, ref))
-                if ref == t or a is None or b is None:
-                    continue
-                rows.append(
-                    f"| {cell.label} | {t} | {ref} | {ratio(a['rps'], b['rps'])} "
-                    f"| {ratio(a['p50_ms'], b['p50_ms'])} | {ratio(a['p99_ms'], b['p99_ms'])} "
-                    f"| {ratio(a['ttft_p50_ms'], b['ttft_p50_ms'])} "
-                    f"| {ratio(a['cpu_ms_per_req'], b['cpu_ms_per_req'])} "
-                    f"| {ratio(a['rss_peak_kib'], b['rss_peak_kib'])} |"
-                )
+                # The references have no Responses API: a Responses cell is held against
+                # their chat cell of the same mode and concurrency (the same question asked
+                # the other way, to the same fake upstream).
+                ref_label = cell.chat_label if cell.api == "responses" else cell.label
+                b = summary.get((ref_label, ref))
+                if ref != t and b is not None:
+                    shown = f"{ref} (chat)" if cell.api == "responses" else ref
+                    rows.append(ratio_row(cell.label, t, shown, a, b))
+            own = summary.get((cell.chat_label, t))
+            if cell.api == "responses" and own is not None:
+                # The price of the Responses translation over the chat pass-through.
+                rows.append(ratio_row(cell.label, t, f"{t} (chat)", a, own))
     if rows:
         lines += [
             "",
@@ -565,6 +685,25 @@ def tables(summary: dict[tuple[str, str], dict[str, float | None]], cells: list[
             "| cell | target | ÷ | req/s | p50 | p99 | TTFT p50 | CPU/req | peak RSS |",
             "|---|---|---|--:|--:|--:|--:|--:|--:|",
             *rows,
+        ]
+    ab = []
+    for cell in cells:
+        for before, after in BASELINES.items():
+            a, b = summary.get((cell.label, after)), summary.get((cell.label, before))
+            if a is None or b is None:
+                continue
+            reps = per_rep_rps(runs or [], cell, after, before)
+            ab.append(ratio_row(cell.label, after, before, a, b, reps))
+    if ab:
+        lines += [
+            "",
+            "A/B, this tree ÷ the --baseline tree, interleaved in the same run (req/s: higher "
+            "is better; the rest: lower; req/s per repetition in the fourth column):",
+            "",
+            "| cell | after | before | req/s per rep | req/s | p50 | p99 | TTFT p50 | CPU/req "
+            "| peak RSS |",
+            "|---|---|---|---|--:|--:|--:|--:|--:|--:|",
+            *ab,
         ]
     return "\n".join(lines)
 
@@ -578,16 +717,27 @@ def pin_text(pin: dict[str, str], args: argparse.Namespace) -> str:
     return text
 
 
+def cmd_out(cmd: list[str], cwd: Path = REPO) -> str:
+    # GIT_OPTIONAL_LOCKS=0: `git status` must not take the index lock others may need.
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False,
+                             cwd=cwd, env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    text = (out.stdout or out.stderr).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def git_info(tree: Path) -> dict[str, Any]:
+    """The commit a checkout is at, and whether its tracked files differ from it."""
+    return {
+        "git": cmd_out(["git", "rev-parse", "--short", "HEAD"], tree),
+        "git_dirty": bool(cmd_out(["git", "status", "--porcelain", "--untracked-files=no"],
+                                  tree)),
+    }
+
+
 def machine_info(pin: dict[str, str]) -> dict[str, Any]:
-    def cmd_out(cmd: list[str]) -> str:
-        # GIT_OPTIONAL_LOCKS=0: `git status` must not take the index lock others may need.
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False,
-                                 cwd=REPO, env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})
-        except (OSError, subprocess.SubprocessError):
-            return ""
-        text = (out.stdout or out.stderr).strip()
-        return text.splitlines()[0] if text else ""
 
     cpu = None
     with contextlib.suppress(OSError):
@@ -604,8 +754,7 @@ def machine_info(pin: dict[str, str]) -> dict[str, Any]:
         "cpus": os.cpu_count(), "cpu_model": cpu, "kernel": platform.release(),
         "python": platform.python_version(), "aiohttp": aiohttp_version,
         "uvloop": importable("uvloop"), "wrk": cmd_out(["wrk", "--version"]),
-        "git": cmd_out(["git", "rev-parse", "--short", "HEAD"]),
-        "git_dirty": bool(cmd_out(["git", "status", "--porcelain", "--untracked-files=no"])),
+        **git_info(REPO),
         "pinning": pin or "none",
     }
 
@@ -624,8 +773,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--targets", default="direct,agentproxy,agentproxy-quiet,relay",
                    help="comma-separated, from direct,agentproxy,agentproxy-quiet,relay,"
-                        "litellm (default direct,agentproxy,agentproxy-quiet,relay)")
+                        "litellm, and with --baseline before,before-quiet "
+                        "(default direct,agentproxy,agentproxy-quiet,relay)")
     p.add_argument("--litellm", action="store_true", help="add the LiteLLM proxy as a target")
+    p.add_argument("--baseline", type=Path, default=None, metavar="PATH",
+                   help="another agentproxy checkout (e.g. a `git worktree` of an older "
+                        "commit): adds `before` for agentproxy and `before-quiet` for "
+                        "agentproxy-quiet, started from PATH with the same flags, and an A/B "
+                        "table of this tree over that one")
     p.add_argument("--reps", type=int, default=3, help="repetitions of the matrix (default 3)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds of wrk per cell")
     p.add_argument("--ttft-duration", type=float, default=None,
@@ -633,7 +788,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of load per target first")
     p.add_argument("--quick", action="store_true",
                    help="1 repetition, 3 s per cell, 2 s of TTFT, 1 s warm-up: a smoke test")
-    p.add_argument("--modes", default="sync,stream", help="default sync,stream")
+    p.add_argument("--modes", default="sync,stream",
+                   help=f"comma-separated, from {','.join(MODES)} (default sync,stream); the "
+                        "responses-* modes measure POST /v1/responses on the agentproxy "
+                        "targets, held against the other targets' chat cell of that mode")
     p.add_argument("--concurrency", default="1,64", help="default 1,64")
     p.add_argument("--chunks", type=int, default=50, help="events per stream (default 50)")
     p.add_argument("--delay-first", type=float, default=0.0, help="fake: seconds to first byte")
@@ -665,11 +823,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     bad = [t for t in targets if t not in ALL_TARGETS]
     if bad:
         p.error(f"unknown targets {bad}; choose from {', '.join(ALL_TARGETS)}")
+    if args.baseline is not None:
+        args.baseline = args.baseline.resolve()
+        if args.report is None and (why := check_baseline(args.baseline)) is not None:
+            p.error(f"--baseline: {why}")
+        # Each agentproxy target gets its twin from the other tree, right after it.
+        for before, after in BASELINES.items():
+            if after in targets and before not in targets:
+                targets.insert(targets.index(after) + 1, before)
+    elif any(t in BASELINES for t in targets):
+        p.error("the targets before and before-quiet need --baseline PATH")
     args.target_list = targets
-    args.cells = [Cell(m.strip(), int(c)) for m in args.modes.split(",")
-                  for c in args.concurrency.split(",")]
-    if any(c.mode not in ("sync", "stream") for c in args.cells):
-        p.error("--modes takes sync and/or stream")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or any(m not in MODES for m in modes):
+        p.error(f"--modes takes some of {', '.join(MODES)}")
+    if any(m.startswith("responses-") for m in modes) and not any(
+            t in AGENTPROXIES for t in targets):
+        p.error("the responses-* modes need an agentproxy target")
+    cells = [Cell(m, int(c)) for m in modes for c in args.concurrency.split(",")]
+    args.cells = []
+    for cell in cells:
+        chat = Cell(cell.mode.removeprefix("responses-"), cell.concurrency)
+        if cell.api == "responses" and chat not in cells:
+            args.cells.append(Cell(chat.mode, chat.concurrency, reference=True))
+        args.cells.append(cell)
     if args.chunks < 2 or args.reps < 1 or args.duration < 1:
         p.error("--chunks must be >= 2, --reps >= 1, --duration >= 1")
     return args
@@ -698,8 +875,11 @@ def report_saved(path: Path) -> int:
     runs: list[dict[str, Any]] = saved["runs"]
     cells = list(dict.fromkeys(Cell(r["mode"], r["concurrency"]) for r in runs))
     targets = list(dict.fromkeys(r["target"] for r in runs))
-    print(tables(summarise(runs, cells, targets), cells, targets))
+    print(tables(summarise(runs, cells, targets), cells, targets, runs))
     settings = saved.get("settings", {})
+    if saved.get("baseline"):
+        print(f"\nbefore, before-quiet: {saved['baseline']['path']} at "
+              f"{saved['baseline']['git']}")
     print(f"\nmedians of {settings.get('reps')} repetition(s), {settings.get('duration_s')} s "
           f"per cell; pinning: {settings.get('pinning')}")
     return 0
@@ -755,21 +935,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             targets = [t for t in args.target_list if t in servers]
             log(f"targets: {', '.join(targets)}; pinning: {pin_text(pin, args)}")
 
+            for name in targets:
+                if name in AGENTPROXIES and (no := servers[name].no_responses) is not None:
+                    skipped[f"{name} (Responses cells)"] = no
+
             if args.warmup > 0:
+                apis = dict.fromkeys(["chat", *(c.api for c in args.cells)])
                 for name in targets:
-                    for mode in ("sync", "stream"):
-                        run_wrk(servers[name].url, key, mode == "stream", 16, args.warmup,
-                                load_pin)
+                    for api in apis:
+                        probe = Cell("sync" if api == "chat" else "responses-sync", 1)
+                        if not measured(probe, name, servers[name]):
+                            continue
+                        for stream in (False, True):
+                            run_wrk(servers[name].url, key, stream, 16, args.warmup,
+                                    load_pin, api)
 
             for rep in range(1, args.reps + 1):
                 for cell in args.cells:
                     for name in targets:
+                        if not measured(cell, name, servers[name]):
+                            continue
                         waited = settle(launcher)
                         r = measure(cell, name, servers[name], fake, key, args, pin, load_pin)
                         r["rep"] = rep
                         r["settle_s"] = round(waited, 2)
                         runs.append(r)
-                        log(f"[{rep}/{args.reps}] {cell.label:<15} {name:<16} "
+                        log(f"[{rep}/{args.reps}] {cell.label:<21} {name:<16} "
                             f"{r['rps']:>9,.0f} req/s  p50 {r['p50_ms']:7.2f} ms  "
                             f"p99 {r['p99_ms']:7.2f} ms"
                             + (f"  TTFT p50 {r['ttft_p50_ms']:.2f} ms"
@@ -790,6 +981,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     targets = [t for t in args.target_list if any(r["target"] == t for r in runs)]
     summary = summarise(runs, args.cells, targets)
+    baseline = None if args.baseline is None else {
+        "path": str(args.baseline), **git_info(args.baseline)}
     report = {
         "started_utc": stamp,
         "interrupted": interrupted,
@@ -801,17 +994,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             "pinning": pin_text(pin, args),
         },
         "machine": machine_info(pin),
+        "baseline": baseline,
         "skipped": skipped,
         "summary": [{"cell": c, "target": t, **v} for (c, t), v in summary.items()],
         "runs": runs,
     }
     out_path.write_text(json.dumps(report, indent=1))
-    print(tables(summary, args.cells, targets))
+    print(tables(summary, args.cells, targets, runs))
     print()
     print(f"medians of {args.reps} repetition(s), {args.duration:g} s of wrk per cell"
           + (f", {args.ttft_duration:g} s of ttft.py per stream cell" if args.ttft_duration
              else "")
           + f"; {args.chunks} events per stream; pinning: {pin_text(pin, args)}")
+    if baseline is not None:
+        print(f"before, before-quiet: {baseline['path']} at {baseline['git']}"
+              + (" (with uncommitted changes)" if baseline["git_dirty"] else ""))
     for name, why in skipped.items():
         print(f"{name}: skipped ({why})")
     shown = out_path.relative_to(REPO) if out_path.is_relative_to(REPO) else out_path

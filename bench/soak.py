@@ -5,12 +5,16 @@
 It starts everything itself, on 127.0.0.1 and free ports, and stops it all at the end (also on
 Ctrl-C or SIGTERM):
 
-- `python -m proxy serve --workers 1 --log-level warning` with a generated route table in a
-  temporary directory (its log goes to bench/results/soak-<time>-proxy.log);
+- `python -m proxy serve --workers 1` with a generated route table in a temporary directory,
+  as a user starts it (its default access log included) but with short `--send-timeout`,
+  `--header-timeout` and `--body-timeout` (2 s each) so the hostile loads below end quickly;
+  its log goes to bench/results/soak-<time>-proxy.log, cut to its first and last MiB at the
+  end;
 - bench/fake_upstream.py (20 events per stream, 10 ms apart) as the healthy `openai` upstream;
 - in this process: a misbehaving `openai` upstream (answers 500, cuts streams and answers
-  mid-body, or answers only after 5 s), a fake Letta server that replays captured streams
-  (tests/fake_letta.py), and a port where nothing listens (connections are refused).
+  mid-body, or answers only after 5 s; for the hostile loads, streams as fast as it can, or
+  sends one event near or over the proxy's 4 MiB bound), a fake Letta server that replays
+  captured streams (tests/fake_letta.py), and a port where nothing listens.
 
 The load is a weighted mix (see KINDS): streams and sync requests through the fake, echo,
 Letta (with and without session ids), clients that leave mid-stream and while waiting for a
@@ -19,17 +23,32 @@ upstream to the fake, bad JSON, unknown models and model lists. `--concurrency` 
 at most `--rate` requests per second in all. Meanwhile the route file is rewritten every
 `--reload-every` seconds, alternating between two valid versions, every sixth write broken.
 
-Phases: start (idle) -> warm-up load -> settle -> baseline (idle) -> main load, sampled every
-`--sample-every` s -> settle -> end (idle). To settle, the clients close their connections
-and the run waits until the proxy has no open stream and no TCP connection besides its
-listening socket (its pooled upstream connections close after 30 s idle), or `--settle` s.
-Each sample reads the proxy's RSS and file descriptors from /proc (sockets classified through
-/proc/net/tcp) and its asyncio task count from `agentproxy_asyncio_tasks` on /metrics.
+During the main load, every `--episode-gap` seconds, one hostile load (an episode) runs on
+top of it, in turn (bench/soak_episodes.py): slow readers (streaming clients that stop reading
+after the first bytes: the send timeout must end them and free their slots), silent sockets
+(connections that send nothing, half a request head, or half a body: the header and body
+timeouts must close them) and big-event bursts (many streams at once of one event near the
+4 MiB event bound, some over it: relayed whole, or ended with an error event). Around each the
+proxy's RSS (its peak through VmHWM), file descriptors and tasks are read; after each the run
+waits up to `--episode-settle` s for the RSS to come back near where it was before. The
+warm-up runs each episode once too (not judged): the first slow readers leave the allocator's
+pools larger, which later ones reuse, and the baseline must include that.
+
+Phases: start (idle) -> warm-up load -> settle -> baseline (idle) -> main load with the
+episodes, sampled every `--sample-every` s -> settle -> end (idle). To settle, the clients
+close their connections and the run waits until the proxy has no open stream and no TCP
+connection besides its listening socket (its pooled upstream connections close after 30 s
+idle), or `--settle` s. Each sample reads the proxy's RSS and file descriptors from /proc
+(sockets classified through /proc/net/tcp) and its asyncio task count from
+`agentproxy_asyncio_tasks` on /metrics.
 
 Verdict, end against baseline (both idle, after warm-up): RSS grew by at most max(8 MiB, 10 %),
-file descriptors by at most 2, sockets and tasks by at most 1, and no stream is left open.
-Separately: every request had an outcome expected for its kind, the proxy logged no traceback,
-and the reload counters match the writes. Exit status 0 when all of that holds, 1 otherwise.
+file descriptors by at most 2, sockets and tasks by at most 1, and no stream is left open;
+and after every episode RSS came back within the same margin of its value before the
+episode. Separately: every request had an outcome expected for its kind, the proxy logged no
+traceback, the reload counters match the writes, every slow reader was ended by the send
+timeout (its access-log line says `error=send_timeout`) and every silent socket was counted
+in `agentproxy_connection_timeouts_total`. Exit status 0 when all of that holds, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -40,7 +59,6 @@ import contextlib
 import json
 import os
 import random
-import re
 import resource
 import signal
 import subprocess
@@ -56,13 +74,16 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
-from process_groups import free_port, signal_group, start_in_session, wait_or_kill
+from process_groups import free_port, signal_group, start_in_session, trim_log, wait_or_kill
 from runtime import new_loop_factory
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 RESULTS = BENCH / "results"
 sys.path.insert(0, str(REPO))
+
+# Both import the repository's own modules (soak_episodes takes the event bound from proxy.sse).
+import soak_episodes as episodes  # noqa: E402
 
 from tests.fake_letta import FakeLetta, Scenario, make_app  # noqa: E402
 
@@ -91,9 +112,10 @@ class Ports:
     dead: int
 
 
-def routes_yaml(ports: Ports, variant: str) -> str:
+def routes_yaml(ports: Ports, variant: str, hose_slots: int) -> str:
     """Variants `a` and `b` serve the same models with different settings; `broken` has an
-    unknown key, so the proxy must keep the table it serves."""
+    unknown key, so the proxy must keep the table it serves. `hose` (the slow readers'
+    upstream) has `hose_slots` slots in both."""
     b = variant == "b"
     text = f"""# soak test route table, variant {variant}
 upstreams:
@@ -122,6 +144,17 @@ upstreams:
     url: http://127.0.0.1:{ports.letta}
   demo:
     kind: echo
+  hose:
+    kind: openai
+    url: http://127.0.0.1:{ports.bad}/v1
+    max_concurrency: {hose_slots}
+    queue_timeout: 3
+  big:
+    kind: openai
+    url: http://127.0.0.1:{ports.bad}/v1
+  bigover:
+    kind: openai
+    url: http://127.0.0.1:{ports.bad}/v1
 models:
   fake:
     upstream: fake
@@ -142,6 +175,14 @@ models:
   support:
     upstream: letta
     agent: {AGENT}
+  hose:
+    upstream: hose
+  hose-check:
+    upstream: hose
+  big:
+    upstream: big
+  big-over:
+    upstream: bigover
 {"  echo-b:" + chr(10) + "    upstream: demo" + chr(10) if b else ""}\
 auth:
   keys:
@@ -166,6 +207,7 @@ class BadStats:
     requests: Counter[str] = field(default_factory=Counter)
     slow_cancelled: int = 0
     slow_completed: int = 0
+    hostile: episodes.UpstreamStats = field(default_factory=episodes.UpstreamStats)
 
 
 BAD_STATS = web.AppKey("bad_stats", BadStats)
@@ -182,6 +224,9 @@ async def bad_chat(request: web.Request) -> web.StreamResponse:
     body = orjson.loads(await request.read())
     model, stream = body.get("model"), bool(body.get("stream"))
     stats.requests[f"{model} {'stream' if stream else 'sync'}"] += 1
+    answer = await episodes.upstream_answer(request, str(model), stats.hostile)
+    if answer is not None:
+        return answer
     if model == "fail-500":
         return web.json_response(
             {"error": {"message": "internal failure", "type": "server_error", "code": None}},
@@ -249,6 +294,7 @@ class Sample:
     tasks: int | None
     open_streams: int | None
     cpu_s: float
+    series: int  # samples on /metrics: a label set per client-chosen value would grow it
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -342,6 +388,7 @@ async def take_sample(phase: str, t: float, pid: int, base: str, ports: Ports) -
         threads=status["Threads"], fds=fds, sockets=sockets, tcp=tcp,
         tasks=gauge(metrics, "agentproxy_asyncio_tasks"),
         open_streams=gauge(metrics, "agentproxy_open_streams"), cpu_s=cpu,
+        series=len(metrics),
     )
 
 
@@ -355,7 +402,7 @@ class Kind:
     what: str
 
 
-OK_STREAM, OK_SYNC = "200 stream complete", "200 ok"
+OK_STREAM, OK_SYNC = episodes.OK_STREAM, episodes.OK_SYNC
 LEFT_STREAM, LEFT_SYNC = "client left mid-stream", "client left while waiting"
 
 KINDS = (
@@ -383,7 +430,28 @@ KINDS = (
     Kind("unknown_model", 2, frozenset({"404 model_not_found"}), "a model no route names"),
     Kind("models", 2, frozenset({OK_SYNC}), "GET /v1/models"),
 )
-KIND_BY_NAME = {k.name: k for k in KINDS}
+# The episodes' requests: not drawn from the mix (weight 0), counted with it.
+EPISODE_KINDS = (
+    Kind("slow_reader", 0, frozenset({episodes.SLOW_ENDED}),
+         "slow episode: stream from an upstream sending as fast as it can, read no further "
+         "than the first byte; the send timeout must end it"),
+    Kind("slot_check", 0, frozenset({OK_STREAM}),
+         "slow episode, after the readers: as many streams at once as their upstream has "
+         "slots (a slot still held would make one wait past queue_timeout: 429)"),
+    Kind("silent_socket", 0, frozenset({episodes.CLOSED_SILENT}),
+         "silent episode: a connection that sends nothing (--header-timeout)"),
+    Kind("half_head", 0, frozenset({episodes.CLOSED_SILENT}),
+         "silent episode: half a request head, then nothing (--header-timeout)"),
+    Kind("half_body", 0, frozenset({episodes.BODY_408}),
+         "silent episode: a whole head and half its body, then nothing (--body-timeout)"),
+    Kind("healthz_probe", 0, frozenset({OK_SYNC}),
+         "silent episode: GET /healthz while those sockets are open"),
+    Kind("big_event", 0, frozenset({OK_STREAM}),
+         "burst episode: one content event just under the 4 MiB event bound, relayed whole"),
+    Kind("big_event_over", 0, frozenset({episodes.OVER_ERROR}),
+         "burst episode: one event over the bound: an error event and [DONE]"),
+)
+KIND_BY_NAME = {k.name: k for k in (*KINDS, *EPISODE_KINDS)}
 
 
 @dataclass
@@ -565,8 +633,8 @@ async def load(base: str, seconds: float, concurrency: int, rate: float, seed: i
     return sent
 
 
-async def reloader(path: Path, ports: Ports, every: float, writes: Counter[str],
-                   stop: asyncio.Event) -> None:
+async def reloader(path: Path, ports: Ports, hose_slots: int, every: float,
+                   writes: Counter[str], stop: asyncio.Event) -> None:
     """Rewrites the route file every `every` seconds: b, a, b, a, broken, b, a, ... Every
     valid write differs from the table being served, so each is one successful reload. The
     sequence goes on from `writes` (the file starts as `a`), so it spans the load phases."""
@@ -579,8 +647,158 @@ async def reloader(path: Path, ports: Ports, every: float, writes: Counter[str],
             variant = "broken"
         else:
             variant = "b" if (writes["a"] + writes["b"]) % 2 == 0 else "a"
-        write_atomically(path, routes_yaml(ports, variant))
+        write_atomically(path, routes_yaml(ports, variant, hose_slots))
         writes[variant] += 1
+
+
+# --- the episodes: hostile loads on top of the mix, measured one by one ------------------------
+
+@dataclass
+class Episode:
+    name: str
+    phase: str  # warm-up (not judged: the first time the proxy meets each) or load
+    t: float  # seconds since the load began
+    seconds: float
+    rss_before_kib: int
+    peak_kib: int  # VmHWM over the episode (reset before it), or the highest RSS polled
+    rss_after_kib: int
+    # Seconds after the episode until RSS was back within the margin; None: not within
+    # --episode-settle.
+    back_after_s: float | None
+    fds_before: int
+    fds_peak: int
+    fds_after: int
+    tasks_before: int | None
+    tasks_after: int | None
+    outcomes: dict[str, int]
+    note: str
+
+
+def rss_margin_kib(base_kib: int) -> float:
+    return max(RSS_MARGIN_MIB * 1024, RSS_MARGIN_FRACTION * base_kib)
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """VmHWM back to the current RSS (Linux >= 4.0), so the next reading is this episode's."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@dataclass
+class EpisodeRunner:
+    settings: episodes.Settings
+    names: list[str]
+    gap: float
+    settle: float
+    pid: int
+    base: str
+    t0: float
+    tally: Tally
+    records: list[Episode] = field(default_factory=list)
+    # The highest VmHWM seen before any reset: the run's peak RSS.
+    peak_kib: int = 0
+
+    async def warm_up(self, stop: asyncio.Event) -> None:
+        """Each episode once, 1 s apart, whatever the time: the first slow readers or big
+        events grow the allocator's pools to what later ones reuse, and the baseline must
+        include that, as it includes what the mix's first requests leave."""
+        for name in self.names:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+            if stop.is_set():
+                return
+            await self.run(name, "warm-up", settle=0.0)
+
+    async def loop(self, deadline: float, stop: asyncio.Event) -> None:
+        """Episodes in turn, `gap` s apart (the first `gap` s into the load, once the mix has
+        brought the proxy to its working size), each only when it can end before
+        `deadline`."""
+        next_at = time.monotonic() + self.gap
+        for i in range(1_000_000):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(0.0, next_at - time.monotonic()))
+            if stop.is_set():
+                return
+            name = self.names[i % len(self.names)]
+            if time.monotonic() + episodes.nominal_seconds(name, self.settings) > deadline:
+                return
+            await self.run(name, "load")
+            next_at = time.monotonic() + self.gap
+
+    async def run(self, name: str, phase: str, settle: float | None = None) -> None:
+        pid = self.pid
+        status = proc_status(pid)
+        self.peak_kib = max(self.peak_kib, status["VmHWM"])
+        exact_peak = reset_peak_rss(pid)
+        before = proc_status(pid)["VmRSS"]
+        fds_before = fd_count(pid)
+        tasks_before = gauge(await scrape(self.base), "agentproxy_asyncio_tasks")
+        polled = [before, fds_before]
+
+        async def poll() -> None:
+            while True:
+                await asyncio.sleep(0.1)
+                with contextlib.suppress(OSError, KeyError):
+                    polled[0] = max(polled[0], proc_status(pid)["VmRSS"])
+                    polled[1] = max(polled[1], fd_count(pid))
+
+        poller = asyncio.create_task(poll())
+        started = time.monotonic()
+        try:
+            found = await episodes.EPISODES[name](self.settings)
+        finally:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
+        seconds = time.monotonic() - started
+        status = proc_status(pid)
+        peak = status["VmHWM"] if exact_peak else polled[0]
+        self.peak_kib = max(self.peak_kib, status["VmHWM"])
+        # RSS back near where it was? The mixed load goes on meanwhile, as it did before.
+        margin = rss_margin_kib(before)
+        back: float | None = None
+        after = status["VmRSS"]
+        while True:
+            waited = time.monotonic() - started - seconds
+            if after - before <= margin:
+                back = waited
+                break
+            if waited >= (self.settle if settle is None else settle):
+                break
+            await asyncio.sleep(0.5)
+            after = proc_status(pid)["VmRSS"]
+        outcomes: Counter[str] = Counter()
+        for kind, outcome, detail in found.outcomes:
+            self.tally.add(kind, outcome, detail)
+            outcomes[f"{kind}: {outcome}"] += 1
+        record = Episode(
+            name=name, phase=phase, t=round(started - self.t0, 1), seconds=round(seconds, 1),
+            rss_before_kib=before, peak_kib=peak, rss_after_kib=after,
+            back_after_s=None if back is None else round(back, 1),
+            fds_before=fds_before, fds_peak=polled[1], fds_after=fd_count(pid),
+            tasks_before=tasks_before,
+            tasks_after=gauge(await scrape(self.base), "agentproxy_asyncio_tasks"),
+            outcomes=dict(outcomes), note=found.note,
+        )
+        self.records.append(record)
+        log(f"episode {name}: {episode_row(record)}")
+
+
+def episode_row(e: Episode) -> str:
+    back = "not back" if e.back_after_s is None else f"{e.back_after_s:g} s"
+    outcomes = "; ".join(f"{o} {n}" for o, n in e.outcomes.items())
+    name = e.name if e.phase == "load" else f"{e.name} (warm-up)"
+    return (f"| {name} | {e.t:.0f} | {e.seconds:.1f} | {e.rss_before_kib / 1024:.1f} "
+            f"| {e.peak_kib / 1024:.1f} | {e.rss_after_kib / 1024:.1f} | {back} "
+            f"| {e.fds_before} / {e.fds_peak} / {e.fds_after} "
+            f"| {e.tasks_before} / {e.tasks_after} | {outcomes} | {e.note} |")
 
 
 # --- the run -------------------------------------------------------------------------------
@@ -648,7 +866,34 @@ class Verdict:
         return all(ok for name, ok, _ in self.checks if name not in FLAT_CHECKS)
 
 
-FLAT_CHECKS = ("memory", "file descriptors", "sockets", "tasks", "open streams")
+FLAT_CHECKS = ("memory", "file descriptors", "sockets", "tasks", "open streams",
+               "memory after each episode")
+
+
+@dataclass
+class LogScan:
+    lines: int = 0
+    access_lines: int = 0
+    tracebacks: int = 0
+    reload_errors: int = 0
+    send_timeouts: int = 0
+
+
+def scan_log(path: Path) -> LogScan:
+    """Counts in the proxy's log, read a line at a time: with the access log on it holds a
+    line per request, tens of MB in a long run."""
+    scan = LogScan()
+    with path.open("rb") as f:
+        for line in f:
+            scan.lines += 1
+            if b" agentproxy.access: " in line:
+                scan.access_lines += 1
+                scan.send_timeouts += b" error=send_timeout" in line
+            elif b"Traceback" in line:
+                scan.tracebacks += 1
+            elif b"route table not reloaded" in line:
+                scan.reload_errors += 1
+    return scan
 
 
 def judge(base_s: Sample, end: Sample, tally: Tally, tracebacks: int,
@@ -679,6 +924,40 @@ def judge(base_s: Sample, end: Sample, tally: Tally, tracebacks: int,
     return v
 
 
+def judge_episodes(v: Verdict, records: list[Episode], tally: Tally, scan: LogScan,
+                   timeouts: dict[str, float], hostile: episodes.UpstreamStats) -> None:
+    if not records:
+        return
+    judged = [e for e in records if e.phase == "load"]
+    late = [e for e in judged if e.back_after_s is None]
+    bursts = [e for e in judged if e.name == "burst"]
+    if not judged:
+        v.check("memory after each episode", False,
+                "no episode ran after the warm-up: the main load was too short for one")
+    else:
+        v.check("memory after each episode", not late,
+                f"{len(judged) - len(late)} of {len(judged)} episodes after the warm-up back "
+                f"within max({RSS_MARGIN_MIB:g} MiB, {100 * RSS_MARGIN_FRACTION:g} %) of their "
+                "RSS before; bursts (MiB before -> peak -> after): "
+                + (", ".join(f"{e.rss_before_kib / 1024:.0f} -> {e.peak_kib / 1024:.0f} -> "
+                             f"{e.rss_after_kib / 1024:.0f}" for e in bursts) or "none"))
+    readers = sum(n for (kind, _), n in tally.counts.items() if kind == "slow_reader")
+    if any(e.name == "slow" for e in records):
+        v.check("send timeouts", scan.send_timeouts == readers and hostile.hose_completed == 0,
+                f"{readers} slow readers; {scan.send_timeouts} access lines with "
+                f"error=send_timeout; the upstream saw {hostile.hose_ended_early} of its "
+                f"{hostile.hose_started} streams let go early, {hostile.hose_completed} complete")
+    if any(e.name == "silent" for e in records):
+        heads = sum(n for (kind, _), n in tally.counts.items()
+                    if kind in ("silent_socket", "half_head"))
+        bodies = sum(n for (kind, _), n in tally.counts.items() if kind == "half_body")
+        got_heads, got_bodies = timeouts.get("header", 0.0), timeouts.get("body", 0.0)
+        v.check("connection timeouts", got_heads == heads and got_bodies == bodies,
+                f"sent {heads} silent or half heads and {bodies} half bodies; "
+                f"agentproxy_connection_timeouts_total: header {got_heads:g}, "
+                f"body {got_bodies:g}")
+
+
 def sample_row(s: Sample, prev: Sample | None) -> str:
     cpu = "-"
     if prev is not None and s.t > prev.t:
@@ -688,17 +967,27 @@ def sample_row(s: Sample, prev: Sample | None) -> str:
             f"| {s.tasks} | {s.open_streams} | {cpu} |")
 
 
-def report(samples: list[Sample], tally: Tally, v: Verdict, extra: dict[str, Any]) -> str:
+def report(samples: list[Sample], tally: Tally, v: Verdict, extra: dict[str, Any],
+           records: list[Episode]) -> str:
     lines = ["| phase | t s | RSS MiB | fds | sockets | tasks | open streams | proxy CPU % |",
              "|---|--:|--:|--:|---|--:|--:|--:|"]
     prev: Sample | None = None
     for s in samples:
         lines.append(sample_row(s, prev if s.phase in ("load", "end") else None))
         prev = s
+    if records:
+        lines += ["", "Episodes (with the mixed load going on; RSS in MiB; back: seconds after "
+                  "the episode until RSS was within the margin of its value before):", "",
+                  "| episode | t s | s | RSS before | peak | after | back | fds before / peak "
+                  "/ after | tasks before / after | outcomes | |",
+                  "|---|--:|--:|--:|--:|--:|--:|---|---|---|---|"]
+        lines += [episode_row(e) for e in records]
     lines += ["", "| kind | requests | expected | unexpected | outcomes |",
               "|---|--:|--:|--:|---|"]
-    for k in KINDS:
+    for k in (*KINDS, *EPISODE_KINDS):
         mine = {o: n for (kind, o), n in tally.counts.items() if kind == k.name}
+        if not mine and k.weight == 0:
+            continue
         total = sum(mine.values())
         exp = sum(n for o, n in mine.items() if o in k.expected)
         outcomes = "; ".join(f"{o}: {n}" for o, n in sorted(mine.items(), key=lambda x: -x[1]))
@@ -720,7 +1009,7 @@ def report(samples: list[Sample], tally: Tally, v: Verdict, extra: dict[str, Any
     return "\n".join(lines)
 
 
-def under_load(samples: list[Sample]) -> str:
+def under_load(samples: list[Sample], peak_kib: int = 0) -> str:
     """Ranges of the samples taken under load, and the RSS trend (least squares) over them."""
     load = [s for s in samples if s.phase == "load"]
     if not load:
@@ -736,7 +1025,7 @@ def under_load(samples: list[Sample]) -> str:
     return (f"{len(load)} samples; RSS {min(rss):.1f}-{max(rss):.1f} MiB (first {rss[0]:.1f}, "
             f"last {rss[-1]:.1f}, trend {slope:+.2f} MiB/min); fds {min(s.fds for s in load)}-"
             f"{max(s.fds for s in load)}; tasks {min(tasks, default=0)}-{max(tasks, default=0)}; "
-            f"peak RSS (VmHWM) {max(s.hwm_kib for s in samples) / 1024:.1f} MiB")
+            f"peak RSS (VmHWM) {max(peak_kib, *(s.hwm_kib for s in samples)) / 1024:.1f} MiB")
 
 
 def proxy_counters(metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float],
@@ -786,9 +1075,18 @@ async def soak(args: argparse.Namespace) -> int:
         letta.disconnected.clear()
         letta.requests.clear()
 
+    hose_slots = args.slow_readers
+    settings = episodes.Settings(
+        host="127.0.0.1", port=ports.proxy, key=KEY, send_timeout=args.send_timeout,
+        header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+        slow_readers=args.slow_readers, silent_sockets=args.silent_sockets,
+        burst_streams=args.burst_streams, burst_over=args.burst_over,
+    )
+    runner: EpisodeRunner | None = None
+
     with tempfile.TemporaryDirectory(prefix="agentproxy-soak-") as tmp:
         routes = Path(tmp) / "routes.yaml"
-        write_atomically(routes, routes_yaml(ports, "a"))
+        write_atomically(routes, routes_yaml(ports, "a", hose_slots))
         try:
             async with serving(bad_app(bad), ports.bad), serving(make_app(letta), ports.letta):
                 fake = procs.start(
@@ -796,10 +1094,14 @@ async def soak(args: argparse.Namespace) -> int:
                      "--chunks", "20", "--delay-chunk", "0.01"], fake_log)
                 env = {**os.environ, "SOAK_KEY": KEY}
                 env.pop("AGENTPROXY_API_KEYS", None)
+                # As a user starts it, access log included (into proxy_log), with the
+                # timeouts the episodes wait out shortened.
                 proxy = procs.start(
                     [sys.executable, "-m", "proxy", "serve", "--routes", str(routes),
                      "--host", "127.0.0.1", "--port", str(ports.proxy), "--workers", "1",
-                     "--log-level", "warning", "--reload-interval", "1"], proxy_log, env)
+                     "--reload-interval", "1", "--send-timeout", str(args.send_timeout),
+                     "--header-timeout", str(args.header_timeout),
+                     "--body-timeout", str(args.body_timeout)], proxy_log, env)
                 await wait_http(f"http://127.0.0.1:{ports.fake}/v1/models", fake, 20)
                 await wait_http(base + "/readyz", proxy, 30)
                 pid = proxy.pid
@@ -809,19 +1111,27 @@ async def soak(args: argparse.Namespace) -> int:
                 await asyncio.sleep(1.0)  # the readiness checks' connections close
                 samples.append(await take_sample("start", 0.0, pid, base, ports))
                 t0 = time.monotonic()
+                runner = EpisodeRunner(settings, args.episode_list, args.episode_gap,
+                                       args.episode_settle, pid, base, t0, tally)
 
                 def cpu_now() -> tuple[float, float, float]:
                     me = resource.getrusage(resource.RUSAGE_SELF)
                     return cpu_seconds(pid), cpu_seconds(fake.pid), me.ru_utime + me.ru_stime
 
-                async def phase(seconds: float, sample_every: float | None) -> None:
+                async def phase(seconds: float, sample_every: float | None,
+                                with_episodes: bool = False) -> None:
                     nonlocal load_s
                     began, cpu_began = time.monotonic(), cpu_now()
                     reload_task = asyncio.create_task(
-                        reloader(routes, ports, args.reload_every, writes, stop))
+                        reloader(routes, ports, hose_slots, args.reload_every, writes, stop))
                     load_task = asyncio.create_task(
                         load(base, seconds, args.concurrency, args.rate,
                              args.seed + len(samples), tally, stop))
+                    tasks = [reload_task, load_task]
+                    if runner is not None and runner.names:
+                        tasks.append(asyncio.create_task(
+                            runner.loop(began + seconds, stop) if with_episodes
+                            else runner.warm_up(stop)))
                     try:
                         while not load_task.done():
                             await asyncio.wait({load_task}, timeout=sample_every)
@@ -831,13 +1141,13 @@ async def soak(args: argparse.Namespace) -> int:
                                 drain_letta()
                                 log(sample_row(samples[-1], None))
                         await load_task
+                        # An episode under way ends on its own (each is bounded in time).
+                        await asyncio.gather(*tasks[2:])
                     finally:
-                        reload_task.cancel()
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await reload_task
-                        load_task.cancel()
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await load_task
+                        for task in tasks:
+                            task.cancel()
+                            with contextlib.suppress(asyncio.CancelledError):
+                                await task
                         load_s += time.monotonic() - began
                         for i, (a, b) in enumerate(zip(cpu_began, cpu_now(), strict=True)):
                             cpu_load[i] += b - a
@@ -850,7 +1160,7 @@ async def soak(args: argparse.Namespace) -> int:
                                                  ports))
                 log(f"baseline after {waited:.0f} s of settling: {sample_row(samples[-1], None)}")
                 if not stop.is_set():
-                    await phase(total - warmup, args.sample_every)
+                    await phase(total - warmup, args.sample_every, with_episodes=True)
                 # The reloader stopped: let the proxy see the last write before counting.
                 waited_end = await settle(pid, base, ports, args.settle)
                 await asyncio.sleep(1.5)
@@ -863,22 +1173,30 @@ async def soak(args: argparse.Namespace) -> int:
             procs.stop_all()
 
     wall = time.monotonic() - wall0
-    log_text = proxy_log.read_text(errors="replace")
-    tracebacks = log_text.count("Traceback")
-    reload_errors = len(re.findall(r"route table not reloaded", log_text))
+    scan = scan_log(proxy_log)
+    log_size = proxy_log.stat().st_size
+    trim_log(proxy_log)
+    trim_log(fake_log)
     reloads = proxy_counters(metrics, "agentproxy_reloads_total", "result")
-    v = judge(samples[1], samples[-1], tally, tracebacks, reloads, writes)
+    timeouts = proxy_counters(metrics, "agentproxy_connection_timeouts_total", "phase")
+    records = runner.records if runner is not None else []
+    v = judge(samples[1], samples[-1], tally, scan.tracebacks, reloads, writes)
+    judge_episodes(v, records, tally, scan, timeouts, bad.hostile)
     extra: dict[str, Any] = {
         "load": f"{load_s:.0f} s, {sum(tally.counts.values())} requests "
                 f"({sum(tally.counts.values()) / max(load_s, 1):.1f}/s); the whole run "
                 f"{wall:.0f} s",
         "settle": f"{waited:.0f} s before the baseline, {waited_end:.0f} s before the end",
-        "under load": under_load(samples),
+        "under load": under_load(samples, runner.peak_kib if runner is not None else 0),
+        "metric samples on /metrics": f"{samples[1].series} at the baseline, "
+                                      f"{samples[-1].series} at the end",
         "route file writes": dict(writes),
         "proxy reloads (agentproxy_reloads_total)": reloads,
-        "proxy log": f"{tracebacks} tracebacks, {reload_errors} 'route table not reloaded' "
-                     f"errors (expected: one per broken write), {len(log_text.splitlines())} "
-                     f"lines in all ({proxy_log.relative_to(REPO)})",
+        "proxy log": f"{scan.tracebacks} tracebacks, {scan.reload_errors} 'route table not "
+                     f"reloaded' errors (expected: one per broken write), {scan.access_lines} "
+                     f"access lines ({scan.send_timeouts} with error=send_timeout), "
+                     f"{scan.lines} lines in all, {log_size / MiB:.1f} MiB "
+                     f"({proxy_log.relative_to(REPO)}, cut to its first and last MiB)",
         "proxy requests by status (agentproxy_requests_total)":
             proxy_counters(metrics, "agentproxy_requests_total", "status"),
         "proxy upstream errors by code":
@@ -886,6 +1204,12 @@ async def soak(args: argparse.Namespace) -> int:
         "proxy failovers": proxy_counters(metrics, "agentproxy_failovers_total", "upstream"),
         "bad upstream": f"{dict(bad.requests)}; slow requests cancelled when the client left: "
                         f"{bad.slow_cancelled}, completed: {bad.slow_completed}",
+        "proxy connection timeouts (agentproxy_connection_timeouts_total)": timeouts,
+        "hostile upstream streams": (
+            f"hose {bad.hostile.hose_started} started, {bad.hostile.hose_ended_early} let go "
+            f"early by the proxy, {bad.hostile.hose_completed} complete; big events "
+            f"{bad.hostile.big_started} started, {bad.hostile.big_ended_early} let go early, "
+            f"{bad.hostile.big_completed} complete"),
         "fake Letta": f"{letta_cancelled} runs cancelled, {letta_disconnected} streams "
                       f"disconnected, {letta.completed_streams} completed",
         "proxy fds other than sockets at the end": other_fds,
@@ -893,17 +1217,25 @@ async def soak(args: argparse.Namespace) -> int:
             f"proxy {cpu_load[0] / load_s:.2f}, fake upstream {cpu_load[1] / load_s:.2f}, "
             f"soak.py {cpu_load[2] / load_s:.2f}, all {sum(cpu_load) / load_s:.2f}",
     }
-    print(report(samples, tally, v, extra))
+    print(report(samples, tally, v, extra, records))
     if args.json:
         out = {
             "started_utc": stamp,
             "settings": {"minutes": args.minutes, "concurrency": args.concurrency,
                          "rate": args.rate, "seed": args.seed, "warmup_s": warmup,
                          "reload_every_s": args.reload_every,
-                         "sample_every_s": args.sample_every},
+                         "sample_every_s": args.sample_every,
+                         "episodes": args.episode_list, "episode_gap_s": args.episode_gap,
+                         "send_timeout_s": args.send_timeout,
+                         "header_timeout_s": args.header_timeout,
+                         "body_timeout_s": args.body_timeout,
+                         "slow_readers": args.slow_readers,
+                         "silent_sockets": args.silent_sockets,
+                         "burst_streams": args.burst_streams, "burst_over": args.burst_over},
             "kinds": [{"name": k.name, "weight": k.weight, "what": k.what,
-                       "expected": sorted(k.expected)} for k in KINDS],
+                       "expected": sorted(k.expected)} for k in (*KINDS, *EPISODE_KINDS)],
             "samples": [s.__dict__ for s in samples],
+            "episodes": [e.__dict__ for e in records],
             "outcomes": [{"kind": k, "outcome": o, "count": n}
                          for (k, o), n in sorted(tally.counts.items())],
             "unexpected_examples": {f"{k} / {o}": ex for (k, o), ex in tally.examples.items()},
@@ -922,6 +1254,9 @@ def mix_text() -> Iterator[str]:
     total = sum(k.weight for k in KINDS)
     for k in KINDS:
         yield f"  {k.name:<14} {100 * k.weight / total:3.0f} %  {k.what}"
+    yield "\nThe episodes' requests:"
+    for k in EPISODE_KINDS:
+        yield f"  {k.name:<14}  {k.what}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -942,9 +1277,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds between samples under load (default 30)")
     p.add_argument("--settle", type=float, default=75.0,
                    help="longest wait for the proxy to go idle before a sample (default 75)")
+    e = p.add_argument_group("episodes (hostile loads during the main load, one at a time)")
+    e.add_argument("--episodes", default="slow,silent,burst",
+                   help="which, in this order, over and over: slow (readers that stop), "
+                        "silent (sockets that send nothing or half a request), burst "
+                        "(events near and over the 4 MiB bound); 'none' for none "
+                        "(default slow,silent,burst)")
+    e.add_argument("--episode-gap", type=float, default=8.0,
+                   help="seconds of the mixed load alone between two episodes (default 8)")
+    e.add_argument("--episode-settle", type=float, default=15.0,
+                   help="longest wait after an episode for RSS to come back (default 15)")
+    e.add_argument("--send-timeout", type=float, default=2.0,
+                   help="the proxy's --send-timeout (default 2)")
+    e.add_argument("--header-timeout", type=float, default=2.0,
+                   help="the proxy's --header-timeout (default 2)")
+    e.add_argument("--body-timeout", type=float, default=2.0,
+                   help="the proxy's --body-timeout (default 2)")
+    e.add_argument("--slow-readers", type=int, default=8,
+                   help="slow readers at once; also their upstream's max_concurrency "
+                        "(default 8)")
+    e.add_argument("--silent-sockets", type=int, default=60,
+                   help="silent connections at once, a third of each sort (default 60)")
+    e.add_argument("--burst-streams", type=int, default=24,
+                   help="big-event streams at once (default 24)")
+    e.add_argument("--burst-over", type=int, default=6,
+                   help="how many of them are over the bound (default 6)")
     args = p.parse_args(argv)
     if args.minutes <= 0 or args.concurrency < 1 or args.rate <= 0:
         p.error("--minutes, --concurrency and --rate must be positive")
+    names = [n.strip() for n in args.episodes.split(",") if n.strip() not in ("", "none")]
+    if any(n not in episodes.EPISODES for n in names):
+        p.error(f"--episodes takes some of {', '.join(episodes.EPISODES)}, or none")
+    args.episode_list = names
+    if min(args.send_timeout, args.header_timeout, args.body_timeout) <= 0:
+        p.error("the timeouts must be positive: the episodes wait for them")
+    if not (1 <= args.slow_readers <= 256 and 3 <= args.silent_sockets <= 3000
+            and 1 <= args.burst_streams <= 200 and 0 <= args.burst_over <= args.burst_streams):
+        p.error("--slow-readers 1-256, --silent-sockets 3-3000, --burst-streams 1-200, "
+                "--burst-over at most --burst-streams")
     if args.minutes > 24 * 60:
         p.error("--minutes is at most a day")
     return args

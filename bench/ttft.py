@@ -6,6 +6,12 @@ each bounded by `--timeout`). For every stream it records the time from sending 
 to the first complete SSE `data:` event (TTFT) and to the end of the stream, and checks that
 the stream ended with `data: [DONE]` after the expected number of events.
 
+With `--api responses` it asks `POST /v1/responses` instead: TTFT is then the time to the
+first complete `response.output_text.delta` event (the events before it, `response.created`
+and the like, carry no text), and a stream counts as good when it has one such event per
+content event of the fake (`--chunks` - 2), `response.completed` as its last event, and
+`data: [DONE]` after that.
+
     python bench/ttft.py --url http://127.0.0.1:8080 --key sk-... --concurrency 64 --duration 10
 
 Prints median and p99 TTFT; `--json` prints one JSON object instead (bench/run.py uses it).
@@ -46,14 +52,21 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[rank - 1]
 
 
+RESPONSES_DELTA = b"response.output_text.delta"
+RESPONSES_LAST = b"response.completed"
+
+
 async def one_stream(
     session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str],
-    expected: int, tally: Tally,
+    expected: int, tally: Tally, responses: bool = False,
 ) -> None:
+    """One stream. Chat: `expected` data events, the first of them timed. Responses:
+    `expected` text deltas, the first of them timed, `response.completed` last."""
     start = time.perf_counter()
     first: float | None = None
     events = 0
-    done = False
+    done = after_done = False
+    last_name = b""
     buf = b""
     async with session.post(url, data=body, headers=headers) as resp:
         if resp.status != 200:
@@ -65,23 +78,35 @@ async def one_stream(
             buf = (buf + chunk).replace(b"\r\n", b"\n")
             while (cut := buf.find(b"\n\n")) >= 0:
                 block, buf = buf[:cut], buf[cut + 2:]
+                name = b"message"
                 for line in block.split(b"\n"):
+                    if line.startswith(b"event:"):
+                        name = line[6:].strip()
+                        continue
                     if not line.startswith(b"data:"):
                         continue
-                    if first is None:
-                        first = time.perf_counter()
-                    if line[5:].strip() == b"[DONE]":
+                    if done:
+                        after_done = True
+                    elif line[5:].strip() == b"[DONE]":
                         done = True
-                    else:
+                    elif not responses or name == RESPONSES_DELTA:
+                        if first is None:
+                            first = time.perf_counter()
                         events += 1
+                    if responses and not done:
+                        last_name = name
     end = time.perf_counter()
     if first is None:
-        tally.errors["no data event"] += 1
+        tally.errors["no text delta" if responses else "no data event"] += 1
         return
     tally.ttft.append(first - start)
     tally.total.append(end - start)
     if not done:
         tally.errors["no [DONE]"] += 1
+    elif after_done:
+        tally.errors["data after [DONE]"] += 1
+    elif responses and last_name != RESPONSES_LAST:
+        tally.errors[f"last event {last_name.decode(errors='replace')}"] += 1
     elif expected and events != expected:
         tally.errors[f"{events} events, expected {expected}"] += 1
     else:
@@ -90,11 +115,11 @@ async def one_stream(
 
 async def worker(
     session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str],
-    expected: int, deadline: float, tally: Tally,
+    expected: int, deadline: float, tally: Tally, responses: bool,
 ) -> None:
     while time.perf_counter() < deadline:
         try:
-            await one_stream(session, url, body, headers, expected, tally)
+            await one_stream(session, url, body, headers, expected, tally, responses)
         except (aiohttp.ClientError, TimeoutError) as exc:
             tally.errors[type(exc).__name__] += 1
             # A refused connection fails at once; without a pause this loop would spin.
@@ -102,17 +127,22 @@ async def worker(
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    url = args.url.rstrip("/") + "/v1/chat/completions"
-    req: dict[str, Any] = {
-        "model": args.model,
-        "messages": [{"role": "user", "content": "hi"}],
-        "stream": True,
-    }
-    if args.usage:
-        req["stream_options"] = {"include_usage": True}
+    responses = args.api == "responses"
+    req: dict[str, Any] = {"model": args.model, "stream": True}
+    if responses:
+        # What bench/wrk/responses.lua sends.
+        url = args.url.rstrip("/") + "/v1/responses"
+        req["input"] = "hi"
+        # One text delta per content event: the fake's role and finish events carry none.
+        expected = max(0, args.chunks - 2)
+    else:
+        url = args.url.rstrip("/") + "/v1/chat/completions"
+        req["messages"] = [{"role": "user", "content": "hi"}]
+        if args.usage:
+            req["stream_options"] = {"include_usage": True}
+        expected = args.chunks + (1 if args.usage and args.chunks else 0)
     body = orjson.dumps(req)
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {args.key}"}
-    expected = args.chunks + (1 if args.usage and args.chunks else 0)
     tally = Tally()
     connector = aiohttp.TCPConnector(limit=args.concurrency, force_close=False)
     timeout = aiohttp.ClientTimeout(total=args.timeout)
@@ -121,13 +151,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             warm = Tally()
             until = time.perf_counter() + args.warmup
             await asyncio.gather(*(
-                worker(session, url, body, headers, expected, until, warm)
+                worker(session, url, body, headers, expected, until, warm, responses)
                 for _ in range(args.concurrency)
             ))
         started = time.perf_counter()
         deadline = started + args.duration
         await asyncio.gather(*(
-            worker(session, url, body, headers, expected, deadline, tally)
+            worker(session, url, body, headers, expected, deadline, tally, responses)
             for _ in range(args.concurrency)
         ))
         elapsed = time.perf_counter() - started
@@ -137,6 +167,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     return {
         "url": url,
+        "api": args.api,
         "concurrency": args.concurrency,
         "duration_s": round(elapsed, 3),
         "streams": len(tally.ttft),
@@ -161,14 +192,20 @@ def main() -> None:
     p.add_argument("--duration", "-d", type=float, default=10.0, help="seconds of load")
     p.add_argument("--warmup", type=float, default=0.0, help="seconds of unrecorded load first")
     p.add_argument("--chunks", type=int, default=50,
-                   help="data events expected before [DONE] (the fake's --chunks); 0: no check")
+                   help="the fake's --chunks: data events expected before [DONE] (with "
+                        "--api responses, chunks - 2 text deltas); 0: no check")
     p.add_argument("--usage", action="store_true",
                    help="ask for stream_options.include_usage (expects one more event)")
+    p.add_argument("--api", choices=("chat", "responses"), default="chat",
+                   help="chat: POST /v1/chat/completions (default); responses: POST "
+                        "/v1/responses, timed to the first response.output_text.delta")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds allowed per stream")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args()
     if args.concurrency < 1 or args.duration <= 0:
         p.error("--concurrency must be >= 1 and --duration > 0")
+    if args.usage and args.api == "responses":
+        p.error("--usage is for chat completions (a Responses stream always has its usage)")
     with asyncio.Runner(loop_factory=new_loop_factory()) as runner:
         result = runner.run(run(args))
     if args.json:
