@@ -23,6 +23,7 @@ from proxy.connection_limits import (
     DEFAULT_HEADER_TIMEOUT,
     DEFAULT_KEEPALIVE_TIMEOUT,
 )
+from proxy.memory import return_large_buffers
 from proxy.workers import SESSION_LOCKS_ENV, run_workers
 
 if TYPE_CHECKING:
@@ -290,6 +291,7 @@ def run_worker(options: ServeOptions) -> int:
         send_timeout=options.send_timeout,
     )
     tune_gc()
+    return_large_buffers()
     with asyncio.Runner(loop_factory=_new_loop) as runner:
         runner.run(_serve(app, holder, options))
     return 0

@@ -403,9 +403,13 @@ class SSEWriter:
         if transport is not None:
             transport.abort()
 
+    def detach(self) -> None:
+        """No more writes will block: the send timeout stops watching this stream."""
+        self._streams._open.discard(self)
+
     async def end(self, tail: bytes = DONE) -> None:
         """`tail` and the end of the chunked body in one write: one send to the client."""
-        self._streams._open.discard(self)
+        self.detach()
         if self.closed:
             return
         try:

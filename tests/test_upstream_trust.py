@@ -7,6 +7,7 @@ SDK hides what is checked), against an aiohttp upstream on port 0 scripted per t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from tests.conftest import KEY, ProxyFactory, serving
+from tests.conftest import KEY, ProxyFactory, serving, wait_for
 from tests.fake_letta import FakeLetta
 
 HI = [{"role": "user", "content": "hi"}]
@@ -369,3 +370,34 @@ async def test_echo_of_a_huge_message_is_capped_and_never_stalls_the_worker(
     assert len(text) < 70_000
     assert "cut at" in text
     assert worst < 1.0
+
+
+async def test_streams_whose_client_left_are_no_longer_watched_for_the_send_timeout(
+    make_proxy: ProxyFactory, upstream: tuple[Scripted, str]
+) -> None:
+    scripted, url = upstream
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+             "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": None}]}
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
+            while True:
+                await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+                await asyncio.sleep(0.01)
+        return resp
+
+    scripted.handler = endless
+    proxy = await make_proxy(routes(url))
+    streams = proxy.holder.state.streams
+    for _ in range(5):
+        async with aiohttp.ClientSession() as http:
+            resp = await http.post(
+                proxy.url + "/v1/chat/completions",
+                json={"model": "m", "stream": True, "messages": HI},
+                headers={"Authorization": f"Bearer {KEY}"},
+            )
+            await resp.content.readline()
+            resp.close()  # the client leaves mid-stream
+    await wait_for(lambda: len(streams) == 0)

@@ -102,10 +102,10 @@ async def relay(request: web.Request, served: Served, encoder: Encoder) -> web.S
                 metrics.stream_closed()
     finally:
         lease.release()
-    if tail is not None:
-        await writer.end(tail)
-    else:
-        await writer.end(b"")
+        # However the stream ended (a client that left raises through here), the send
+        # timeout's sweep stops watching it.
+        writer.detach()
+    await writer.end(tail if tail is not None else b"")
     return response
 
 
