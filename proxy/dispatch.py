@@ -40,19 +40,39 @@ T = TypeVar("T")
 async def serve(
     route: Route, call: Call, http: aiohttp.ClientSession, metrics: Metrics
 ) -> Served:
-    async def attempt(lease: Lease) -> Served:
+    exchange = call.exchange
+    # The loop of `with_failover`, written out: this is every chat and Responses request's
+    # path, and each coroutine layer is paid again at each of its suspensions.
+    failover = Failover(route.upstreams, _on_error(exchange, metrics), metrics.failover_of)
+    while True:
+        lease = failover.next() or await failover.queue()
         upstream = lease.upstream
         # Per upstream: a route may list one that relays Responses and one that translates.
         native = call.responses is not None and upstream.native_responses
-        if call.stream:
-            return await _open(lease, call, http, native)
-        if native:
-            return Served(lease, answer=await upstream.respond(call, http), native=True)
-        return Served(lease, answer=await upstream.complete(call, http))
-
-    served = await with_failover(route, call.exchange, metrics, attempt)
-    _record(call.exchange, served.lease.upstream, served)
+        try:
+            if call.stream:
+                served = await _open(lease, call, http, native)
+            elif native:
+                served = Served(lease, answer=await upstream.respond(call, http), native=True)
+            else:
+                served = Served(lease, answer=await upstream.complete(call, http))
+        except BaseException as exc:
+            if failover.retry(lease, exc):
+                continue
+            raise
+        break
+    lease.succeeded()
+    _record(exchange, upstream, served)
     return served
+
+
+def _on_error(exchange: Exchange, metrics: Metrics) -> Callable[[Upstream, ProxyError], None]:
+    def on_error(upstream: Upstream, exc: ProxyError) -> None:
+        exchange.upstream = upstream.name
+        # The class's code, not the instance's: an upstream's own codes are unbounded.
+        metrics.upstream_error(upstream.name, type(exc).code)
+
+    return on_error
 
 
 async def with_failover(
@@ -65,15 +85,7 @@ async def with_failover(
     one succeeds; its lease is the caller's to release (the result holds it or the caller
     releases it at once)."""
 
-    def on_error(upstream: Upstream, exc: ProxyError) -> None:
-        exchange.upstream = upstream.name
-        # The class's code, not the instance's: an upstream's own codes are unbounded.
-        metrics.upstream_error(upstream.name, type(exc).code)
-
-    def on_failover(upstream: Upstream) -> None:
-        metrics.failover(upstream.name)
-
-    failover = Failover(route.upstreams, on_error, on_failover)
+    failover = Failover(route.upstreams, _on_error(exchange, metrics), metrics.failover_of)
     while True:
         lease = failover.next() or await failover.queue()
         try:

@@ -17,6 +17,7 @@ import contextlib
 import os
 import re
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -32,6 +33,9 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from proxy.exchange import Exchange
+
+if TYPE_CHECKING:
+    from proxy.upstreams.base import Upstream
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -226,6 +230,10 @@ class Metrics:
 
     def failover(self, upstream: str) -> None:
         self.failovers.labels(upstream).inc()
+
+    def failover_of(self, upstream: Upstream) -> None:
+        """`failover` as failover.Failover reports it."""
+        self.failovers.labels(upstream.name).inc()
 
     def rejected(self, reason: str) -> None:
         """A request refused as malformed: rare, so counted at once."""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -47,7 +49,11 @@ async def eventually(
 
 def _start(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     with log.open("w") as out:
-        return subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+        # A group of its own: its `--workers` children are ended with it, never left behind.
+        return subprocess.Popen(
+            command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True,
+        )
 
 
 @asynccontextmanager
@@ -84,3 +90,6 @@ async def serve_process(
         if proc.poll() is None:
             proc.kill()
         await asyncio.to_thread(proc.wait, 30)
+        # Workers outlive a killed parent: end whatever is left of the group.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)

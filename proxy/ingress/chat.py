@@ -41,7 +41,8 @@ _ENCODER = ChatEncoder()
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    exchange, table, grant, raw = await accept(request)
+    exchange, table, grant = accept(request)
+    raw = await request.read()
     app = request.app
     chat = parse_chat_request(raw)
     route, model, upstream_model = resolve_model(table, chat.model, grant)

@@ -42,7 +42,8 @@ def parse_embeddings_request(raw: bytes) -> dict[str, Any]:
 
 
 async def embeddings(request: web.Request) -> web.Response:
-    exchange, table, grant, raw = await accept(request)
+    exchange, table, grant = accept(request)
+    raw = await request.read()
     app = request.app
     body = parse_embeddings_request(raw)
     route, model, upstream_model = resolve_model(table, body.get("model"), grant)

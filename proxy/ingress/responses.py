@@ -74,7 +74,8 @@ class ResponsesEncoder:
 
 
 async def create_response(request: web.Request) -> web.StreamResponse:
-    exchange, table, grant, raw = await accept(request)
+    exchange, table, grant = accept(request)
+    raw = await request.read()
     app = request.app
     parsed = parse_responses_request(raw)
     route, model, upstream_model = resolve_model(table, parsed.model, grant)

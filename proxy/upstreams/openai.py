@@ -121,18 +121,33 @@ class OpenAI(HttpUpstream):
         finally:
             deadlines.close()
         upstream_ms = (time.perf_counter() - started) * 1000.0
+        return self._object(data, what), data, self.relayable_headers(resp.raw_headers), upstream_ms
+
+    def _object(self, data: bytes, what: str) -> dict[str, Any]:
         try:
             parsed = orjson.loads(data)
         except orjson.JSONDecodeError:
             parsed = None
         if not isinstance(parsed, dict):
             raise UpstreamFailed(f"Upstream '{self.name}' answered with a body that is not {what}.")
-        return parsed, data, self.relayable_headers(resp.raw_headers), upstream_ms
+        return parsed
 
     async def complete(self, call: Call, http: aiohttp.ClientSession) -> Answer:
-        parsed, data, headers, upstream_ms = await self._json_answer(
-            call, http, self.chat_url, self._payload(call), "a chat completion"
-        )
+        # `_json_answer` written out: every sync chat request's path, one coroutine layer
+        # less at each of its suspensions.
+        started = time.perf_counter()
+        deadlines = self.deadlines(call.exchange)
+        try:
+            resp, data = await deadlines.answer(
+                self._fetch(call, http, self.chat_url, self._payload(call))
+            )
+        except BaseException as exc:
+            raise self.failure(exc, answered=False) from None
+        finally:
+            deadlines.close()
+        upstream_ms = (time.perf_counter() - started) * 1000.0
+        parsed = self._object(data, "a chat completion")
+        headers = self.relayable_headers(resp.raw_headers)
         if not isinstance(parsed.get("choices"), list):
             raise UpstreamFailed(
                 f"Upstream '{self.name}' answered with a body that is not a chat completion."
