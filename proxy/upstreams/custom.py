@@ -39,7 +39,7 @@ from multidict import CIMultiDict
 
 from proxy.chunks import KEEP_ALIVE, Comment, Out
 from proxy.config import ModelSpec
-from proxy.errors import ProxyError, UpstreamFailed
+from proxy.errors import UpstreamFailed
 from proxy.openai_types import ChatChunk, ChunkFactory, accumulate
 from proxy.session_keys import SessionKeys, session_keys
 from proxy.upstreams.base import Answer, ByteStream, Call, ChunkStream
@@ -229,13 +229,7 @@ class Custom(CustomCalls):
                 self.send(http, request.method, url, data=data, headers=headers)
             )
         except BaseException as exc:
-            err = self.failure(exc, answered=False)
-            # Unless the connection was never made, the upstream may have started the turn.
-            if isinstance(err, ProxyError) and not isinstance(
-                exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError
-            ):
-                err.delivered = True
-            raise err from None
+            raise self.turn_failure(exc) from None
 
     async def _batches(
         self, turn: TurnInFlight, call: Call, *, include_usage: bool

@@ -151,6 +151,17 @@ class HttpUpstream(Upstream):
             err.message = self.scrub(err.message)
         return err
 
+    def turn_failure(self, exc: BaseException) -> BaseException:
+        """`failure` for a request that starts an agent's turn. Unless the connection was
+        refused or never made, the upstream may have taken the turn and started on it even if
+        no answer came back: the failure is reported, never sent to another upstream."""
+        err = self.failure(exc, answered=False)
+        if isinstance(err, ProxyError) and not isinstance(
+            exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError
+        ):
+            err.delivered = True
+        return err
+
     async def refused(self, resp: aiohttp.ClientResponse) -> ProxyError:
         """The error for an answer whose status is not a success; the response is released."""
         try:

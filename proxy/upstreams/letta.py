@@ -235,15 +235,7 @@ class Letta(HttpUpstream):
                 self.send(http, "POST", self.base + path, data=_dumps(body))
             )
         except BaseException as exc:
-            err = self.failure(exc, answered=False)
-            # Unless the connection was refused or never made, Letta may have stored the
-            # message and started a run even if no answer came back: the failure is
-            # reported, and the message never sent to another upstream.
-            if isinstance(err, ProxyError) and not isinstance(
-                exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError
-            ):
-                err.delivered = True
-            raise err from None
+            raise self.turn_failure(exc) from None
 
     def _turn_error(
         self,
