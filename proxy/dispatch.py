@@ -43,7 +43,7 @@ async def serve(
     exchange = call.exchange
     # The loop of `with_failover`, written out: this is every chat and Responses request's
     # path, and each coroutine layer is paid again at each of its suspensions.
-    failover = Failover(route.upstreams, _on_error(exchange, metrics), metrics.failover_of)
+    failover = Failover(route.upstreams, _on_error(exchange, metrics), metrics.failover)
     while True:
         lease = failover.next() or await failover.queue()
         upstream = lease.upstream
@@ -85,7 +85,7 @@ async def with_failover(
     one succeeds; its lease is the caller's to release (the result holds it or the caller
     releases it at once)."""
 
-    failover = Failover(route.upstreams, _on_error(exchange, metrics), metrics.failover_of)
+    failover = Failover(route.upstreams, _on_error(exchange, metrics), metrics.failover)
     while True:
         lease = failover.next() or await failover.queue()
         try:

@@ -228,11 +228,8 @@ class Metrics:
     def upstream_error(self, upstream: str, code: str | None) -> None:
         self.upstream_errors.labels(upstream, code or "error").inc()
 
-    def failover(self, upstream: str) -> None:
-        self.failovers.labels(upstream).inc()
-
-    def failover_of(self, upstream: Upstream) -> None:
-        """`failover` as failover.Failover reports it."""
+    def failover(self, upstream: Upstream) -> None:
+        """The request left `upstream` for the next one (failover.Failover reports it)."""
         self.failovers.labels(upstream.name).inc()
 
     def rejected(self, reason: str) -> None:

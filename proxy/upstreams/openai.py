@@ -321,9 +321,7 @@ class OpenAI(HttpUpstream):
             raise self.failure(exc, answered=True, what="stream") from None
         finally:
             _let_go(resp, state.done)
-        if state.error is not None:
-            raise self.scrubbed(state.error)
-        state.check_end()
+        self._check_end(state)
 
     async def _decode(
         self, resp: aiohttp.ClientResponse, deadlines: Deadlines
@@ -352,6 +350,10 @@ class OpenAI(HttpUpstream):
             raise self.failure(exc, answered=True, what="stream") from None
         finally:
             _let_go(resp, state.done)
+        self._check_end(state)
+
+    def _check_end(self, state: RelayState) -> None:
+        """Raises the relayed stream's terminal error, if it has one, scrubbed."""
         if state.error is not None:
             raise self.scrubbed(state.error)
         state.check_end()

@@ -40,6 +40,19 @@ _RESPONSES_TERMINAL_TYPE = re.compile(
 )
 
 
+def flush_events(decoder: SSEDecoder, upstream: str) -> list[Any]:
+    """The events left at the end of an upstream's body."""
+    cut = decoder.partial_line
+    events = decoder.flush()
+    if cut and events and events[0].data != "[DONE]":
+        # The body stopped inside a line: that event is cut short, and the client must not
+        # get its broken JSON.
+        raise UpstreamFailed(
+            f"Upstream '{upstream}' closed the connection in the middle of the stream."
+        )
+    return events
+
+
 class RelayState:
     """What the relay must know to enforce the stream guarantees, and nothing more."""
 
@@ -53,16 +66,7 @@ class RelayState:
         self.error: ProxyError | None = None
 
     def flush(self, decoder: SSEDecoder) -> list[Any]:
-        """The events left at the end of the body."""
-        cut = decoder.partial_line
-        events = decoder.flush()
-        if cut and events and events[0].data != "[DONE]":
-            # The body stopped inside a line: that event is cut short, and the client must
-            # not get its broken JSON.
-            raise UpstreamFailed(
-                f"Upstream '{self.upstream}' closed the connection in the middle of the stream."
-            )
-        return events
+        return flush_events(decoder, self.upstream)
 
     def check_end(self) -> None:
         """Raises the stream's terminal error, if it has one."""
@@ -206,7 +210,7 @@ class ResponsesRelayState:
         self.failure: ProxyError | None = None
 
     def flush(self, decoder: SSEDecoder) -> list[Any]:
-        return RelayState(self.upstream).flush(decoder)
+        return flush_events(decoder, self.upstream)
 
     def frame(self, events: list[Any]) -> bytes:
         out: list[bytes] = []
