@@ -48,6 +48,23 @@ def quote(text: str) -> str:
     return json.dumps(text)
 
 
+# The few values a line repeats on every request (paths, model and upstream names), quoted
+# once: the cache is emptied when it fills, so a client sending endless names cannot grow it.
+_QUOTED: dict[str, str] = {}
+_QUOTED_MAX = 1024
+_LEVELS = {logging.DEBUG: "DEBUG", logging.INFO: "INFO"}
+
+
+def _quoted(text: str) -> str:
+    quoted = _QUOTED.get(text)
+    if quoted is None:
+        quoted = quote(text)
+        if len(_QUOTED) >= _QUOTED_MAX:
+            _QUOTED.clear()
+        _QUOTED[text] = quoted
+    return quoted
+
+
 class AccessWriter:
     """Formats access lines in one f-string each (text) or one orjson call (json) and writes
     them to `stream` together, at most `_WINDOW` seconds after the first of them."""
@@ -98,16 +115,16 @@ class AccessWriter:
     ) -> str:
         chat = ""
         if ex.chat:
-            ttft = "-" if ex.ttft is None else round(ex.ttft * 1000.0, 2)
+            ttft = "-" if ex.ttft is None else f"{ex.ttft * 1000.0:.2f}"
             chat = (
-                f" model={quote(ex.model[:256])} upstream={quote(ex.upstream)}"
+                f" model={_quoted(ex.model[:256])} upstream={_quoted(ex.upstream)}"
                 f" stream={'true' if ex.stream else 'false'} ttft_ms={ttft}"
             )
         error = "" if ex.error is None else f" error={quote(ex.error)}"
         return (
-            f"{self._stamp},{millis:03d} {logging.getLevelName(level)} agentproxy.access: "
-            f"{method} {quote(path)} request_id={quote(request_id)} status={ex.status} "
-            f"duration_ms={round(duration * 1000.0, 2)} bytes={sent}{chat}{error}\n"
+            f"{self._stamp},{millis:03d} {_LEVELS.get(level) or logging.getLevelName(level)} "
+            f"agentproxy.access: {method} {_quoted(path)} request_id={quote(request_id)} "
+            f"status={ex.status} duration_ms={duration * 1000.0:.2f} bytes={sent}{chat}{error}\n"
         )
 
     def _json_line(

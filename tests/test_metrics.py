@@ -259,3 +259,55 @@ def test_each_request_lands_in_the_bucket_of_its_duration_and_in_the_sum() -> No
     )
     assert value(text, "agentproxy_requests_total", model="m", upstream="u", status="200") == 3
     assert value(text, "agentproxy_overhead_seconds_bucket", le="0.00025") == 3
+
+
+def test_the_request_series_expose_what_prometheus_clients_own_objects_would() -> None:
+    """One process keeps its per-request series as plain numbers (proxy/request_series.py);
+    a scrape must read exactly what prometheus_client's Counter and Histograms, fed the same
+    requests, would have written."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from proxy.exchange import Exchange
+    from proxy.metrics import DURATION_BUCKETS, OVERHEAD_BUCKETS, TTFT_BUCKETS, Metrics
+
+    ours = Metrics(CollectorRegistry())
+    reference = CollectorRegistry()
+    requests = Counter("agentproxy_requests", "", ["model", "upstream", "status"],
+                       registry=reference)
+    duration = Histogram("agentproxy_request_duration_seconds", "", ["model", "upstream"],
+                         buckets=DURATION_BUCKETS, registry=reference)
+    ttft = Histogram("agentproxy_time_to_first_token_seconds", "", ["model", "upstream"],
+                     buckets=TTFT_BUCKETS, registry=reference)
+    overhead = Histogram("agentproxy_overhead_seconds", "", buckets=OVERHEAD_BUCKETS,
+                         registry=reference)
+    cases = [
+        ("a", "u1", 200, 0.004, None, 0.0001),  # on the first bound
+        ("a", "u1", 200, 0.01, 0.01, 0.00011),
+        ("a", "u1", 502, 7.5, 0.3, None),  # another status shares the route's histograms
+        ("a", "u2", 200, 1000.0, 90.0, 2.0),  # past every bound
+        ("b", "u1", 429, 0.0, None, 0.0),
+    ]
+    for route, upstream, status, seconds, first, own in cases:
+        ex = Exchange(0.0, "req_x")
+        ex.route, ex.upstream, ex.status, ex.ttft = route, upstream, status, first
+        ours.observe(ex, seconds, own)
+        requests.labels(route, upstream, str(status)).inc()
+        duration.labels(route, upstream).observe(seconds)
+        ttft.labels(route, upstream)
+        if first is not None:
+            ttft.labels(route, upstream).observe(first)
+        if own is not None:
+            overhead.observe(own)
+
+    def series(registry: CollectorRegistry) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        text = generate_latest(registry).decode()
+        return {k: v for k, v in samples(text).items() if "agentproxy_asyncio" not in k[0]
+                and not k[0].endswith("_created")
+                and any(k[0].startswith(f.name) for f in reference.collect())}
+
+    got = series(ours.registry)
+    assert got == series(reference)
+    assert len(got) > 80  # every bucket of every series, not an empty match
+    created = [k for k in samples(generate_latest(ours.registry).decode())
+               if k[0] == "agentproxy_request_duration_seconds_created"]
+    assert len(created) == 3  # one per (route, upstream), as the Histogram has

@@ -380,14 +380,23 @@ STREAMS = {
 def test_the_sync_answer_equals_the_streams_final_object(name: str, batch: int) -> None:
     raw, streamed = run(STREAMS[name], batch=batch)
     _, final_event = checked(raw)
-    sync = render_sync(writer(), [STREAMS[name]])
+    sync = render_sync(writer(events=False), [STREAMS[name]])
     assert sync == final_event == streamed.final()
+    # The same writer with events on ends in the same object: `events` changes only bytes.
+    assert render_sync(writer(), [STREAMS[name]]) == sync
 
 
 def test_a_sync_chat_completion_renders_like_its_stream() -> None:
     chunks = STREAMS["tools"]
-    from_completion = render_sync(writer(), [completion_chunks(accumulate(chunks))])
-    assert from_completion == render_sync(writer(), [chunks])
+    from_completion = render_sync(writer(events=False), [completion_chunks(accumulate(chunks))])
+    assert from_completion == render_sync(writer(events=False), [chunks])
+
+
+def test_a_writer_without_events_writes_no_bytes_and_still_ends_in_the_object() -> None:
+    quiet = writer(events=False)
+    out = quiet.start() + quiet.feed(STREAMS["tools"]) + quiet.finish()
+    assert out == b"data: [DONE]\n\n"
+    assert quiet.final() == render_sync(writer(), [STREAMS["tools"]])
 
 
 def test_item_ids_differ_between_responses_and_hold_only_url_safe_characters() -> None:
@@ -452,7 +461,7 @@ def test_sequence_numbers_continue_across_batches_without_gaps() -> None:
 
 
 def test_openai_sdk_reads_the_sync_answer_with_its_tool_calls() -> None:
-    final = render_sync(writer(), [STREAMS["tools"]])
+    final = render_sync(writer(events=False), [STREAMS["tools"]])
     response = sdk_client(orjson.dumps(final), "application/json").responses.create(
         model=MODEL, input="hi")
     assert response.id == RID and response.output_text == "ok"

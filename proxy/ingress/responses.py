@@ -43,6 +43,7 @@ from proxy.ingress.responses_native import NativeEncoder, tracked
 from proxy.ingress.responses_request import parse_responses_request, refuse_state
 from proxy.ingress.responses_writer import ResponsesWriter, completion_chunks, render_sync
 from proxy.ingress.streaming import relay
+from proxy.response_ids import PREFIX as RESPONSE_PREFIX
 from proxy.response_ids import ResponseIds, new_response_id
 from proxy.sessions import session_hint
 from proxy.sse import encode_comment
@@ -117,7 +118,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         served.lease.release()
         if served.native or answer.completion is None:
             return json_response(answer.body(), headers=answer.headers)
-        writer = _writer(ids, model, grant.key_id, answer.session, parsed.echo)
+        writer = _writer(ids, model, grant.key_id, answer.session, parsed.echo, events=False)
         chunks = answer.chunks
         if chunks is None:
             chunks = completion_chunks(answer.completion)
@@ -136,14 +137,20 @@ async def create_response(request: web.Request) -> web.StreamResponse:
 
 
 def _writer(
-    ids: Callable[[], ResponseIds], model: str, key_id: str, session: str | None, echo: Any
+    ids: Callable[[], ResponseIds], model: str, key_id: str, session: str | None, echo: Any,
+    *, events: bool = True,
 ) -> ResponsesWriter:
     """The writer of one response: a signed id that continues `session` where the upstream
     served the turn in a conversation, else a plain random id of a response kept nowhere."""
     if session is None:
-        return ResponsesWriter(new_response_id(), model, time.time(), echo, store=False)
+        response_id = new_response_id()
+        # Its random part also makes the item ids unique: one random draw per response.
+        return ResponsesWriter(
+            response_id, model, time.time(), echo, store=False, events=events,
+            item_base=response_id[len(RESPONSE_PREFIX):][:12],
+        )
     response_id = ids().mint(model, session, key_id)
-    return ResponsesWriter(response_id, model, time.time(), echo, store=True)
+    return ResponsesWriter(response_id, model, time.time(), echo, store=True, events=events)
 
 
 async def stored_response(request: web.Request) -> web.Response:

@@ -78,6 +78,7 @@ class ResponsesWriter:
         "_call",
         "_calls",
         "_clock",
+        "_events",
         "_final",
         "_finish_reason",
         "_ids",
@@ -100,8 +101,12 @@ class ResponsesWriter:
         *,
         clock: Callable[[], float] = time.time,
         item_base: str | None = None,
+        events: bool = True,
     ) -> None:
         self.response_id = response_id
+        # False for a sync answer, which only needs the final object: the events are not
+        # serialized at all (their sequence numbers still count, which nothing then reads).
+        self._events = events
         self._base: dict[str, Any] = {
             "id": response_id,
             "object": "response",
@@ -229,12 +234,16 @@ class ResponsesWriter:
         return data
 
     def _emit(self, frame: bytes, payload: dict[str, Any]) -> None:
-        payload["sequence_number"] = self._seq
+        if self._events:
+            payload["sequence_number"] = self._seq
+            self._out.append(frame + orjson.dumps(payload) + EVENT_END)
         self._seq += 1
-        self._out.append(frame + orjson.dumps(payload) + EVENT_END)
 
     def _start(self) -> None:
         self._started = True
+        if not self._events:
+            self._seq += 2
+            return
         response = self._response("in_progress")
         response["usage"] = None
         self._emit(_CREATED, {"type": "response.created", "response": response})
@@ -260,9 +269,10 @@ class ResponsesWriter:
             self._close_part(item)
             self._open_part(item, part_kind)
         item.texts.append(text)
-        self._out.append(
-            item.prefix + orjson.dumps(text) + SEQ + str(self._seq).encode() + END
-        )
+        if self._events:
+            self._out.append(
+                item.prefix + orjson.dumps(text) + SEQ + str(self._seq).encode() + END
+            )
         self._seq += 1
 
     def _open_item(self, kind: str, part_kind: str) -> OpenItem:
@@ -281,6 +291,9 @@ class ResponsesWriter:
         item.part_kind = part_kind
         item.part = empty_part(part_kind)
         item.texts = []
+        if not self._events:
+            self._seq += 1
+            return
         delta_type = PARTS[part_kind][0]
         logprobs = b'"logprobs":[],' if part_kind == "output_text" else b""
         item.prefix = (
@@ -380,12 +393,16 @@ class ResponsesWriter:
                 self._args_delta(call, args)
 
     def _args_delta(self, call: OpenCall, args: str) -> None:
-        self._out.append(call.prefix + orjson.dumps(args) + SEQ + str(self._seq).encode() + END)
+        if self._events:
+            self._out.append(
+                call.prefix + orjson.dumps(args) + SEQ + str(self._seq).encode() + END
+            )
         self._seq += 1
 
 
 def render_sync(writer: ResponsesWriter, batches: Iterable[Iterable[Out]]) -> dict[str, Any]:
-    """The sync answer: the stream's final object, from the same writer fed the same chunks."""
+    """The sync answer: the stream's final object, from the same writer fed the same chunks
+    (made with `events=False`, since nobody reads the events of a sync answer)."""
     writer.start()
     for batch in batches:
         writer.feed(batch)
