@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from proxy.errors import (
     ProxyError,
@@ -115,7 +115,11 @@ class Failover:
         on_error: Callable[[Upstream, ProxyError], None],
         on_failover: Callable[[Upstream], None],
     ) -> None:
-        self._order = plan(upstreams, time.monotonic())
+        # One upstream is tried whatever its circuit says (open, it is also the least
+        # recently failed): no clock and no plan for the most common route.
+        self._order: Sequence[Upstream] = (
+            upstreams if len(upstreams) == 1 else plan(upstreams, time.monotonic())
+        )
         self._on_error = on_error
         self._on_failover = on_failover
         self._i = 0

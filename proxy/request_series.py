@@ -51,10 +51,6 @@ class Series:
         self.sum = 0.0
         self.created = time.time()
 
-    def add(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
-
     def buckets(self) -> list[tuple[str, float]]:
         out: list[tuple[str, float]] = []
         total = 0
@@ -102,12 +98,19 @@ class RequestSeries(Collector):
         if tally is None:
             tally = self._tallies[key] = self._tally(key)
         tally.count += 1
-        tally.duration.add(duration)
+        # Series.add written out: three calls less on every request.
+        series = tally.duration
+        series.counts[bisect_left(series.bounds, duration)] += 1
+        series.sum += duration
         ttft = ex.ttft
         if ttft is not None:
-            tally.ttft.add(ttft)
+            series = tally.ttft
+            series.counts[bisect_left(series.bounds, ttft)] += 1
+            series.sum += ttft
         if overhead is not None:
-            self._overhead.add(overhead)
+            series = self._overhead
+            series.counts[bisect_left(series.bounds, overhead)] += 1
+            series.sum += overhead
 
     def _tally(self, key: tuple[str, str, int]) -> Tally:
         pair = key[:2]

@@ -491,6 +491,56 @@ def test_relay_pass_through_gives_exactly_what_the_decoder_path_gives(
         assert fast_state.done and fast_state.finished and fast_state.error is None
 
 
+def decode_reads(chunks: list[bytes], *, fast: bool) -> tuple[RelayState, list[Any]]:
+    """What OpenAI._decode does with each read, with or without its pass-through."""
+    decoder = SSEDecoder()
+    state = RelayState("up")
+    out: list[Any] = []
+    try:
+        for chunk in chunks:
+            if not chunk:
+                continue
+            plain = state.pass_through(chunk) if fast and decoder.at_boundary else None
+            if plain is not None:
+                decoder.passed_over()
+                out += state.decode_passed(plain)
+            else:
+                out += state.decode(decoder.feed(chunk))
+            if state.done or state.error is not None:
+                return state, out
+        out += state.decode(decoder.flush())
+    except SSEError:
+        pass
+    return state, out
+
+
+@SETTINGS
+@given(data=st.data(), intact=st.booleans(), at_events=st.booleans())
+def test_decoding_plain_reads_from_their_bytes_gives_exactly_the_decoders_chunks(
+    data: st.DataObject, intact: bool, at_events: bool
+) -> None:
+    stream = PLAIN if intact else data.draw(corrupted(PLAIN))
+    chunks = data.draw(event_splits(stream) if at_events else splits(stream))
+    fast_state, fast = decode_reads(chunks, fast=True)
+    slow_state, slow = decode_reads(chunks, fast=False)
+    assert fast == slow
+    assert repr(fast_state.error) == repr(slow_state.error)
+    if fast_state.error is None:
+        assert (fast_state.done, fast_state.finished) == (slow_state.done, slow_state.finished)
+    if intact:
+        assert fast_state.done and fast_state.finished and fast_state.error is None
+        assert len(fast) == PLAIN.count(b"data: {")
+
+
+def test_a_plain_read_with_an_event_that_is_no_chunk_stops_at_it() -> None:
+    state = RelayState("up")
+    read = b'data: {"choices":[]}\n\ndata: {"a":1}\n\ndata: {"choices":[]}\n\n'
+    plain = state.pass_through(read)
+    assert plain is not None
+    assert state.decode_passed(plain) == [{"choices": []}]
+    assert "not a chat completion chunk" in str(state.error)
+
+
 @pytest.mark.parametrize(
     "chunk",
     [

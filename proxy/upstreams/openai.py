@@ -337,7 +337,17 @@ class OpenAI(HttpUpstream):
                     yield [KEEP_ALIVE]
                     continue
                 comments = decoder.comments
-                out = state.decode(decoder.feed(chunk) if chunk else state.flush(decoder))
+                plain = (
+                    state.pass_through(chunk)
+                    if chunk and decoder.at_boundary and len(chunk) <= decoder.max_line
+                    else None
+                )
+                if plain is not None:
+                    # A read of whole, plain events: parsed straight from its bytes.
+                    decoder.passed_over()
+                    out = state.decode_passed(plain)
+                else:
+                    out = state.decode(decoder.feed(chunk) if chunk else state.flush(decoder))
                 if out:
                     deadlines.sent()
                     yield out

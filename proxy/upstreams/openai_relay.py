@@ -164,19 +164,37 @@ class RelayState:
                 if self.done or self.error is not None:
                     break
                 continue
-            try:
-                chunk = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                chunk = None
-            if not isinstance(chunk, dict) or not isinstance(chunk.get("choices"), list):
-                self.error = UpstreamFailed(
-                    f"Upstream '{self.upstream}' sent a stream event that is not a chat "
-                    "completion chunk."
-                )
+            if not self._parsed(data, out):
                 break
-            typed: ChatChunk = chunk  # type: ignore[assignment]
-            out.append(typed)
         return out
+
+    def decode_passed(self, plain: bytes) -> list[Out]:
+        """The chunks of a read `pass_through` took: each event's JSON parsed from its bytes,
+        with no SSE decoder, no Event and no str per event, and the same checks as
+        `decode`."""
+        out: list[Out] = []
+        # Single-line `data: {...}` events, each ended by a blank line (the last split is
+        # the empty rest after it).
+        for event in plain.split(_BOUNDARY)[:-1]:
+            if not self._parsed(event[6:], out):
+                break
+        return out
+
+    def _parsed(self, data: str | bytes, out: list[Out]) -> bool:
+        """Adds the chunk in `data` to `out`; False (and the error set) when it is none."""
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            chunk = None
+        if not isinstance(chunk, dict) or not isinstance(chunk.get("choices"), list):
+            self.error = UpstreamFailed(
+                f"Upstream '{self.upstream}' sent a stream event that is not a chat "
+                "completion chunk."
+            )
+            return False
+        typed: ChatChunk = chunk  # type: ignore[assignment]
+        out.append(typed)
+        return True
 
 
 def stream_error(upstream: str, data: str) -> ProxyError:
