@@ -3,14 +3,16 @@
 On a shared machine the same req/s cell moves by 10-30 % from one minute to the next, which
 hides the few per cent a change to the request path makes. The count of instructions the
 server executes per request does not depend on the neighbours: run twice, the same tree
-gives the same figure within about 2 %. It is not time (a cache miss or a system call costs
+gives the same figure within about 0.2 %. It is not time (a cache miss or a system call costs
 far more than an instruction, and the kernel's share is not counted), so it is the tool to
 compare two versions of the proxy's own code, and bench/run.py stays the measure of speed.
 
 Each target runs alone under callgrind with instrumentation off; after a warm-up of wrk
 the counting is switched on for `--duration` seconds of load, then off, and the count is
-divided by the requests wrk completed meanwhile. Under valgrind the server runs about 50
-times slower, so every target is saturated and batches the same way.
+divided by the requests wrk completed meanwhile. One connection by default: every request
+then runs alone, so the count does not depend on how many requests an event-loop turn
+happens to batch (with 16 connections it moves by about 3 % from run to run, with one by
+0.2 %).
 
     python bench/instructions.py                                  # agentproxy and the relay
     python bench/instructions.py --baseline ../before             # and the tree in ../before
@@ -117,7 +119,7 @@ def main() -> int:
     p.add_argument("--baseline", type=Path, help="another checkout to count beside this one")
     p.add_argument("--modes", default="sync", help=f"comma-separated, of {', '.join(MODES)}")
     p.add_argument("--duration", type=int, default=20, help="seconds counted per target")
-    p.add_argument("--connections", type=int, default=16)
+    p.add_argument("--connections", type=int, default=1)
     p.add_argument("--log", action="store_true",
                    help="agentproxy with its default access log (else --log-level warning)")
     p.add_argument("--no-relay", action="store_true", help="leave the bare relay out")

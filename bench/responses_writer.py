@@ -2,7 +2,9 @@
 
 Feeds realistic chunk streams through ResponsesWriter the way the handler will — one batch
 per chunk, then finish — with the JSON encoding of every event included, and prints µs per
-input chunk and per Responses event, best of several rounds:
+input chunk and per Responses event, best of several rounds. For the streams an openai
+upstream sends, `+decode` is the whole path from the upstream's bytes (one read per event, as
+a model server writes them): the relay's checks, the chunk's JSON decoded, and the writer.
 
 * token-sized chat streams as OpenAI-compatible servers send them (text; reasoning then
   text; text then two parallel tool calls with fragmented arguments);
@@ -15,11 +17,15 @@ input chunk and per Responses event, best of several rounds:
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -31,6 +37,7 @@ from proxy.openai_types import ChatChunk, ChunkFactory, make_usage  # noqa: E402
 from proxy.response_ids import new_response_id  # noqa: E402
 from proxy.sse import SSEDecoder  # noqa: E402
 from proxy.upstreams.letta_translator import LettaTranslator  # noqa: E402
+from proxy.upstreams.openai_relay import RelayState  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures" / "letta"
 _TIMESTAMP = re.compile(rb"^\d\d:\d\d:\d\d\t", re.MULTILINE)
@@ -95,6 +102,39 @@ def write(chunks: list[Out], echo: object) -> int:
     return size + len(writer.finish())
 
 
+def upstream_reads(chunks: list[Out]) -> list[bytes]:
+    """The chunks as an openai upstream sends them: one `data:` event per read, [DONE] last."""
+    return [b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks] + [b"data: [DONE]\n\n"]
+
+
+def decode_and_write(reads: list[bytes], echo: object) -> int:
+    """What OpenAI._decode and the Responses writer do with those reads."""
+    writer = ResponsesWriter(new_response_id(), "local/qwen", 1_700_000_000, echo)  # type: ignore[arg-type]
+    state = RelayState("up")
+    decoder = SSEDecoder()
+    size = len(writer.start())
+    for read in reads:
+        plain = state.pass_through(read) if decoder.at_boundary else None
+        if plain is not None:
+            decoder.passed_over()
+            batch = state.decode_passed(plain)
+        else:
+            batch = state.decode(decoder.feed(read))
+        if batch:
+            size += len(writer.feed(batch))
+    return size + len(writer.finish())
+
+
+def best_of(rounds: int, repeat: int, work: Callable[[], object]) -> float:
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.process_time()
+        for _ in range(repeat):
+            work()
+        best = min(best, (time.process_time() - start) / repeat)
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=300)
@@ -104,22 +144,25 @@ def main() -> None:
     streams = {**synthetic(), **letta()}
     total_chunks = total_events = 0
     total_best = 0.0
-    print(f"{'stream':50} {'chunks':>6} {'events':>6} {'µs/chunk':>9} {'µs/event':>9}")
+    print(f"{'stream':50} {'chunks':>6} {'events':>6} {'µs/chunk':>9} {'µs/event':>9} "
+          f"{'+decode µs/chunk':>17}")
     for name, chunks in streams.items():
         writer = ResponsesWriter("resp_x", "m", 0, echo)
         raw = writer.start() + b"".join(writer.feed((c,)) for c in chunks) + writer.finish()
         events = raw.count(b"event: ")
-        best = float("inf")
-        for _ in range(args.rounds):
-            start = time.process_time()
-            for _ in range(args.repeat):
-                write(chunks, echo)
-            best = min(best, (time.process_time() - start) / args.repeat)
+        best = best_of(args.rounds, args.repeat, functools.partial(write, chunks, echo))
+        decoded = ""
+        if name.startswith("openai"):
+            reads = upstream_reads(chunks)
+            whole = best_of(
+                args.rounds, args.repeat, functools.partial(decode_and_write, reads, echo)
+            )
+            decoded = f"{whole / len(chunks) * 1e6:.2f}"
         total_chunks += len(chunks)
         total_events += events
         total_best += best
         print(f"{name:50} {len(chunks):>6} {events:>6} {best / len(chunks) * 1e6:>9.2f} "
-              f"{best / events * 1e6:>9.2f}")
+              f"{best / events * 1e6:>9.2f} {decoded:>17}")
     print(f"{'all streams':50} {total_chunks:>6} {total_events:>6} "
           f"{total_best / total_chunks * 1e6:>9.2f} {total_best / total_events * 1e6:>9.2f}")
 

@@ -48,21 +48,27 @@ def quote(text: str) -> str:
     return json.dumps(text)
 
 
-# The few values a line repeats on every request (paths, model and upstream names), quoted
-# once: the cache is emptied when it fills, so a client sending endless names cannot grow it.
-_QUOTED: dict[str, str] = {}
+# A text line's fixed parts, per (level, method, path[, model, upstream, stream]): quoted and
+# laid out once, so a request only formats its own numbers into them. Emptied when it fills, so
+# a client sending endless paths or names cannot grow it.
+_TEMPLATES: dict[tuple[Any, ...], str] = {}
 _QUOTED_MAX = 1024
-_LEVELS = {logging.DEBUG: "DEBUG", logging.INFO: "INFO"}
 
 
-def _quoted(text: str) -> str:
-    quoted = _QUOTED.get(text)
-    if quoted is None:
-        quoted = quote(text)
-        if len(_QUOTED) >= _QUOTED_MAX:
-            _QUOTED.clear()
-        _QUOTED[text] = quoted
-    return quoted
+def _template(level: int, method: str, path: str, ex: Exchange) -> str:
+    def fixed(text: str) -> str:
+        return quote(text).replace("%", "%%")
+
+    head = (
+        f"%s,%03d {logging.getLevelName(level)} agentproxy.access: {fixed(method)} "
+        f"{fixed(path)} request_id=%s status=%d duration_ms=%s bytes=%d"
+    )
+    if not ex.chat:
+        return head
+    return (
+        f"{head} model={fixed(ex.model[:256])} upstream={fixed(ex.upstream)}"
+        f" stream={'true' if ex.stream else 'false'} ttft_ms=%s"
+    )
 
 
 class AccessWriter:
@@ -113,19 +119,29 @@ class AccessWriter:
         self, level: int, millis: int, request_id: str, method: str, path: str, ex: Exchange,
         duration: float, sent: int,
     ) -> str:
-        chat = ""
-        if ex.chat:
-            ttft = "-" if ex.ttft is None else f"{ex.ttft * 1000.0:.2f}"
-            chat = (
-                f" model={_quoted(ex.model[:256])} upstream={_quoted(ex.upstream)}"
-                f" stream={'true' if ex.stream else 'false'} ttft_ms={ttft}"
-            )
-        error = "" if ex.error is None else f" error={quote(ex.error)}"
-        return (
-            f"{self._stamp},{millis:03d} {_LEVELS.get(level) or logging.getLevelName(level)} "
-            f"agentproxy.access: {method} {_quoted(path)} request_id={quote(request_id)} "
-            f"status={ex.status} duration_ms={duration * 1000.0:.2f} bytes={sent}{chat}{error}\n"
-        )
+        chat = ex.chat
+        key = (level, method, path, ex.model[:256], ex.upstream, ex.stream) if chat else (
+            level, method, path)
+        template = _TEMPLATES.get(key)
+        if template is None:
+            template = _template(level, method, path, ex)
+            if len(_TEMPLATES) >= _QUOTED_MAX:
+                _TEMPLATES.clear()
+            _TEMPLATES[key] = template
+        # Request ids are the proxy's own or passed its check (proxy/front.py): of what a
+        # text line must quote they can only hold "=".
+        rid = request_id if "=" not in request_id else quote(request_id)
+        # round(), not a format with two decimals: the numbers read as the logging path
+        # writes them (`fields`), 40.5 and not 40.50.
+        ms = round(duration * 1000.0, 2)
+        if chat:
+            ttft = "-" if ex.ttft is None else round(ex.ttft * 1000.0, 2)
+            line = template % (self._stamp, millis, rid, ex.status, ms, sent, ttft)
+        else:
+            line = template % (self._stamp, millis, rid, ex.status, ms, sent)
+        if ex.error is None:
+            return line + "\n"
+        return f"{line} error={quote(ex.error)}\n"
 
     def _json_line(
         self, level: int, millis: int, request_id: str, method: str, path: str, ex: Exchange,

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from proxy.errors import InvalidRequest, UnsupportedMediaType
 from proxy.json_body import kind_of, load_object
@@ -11,8 +10,9 @@ from proxy.json_body import kind_of, load_object
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 
-@dataclass(frozen=True, slots=True)
-class ChatRequest:
+class ChatRequest(NamedTuple):
+    # A NamedTuple, not a frozen dataclass: every chat request makes one, and a frozen
+    # dataclass sets each field through object.__setattr__.
     body: dict[str, Any]
     model: str | None
     stream: bool

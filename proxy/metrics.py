@@ -1,9 +1,10 @@
 """Prometheus metrics and the per-request record they are made from.
 
 Every chat request fills one `Exchange` (proxy/exchange.py) as it goes (model, upstream,
-first token, status); the front wrapper (proxy/app.py) hands it to `Metrics.observe` and to
+first token, status); the front wrapper (proxy/front.py) hands it to `Metrics.observe` and to
 the access log (proxy/access_log.py) when the request ends, so the handlers never talk to
-Prometheus on the hot path themselves.
+Prometheus on the hot path themselves. In one process `observe` adds to plain numbers that a
+collector exposes at scrape time (proxy/request_series.py).
 
 With `--workers N` the parent process sets PROMETHEUS_MULTIPROC_DIR before it starts the
 workers, so prometheus_client keeps every value in a file per process there; `/metrics` in any

@@ -256,6 +256,12 @@ EXCHANGES = [
                  error="upstream_error"),
         id="hostile-model-and-an-error",
     ),
+    pytest.param(
+        "/v1/x%s%d%%",
+        exchange(chat=True, model="m%s%(x)s", upstream="u%d", status=404,
+                 request_id="a=b%s"),
+        id="percent-signs-and-a-quoted-request-id",
+    ),
 ]
 
 
@@ -272,9 +278,9 @@ def test_the_writer_gives_the_line_the_logging_formatters_give(
     logger = logging.getLogger("agentproxy.access")
     logger.addHandler(handler)
     try:
-        log_exchange(ex.request_id, "POST", path, ex, 0.04567, 2315)
+        log_exchange(ex.request_id, "POST", path, ex, 0.0405, 2315)
         buffer = writer(fmt)
-        log_exchange(ex.request_id, "POST", path, ex, 0.04567, 2315)
+        log_exchange(ex.request_id, "POST", path, ex, 0.0405, 2315)
     finally:
         logger.removeHandler(handler)
     [record] = records

@@ -99,21 +99,27 @@ def parse_responses_request(raw: bytes) -> ResponsesRequest:
 
     _translate_tools(body, chat, echo)
 
+    # Most of these are absent from most requests: `in` first spares a call each.
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
-        value = opt_number(body, name)
-        if value is not None:
-            chat[name] = value
-            echo[name] = value
-    max_output = opt_int(body, "max_output_tokens", minimum=1)
-    if max_output is not None:
-        chat["max_tokens"] = max_output
+        if name in body:
+            value = opt_number(body, name)
+            if value is not None:
+                chat[name] = value
+                echo[name] = value
+    max_output = None
+    if "max_output_tokens" in body:
+        max_output = opt_int(body, "max_output_tokens", minimum=1)
+        if max_output is not None:
+            chat["max_tokens"] = max_output
     echo["max_output_tokens"] = max_output
-    echo["max_tool_calls"] = opt_int(body, "max_tool_calls", minimum=0)
+    echo["max_tool_calls"] = (
+        opt_int(body, "max_tool_calls", minimum=0) if "max_tool_calls" in body else None
+    )
     for name in ("user", "safety_identifier", "prompt_cache_key"):
-        echo[name] = opt_str(body, name)
+        echo[name] = opt_str(body, name) if name in body else None
     if echo["user"]:
         chat["user"] = echo["user"]
-    truncation = opt_str(body, "truncation")
+    truncation = opt_str(body, "truncation") if "truncation" in body else None
     if truncation is not None:
         if truncation not in ("auto", "disabled"):
             raise InvalidRequest(

@@ -71,6 +71,10 @@ class Wheel:
             return True
         return False
 
+    def leave(self, deadlines: Deadlines) -> None:
+        """`deadlines` ended: out of the wheel, if it was in it."""
+        self._parked.discard(deadlines)
+
     def stop(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
@@ -196,7 +200,7 @@ class Deadlines:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
-        self._wheel.unpark(self)
+        self._wheel.leave(self)
 
     def client_timeout(self) -> aiohttp.ClientTimeout:
         return client_timeout(self.timeouts)
