@@ -158,7 +158,12 @@ class ResponsesWriter:
                 self._usage = usage
             for choice in out["choices"]:
                 delta = choice["delta"]
-                if delta:
+                if len(delta) == 1 and "content" in delta:
+                    # A token of text, nearly every chunk of a stream: one lookup, not four.
+                    text = delta["content"]
+                    if text:
+                        self._text(text, "message", "output_text")
+                elif delta:
                     text = delta.get("reasoning_content")
                     if text:
                         self._text(text, "reasoning", "reasoning_text")

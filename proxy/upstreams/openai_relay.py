@@ -22,6 +22,7 @@ from proxy.sse import SSEDecoder, reframe
 # A finish chunk carries a string finish_reason; every other chunk has null or nothing.
 _FINISH = re.compile(r'"finish_reason"\s*:\s*"')
 _FINISH_BYTES = re.compile(rb'"finish_reason"\s*:\s*"')
+_FINISH_KEY = b'"finish_reason"'
 _BOUNDARY = b"\n\n"
 # Whole events, each a single `data:` line holding what has the shape of a JSON object that
 # is not an error (the caller rules out CR, which SSE also reads as a line end): `{`, then
@@ -110,11 +111,15 @@ class RelayState:
                 return None  # the decoder replaces what is not UTF-8
         if not self.finished:
             # The finish chunk is usually the last event with a finish_reason: look there
-            # first, and scan the whole read only when that one is null.
-            last = chunk.rfind(b'"finish_reason"')
+            # first, and scan the rest of the read only when that one is null and another
+            # comes before it (a read of one event, what a token stream sends, has none).
+            last = chunk.rfind(_FINISH_KEY)
             if last >= 0 and (
                 _FINISH_BYTES.match(chunk, last) is not None
-                or _FINISH_BYTES.search(chunk, 0, last + 1) is not None
+                or (
+                    chunk.find(_FINISH_KEY, 0, last) >= 0
+                    and _FINISH_BYTES.search(chunk, 0, last + 1) is not None
+                )
             ):
                 self.finished = True
         self.done = done
@@ -174,10 +179,16 @@ class RelayState:
         `decode`."""
         out: list[Out] = []
         # Single-line `data: {...}` events, each ended by a blank line (the last split is
-        # the empty rest after it).
+        # the empty rest after it). `_parsed` written out: this runs once per event.
         for event in plain.split(_BOUNDARY)[:-1]:
-            if not self._parsed(event[6:], out):
+            try:
+                chunk = orjson.loads(event[6:])
+            except orjson.JSONDecodeError:
+                chunk = None
+            if not isinstance(chunk, dict) or not isinstance(chunk.get("choices"), list):
+                self._not_a_chunk()
                 break
+            out.append(chunk)  # type: ignore[arg-type]
         return out
 
     def _parsed(self, data: str | bytes, out: list[Out]) -> bool:
@@ -187,14 +198,17 @@ class RelayState:
         except orjson.JSONDecodeError:
             chunk = None
         if not isinstance(chunk, dict) or not isinstance(chunk.get("choices"), list):
-            self.error = UpstreamFailed(
-                f"Upstream '{self.upstream}' sent a stream event that is not a chat "
-                "completion chunk."
-            )
+            self._not_a_chunk()
             return False
         typed: ChatChunk = chunk  # type: ignore[assignment]
         out.append(typed)
         return True
+
+    def _not_a_chunk(self) -> None:
+        self.error = UpstreamFailed(
+            f"Upstream '{self.upstream}' sent a stream event that is not a chat completion "
+            "chunk."
+        )
 
 
 def stream_error(upstream: str, data: str) -> ProxyError:
