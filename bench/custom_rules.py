@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import orjson
+from timing import best_of
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -71,16 +70,6 @@ def json_texts(raw: bytes, framing: str) -> list[bytes]:
         lines = [line for line in raw.splitlines() if line.startswith(b"data:")]
         return [line[5:].lstrip(b" ") for line in lines]
     return [line for line in raw.split(b"\n") if line.strip()]
-
-
-def best_of(rounds: int, repeat: int, work: Callable[[], object]) -> float:
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.process_time()
-        for _ in range(repeat):
-            work()
-        best = min(best, time.process_time() - start)
-    return best / repeat
 
 
 def replay(spec: CustomSpec, chunks: list[bytes]) -> int:

@@ -21,11 +21,10 @@ import functools
 import itertools
 import re
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import orjson
+from timing import best_of
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -123,16 +122,6 @@ def decode_and_write(reads: list[bytes], echo: object) -> int:
         if batch:
             size += len(writer.feed(batch))
     return size + len(writer.finish())
-
-
-def best_of(rounds: int, repeat: int, work: Callable[[], object]) -> float:
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.process_time()
-        for _ in range(repeat):
-            work()
-        best = min(best, (time.process_time() - start) / repeat)
-    return best
 
 
 def main() -> None:
