@@ -1,5 +1,6 @@
 """Every SSE byte the proxy reads or writes: a sans-IO codec (bytes in, events out, no
-sockets and no event loop), and the writer of a stream to a client.
+sockets and no event loop). The writer that puts the bytes on a client's connection is
+proxy/sse_writer.py.
 
 Decoding follows the WHATWG HTML "event stream interpretation" algorithm, so it agrees with
 browsers and with httpx-sse about what an upstream sent, with two deliberate differences:
@@ -20,14 +21,8 @@ from __future__ import annotations
 
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-from aiohttp import web
 
 from proxy.errors import ProxyError
-
-if TYPE_CHECKING:
-    from proxy.exchange import Exchange
 
 __all__ = [
     "DONE",
@@ -37,8 +32,6 @@ __all__ = [
     "Event",
     "SSEDecoder",
     "SSEError",
-    "SSEWriter",
-    "Streams",
     "encode_comment",
     "encode_data",
     "encode_named",
@@ -321,98 +314,3 @@ def encode_named(event: str, data: bytes) -> bytes:
 def error_event(err: ProxyError) -> bytes:
     """The one data event that ends a chat stream after the 200 went out."""
     return b"data: " + err.to_json() + b"\n\n"
-
-
-class Streams:
-    """The streams an app is writing, and the send timeout that guards them.
-
-    A client that stops reading blocks the writer (aiohttp waits for the socket to drain),
-    so no upstream deadline fires and the stream would hold its upstream, its concurrency
-    slot and any session lock for good. Each write notes when it began; one sweep a second
-    interrupts a request whose write has been blocked longer than `send_timeout` (the
-    protocol of proxy/exchange.py). A timer per write would cost more than the write.
-    """
-
-    __slots__ = ("_open", "send_timeout")
-
-    def __init__(self, send_timeout: float = 60.0) -> None:
-        self.send_timeout = send_timeout
-        self._open: set[SSEWriter] = set()
-
-    def __len__(self) -> int:
-        return len(self._open)
-
-    def sweep(self, now: float) -> None:
-        limit = now - self.send_timeout
-        for writer in self._open:
-            since = writer.writing_since
-            if since and since < limit:
-                writer.exchange.interrupt("send")
-
-
-class SSEWriter:
-    """The one writer of a stream to one client: headers, events, the end.
-
-    Writes after the client left return False instead of raising, so a disconnect never
-    reaches the front's catch-all as a 500; the caller stops at the first False.
-    """
-
-    __slots__ = (
-        "_request", "_response", "_streams", "_time", "closed", "exchange", "writing_since",
-    )
-
-    def __init__(
-        self,
-        request: web.Request,
-        response: web.StreamResponse,
-        exchange: Exchange,
-        streams: Streams,
-    ) -> None:
-        self._request = request
-        self._response = response
-        self.exchange = exchange
-        self._streams = streams
-        task = exchange.task
-        assert task is not None
-        self._time = task.get_loop().time
-        self.closed = False
-        self.writing_since = 0.0
-
-    async def commit(self) -> None:
-        await self._response.prepare(self._request)
-        self._streams._open.add(self)
-
-    async def write(self, data: bytes) -> bool:
-        if self.closed:
-            return False
-        self.writing_since = self._time()
-        try:
-            await self._response.write(data)
-        except ConnectionResetError:
-            # aiohttp's ClientConnectionResetError: the transport is already closing.
-            self.closed = True
-            return False
-        finally:
-            self.writing_since = 0.0
-        return True
-
-    def abandon(self) -> None:
-        """The client stopped reading: drop the connection, never write to it again."""
-        self.closed = True
-        transport = self._request.transport
-        if transport is not None:
-            transport.abort()
-
-    def detach(self) -> None:
-        """No more writes will block: the send timeout stops watching this stream."""
-        self._streams._open.discard(self)
-
-    async def end(self, tail: bytes = DONE) -> None:
-        """`tail` and the end of the chunked body in one write: one send to the client."""
-        self.detach()
-        if self.closed:
-            return
-        try:
-            await self._response.write_eof(tail)
-        except ConnectionResetError:
-            self.closed = True

@@ -19,7 +19,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from proxy.session_locks import KeyedLocks
-from proxy.sse import Streams
+from proxy.sse_writer import Streams
 from proxy.upstreams.deadlines import Wheel
 from proxy.upstreams.health import HealthRegistry
 

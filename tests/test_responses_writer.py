@@ -20,13 +20,9 @@ from pydantic import TypeAdapter
 
 from proxy.chunks import KEEP_ALIVE, Comment, Out
 from proxy.errors import ProxyError, RateLimited, UpstreamFailed, UpstreamTimeout
+from proxy.ingress.responses_object import completion_chunks, responses_usage
 from proxy.ingress.responses_request import parse_responses_request
-from proxy.ingress.responses_writer import (
-    ResponsesWriter,
-    completion_chunks,
-    render_sync,
-    responses_usage,
-)
+from proxy.ingress.responses_writer import ResponsesWriter, render_sync
 from proxy.openai_types import ChatChunk, ChunkFactory, Usage, accumulate, make_usage
 from tests.responses_assert import assert_responses_stream, output_text, parse_sse
 

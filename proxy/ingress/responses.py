@@ -40,8 +40,9 @@ from proxy.dispatch import serve
 from proxy.errors import NotFound, ProxyError
 from proxy.handlers import accept, authenticate, json_response, resolve_model
 from proxy.ingress.responses_native import NativeEncoder, tracked
+from proxy.ingress.responses_object import completion_chunks
 from proxy.ingress.responses_request import parse_responses_request, refuse_state
-from proxy.ingress.responses_writer import ResponsesWriter, completion_chunks, render_sync
+from proxy.ingress.responses_writer import ResponsesWriter, render_sync
 from proxy.ingress.streaming import relay
 from proxy.response_ids import PREFIX as RESPONSE_PREFIX
 from proxy.response_ids import ResponseIds, new_response_id

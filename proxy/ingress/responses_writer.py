@@ -39,22 +39,11 @@ from proxy.ingress.responses_items import (
     empty_part,
     frame,
 )
-from proxy.ingress.responses_object import (
-    RESPONSE_DEFAULTS,
-    completion_chunks,
-    failure_error,
-    responses_usage,
-)
+from proxy.ingress.responses_object import RESPONSE_DEFAULTS, failure_error, responses_usage
 from proxy.openai_types import ToolCallDelta
 from proxy.sse import DONE, EVENT_END, encode_comment
 
-__all__ = [
-    "RESPONSE_DEFAULTS",
-    "ResponsesWriter",
-    "completion_chunks",
-    "render_sync",
-    "responses_usage",
-]
+__all__ = ["ResponsesWriter", "render_sync"]
 
 _INCOMPLETE: Final = {"length": "max_output_tokens", "content_filter": "content_filter"}
 

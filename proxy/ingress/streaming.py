@@ -27,7 +27,8 @@ from proxy.failover import is_failure
 from proxy.handlers import stamp_headers
 from proxy.metrics import has_token
 from proxy.shutdown import shutting_down
-from proxy.sse import SSE_HEADERS, SSEWriter
+from proxy.sse import SSE_HEADERS
+from proxy.sse_writer import SSEWriter
 from proxy.upstreams.base import ByteStream, ChunkStream
 
 log = logging.getLogger(__name__)
