@@ -113,12 +113,7 @@ def decode_and_write(reads: list[bytes], echo: object) -> int:
     decoder = SSEDecoder()
     size = len(writer.start())
     for read in reads:
-        plain = state.pass_through(read) if decoder.at_boundary else None
-        if plain is not None:
-            decoder.passed_over()
-            batch = state.decode_passed(plain)
-        else:
-            batch = state.decode(decoder.feed(read))
+        batch = state.decode_read(decoder, read)
         if batch:
             size += len(writer.feed(batch))
     return size + len(writer.finish())

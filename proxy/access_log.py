@@ -52,7 +52,7 @@ def quote(text: str) -> str:
 # laid out once, so a request only formats its own numbers into them. Emptied when it fills, so
 # a client sending endless paths or names cannot grow it.
 _TEMPLATES: dict[tuple[Any, ...], str] = {}
-_QUOTED_MAX = 1024
+_TEMPLATES_MAX = 1024
 
 
 def _template(level: int, method: str, path: str, ex: Exchange) -> str:
@@ -125,7 +125,7 @@ class AccessWriter:
         template = _TEMPLATES.get(key)
         if template is None:
             template = _template(level, method, path, ex)
-            if len(_TEMPLATES) >= _QUOTED_MAX:
+            if len(_TEMPLATES) >= _TEMPLATES_MAX:
                 _TEMPLATES.clear()
             _TEMPLATES[key] = template
         # Request ids are the proxy's own or passed its check (proxy/front.py): of what a

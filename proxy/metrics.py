@@ -34,24 +34,13 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from proxy.exchange import Exchange
-from proxy.request_series import RequestSeries
+from proxy.request_series import DURATION, OVERHEAD, REQUESTS, TTFT, RequestSeries
 
 if TYPE_CHECKING:
     from proxy.upstreams.base import Upstream
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-
-# Seconds. Agent turns (tool loops, Letta's memory edits) run for minutes, so the upper buckets
-# go far past what a bare model server needs.
-DURATION_BUCKETS = (
-    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
-)
-TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-# The proxy's own share is meant to stay well under a millisecond.
-OVERHEAD_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-)
 
 # An event that carries generated output: text, reasoning, or the start of a tool call. The
 # role chunk that opens every stream does not count, so the time to it is not "first token".
@@ -119,7 +108,7 @@ class Metrics:
             self._shared = _SharedSeries(reg)
             self.observe = self._shared.observe
         else:
-            series = RequestSeries(DURATION_BUCKETS, TTFT_BUCKETS, OVERHEAD_BUCKETS)
+            series = RequestSeries()
             reg.register(series)
             self.observe = series.observe
         self.open_streams = Gauge(
@@ -244,24 +233,12 @@ class _SharedSeries:
 
     def __init__(self, reg: CollectorRegistry) -> None:
         self.requests = Counter(
-            "agentproxy_requests", "Chat completion requests, by route, upstream and status.",
-            ["model", "upstream", "status"], registry=reg,
+            REQUESTS.name, REQUESTS.documentation, REQUESTS.labels, registry=reg
         )
-        self.duration = Histogram(
-            "agentproxy_request_duration_seconds",
-            "Time from the request's arrival to its last byte, streams included.",
-            ["model", "upstream"], buckets=DURATION_BUCKETS, registry=reg,
-        )
-        self.ttft = Histogram(
-            "agentproxy_time_to_first_token_seconds",
-            "Time from a streaming request's arrival to the first event with generated output.",
-            ["model", "upstream"], buckets=TTFT_BUCKETS, registry=reg,
-        )
-        self.overhead = Histogram(
-            "agentproxy_overhead_seconds",
-            "The proxy's own time per request: the time to the response headers (the whole "
-            "request when not streaming) minus the time spent waiting for the upstream.",
-            buckets=OVERHEAD_BUCKETS, registry=reg,
+        self.duration, self.ttft, self.overhead = (
+            Histogram(spec.name, spec.documentation, spec.labels, buckets=spec.buckets,
+                      registry=reg)
+            for spec in (DURATION, TTFT, OVERHEAD)
         )
         # The labelled children of each (route, upstream, status), looked up once: `labels()`
         # takes a lock and checks its arguments on every call.

@@ -17,6 +17,7 @@ import os
 import time
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
@@ -24,6 +25,49 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from proxy.exchange import Exchange
+
+
+class SeriesSpec(NamedTuple):
+    """One per-request series, as both modes expose it (this collector, or prometheus_client's
+    own objects with `--workers`: proxy/metrics.py)."""
+
+    name: str
+    documentation: str
+    labels: tuple[str, ...]
+    buckets: tuple[float, ...] = ()
+
+
+# Seconds. Agent turns (tool loops, Letta's memory edits) run for minutes, so the upper buckets
+# go far past what a bare model server needs.
+DURATION_BUCKETS = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# The proxy's own share is meant to stay well under a millisecond.
+OVERHEAD_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+)
+
+REQUESTS = SeriesSpec(
+    "agentproxy_requests", "Chat completion requests, by route, upstream and status.",
+    ("model", "upstream", "status"),
+)
+DURATION = SeriesSpec(
+    "agentproxy_request_duration_seconds",
+    "Time from the request's arrival to its last byte, streams included.",
+    ("model", "upstream"), DURATION_BUCKETS,
+)
+TTFT = SeriesSpec(
+    "agentproxy_time_to_first_token_seconds",
+    "Time from a streaming request's arrival to the first event with generated output.",
+    ("model", "upstream"), TTFT_BUCKETS,
+)
+OVERHEAD = SeriesSpec(
+    "agentproxy_overhead_seconds",
+    "The proxy's own time per request: the time to the response headers (the whole "
+    "request when not streaming) minus the time spent waiting for the upstream.",
+    (), OVERHEAD_BUCKETS,
+)
 
 
 def _created_series() -> bool:
@@ -77,19 +121,12 @@ class RequestSeries(Collector):
     `agentproxy_time_to_first_token_seconds` and `agentproxy_overhead_seconds` of this
     process."""
 
-    def __init__(
-        self,
-        duration_buckets: Sequence[float],
-        ttft_buckets: Sequence[float],
-        overhead_buckets: Sequence[float],
-    ) -> None:
-        self._duration_buckets = duration_buckets
-        self._ttft_buckets = ttft_buckets
+    def __init__(self) -> None:
         self._tallies: dict[tuple[str, str, int], Tally] = {}
         # Per (route, upstream): shared by the tallies of every status.
         self._durations: dict[tuple[str, str], Series] = {}
         self._ttfts: dict[tuple[str, str], Series] = {}
-        self._overhead = Series(overhead_buckets)
+        self._overhead = Series(OVERHEAD.buckets)
         self._created = _created_series()
 
     def observe(self, ex: Exchange, duration: float, overhead: float | None) -> None:
@@ -98,7 +135,7 @@ class RequestSeries(Collector):
         if tally is None:
             tally = self._tallies[key] = self._tally(key)
         tally.count += 1
-        # Series.add written out: three calls less on every request.
+        # Each series' bucket (a bisect) and sum, written out: no call per series.
         series = tally.duration
         series.counts[bisect_left(series.bounds, duration)] += 1
         series.sum += duration
@@ -116,14 +153,13 @@ class RequestSeries(Collector):
         pair = key[:2]
         duration = self._durations.get(pair)
         if duration is None:
-            duration = self._durations[pair] = Series(self._duration_buckets)
-            self._ttfts[pair] = Series(self._ttft_buckets)
+            duration = self._durations[pair] = Series(DURATION.buckets)
+            self._ttfts[pair] = Series(TTFT.buckets)
         return Tally(duration, self._ttfts[pair])
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
-            "agentproxy_requests", "Chat completion requests, by route, upstream and status.",
-            labels=["model", "upstream", "status"],
+            REQUESTS.name, REQUESTS.documentation, labels=list(REQUESTS.labels)
         )
         for (route, upstream, status), tally in list(self._tallies.items()):
             requests.add_metric(
@@ -131,32 +167,19 @@ class RequestSeries(Collector):
                 created=tally.created if self._created else None,
             )
         yield requests
-        yield self._histogram(
-            "agentproxy_request_duration_seconds",
-            "Time from the request's arrival to its last byte, streams included.",
-            list(self._durations.items()),
-        )
-        yield self._histogram(
-            "agentproxy_time_to_first_token_seconds",
-            "Time from a streaming request's arrival to the first event with generated output.",
-            list(self._ttfts.items()),
-        )
-        yield self._histogram(
-            "agentproxy_overhead_seconds",
-            "The proxy's own time per request: the time to the response headers (the whole "
-            "request when not streaming) minus the time spent waiting for the upstream.",
-            [((), self._overhead)],
-        )
+        yield self._histogram(DURATION, list(self._durations.items()))
+        yield self._histogram(TTFT, list(self._ttfts.items()))
+        yield self._histogram(OVERHEAD, [((), self._overhead)])
 
     def _histogram(
-        self, name: str, documentation: str, series: Iterable[tuple[tuple[str, ...], Series]],
+        self, spec: SeriesSpec, series: Iterable[tuple[tuple[str, ...], Series]],
     ) -> HistogramMetricFamily:
-        labelnames = ["model", "upstream"] if name != "agentproxy_overhead_seconds" else []
-        family = HistogramMetricFamily(name, documentation, labels=labelnames)
+        family = HistogramMetricFamily(spec.name, spec.documentation, labels=list(spec.labels))
         for labels, one in series:
             family.add_metric(list(labels), one.buckets(), one.sum)
             if self._created:
                 family.add_sample(
-                    name + "_created", dict(zip(labelnames, labels, strict=True)), one.created
+                    spec.name + "_created", dict(zip(spec.labels, labels, strict=True)),
+                    one.created,
                 )
         return family

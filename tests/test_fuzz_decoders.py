@@ -464,16 +464,20 @@ def relay_reads(
     def slow(events: list[Any]) -> list[Any]:
         return state.decode(events) if decode else [state.frame(events)]
 
+    def read(chunk: bytes) -> list[Any]:
+        if fast and decode:
+            return state.decode_read(decoder, chunk)
+        plain = state.pass_through(chunk) if fast and decoder.at_boundary else None
+        if plain is None:
+            return slow(decoder.feed(chunk))
+        decoder.passed_over()
+        return [plain]
+
     try:
         for chunk in chunks:
             if not chunk:
                 continue  # a read returns b"" only at the end of the body
-            plain = state.pass_through(chunk) if fast and decoder.at_boundary else None
-            if plain is not None:
-                decoder.passed_over()
-                out += state.decode_passed(plain) if decode else [plain]
-            else:
-                out += slow(decoder.feed(chunk))
+            out += read(chunk)
             if state.done or state.error is not None:
                 return state, out
         out += slow(decoder.flush())

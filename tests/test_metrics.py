@@ -268,7 +268,8 @@ def test_the_request_series_expose_what_prometheus_clients_own_objects_would() -
     from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
     from proxy.exchange import Exchange
-    from proxy.metrics import DURATION_BUCKETS, OVERHEAD_BUCKETS, TTFT_BUCKETS, Metrics
+    from proxy.metrics import Metrics
+    from proxy.request_series import DURATION_BUCKETS, OVERHEAD_BUCKETS, TTFT_BUCKETS
 
     ours = Metrics(CollectorRegistry())
     reference = CollectorRegistry()

@@ -337,17 +337,7 @@ class OpenAI(HttpUpstream):
                     yield [KEEP_ALIVE]
                     continue
                 comments = decoder.comments
-                plain = (
-                    state.pass_through(chunk)
-                    if chunk and decoder.at_boundary and len(chunk) <= decoder.max_line
-                    else None
-                )
-                if plain is not None:
-                    # A read of whole, plain events: parsed straight from its bytes.
-                    decoder.passed_over()
-                    out = state.decode_passed(plain)
-                else:
-                    out = state.decode(decoder.feed(chunk) if chunk else state.flush(decoder))
+                out = state.decode_read(decoder, chunk)
                 if out:
                     deadlines.sent()
                     yield out

@@ -173,22 +173,29 @@ class RelayState:
                 break
         return out
 
+    def decode_read(self, decoder: SSEDecoder, chunk: bytes) -> list[Out]:
+        """The chunks of one read of the upstream's body (b"": its end): parsed from the
+        bytes when the read is whole, plain events at an event boundary, else through
+        `decoder`."""
+        if not chunk:
+            return self.decode(self.flush(decoder))
+        if decoder.at_boundary and len(chunk) <= decoder.max_line:
+            plain = self.pass_through(chunk)
+            if plain is not None:
+                decoder.passed_over()
+                return self.decode_passed(plain)
+        return self.decode(decoder.feed(chunk))
+
     def decode_passed(self, plain: bytes) -> list[Out]:
         """The chunks of a read `pass_through` took: each event's JSON parsed from its bytes,
         with no SSE decoder, no Event and no str per event, and the same checks as
         `decode`."""
         out: list[Out] = []
         # Single-line `data: {...}` events, each ended by a blank line (the last split is
-        # the empty rest after it). `_parsed` written out: this runs once per event.
+        # the empty rest after it).
         for event in plain.split(_BOUNDARY)[:-1]:
-            try:
-                chunk = orjson.loads(event[6:])
-            except orjson.JSONDecodeError:
-                chunk = None
-            if not isinstance(chunk, dict) or not isinstance(chunk.get("choices"), list):
-                self._not_a_chunk()
+            if not self._parsed(event[6:], out):
                 break
-            out.append(chunk)  # type: ignore[arg-type]
         return out
 
     def _parsed(self, data: str | bytes, out: list[Out]) -> bool:
@@ -198,17 +205,15 @@ class RelayState:
         except orjson.JSONDecodeError:
             chunk = None
         if not isinstance(chunk, dict) or not isinstance(chunk.get("choices"), list):
-            self._not_a_chunk()
+            self.error = UpstreamFailed(
+                f"Upstream '{self.upstream}' sent a stream event that is not a chat "
+                "completion chunk."
+            )
             return False
         typed: ChatChunk = chunk  # type: ignore[assignment]
         out.append(typed)
         return True
 
-    def _not_a_chunk(self) -> None:
-        self.error = UpstreamFailed(
-            f"Upstream '{self.upstream}' sent a stream event that is not a chat completion "
-            "chunk."
-        )
 
 
 def stream_error(upstream: str, data: str) -> ProxyError:
