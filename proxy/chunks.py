@@ -1,15 +1,17 @@
 """The internal chunk language: what every adapter produces and every ingress writer reads.
 
 An adapter that translates (letta, echo, custom; openai when a writer needs objects) yields
-batches of `Out`: OpenAI `chat.completion.chunk` dicts built with `ChunkFactory`, or a
-`Comment` the writer turns into its API's keep-alive. The chat completions writer encodes
-chunks as they are; the Responses writer turns the same chunks into Responses events.
+batches of `Out`: OpenAI `chat.completion.chunk` dicts built with `ChunkFactory`, a
+`TextRun` (chunks that differ only in their text, as one object), or a `Comment` the writer
+turns into its API's keep-alive. The chat completions writer encodes chunks as they are; the
+Responses writer turns the same chunks into Responses events.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Final, TypeAlias
+from typing import Any, Final, TypeAlias
 
 from proxy.openai_types import ChatChunk
 
@@ -23,4 +25,38 @@ class Comment:
 
 KEEP_ALIVE: Final = Comment()
 
-Out: TypeAlias = ChatChunk | Comment
+
+@dataclass(frozen=True, slots=True)
+class TextRun:
+    """Consecutive chunks that differ only in their text: each is `outer` with one choice,
+    `choice` with the delta `{"content": text}`, for each of `texts`; no finish_reason and no
+    usage among them.
+
+    The openai adapter's decode path gives one for a run of an upstream's token events
+    (proxy/upstreams/openai_template.py), so that a writer can take the texts as they are,
+    without a dict per token to build and read again; `chunks()` gives them as chunks."""
+
+    outer: dict[str, Any]
+    choice: dict[str, Any]
+    texts: list[str]
+
+    def chunks(self) -> list[ChatChunk]:
+        outer = self.outer
+        choice = self.choice
+        # Shallow copies of scalars: every chunk is a dict of its own, as decoding gives.
+        chunks: list[Any] = [
+            {**outer, "choices": [{**choice, "delta": {"content": text}}]} for text in self.texts
+        ]
+        return chunks
+
+
+Out: TypeAlias = ChatChunk | TextRun | Comment
+
+
+def chat_chunks(batch: Iterable[Out]) -> Iterator[ChatChunk]:
+    """The chunks of a batch, each as a chunk (a TextRun's one by one), without keep-alives."""
+    for out in batch:
+        if isinstance(out, TextRun):
+            yield from out.chunks()
+        elif not isinstance(out, Comment):
+            yield out

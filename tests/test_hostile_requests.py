@@ -329,15 +329,13 @@ def mutate(body: dict[str, Any], path: tuple[str | int, ...], value: Any) -> dic
     node: Any = body
     for i, key in enumerate(path[:-1]):
         nxt = path[i + 1]
-        if isinstance(node, dict):
-            child = node.get(key)
-            if not isinstance(child, (dict, list)):
-                child = [{"type": "text", "text": "x"}] if isinstance(nxt, int) else {}
-                node[key] = child
-            node = child
-        else:  # a list; an int key
-            assert isinstance(key, int)
-            node = node[key]
+        # A list's key is an int; an earlier mutation may have put a scalar where the path
+        # goes on, which then becomes a container again.
+        child = node.get(key) if isinstance(node, dict) else node[key]
+        if not isinstance(child, (dict, list)):
+            child = [{"type": "text", "text": "x"}] if isinstance(nxt, int) else {}
+            node[key] = child
+        node = child
     last = path[-1]
     if value is DELETE:
         if isinstance(node, dict):

@@ -15,15 +15,19 @@ from typing import Any
 import openai
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from proxy.chunks import KEEP_ALIVE, Comment, Out
+from proxy.chunks import KEEP_ALIVE, Comment, Out, TextRun
 from proxy.errors import ProxyError, RateLimited, UpstreamFailed, UpstreamTimeout
+from proxy.ingress.chat import ChatEncoder
 from proxy.ingress.responses_object import completion_chunks, responses_usage
 from proxy.ingress.responses_request import parse_responses_request
 from proxy.ingress.responses_writer import ResponsesWriter, render_sync
 from proxy.openai_types import ChatChunk, ChunkFactory, Usage, accumulate, make_usage
+from proxy.sse import KEEPALIVE, encode_data
 from tests.responses_assert import assert_responses_stream, output_text, parse_sse
 
 try:  # the HTTP library the installed openai SDK is built on
@@ -464,3 +468,62 @@ def test_openai_sdk_reads_the_sync_answer_with_its_tool_calls() -> None:
     calls = [o for o in response.output if o.type == "function_call"]
     assert [(c.call_id, c.name, c.arguments) for c in calls] == [
         ("c0", "f", '{"x":1}'), ("c1", "g", "{}")]
+
+
+# --- a TextRun is its chunks ------------------------------------------------------------------
+
+
+def text_run(texts: list[str]) -> TextRun:
+    base = F.content("")
+    choice = dict(base["choices"][0])
+    del choice["delta"]
+    return TextRun(dict(base), choice, texts)
+
+
+PIECES: dict[str, Out] = {
+    "role": F.role(),
+    "reasoning": F.reasoning("hm"),
+    "text": F.content("a"),
+    "refusal": F.chunk({"refusal": "no"}),
+    "keep-alive": KEEP_ALIVE,
+}
+
+
+@settings(derandomize=True, database=None, deadline=None, max_examples=200)
+@given(
+    steps=st.lists(
+        st.one_of(
+            st.sampled_from([*sorted(PIECES), "call"]),
+            st.lists(st.sampled_from(["", "x", " wörld", "🦜", 'q"uote', "\n"]), max_size=4),
+        ),
+        max_size=8,
+    ),
+    events=st.booleans(),
+)
+def test_a_text_run_writes_exactly_what_its_chunks_write(
+    steps: list[str | list[str]], events: bool
+) -> None:
+    # A TextRun wherever a stream may have one: first, after reasoning, a refusal part, a
+    # tool call or another run, empty texts among its texts, or no text at all.
+    with_runs: list[Out] = []
+    as_chunks: list[Out] = []
+    for n, step in enumerate(steps):
+        if isinstance(step, str):
+            piece = call(n, id=f"call_{n}", name="f", args="{}") if step == "call" else PIECES[step]
+            with_runs.append(piece)
+            as_chunks.append(piece)
+        else:
+            with_runs.append(text_run(step))
+            as_chunks += text_run(step).chunks()
+    tail: list[Out] = [F.finish("stop"), usage(3, 4)]
+    fast, w_fast = run(with_runs + tail, batch=3, w=writer(events=events))
+    slow, w_slow = run(as_chunks + tail, batch=1, w=writer(events=events))
+    assert fast == slow
+    assert w_fast.final() == w_slow.final()
+
+
+def test_a_text_run_is_its_chunks_to_the_chat_writer() -> None:
+    run_ = text_run(["a", "", "b"])
+    expected = b"".join(encode_data(orjson.dumps(c)) for c in run_.chunks())
+    assert ChatEncoder().batch([run_]) == expected
+    assert ChatEncoder().batch([KEEP_ALIVE, run_]) == KEEPALIVE + expected

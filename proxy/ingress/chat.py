@@ -11,7 +11,7 @@ from aiohttp import web
 
 from proxy.app_keys import HTTP, METRICS
 from proxy.chat_request import parse_chat_request
-from proxy.chunks import Comment, Out
+from proxy.chunks import Comment, Out, TextRun
 from proxy.dispatch import serve
 from proxy.errors import ProxyError
 from proxy.handlers import accept, json_response, resolve_model
@@ -25,10 +25,15 @@ class ChatEncoder:
     __slots__ = ()
 
     def batch(self, batch: list[Out]) -> bytes:
-        return b"".join(
-            KEEPALIVE if isinstance(out, Comment) else encode_data(orjson.dumps(out))
-            for out in batch
-        )
+        encoded: list[bytes] = []
+        for out in batch:
+            if isinstance(out, Comment):
+                encoded.append(KEEPALIVE)
+            elif isinstance(out, TextRun):
+                encoded += [encode_data(orjson.dumps(chunk)) for chunk in out.chunks()]
+            else:
+                encoded.append(encode_data(orjson.dumps(out)))
+        return b"".join(encoded)
 
     def error(self, err: ProxyError) -> bytes:
         return error_event(err)

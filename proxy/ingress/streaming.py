@@ -19,7 +19,7 @@ from typing import Protocol
 from aiohttp import web
 
 from proxy.app_keys import EXCHANGE, METRICS, STATE
-from proxy.chunks import Comment, Out
+from proxy.chunks import Comment, Out, TextRun
 from proxy.dispatch import Served
 from proxy.errors import InternalError, ProxyError
 from proxy.exchange import ENDINGS, Exchange
@@ -152,6 +152,10 @@ def _has_token(batch: list[Out]) -> bool:
     chunk that opens every stream does not count, so the time to it is not "first token")."""
     for out in batch:
         if isinstance(out, Comment):
+            continue
+        if isinstance(out, TextRun):
+            if any(out.texts):
+                return True
             continue
         for choice in out["choices"]:
             delta = choice["delta"]

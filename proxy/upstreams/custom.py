@@ -37,7 +37,7 @@ import aiohttp
 import orjson
 from multidict import CIMultiDict
 
-from proxy.chunks import KEEP_ALIVE, Comment, Out
+from proxy.chunks import KEEP_ALIVE, Out, chat_chunks
 from proxy.config import ModelSpec
 from proxy.errors import UpstreamFailed
 from proxy.openai_types import ChatChunk, ChunkFactory, accumulate
@@ -84,7 +84,7 @@ class Custom(CustomCalls):
         batches = self._batches(turn, call, include_usage=True)
         try:
             async for batch in batches:
-                chunks.extend(out for out in batch if not isinstance(out, Comment))
+                chunks.extend(chat_chunks(batch))
         finally:
             await batches.aclose()
             await self._close(turn, http)

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import aiohttp
 import orjson
 
-from proxy.chunks import KEEP_ALIVE, Comment, Out
+from proxy.chunks import KEEP_ALIVE, Out, chat_chunks
 from proxy.config import ModelSpec
 from proxy.errors import ProxyError, UpstreamFailed
 from proxy.exchange import Exchange
@@ -364,7 +364,7 @@ class Letta(HttpUpstream):
         batches = self._batches(run)
         try:
             async for batch in batches:
-                chunks.extend(out for out in batch if not isinstance(out, Comment))
+                chunks.extend(chat_chunks(batch))
         finally:
             await batches.aclose()
             await self._close(run, http)

@@ -18,6 +18,7 @@ from proxy.chunks import Out
 from proxy.errors import ProxyError, UpstreamFailed
 from proxy.openai_types import ChatChunk
 from proxy.sse import SSEDecoder, reframe
+from proxy.upstreams.openai_template import TextTemplate
 
 # A finish chunk carries a string finish_reason; every other chunk has null or nothing.
 _FINISH = re.compile(r'"finish_reason"\s*:\s*"')
@@ -32,6 +33,9 @@ _BOUNDARY = b"\n\n"
 _PLAIN_EVENTS = re.compile(rb'(?:data: \{(?!"error")[^\n]*\}\n\n)+')
 _DONE_EVENT = b"data: [DONE]\n\n"
 _DONE_LEN = len(_DONE_EVENT)
+# Text chunks a stream may offer as the template before the decode path stops trying: a
+# server whose text needs escapes at first usually needs them throughout.
+_TEMPLATE_TRIES = 4
 # The last event of a Responses stream, by `event:` name or, without one, by its data's type.
 _RESPONSES_TERMINAL = frozenset(
     {"response.completed", "response.incomplete", "response.failed"}
@@ -57,7 +61,7 @@ def flush_events(decoder: SSEDecoder, upstream: str) -> list[Any]:
 class RelayState:
     """What the relay must know to enforce the stream guarantees, and nothing more."""
 
-    __slots__ = ("done", "error", "finished", "upstream")
+    __slots__ = ("_template", "_tries", "done", "error", "finished", "upstream")
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
@@ -65,6 +69,9 @@ class RelayState:
         self.finished = False
         # Raised only after the events before it were passed on.
         self.error: ProxyError | None = None
+        # The decode path's shortcut for token chunks (proxy/upstreams/openai_template.py).
+        self._template: TextTemplate | None = None
+        self._tries = _TEMPLATE_TRIES
 
     def flush(self, decoder: SSEDecoder) -> list[Any]:
         return flush_events(decoder, self.upstream)
@@ -176,27 +183,97 @@ class RelayState:
     def decode_read(self, decoder: SSEDecoder, chunk: bytes) -> list[Out]:
         """The chunks of one read of the upstream's body (b"": its end): parsed from the
         bytes when the read is whole, plain events at an event boundary, else through
-        `decoder`."""
+        `decoder`. Token events that match the stream's template (TextTemplate) are read
+        as a TextRun, without a decode."""
         if not chunk:
             return self.decode(self.flush(decoder))
         if decoder.at_boundary and len(chunk) <= decoder.max_line:
-            plain = self.pass_through(chunk)
-            if plain is not None:
-                decoder.passed_over()
-                return self.decode_passed(plain)
+            template = self._template
+            if template is not None and chunk.startswith(template.prefix):
+                texts, end = template.run(chunk, 0)
+                if texts is not None:
+                    # Whole events that decode exactly as the template's chunks: nothing
+                    # in them for the relay to check.
+                    if end == len(chunk):
+                        return [texts]
+                    out: list[Out] = [texts]
+                    out += self._at_boundary(decoder, chunk[end:])
+                    return out
+            elif template is None and self._tries and chunk.endswith(_BOUNDARY):
+                return self._learning(decoder, chunk)
+            return self._at_boundary(decoder, chunk)
+        return self.decode(decoder.feed(chunk))
+
+    def _learning(self, decoder: SSEDecoder, chunk: bytes) -> list[Out]:
+        """A read before the template is known: event by event until one teaches it, so
+        that the rest of the read is read with it (checking the whole read first would cost
+        more than the events it checks one by one). A plain event is one line, so the next
+        one starts after its blank line; from the first that is not, the rest of the read
+        goes the usual way."""
+        out: list[Out] = []
+        pos = 0
+        end = chunk.find(_BOUNDARY)
+        while end >= 0:
+            plain = self.pass_through(chunk[pos : end + 2])
+            if plain is None:
+                break
+            decoder.passed_over()
+            out += self.decode_passed(plain)
+            pos = end + 2
+            if self.done or self.error is not None or self._template is not None:
+                break
+            end = chunk.find(_BOUNDARY, pos)
+        if pos == len(chunk) or self.done or self.error is not None:
+            return out
+        if self._template is not None:
+            out += self.decode_read(decoder, chunk[pos:])
+        else:
+            out += self._at_boundary(decoder, chunk[pos:])
+        return out
+
+    def _at_boundary(self, decoder: SSEDecoder, chunk: bytes) -> list[Out]:
+        plain = self.pass_through(chunk)
+        if plain is not None:
+            decoder.passed_over()
+            return self.decode_passed(plain)
         return self.decode(decoder.feed(chunk))
 
     def decode_passed(self, plain: bytes) -> list[Out]:
         """The chunks of a read `pass_through` took: each event's JSON parsed from its bytes,
         with no SSE decoder, no Event and no str per event, and the same checks as
-        `decode`."""
+        `decode`; a run of token events that match the template read as a TextRun.
+
+        A template learned here serves the rest of the read at once. One run at most per
+        call keeps a read's cost linear: a run splits the read up to its end."""
         out: list[Out] = []
-        # Single-line `data: {...}` events, each ended by a blank line (the last split is
-        # the empty rest after it).
-        for event in plain.split(_BOUNDARY)[:-1]:
-            if not self._parsed(event[6:], out):
+        template = self._template
+        run = True
+        pos = 0
+        # Single-line `data: {...}` events, each ended by a blank line.
+        end = plain.find(_BOUNDARY)
+        while end >= 0:
+            if run and template is not None and plain.startswith(template.prefix, pos):
+                run = False
+                texts, stop = template.run(plain, pos)
+                if texts is not None:
+                    out.append(texts)
+                    pos = stop
+                    end = plain.find(_BOUNDARY, pos)
+                    continue
+            if not self._parsed(plain[pos + 6 : end], out):
                 break
+            if template is None and self._tries:
+                template = self._learn(plain[pos:end], out[-1])
+            pos = end + 2
+            end = plain.find(_BOUNDARY, pos)
         return out
+
+    def _learn(self, event: bytes, chunk: Any) -> TextTemplate | None:
+        text = TextTemplate.candidate(chunk)
+        if text is not None:
+            self._tries -= 1
+            self._template = TextTemplate.learn(event, chunk, text)
+        return self._template
 
     def _parsed(self, data: str | bytes, out: list[Out]) -> bool:
         """Adds the chunk in `data` to `out`; False (and the error set) when it is none."""

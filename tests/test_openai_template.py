@@ -1,0 +1,168 @@
+"""The decode path's template for token chunks (proxy/upstreams/openai_template.py): a chunk
+read from the template is exactly the chunk decoding its event gives, and anything the
+template cannot read exactly is left to the decoder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from proxy.chunks import chat_chunks
+from proxy.sse import SSEDecoder
+from proxy.upstreams.openai_relay import RelayState
+from proxy.upstreams.openai_template import TextTemplate
+
+
+def event(text: str, **fields: Any) -> bytes:
+    chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+             "choices": [{"index": 0, "delta": {"content": text}, "logprobs": None,
+                          "finish_reason": None}], "usage": None}
+    chunk.update(fields)
+    return b"data: " + orjson.dumps(chunk)
+
+
+def learned(source: bytes) -> TextTemplate | None:
+    chunk = orjson.loads(source[6:])
+    text = TextTemplate.candidate(chunk)
+    assert text is not None
+    return TextTemplate.learn(source, chunk, text)
+
+
+def template() -> TextTemplate:
+    found = learned(event("Hello"))
+    assert found is not None
+    return found
+
+
+def read_one(raw: bytes) -> Any:
+    """The chunk the template reads `raw` (one event without its blank line) as, or None."""
+    run, end = template().run(raw + b"\n\n", 0)
+    if run is None:
+        assert end == 0
+        return None
+    assert end == len(raw) + 2
+    [chunk] = run.chunks()
+    return chunk
+
+
+@pytest.mark.parametrize("text", [" world", "", " café 🦜", "a/b", "\x7f", "x" * 5000])
+def test_a_token_chunk_read_from_the_template_is_exactly_its_decoding(text: str) -> None:
+    raw = event(text)
+    chunk = read_one(raw)
+    # Encoded, so the keys' order counts too.
+    assert orjson.dumps(chunk) == raw[6:]
+    assert chunk == orjson.loads(raw[6:])
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(event('say "hi"'), id="quote"),
+        pytest.param(event("back\\slash"), id="backslash"),
+        pytest.param(event("two\nlines"), id="newline"),
+        pytest.param(event("caf\u00e9").replace("é".encode(), b"\\u00e9"), id="unicode-escape"),
+        pytest.param(event("a/b").replace(b"a/b", b"a\\/b"), id="solidus-escape"),
+        pytest.param(event("x").replace(b'"x"', b'"\x01"'), id="control-byte"),
+        pytest.param(event("x").replace(b'"x"', b'"\xff"'), id="invalid-utf8"),
+        pytest.param(event("x", usage={"total_tokens": 1}), id="other-bytes-after"),
+        pytest.param(event("x", id="chatcmpl-2"), id="other-bytes-before"),
+        pytest.param(event("x") + b" ", id="longer"),
+        pytest.param(event("x").replace(b'"usage":null', b'"usage":0000'), id="same-length"),
+    ],
+)
+def test_an_event_the_template_cannot_read_exactly_is_left_to_the_decoder(raw: bytes) -> None:
+    assert read_one(raw) is None
+
+
+def test_an_event_shorter_than_the_template_is_left_to_the_decoder() -> None:
+    # The template's bytes before and after the text overlapping on the text's quotes: no
+    # text is there, and the event is not even JSON.
+    found = template()
+    assert read_one(found.prefix + found.suffix[1:]) is None
+
+
+def test_a_text_whose_json_is_first_found_in_another_value_teaches_no_template() -> None:
+    # The model's name has the text's bytes; the text itself is written with an escape.
+    raw = event("café", model="café").replace(b'"content":"caf\xc3\xa9"', b'"content":"caf\\u00e9"')
+    assert learned(raw) is None
+    assert learned(event("m")) is None  # "m" is the model's name before it is the text
+
+
+def test_a_chunk_with_a_nested_value_teaches_no_template() -> None:
+    # Every chunk read from it would share that one value.
+    assert learned(event("x", extra={"a": 1})) is None
+    assert learned(event("x", extra=[1])) is None
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        pytest.param({"choices": [{"index": 0, "delta": {"content": "x"},
+                                   "finish_reason": "stop"}]}, id="finish"),
+        pytest.param({"choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": None}],
+                      "usage": {"total_tokens": 1}}, id="usage"),
+        pytest.param({"choices": [{"index": 0, "delta": {"role": "assistant", "content": "x"},
+                                   "finish_reason": None}]}, id="more-than-text"),
+        pytest.param({"choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": None}]},
+                     id="no-text"),
+        pytest.param({"choices": [{"index": i, "delta": {"content": "x"}, "finish_reason": None}
+                                  for i in range(2)]}, id="two-choices"),
+    ],
+)
+def test_only_a_chunk_of_text_alone_is_a_template_candidate(chunk: dict[str, Any]) -> None:
+    # A TextRun carries texts alone: a finish or usage in it would be lost to a writer.
+    assert TextTemplate.candidate(chunk) is None
+
+
+def stream(texts: list[str]) -> bytes:
+    return b"".join(event(t) + b"\n\n" for t in texts)
+
+
+def test_a_run_is_every_matching_event_in_a_row_from_its_position() -> None:
+    texts = [" a", " 東京", "", " 🦜", " z"]
+    head = b'data: {"other":1}\n\n'
+    read = head + stream(texts) + event("done", id="chatcmpl-2") + b"\n\n"
+    run, end = template().run(read, len(head))
+    assert run is not None
+    assert [orjson.dumps(c) for c in run.chunks()] == [event(t)[6:] for t in texts]
+    assert end == len(head + stream(texts))
+
+
+@pytest.mark.parametrize(
+    ("stop", "name"),
+    [
+        (event(' "q"'), "escape"),
+        (event("x").replace(b'"x"', b'"\xff"'), "invalid-utf8"),
+        (event("x", id="chatcmpl-2"), "other-bytes"),
+        (event("x").replace(b"data: ", b"data:  "), "other-framing"),
+    ],
+)
+def test_a_run_ends_at_the_first_event_it_cannot_read_exactly(stop: bytes, name: str) -> None:
+    before, after = stream(["a", "b"]), stream(["c", "d"])
+    run, end = template().run(before + stop + b"\n\n" + after, 0)
+    assert run is not None and run.texts == ["a", "b"], name
+    assert end == len(before)
+
+
+def test_a_run_does_not_take_an_event_without_its_blank_line() -> None:
+    read = stream(["a"]) + event("b") + b"\n"
+    run, end = template().run(read, 0)
+    assert run is not None and run.texts == ["a"]
+    assert end == len(stream(["a"]))
+    assert template().run(read, end) == (None, end)
+
+
+def test_the_relay_reads_a_token_stream_through_the_template_as_the_decoder_does() -> None:
+    texts = ["Hi", " there", ' "q"', "", " 東京", "\\", " end"]
+    body = b"".join(event(t) + b"\n\n" for t in texts)
+    state = RelayState("up")
+    # The first read teaches the template, the second is read with it, event by event and
+    # then, from the escaped text on, the usual way.
+    first, rest = body.split(b"\n\n", 1)
+    decoder = SSEDecoder()
+    out = state.decode_read(decoder, first + b"\n\n")
+    out += state.decode_read(decoder, rest)
+    assert [orjson.dumps(c) for c in chat_chunks(out)] == [event(t)[6:] for t in texts]
+    assert state.error is None
