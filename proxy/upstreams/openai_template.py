@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_right
-from itertools import accumulate
-from operator import itemgetter, methodcaller
+from itertools import accumulate, repeat
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -104,7 +104,7 @@ class TextTemplate:
         pieces = read[pos:].split(self._end)
         # After the last end: no whole event of the template (or nothing).
         pieces.pop()
-        starts = list(map(methodcaller("startswith", self.prefix), pieces))
+        starts = list(map(bytes.startswith, pieces, repeat(self.prefix)))
         if False in starts:
             del pieces[starts.index(False) :]
         texts = list(map(itemgetter(slice(len(self.prefix), None)), pieces))
