@@ -166,3 +166,15 @@ def test_the_relay_reads_a_token_stream_through_the_template_as_the_decoder_does
     out += state.decode_read(decoder, rest)
     assert [orjson.dumps(c) for c in chat_chunks(out)] == [event(t)[6:] for t in texts]
     assert state.error is None
+
+
+def test_a_run_longer_than_its_window_and_a_text_longer_than_an_event_are_read_whole() -> None:
+    # The run reads the read in growing windows: a run of a hundred events crosses several,
+    # and a text of 5,000 bytes does not fit the first.
+    texts = [f" w{i}" for i in range(100)]
+    texts[37] = "x" * 5000
+    read = stream(texts)
+    run, end = template().run(read, 0)
+    assert run is not None
+    assert [orjson.dumps(c) for c in run.chunks()] == [event(t)[6:] for t in texts]
+    assert end == len(read)

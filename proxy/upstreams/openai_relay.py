@@ -243,17 +243,14 @@ class RelayState:
         with no SSE decoder, no Event and no str per event, and the same checks as
         `decode`; a run of token events that match the template read as a TextRun.
 
-        A template learned here serves the rest of the read at once. One run at most per
-        call keeps a read's cost linear: a run splits the read up to its end."""
+        A template learned here serves the rest of the read at once."""
         out: list[Out] = []
         template = self._template
-        run = True
         pos = 0
         # Single-line `data: {...}` events, each ended by a blank line.
         end = plain.find(_BOUNDARY)
         while end >= 0:
-            if run and template is not None and plain.startswith(template.prefix, pos):
-                run = False
+            if template is not None and plain.startswith(template.prefix, pos):
                 texts, stop = template.run(plain, pos)
                 if texts is not None:
                     out.append(texts)

@@ -41,7 +41,7 @@ _SCALARS = (str, int, float, bool, type(None))
 class TextTemplate:
     """The bytes of one stream's text-only chunk around its text, and the chunk's values."""
 
-    __slots__ = ("_choice", "_end", "_event", "_outer", "prefix", "suffix")
+    __slots__ = ("_choice", "_end", "_event", "_outer", "_text", "prefix", "suffix")
 
     def __init__(
         self, prefix: bytes, suffix: bytes, outer: dict[str, Any], choice: dict[str, Any]
@@ -53,6 +53,8 @@ class TextTemplate:
         # An event's bytes after its text, its blank line included; all its bytes but its text.
         self._end = suffix + b"\n\n"
         self._event = len(prefix) + len(suffix) + 2
+        # An event's text from its bytes before its end, sliced in C when mapped over a run.
+        self._text = itemgetter(slice(len(prefix), None))
 
     @classmethod
     def candidate(cls, chunk: Any) -> str | None:
@@ -96,23 +98,43 @@ class TextTemplate:
         """The chunks of the events of `read` from `pos` on that match the template, one
         after another, and where they end (None and `pos` where the first does not).
 
-        A constant number of C-level splits, maps and joins for the whole run, however long
-        it is: the read is split where an event's bytes after its text end, and each piece
-        from `pos` on is one event's bytes before its text, then the text, up to the first
-        that is not.
+        A few C-level splits, maps and joins per window of the read, however many events it
+        holds: a window is split where an event's bytes after its text end, and each piece
+        is one event's bytes before its text, then the text, up to the first that is not.
+        The window starts at four events and grows fourfold while the run fills it, so a run
+        costs about its own bytes and one that stops at once (a text that needs an escape)
+        about four events' bytes: a read with many such stops stays linear.
         """
-        pieces = read[pos:].split(self._end)
-        # After the last end: no whole event of the template (or nothing).
-        pieces.pop()
-        starts = list(map(bytes.startswith, pieces, repeat(self.prefix)))
-        if False in starts:
-            del pieces[starts.index(False) :]
-        texts = list(map(itemgetter(slice(len(self.prefix), None)), pieces))
-        joined = b"".join(texts)
-        unsafe = _UNSAFE.search(joined)
-        if unsafe is not None:
-            del texts[bisect_right(list(accumulate(map(len, texts))), unsafe.start()) :]
-            joined = b"".join(texts)
+        texts: list[bytes] = []
+        start = pos
+        size = len(read)
+        window = 4 * self._event
+        while start < size:
+            pieces = read[start : start + window].split(self._end)
+            # After the window's last end: a cut event, or nothing.
+            pieces.pop()
+            if not pieces:
+                if start + window >= size:
+                    break
+                window *= 4  # a text longer than the window
+                continue
+            whole = len(pieces)
+            starts = list(map(bytes.startswith, pieces, repeat(self.prefix)))
+            if False in starts:
+                del pieces[starts.index(False) :]
+            found = list(map(self._text, pieces))
+            joined = b"".join(found)
+            unsafe = _UNSAFE.search(joined)
+            if unsafe is not None:
+                del found[bisect_right(list(accumulate(map(len, found))), unsafe.start()) :]
+                joined = b"".join(found)
+            texts += found
+            start += len(joined) + len(found) * self._event
+            if len(found) < whole:
+                break
+            window *= 4
+        if not texts:
+            return None, pos
         try:
             # No text holds a NUL (that was checked), so it tells them apart.
             decoded = b"\0".join(texts).decode().split("\0")
@@ -123,11 +145,11 @@ class TextTemplate:
                     decoded.append(text.decode())
                 except UnicodeDecodeError:
                     break
+            if not decoded:
+                return None, pos
             del texts[len(decoded) :]
-            joined = b"".join(texts)
-        if not texts:
-            return None, pos
-        return self.texts(decoded), pos + len(joined) + len(texts) * self._event
+            start = pos + sum(map(len, texts)) + len(texts) * self._event
+        return self.texts(decoded), start
 
     def texts(self, texts: list[str]) -> TextRun:
         """The chunks of this template's events with `texts`."""
