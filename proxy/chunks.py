@@ -29,8 +29,8 @@ KEEP_ALIVE: Final = Comment()
 @dataclass(frozen=True, slots=True)
 class TextRun:
     """Consecutive chunks that differ only in their text: each is `outer` with one choice,
-    `choice` with the delta `{"content": text}`, for each of `texts`; no finish_reason and no
-    usage among them.
+    `choice` with the delta `{field: text}`, for each of `texts`, where `field` is "content"
+    or "reasoning_content"; no finish_reason and no usage among them.
 
     The openai adapter's decode path gives one for a run of an upstream's token events
     (proxy/upstreams/openai_template.py), so that a writer can take the texts as they are,
@@ -39,13 +39,15 @@ class TextRun:
     outer: dict[str, Any]
     choice: dict[str, Any]
     texts: list[str]
+    field: str = "content"
 
     def chunks(self) -> list[ChatChunk]:
         outer = self.outer
         choice = self.choice
+        field = self.field
         # Shallow copies of scalars: every chunk is a dict of its own, as decoding gives.
         chunks: list[Any] = [
-            {**outer, "choices": [{**choice, "delta": {"content": text}}]} for text in self.texts
+            {**outer, "choices": [{**choice, "delta": {field: text}}]} for text in self.texts
         ]
         return chunks
 

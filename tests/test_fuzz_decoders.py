@@ -460,6 +460,8 @@ def token_stream() -> bytes:
     texts = ["Hello", " wörld", " 🦜", "", "content", ' "quoted"', "line\nbreak", "tab\t",
              "index", '":"', " finish_reason", "\\", " plain", "."]
     events = [chunk({"role": "assistant", "content": ""})]
+    # Reasoning first, then the answer: each teaches a template of its own.
+    events += [chunk({"reasoning_content": text}) for text in texts[:8]]
     events += [chunk({"content": text}) for text in texts]
     # The same text as a server that escapes what JSON need not (`\u00e9`, `\/`) writes it.
     events.append(chunk({"content": "caf\u00e9 a/b"}).replace(

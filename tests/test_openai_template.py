@@ -9,15 +9,15 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.chunks import chat_chunks
+from proxy.chunks import TextRun, chat_chunks
 from proxy.sse import SSEDecoder
 from proxy.upstreams.openai_relay import RelayState
 from proxy.upstreams.openai_template import TextTemplate
 
 
-def event(text: str, **fields: Any) -> bytes:
+def event(text: str, field: str = "content", **fields: Any) -> bytes:
     chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m",
-             "choices": [{"index": 0, "delta": {"content": text}, "logprobs": None,
+             "choices": [{"index": 0, "delta": {field: text}, "logprobs": None,
                           "finish_reason": None}], "usage": None}
     chunk.update(fields)
     return b"data: " + orjson.dumps(chunk)
@@ -25,9 +25,9 @@ def event(text: str, **fields: Any) -> bytes:
 
 def learned(source: bytes) -> TextTemplate | None:
     chunk = orjson.loads(source[6:])
-    text = TextTemplate.candidate(chunk)
-    assert text is not None
-    return TextTemplate.learn(source, chunk, text)
+    field = TextTemplate.candidate(chunk)
+    assert field is not None
+    return TextTemplate.learn(source, chunk, field)
 
 
 def template() -> TextTemplate:
@@ -107,6 +107,10 @@ def test_a_chunk_with_a_nested_value_teaches_no_template() -> None:
                                    "finish_reason": None}]}, id="more-than-text"),
         pytest.param({"choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": None}]},
                      id="no-text"),
+        pytest.param({"choices": [{"index": 0, "delta": {"role": "assistant"},
+                                   "finish_reason": None}]}, id="role"),
+        pytest.param({"choices": [{"index": 0, "delta": {"refusal": "no"},
+                                   "finish_reason": None}]}, id="refusal"),
         pytest.param({"choices": [{"index": i, "delta": {"content": "x"}, "finish_reason": None}
                                   for i in range(2)]}, id="two-choices"),
     ],
@@ -178,3 +182,28 @@ def test_a_run_longer_than_its_window_and_a_text_longer_than_an_event_are_read_w
     assert run is not None
     assert [orjson.dumps(c) for c in run.chunks()] == [event(t)[6:] for t in texts]
     assert end == len(read)
+
+
+def test_the_template_follows_a_stream_from_its_reasoning_to_its_answer() -> None:
+    thinking = [" Let", " me", " think"]
+    answer = [" The", " answer", "."]
+    # Between them, a token of another shape that teaches nothing (its text escaped as the
+    # template could not be): the reasoning's template stays.
+    odd = event("é", "reasoning_content", id="chatcmpl-2").replace("é".encode(), b"\\u00e9")
+    events = [event(t, "reasoning_content") for t in thinking[:2]] + [odd]
+    events += [event(thinking[2], "reasoning_content")] + [event(t) for t in answer]
+    # One event per read, as a model server writes them, and all in one read.
+    for reads, expected in [
+        ([e + b"\n\n" for e in events],
+         [("reasoning_content", [" me"]), ("reasoning_content", [" think"]),
+          ("content", [" answer"]), ("content", ["."])]),
+        ([b"".join(e + b"\n\n" for e in events)],
+         [("reasoning_content", [" me"]), ("reasoning_content", [" think"]),
+          ("content", [" answer", "."])]),
+    ]:
+        state = RelayState("up")
+        decoder = SSEDecoder()
+        out = [o for read in reads for o in state.decode_read(decoder, read)]
+        assert list(chat_chunks(out)) == [orjson.loads(e[6:]) for e in events]
+        # Each kind's first token teaches its template; the tokens after it are read from it.
+        assert [(o.field, o.texts) for o in out if isinstance(o, TextRun)] == expected

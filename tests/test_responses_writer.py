@@ -473,11 +473,11 @@ def test_openai_sdk_reads_the_sync_answer_with_its_tool_calls() -> None:
 # --- a TextRun is its chunks ------------------------------------------------------------------
 
 
-def text_run(texts: list[str]) -> TextRun:
+def text_run(texts: list[str], field: str = "content") -> TextRun:
     base = F.content("")
     choice = dict(base["choices"][0])
     del choice["delta"]
-    return TextRun(dict(base), choice, texts)
+    return TextRun(dict(base), choice, texts, field)
 
 
 PIECES: dict[str, Out] = {
@@ -494,17 +494,21 @@ PIECES: dict[str, Out] = {
     steps=st.lists(
         st.one_of(
             st.sampled_from([*sorted(PIECES), "call"]),
-            st.lists(st.sampled_from(["", "x", " wörld", "🦜", 'q"uote', "\n"]), max_size=4),
+            st.tuples(
+                st.sampled_from(["content", "reasoning_content"]),
+                st.lists(st.sampled_from(["", "x", " wörld", "🦜", 'q"uote', "\n"]), max_size=4),
+            ),
         ),
         max_size=8,
     ),
     events=st.booleans(),
 )
 def test_a_text_run_writes_exactly_what_its_chunks_write(
-    steps: list[str | list[str]], events: bool
+    steps: list[str | tuple[str, list[str]]], events: bool
 ) -> None:
-    # A TextRun wherever a stream may have one: first, after reasoning, a refusal part, a
-    # tool call or another run, empty texts among its texts, or no text at all.
+    # A TextRun (of text or of reasoning) wherever a stream may have one: first, after
+    # reasoning, text, a refusal part, a tool call or another run, empty texts among its
+    # texts, or no text at all.
     with_runs: list[Out] = []
     as_chunks: list[Out] = []
     for n, step in enumerate(steps):
@@ -513,8 +517,8 @@ def test_a_text_run_writes_exactly_what_its_chunks_write(
             with_runs.append(piece)
             as_chunks.append(piece)
         else:
-            with_runs.append(text_run(step))
-            as_chunks += text_run(step).chunks()
+            with_runs.append(text_run(step[1], step[0]))
+            as_chunks += text_run(step[1], step[0]).chunks()
     tail: list[Out] = [F.finish("stop"), usage(3, 4)]
     fast, w_fast = run(with_runs + tail, batch=3, w=writer(events=events))
     slow, w_slow = run(as_chunks + tail, batch=1, w=writer(events=events))

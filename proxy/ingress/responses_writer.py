@@ -140,7 +140,10 @@ class ResponsesWriter:
             self._start()
         for out in batch:
             if isinstance(out, TextRun):
-                self._run(out.texts)
+                if out.field == "content":
+                    self._run(out.texts, "message", "output_text")
+                else:
+                    self._run(out.texts, "reasoning", "reasoning_text")
                 continue
             if isinstance(out, Comment):
                 self._out.append(encode_comment(out.text))
@@ -272,7 +275,7 @@ class ResponsesWriter:
             self._out.append(_DELTA % (item.prefix, orjson.dumps(text), self._seq))
         self._seq += 1
 
-    def _run(self, texts: list[str]) -> None:
+    def _run(self, texts: list[str], kind: str, part_kind: str) -> None:
         """The texts of a TextRun: what `_text` does for each, with one delta format per
         text and no per-text call."""
         if "" in texts:
@@ -280,9 +283,10 @@ class ResponsesWriter:
         if not texts:
             return
         item = self._item
-        if item is None or item.part_kind != "output_text":
-            # The first opens the message or its output_text part, as `_text` does.
-            self._text(texts[0], "message", "output_text")
+        # A part's kind belongs to one item kind (output_text and refusal to a message).
+        if item is None or item.part_kind != part_kind:
+            # The first opens the item or its part, as `_text` does.
+            self._text(texts[0], kind, part_kind)
             texts = texts[1:]
             item = self._item
             assert item is not None

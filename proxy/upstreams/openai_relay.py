@@ -259,18 +259,23 @@ class RelayState:
                     continue
             if not self._parsed(plain[pos + 6 : end], out):
                 break
-            if template is None and self._tries:
-                template = self._learn(plain[pos:end], out[-1])
+            if self._tries and (template is None or not plain.startswith(template.prefix, pos)):
+                # No template yet, or this chunk has another shape than the template's (the
+                # stream turned from reasoning to its answer): it may teach one.
+                template = self._learn(plain[pos:end], out[-1]) or template
             pos = end + 2
             end = plain.find(_BOUNDARY, pos)
         return out
 
     def _learn(self, event: bytes, chunk: Any) -> TextTemplate | None:
-        text = TextTemplate.candidate(chunk)
-        if text is not None:
-            self._tries -= 1
-            self._template = TextTemplate.learn(event, chunk, text)
-        return self._template
+        field = TextTemplate.candidate(chunk)
+        if field is None:
+            return None
+        self._tries -= 1
+        learned = TextTemplate.learn(event, chunk, field)
+        if learned is not None:
+            self._template = learned
+        return learned
 
     def _parsed(self, data: str | bytes, out: list[Out]) -> bool:
         """Adds the chunk in `data` to `out`; False (and the error set) when it is none."""

@@ -36,16 +36,24 @@ __all__ = ["TextTemplate"]
 _UNSAFE = re.compile(rb'["\\\x00-\x1f]')
 _DATA = len(b"data: ")
 _SCALARS = (str, int, float, bool, type(None))
+# The delta fields a TextRun carries: text and reasoning.
+_FIELDS = frozenset({"content", "reasoning_content"})
 
 
 class TextTemplate:
     """The bytes of one stream's text-only chunk around its text, and the chunk's values."""
 
-    __slots__ = ("_choice", "_end", "_event", "_outer", "_text", "prefix", "suffix")
+    __slots__ = ("_choice", "_end", "_event", "_outer", "_text", "field", "prefix", "suffix")
 
     def __init__(
-        self, prefix: bytes, suffix: bytes, outer: dict[str, Any], choice: dict[str, Any]
+        self,
+        prefix: bytes,
+        suffix: bytes,
+        outer: dict[str, Any],
+        choice: dict[str, Any],
+        field: str,
     ) -> None:
+        self.field = field
         self.prefix = prefix
         self.suffix = suffix
         self._outer = outer
@@ -58,8 +66,9 @@ class TextTemplate:
 
     @classmethod
     def candidate(cls, chunk: Any) -> str | None:
-        """The text of a chunk the template could be learned from: one choice, whose delta
-        is text alone, no finish_reason and no usage (what a TextRun holds)."""
+        """The field of a chunk the template could be learned from: one choice, whose delta
+        is text alone (content or reasoning), no finish_reason and no usage (what a TextRun
+        holds)."""
         choices = chunk.get("choices")
         if type(choices) is not list or len(choices) != 1 or chunk.get("usage"):
             return None
@@ -69,14 +78,16 @@ class TextTemplate:
         delta = choice.get("delta")
         if type(delta) is not dict or len(delta) != 1:
             return None
-        text = delta.get("content")
-        return text if type(text) is str and text else None
+        fields: dict[str, Any] = delta
+        [(field, text)] = fields.items()
+        return field if field in _FIELDS and type(text) is str and text else None
 
     @classmethod
-    def learn(cls, event: bytes, chunk: dict[str, Any], text: str) -> TextTemplate | None:
+    def learn(cls, event: bytes, chunk: dict[str, Any], field: str) -> TextTemplate | None:
         """The template of `event` (one `data: {…}` line, decoded as `chunk`, whose text is
-        `text`), or None where it could not be exact."""
+        in `field`), or None where it could not be exact."""
         choice = chunk["choices"][0]
+        text = choice["delta"][field]
         if not all(isinstance(v, _SCALARS) for k, v in chunk.items() if k != "choices"):
             return None
         if not all(isinstance(v, _SCALARS) for k, v in choice.items() if k != "delta"):
@@ -87,7 +98,9 @@ class TextTemplate:
         at = event.find(raw)
         if at < 0:
             return None
-        template = cls(event[: at + 1], event[at + len(raw) - 1 :], dict(chunk), dict(choice))
+        template = cls(
+            event[: at + 1], event[at + len(raw) - 1 :], dict(chunk), dict(choice), field
+        )
         try:
             probe = orjson.loads(template.prefix[_DATA:] + b"?" + template.suffix)
         except orjson.JSONDecodeError:
@@ -153,4 +166,4 @@ class TextTemplate:
 
     def texts(self, texts: list[str]) -> TextRun:
         """The chunks of this template's events with `texts`."""
-        return TextRun(self._outer, self._choice, texts)
+        return TextRun(self._outer, self._choice, texts, self.field)
