@@ -33,8 +33,9 @@ _BOUNDARY = b"\n\n"
 _PLAIN_EVENTS = re.compile(rb'(?:data: \{(?!"error")[^\n]*\}\n\n)+')
 _DONE_EVENT = b"data: [DONE]\n\n"
 _DONE_LEN = len(_DONE_EVENT)
-# Text chunks a stream may offer as the template before the decode path stops trying: a
-# server whose text needs escapes at first usually needs them throughout.
+# Token chunks a stream may offer to teach a template (a first one, and one for each shape
+# its tokens turn to) before the decode path stops trying: a server whose tokens cannot be
+# read from one usually never can.
 _TEMPLATE_TRIES = 4
 # The last event of a Responses stream, by `event:` name or, without one, by its data's type.
 _RESPONSES_TERMINAL = frozenset(

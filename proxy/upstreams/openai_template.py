@@ -1,4 +1,4 @@
-"""A token chunk's bytes learned once per stream, sans-IO: the decode path's shortcut.
+"""A token chunk's bytes learned from the stream, sans-IO: the decode path's shortcut.
 
 A model server writes nearly every event of a stream as the same bytes around a different
 piece of text: `data: {"id":…,"choices":[{"index":0,"delta":{"content":"<text>"},…}]}`. Once
@@ -6,7 +6,8 @@ one such event was decoded, its bytes before and after the text are the template
 that is those bytes around a string body with no quote, backslash or control byte in it is
 the same chunk with that text: a run of such events becomes one TextRun (proxy/chunks.py)
 from a few C-level splits and joins, with no decode and no dict per event. Anything else (an
-escape, another field, a finish) is decoded as before.
+escape, another field, a finish) is decoded as before; a token of another shape (the stream
+turning from its reasoning to its answer) may teach the relay a new template.
 
 The template is only learned where that is provably exact: the chunk has text alone, no
 finish_reason and no usage (what a TextRun holds); its other values are scalars (so nothing
