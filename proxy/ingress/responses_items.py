@@ -54,6 +54,20 @@ class OpenItem:
         self.texts: list[str] = []
         self.prefix = b""
 
+    def open_part(self, part_kind: str) -> None:
+        """Opens a part of `part_kind`, and the prefix of its delta events."""
+        self.part_kind = part_kind
+        self.part = empty_part(part_kind)
+        self.texts = []
+        delta_type = PARTS[part_kind][0]
+        logprobs = b'"logprobs":[],' if part_kind == "output_text" else b""
+        self.prefix = (
+            frame(delta_type) + b'{"type":"' + delta_type.encode() + b'","item_id":"'
+            + self.id.encode() + b'","output_index":' + str(self.index).encode()
+            + b',"content_index":' + str(len(self.parts)).encode() + b"," + logprobs
+            + b'"delta":'
+        )
+
     def snapshot(self, status: str) -> dict[str, Any]:
         parts = list(self.parts)
         if self.part is not None:
