@@ -54,11 +54,14 @@ class OpenItem:
         self.texts: list[str] = []
         self.prefix = b""
 
-    def open_part(self, part_kind: str) -> None:
-        """Opens a part of `part_kind`, and the prefix of its delta events."""
+    def open_part(self, part_kind: str, events: bool = True) -> None:
+        """Opens a part of `part_kind`, and (for a writer of events) the prefix of its delta
+        events."""
         self.part_kind = part_kind
         self.part = empty_part(part_kind)
         self.texts = []
+        if not events:
+            return
         delta_type = PARTS[part_kind][0]
         logprobs = b'"logprobs":[],' if part_kind == "output_text" else b""
         self.prefix = (

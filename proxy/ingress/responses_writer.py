@@ -295,7 +295,10 @@ class ResponsesWriter:
 
     def _open_part(self, item: OpenItem, part_kind: str) -> None:
         content_index = len(item.parts)
-        item.open_part(part_kind)
+        item.open_part(part_kind, self._events)
+        if not self._events:
+            self._seq += 1
+            return
         self._emit(_PART_ADDED, {"type": "response.content_part.added", "item_id": item.id,
                                  "output_index": item.index, "content_index": content_index,
                                  "part": empty_part(part_kind)})
