@@ -16,10 +16,11 @@ Ctrl-C or SIGTERM):
   sends one event near or over the proxy's 4 MiB bound), a fake Letta server that replays
   captured streams (tests/fake_letta.py), and a port where nothing listens.
 
-The load is a weighted mix (see KINDS): streams and sync requests through the fake, echo,
-Letta (with and without session ids), clients that leave mid-stream and while waiting for a
-sync answer, the refused / 500 / cut-stream upstreams, a route that fails over from the dead
-upstream to the fake, bad JSON, unknown models and model lists. `--concurrency` clients send
+The load is a weighted mix (see KINDS): streams and sync requests through the fake (chat
+completions and the Responses API), echo, Letta (with and without session ids), clients that
+leave mid-stream and while waiting for a sync answer, the refused / 500 / cut-stream
+upstreams, a route that fails over from the dead upstream to the fake, bad JSON, unknown
+models and model lists. `--concurrency` clients send
 at most `--rate` requests per second in all. Meanwhile the route file is rewritten every
 `--reload-every` seconds, alternating between two valid versions, every sixth write broken.
 
@@ -413,6 +414,11 @@ KINDS = (
     Kind("letta_stream", 6, frozenset({OK_STREAM}),
          "fake Letta, stream (2/3 with one of 8 session ids)"),
     Kind("letta_sync", 3, frozenset({OK_SYNC}), "fake Letta, non-streaming"),
+    Kind("responses_stream", 5, frozenset({OK_STREAM}),
+         "fake upstream, Responses API stream (its tokens read from the stream's template)"),
+    Kind("responses_sync", 3, frozenset({OK_SYNC}), "fake upstream, Responses API non-streaming"),
+    Kind("leave_responses", 2, frozenset({LEFT_STREAM}),
+         "client closes the connection after 3 events of a Responses stream"),
     Kind("leave_stream", 8, frozenset({LEFT_STREAM}),
          "client closes the connection after 3 events of a fake stream"),
     Kind("leave_letta", 2, frozenset({LEFT_STREAM}),
@@ -500,6 +506,43 @@ class Client:
                 return "200 sync without content", str(data)[:200]
             return await self.read_stream(resp, leave_after)
 
+    async def responses(self, http: aiohttp.ClientSession, model: str, stream: bool,
+                        leave_after: int | None = None) -> tuple[str, str]:
+        body = orjson.dumps({"model": model, "stream": stream, "input": "hello soak"})
+        async with http.post(self.base + "/v1/responses", data=body,
+                             headers={**self.headers, "Content-Type": "application/json"}) as resp:
+            if resp.status != 200:
+                return error_outcome(resp.status, await resp.read())
+            if not stream:
+                data = orjson.loads(await resp.read())
+                if data.get("status") == "completed" and data.get("output"):
+                    return OK_SYNC, ""
+                return "200 response not completed", str(data)[:200]
+            events, terminal, done = 0, None, False
+            async for line in resp.content:
+                if not line.startswith(b"data: "):
+                    continue  # `event:` lines, blank lines and keep-alive comments
+                payload = line[6:].strip()
+                if payload == b"[DONE]":
+                    done = True
+                    continue
+                if done:
+                    return "200 stream data after [DONE]", payload[:200].decode()
+                kind = orjson.loads(payload).get("type", "")
+                events += 1
+                if kind in ("response.completed", "response.incomplete", "response.failed"):
+                    terminal = kind
+                if leave_after is not None and events >= leave_after:
+                    resp.close()  # closes the connection: the proxy sees the client leave
+                    return LEFT_STREAM, ""
+            if leave_after is not None:
+                return "stream ended before the client left", f"{events} events"
+            if terminal != "response.completed":
+                return f"200 Responses stream ended with {terminal}", f"{events} events"
+            if not done:
+                return "200 stream without [DONE]", f"{events} events"
+            return OK_STREAM, ""
+
     async def read_stream(self, resp: aiohttp.ClientResponse,
                           leave_after: int | None) -> tuple[str, str]:
         events, finish, done, error = 0, None, False, None
@@ -550,6 +593,9 @@ class Client:
                                    headers=headers)
         if kind == "leave_stream":
             return await self.chat(http, "fake", True, leave_after=3)
+        if kind in ("responses_stream", "responses_sync", "leave_responses"):
+            return await self.responses(http, "fake", kind != "responses_sync",
+                                        leave_after=3 if kind == "leave_responses" else None)
         if kind == "leave_sync":
             try:
                 async with asyncio.timeout(0.3):
