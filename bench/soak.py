@@ -480,6 +480,46 @@ def error_outcome(status: int, raw: bytes) -> tuple[str, str]:
         return f"{status} non-openai-error", raw[:200].decode("utf-8", "replace")
 
 
+@dataclass
+class DataLines:
+    """A stream's `data:` lines as JSON objects, up to [DONE] (data after it ends them), or
+    until the client leaves after `leave_after` of them."""
+
+    leave_after: int | None = None
+    done: bool = False
+    after_done: bytes | None = None
+    count: int = 0
+    left: bool = False
+
+    async def objects(self, resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+        async for line in resp.content:
+            if not line.startswith(b"data: "):
+                continue  # `event:` lines, blank lines and keep-alive comments
+            payload = line[6:].strip()
+            if payload == b"[DONE]":
+                self.done = True
+            elif self.done:
+                self.after_done = payload
+                return
+            else:
+                yield orjson.loads(payload)
+                self.count += 1
+                if self.leave_after is not None and self.count >= self.leave_after:
+                    resp.close()  # closes the connection: the proxy sees the client leave
+                    self.left = True
+                    return
+
+    def framing_outcome(self) -> tuple[str, str] | None:
+        """The outcome the stream's framing and the client's leaving decide alone."""
+        if self.after_done is not None:
+            return "200 stream data after [DONE]", self.after_done[:200].decode()
+        if self.left:
+            return LEFT_STREAM, ""
+        if self.leave_after is not None:
+            return "stream ended before the client left", f"{self.count} events"
+        return None
+
+
 class Client:
     def __init__(self, base: str, rng: random.Random) -> None:
         self.base = base
@@ -518,61 +558,38 @@ class Client:
                 if data.get("status") == "completed" and data.get("output"):
                     return OK_SYNC, ""
                 return "200 response not completed", str(data)[:200]
-            events, terminal, done = 0, None, False
-            async for line in resp.content:
-                if not line.startswith(b"data: "):
-                    continue  # `event:` lines, blank lines and keep-alive comments
-                payload = line[6:].strip()
-                if payload == b"[DONE]":
-                    done = True
-                    continue
-                if done:
-                    return "200 stream data after [DONE]", payload[:200].decode()
-                kind = orjson.loads(payload).get("type", "")
-                events += 1
+            terminal, data = None, DataLines(leave_after)
+            async for event in data.objects(resp):
+                kind = event.get("type", "")
                 if kind in ("response.completed", "response.incomplete", "response.failed"):
                     terminal = kind
-                if leave_after is not None and events >= leave_after:
-                    resp.close()  # closes the connection: the proxy sees the client leave
-                    return LEFT_STREAM, ""
-            if leave_after is not None:
-                return "stream ended before the client left", f"{events} events"
+            outcome = data.framing_outcome()
+            if outcome is not None:
+                return outcome
             if terminal != "response.completed":
-                return f"200 Responses stream ended with {terminal}", f"{events} events"
-            if not done:
-                return "200 stream without [DONE]", f"{events} events"
+                return f"200 Responses stream ended with {terminal}", f"{data.count} events"
+            if not data.done:
+                return "200 stream without [DONE]", f"{data.count} events"
             return OK_STREAM, ""
 
     async def read_stream(self, resp: aiohttp.ClientResponse,
                           leave_after: int | None) -> tuple[str, str]:
-        events, finish, done, error = 0, None, False, None
-        async for line in resp.content:
-            if not line.startswith(b"data: "):
-                continue  # blank lines and `: keep-alive` comments
-            payload = line[6:].strip()
-            if payload == b"[DONE]":
-                done = True
-                continue
-            if done:
-                return "200 stream data after [DONE]", payload[:200].decode()
-            chunk = orjson.loads(payload)
+        finish, error, data = None, None, DataLines(leave_after)
+        async for chunk in data.objects(resp):
             if "error" in chunk:
                 error = chunk["error"].get("code") or chunk["error"].get("type")
                 continue
-            events += 1
             for choice in chunk.get("choices") or ():
                 finish = choice.get("finish_reason") or finish
-            if leave_after is not None and events >= leave_after:
-                resp.close()  # closes the connection: the proxy sees the client leave
-                return LEFT_STREAM, ""
-        if leave_after is not None:
-            return "stream ended before the client left", f"{events} events"
+        outcome = data.framing_outcome()
+        if outcome is not None:
+            return outcome
         if error is not None:
-            return f"200 stream error-event {error}" + ("" if done else " without [DONE]"), ""
-        if not done:
-            return "200 stream without [DONE]", f"{events} events"
+            return f"200 stream error-event {error}" + ("" if data.done else " without [DONE]"), ""
+        if not data.done:
+            return "200 stream without [DONE]", f"{data.count} events"
         if finish is None:
-            return "200 stream without finish_reason", f"{events} events"
+            return "200 stream without finish_reason", f"{data.count} events"
         return OK_STREAM, ""
 
     async def run(self, http: aiohttp.ClientSession, kind: str, n: int) -> tuple[str, str]:
