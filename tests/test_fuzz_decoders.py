@@ -445,10 +445,10 @@ PLAIN = plain_openai_stream()
 
 
 def token_stream() -> bytes:
-    """A token stream as a model server writes it, whose text chunks the decode path reads
-    from a template (proxy/upstreams/openai_template.py): plain text, and text the template
-    must leave to the decoder (escapes a server may or may not write, control bytes), and
-    chunks whose bytes differ from the template's elsewhere."""
+    """A token stream as a model server writes it, reasoning then answer, whose token chunks
+    the decode path reads from a template (proxy/upstreams/openai_template.py): plain text,
+    text the template must leave to the decoder (escapes a server may or may not write,
+    control bytes), and chunks whose bytes differ from the template's elsewhere."""
 
     def chunk(delta: dict[str, Any], finish: str | None = None, **more: Any) -> bytes:
         return b"data: " + orjson.dumps(
