@@ -12,8 +12,9 @@ import aiohttp
 import openai
 import orjson
 import pytest
+from aiohttp import web
 
-from tests.conftest import KEY, Proxy, ProxyFactory, closed_port
+from tests.conftest import KEY, Proxy, ProxyFactory, closed_port, serving
 from tests.fake_openai import FakeOpenAI
 from tests.responses_assert import assert_responses_stream, output_text, parse_sse
 from tests.responses_client import CLOCK, WEATHER, comparable, post_raw, stream_final
@@ -362,3 +363,55 @@ async def test_the_sdk_gets_not_found_for_a_stored_response(proxy: Proxy) -> Non
         await proxy.client().responses.retrieve("resp_abc")
     with pytest.raises(openai.NotFoundError):
         await proxy.client().responses.delete("resp_abc")
+
+
+# -- token streams read from a template ----------------------------------------------------------
+
+THINKING = [" Let", " me", ' "think"', "\n", " — ok"]
+ANSWER = ["The", " café", " is", " at", ' "Rue\\Nord"', "\n\n", " 🦜", "."]
+
+
+def token_events() -> bytes:
+    """A model server's token stream: reasoning then answer, with texts that need escapes
+    among plain ones, and one token written with an escape JSON does not need."""
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        data = {"id": "chatcmpl-tok", "object": "chat.completion.chunk", "created": 1,
+                "model": "m", "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                           "finish_reason": finish}], "usage": None}
+        return b"data: " + orjson.dumps(data) + b"\n\n"
+
+    events = [chunk({"role": "assistant", "content": ""})]
+    events += [chunk({"reasoning_content": t}) for t in THINKING]
+    events += [chunk({"content": t}) for t in ANSWER]
+    events[-3] = events[-3].replace(" 🦜".encode(), b" \\ud83e\\udd9c")
+    events.append(chunk({}, "stop"))
+    return b"".join(events) + b"data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize("one_write", [True, False], ids=["one-write", "write-per-event"])
+async def test_a_token_stream_reaches_the_client_exactly_in_one_read_or_many(
+    make_proxy: ProxyFactory, one_write: bool
+) -> None:
+    body = token_events()
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for part in [body] if one_write else [e + b"\n\n" for e in body.split(b"\n\n")[:-1]]:
+            await resp.write(part)
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    async with serving(app) as url:
+        proxy = await make_proxy(
+            f"upstreams:\n  tok:\n    kind: openai\n    url: {url}/v1\n"
+            "models:\n  tok:\n    upstream: tok\n"
+        )
+        final, _ = await stream_final(proxy, {"model": "tok", "input": "hi"})
+        async with proxy.client().responses.stream(model="tok", input="hi") as stream:
+            answer = await stream.get_final_response()
+    assert output_text(final) == "".join(ANSWER) == answer.output_text
+    reasoning = [item for item in final["output"] if item["type"] == "reasoning"]
+    assert [p["text"] for p in reasoning[0]["content"]] == ["".join(THINKING)]
