@@ -251,7 +251,10 @@ class RelayState:
         # Single-line `data: {...}` events, each ended by a blank line.
         end = plain.find(_BOUNDARY)
         while end >= 0:
+            # Whether the event starts as the template's do; if not, it may teach one.
+            shaped = False
             if template is not None and plain.startswith(template.prefix, pos):
+                shaped = True
                 texts, stop = template.run(plain, pos)
                 if texts is not None:
                     out.append(texts)
@@ -260,7 +263,7 @@ class RelayState:
                     continue
             if not self._parsed(plain[pos + 6 : end], out):
                 break
-            if self._tries and (template is None or not plain.startswith(template.prefix, pos)):
+            if self._tries and not shaped:
                 # No template yet, or this chunk has another shape than the template's (the
                 # stream turned from reasoning to its answer): it may teach one.
                 template = self._learn(plain[pos:end], out[-1]) or template
