@@ -144,6 +144,7 @@ def accumulate(chunks: Iterable[ChatChunk]) -> ChatCompletion:
     model = ""
     content: list[str] = []
     reasoning: list[str] = []
+    refusal: list[str] = []
     tools: dict[int, dict[str, Any]] = {}
     finish: str | None = None
     usage: Usage | None = None
@@ -163,6 +164,9 @@ def accumulate(chunks: Iterable[ChatChunk]) -> ChatCompletion:
             thought = delta.get("reasoning_content")
             if thought:
                 reasoning.append(thought)
+            declined = delta.get("refusal")
+            if declined:
+                refusal.append(declined)
             for call in delta.get("tool_calls") or ():
                 slot = tools.setdefault(
                     call.get("index", 0),
@@ -183,6 +187,8 @@ def accumulate(chunks: Iterable[ChatChunk]) -> ChatCompletion:
     }
     if reasoning:
         message["reasoning_content"] = "".join(reasoning)
+    if refusal:
+        message["refusal"] = "".join(refusal)
     if tools:
         message["tool_calls"] = [tools[i] for i in sorted(tools)]
     return {

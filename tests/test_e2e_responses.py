@@ -415,3 +415,86 @@ async def test_a_token_stream_reaches_the_client_exactly_in_one_read_or_many(
     assert output_text(final) == "".join(ANSWER) == answer.output_text
     reasoning = [item for item in final["output"] if item["type"] == "reasoning"]
     assert [p["text"] for p in reasoning[0]["content"]] == ["".join(THINKING)]
+
+
+BROKEN_COMPLETIONS = {
+    "content-number": {"choices": [{"message": {"content": 5}}]},
+    "choice-not-object": {"choices": ["hi"]},
+    "arguments-object": {"choices": [{"message": {"tool_calls": [
+        {"id": "c", "function": {"name": "f", "arguments": {"x": 1}}}]}}]},
+    "huge-usage": {"choices": [{"message": {"content": "ok"}}],
+                   "usage": {"prompt_tokens": 1.8e19, "completion_tokens": 2**64 - 1}},
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN_COMPLETIONS))
+async def test_a_completion_with_wrong_types_is_a_502_and_the_next_request_is_served(
+    make_proxy: ProxyFactory, name: str
+) -> None:
+    answers = [BROKEN_COMPLETIONS[name], {"choices": [{"message": {"content": "fine"}}]}]
+
+    async def chat(request: web.Request) -> web.Response:
+        return web.json_response(answers.pop(0))
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    async with serving(app) as url:
+        proxy = await make_proxy(
+            f"upstreams:\n  odd:\n    kind: openai\n    url: {url}/v1\nmodels:\n  odd:\n"
+            "    upstream: odd\n"
+        )
+        client = proxy.client()
+        if name == "huge-usage":  # counts beyond what a client reads exactly are capped
+            reply = await client.responses.create(model="odd", input="hi")
+            assert reply.usage is not None and reply.usage.input_tokens == 2**53
+            assert reply.usage.total_tokens == 2**53
+        else:
+            with pytest.raises(openai.APIStatusError) as info:
+                await client.responses.create(model="odd", input="hi")
+            assert info.value.status_code == 502
+            assert "types a chat completion has" in info.value.message
+        reply = await client.responses.create(model="odd", input="hi")
+    assert reply.output_text == "fine"
+
+
+BROKEN_CHUNKS = {
+    "content-number": {"choices": [{"index": 0, "delta": {"content": 5}, "finish_reason": None}]},
+    "choice-not-object": {"choices": ["hi"]},
+    "no-delta": {"choices": [{"index": 0, "finish_reason": None}]},
+    "arguments-object": {"choices": [{"index": 0, "finish_reason": None, "delta": {
+        "tool_calls": [{"index": 0, "id": "c",
+                        "function": {"name": "f", "arguments": {"x": 1}}}]}}]},
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN_CHUNKS))
+async def test_a_stream_chunk_of_the_wrong_shape_ends_in_an_upstream_failure_after_the_text(
+    make_proxy: ProxyFactory, name: str
+) -> None:
+    def event(chunk: dict[str, Any]) -> bytes:
+        return b"data: " + orjson.dumps({"id": "c", "object": "chat.completion.chunk",
+                                         "created": 1, "model": "m", **chunk}) + b"\n\n"
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(event({"choices": [{"index": 0, "delta": {"content": "so far"},
+                                             "finish_reason": None}]}))
+        await resp.write(event(BROKEN_CHUNKS[name]) + b"data: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    async with serving(app) as url:
+        proxy = await make_proxy(
+            f"upstreams:\n  odd:\n    kind: openai\n    url: {url}/v1\nmodels:\n  odd:\n"
+            "    upstream: odd\n"
+        )
+        status, _, raw = await post_raw(proxy, {"model": "odd", "input": "hi", "stream": True})
+    assert status == 200
+    final = assert_responses_stream(raw)  # the order, the ids, [DONE] last
+    assert b'"delta":5' not in raw
+    assert parse_sse(raw).events[-1][1]["type"] == "response.failed"
+    assert final["error"]["code"] == "server_error"
+    assert "chat completion chunk" in final["error"]["message"]
+    assert output_text(final) == "so far"

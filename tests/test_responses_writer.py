@@ -23,7 +23,7 @@ from pydantic import TypeAdapter
 from proxy.chunks import KEEP_ALIVE, Comment, Out, TextRun
 from proxy.errors import ProxyError, RateLimited, UpstreamFailed, UpstreamTimeout
 from proxy.ingress.chat import ChatEncoder
-from proxy.ingress.responses_object import completion_chunks, responses_usage
+from proxy.ingress.responses_object import completion_response, response_base, responses_usage
 from proxy.ingress.responses_request import parse_responses_request
 from proxy.ingress.responses_writer import ResponsesWriter, render_sync
 from proxy.openai_types import ChatChunk, ChunkFactory, Usage, accumulate, make_usage
@@ -385,10 +385,13 @@ def test_the_sync_answer_equals_the_streams_final_object(name: str, batch: int) 
     assert render_sync(writer(), [STREAMS[name]]) == sync
 
 
-def test_a_sync_chat_completion_renders_like_its_stream() -> None:
-    chunks = STREAMS["tools"]
-    from_completion = render_sync(writer(events=False), [completion_chunks(accumulate(chunks))])
-    assert from_completion == render_sync(writer(events=False), [chunks])
+@pytest.mark.parametrize("name", list(STREAMS))
+def test_a_sync_chat_completion_answers_what_its_stream_ends_with(name: str) -> None:
+    chunks = STREAMS[name]
+    base = response_base(RID, MODEL, 1700000000, {}, False)
+    from_completion = completion_response(accumulate(chunks), base, "base", 1700000005)
+    streamed = render_sync(writer(), [chunks])
+    assert orjson.dumps(from_completion) == orjson.dumps(streamed)
 
 
 def test_a_writer_without_events_writes_no_bytes_and_still_ends_in_the_object() -> None:

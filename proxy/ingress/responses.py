@@ -37,10 +37,11 @@ from aiohttp import web
 from proxy.app_keys import HTTP, METRICS, RESPONSE_IDS, TABLES
 from proxy.chunks import Comment, Out
 from proxy.dispatch import serve
-from proxy.errors import NotFound, ProxyError
+from proxy.errors import NotFound, ProxyError, UpstreamFailed
 from proxy.handlers import accept, authenticate, json_response, resolve_model
+from proxy.ingress.responses_items import new_item_base
 from proxy.ingress.responses_native import NativeEncoder, tracked
-from proxy.ingress.responses_object import completion_chunks
+from proxy.ingress.responses_object import completion_response, response_base
 from proxy.ingress.responses_request import parse_responses_request, refuse_state
 from proxy.ingress.responses_writer import ResponsesWriter, render_sync
 from proxy.ingress.streaming import relay
@@ -66,7 +67,14 @@ class ResponsesEncoder:
         writer = self.writer
         if not writer.started and all(isinstance(out, Comment) for out in batch):
             return b"".join(encode_comment(o.text) for o in batch if isinstance(o, Comment))
-        return writer.feed(batch)
+        try:
+            return writer.feed(batch)
+        except (AttributeError, KeyError, TypeError):
+            # A chunk of the wrong shape (the relay checks only that it is an object with a
+            # list of choices): the upstream's failure, ended as one, not the proxy's crash.
+            raise UpstreamFailed(
+                "The upstream sent a chat completion chunk the Responses stream cannot read."
+            ) from None
 
     def error(self, err: ProxyError) -> bytes:
         return self.writer.fail(err)
@@ -119,11 +127,19 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         served.lease.release()
         if served.native or answer.completion is None:
             return json_response(answer.body(), headers=answer.headers)
-        writer = _writer(ids, model, grant.key_id, answer.session, parsed.echo, events=False)
-        chunks = answer.chunks
-        if chunks is None:
-            chunks = completion_chunks(answer.completion)
-        final = render_sync(writer, [chunks])
+        response_id, store, item_base = _identity(ids, model, grant.key_id, answer.session)
+        now = time.time()
+        if answer.chunks is None:
+            # A whole completion (an openai upstream's): its object at once, no writer.
+            final = completion_response(
+                answer.completion,
+                response_base(response_id, model, now, parsed.echo, store), item_base, now,
+            )
+        else:
+            writer = ResponsesWriter(
+                response_id, model, now, parsed.echo, store, events=False, item_base=item_base
+            )
+            final = render_sync(writer, [answer.chunks])
         return json_response(orjson.dumps(final), headers=answer.headers)
     stream = served.stream
     assert stream is not None
@@ -138,20 +154,27 @@ async def create_response(request: web.Request) -> web.StreamResponse:
 
 
 def _writer(
-    ids: Callable[[], ResponseIds], model: str, key_id: str, session: str | None, echo: Any,
-    *, events: bool = True,
+    ids: Callable[[], ResponseIds], model: str, key_id: str, session: str | None, echo: Any
 ) -> ResponsesWriter:
-    """The writer of one response: a signed id that continues `session` where the upstream
-    served the turn in a conversation, else a plain random id of a response kept nowhere."""
+    response_id, store, item_base = _identity(ids, model, key_id, session)
+    return ResponsesWriter(
+        response_id, model, time.time(), echo, store=store, item_base=item_base
+    )
+
+
+def _identity(
+    ids: Callable[[], ResponseIds], model: str, key_id: str, session: str | None
+) -> tuple[str, bool, str]:
+    """A response's id, its `store`, and the base of its item ids: a signed id that continues
+    `session` where the upstream served the turn in a conversation, else a plain random id of
+    a response kept nowhere."""
     if session is None:
         response_id = new_response_id()
         # Its random part also makes the item ids unique: one random draw per response.
-        return ResponsesWriter(
-            response_id, model, time.time(), echo, store=False, events=events,
-            item_base=response_id[len(RESPONSE_PREFIX):][:12],
-        )
-    response_id = ids().mint(model, session, key_id)
-    return ResponsesWriter(response_id, model, time.time(), echo, store=True, events=events)
+        return response_id, False, response_id[len(RESPONSE_PREFIX):][:12]
+    # A signed id's start is the same for every turn of a conversation: the item ids draw
+    # their own.
+    return ids().mint(model, session, key_id), True, new_item_base()
 
 
 async def stored_response(request: web.Request) -> web.Response:

@@ -8,11 +8,15 @@ events, built once so a delta costs one `orjson.dumps` of its text and a few byt
 
 from __future__ import annotations
 
+import base64
+import os
 from typing import Any, Final
 
 from proxy.sse import EVENT_END, event_head
 
-__all__ = ["END", "PARTS", "SEQ", "OpenCall", "OpenItem", "empty_part", "frame"]
+__all__ = [
+    "END", "PARTS", "SEQ", "OpenCall", "OpenItem", "empty_part", "frame", "new_item_base",
+]
 
 
 def frame(kind: str) -> bytes:
@@ -29,6 +33,11 @@ PARTS: Final = {
 }
 SEQ: Final = b',"sequence_number":'
 END: Final = b"}" + EVENT_END
+
+
+def new_item_base() -> str:
+    """A random base for one response's item ids (URL-safe)."""
+    return base64.urlsafe_b64encode(os.urandom(9)).decode()
 
 
 def empty_part(kind: str) -> dict[str, Any]:

@@ -1,9 +1,11 @@
-"""The Responses object's fixed parts, and a sync chat completion as the chunks a writer reads.
+"""The Responses object's fixed parts, and a sync chat completion as a response object.
 
 `RESPONSE_DEFAULTS`: every field the Open Responses object requires, at the value that holds
-when the request did not set it. `responses_usage`: chat usage as Responses usage.
-`completion_chunks`: the chunks that accumulate to a chat completion, so a sync answer goes
-through the same writer as a stream and the two cannot disagree. Sans-IO.
+when the request did not set it; `response_base`: the fields that hold from a response's start
+to its end. `responses_usage`: chat usage as Responses usage. `completion_response`: the
+final object of a whole chat completion, equal to the one a ResponsesWriter ends with when
+fed the chunks the completion accumulates from (tests/test_responses_sync.py holds the two
+equal), at a fraction of the writer's cost. Sans-IO.
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final
 
-from proxy.errors import ProxyError
-from proxy.openai_types import ChatChunk, ChatCompletion, ChunkFactory, ToolCallDelta
+from proxy.errors import ProxyError, UpstreamFailed
+from proxy.openai_types import ChatCompletion
 
-__all__ = ["RESPONSE_DEFAULTS", "completion_chunks", "failure_error", "responses_usage"]
+__all__ = [
+    "INCOMPLETE", "RESPONSE_DEFAULTS", "completion_response", "failure_error", "response_base",
+    "responses_usage",
+]
 
 RESPONSE_DEFAULTS: Final[Mapping[str, Any]] = {
     # Every field the Open Responses object requires, at the value that holds when the request
@@ -42,6 +47,10 @@ RESPONSE_DEFAULTS: Final[Mapping[str, Any]] = {
 }
 
 
+# A stop that cuts the answer short, and the reason an incomplete response gives for it.
+INCOMPLETE: Final = {"length": "max_output_tokens", "content_filter": "content_filter"}
+
+
 def failure_error(err: ProxyError) -> dict[str, Any]:
     """The `error` of a failed response object: the Responses API knows two codes for a
     failure that is not the request's fault, and keeps the rest in type and message."""
@@ -58,7 +67,7 @@ def responses_usage(usage: Mapping[str, Any] | None) -> dict[str, Any]:
     usage = usage or {}
     prompt = _count(usage.get("prompt_tokens"))
     completion = _count(usage.get("completion_tokens"))
-    total = _count(usage.get("total_tokens")) or prompt + completion
+    total = _count(usage.get("total_tokens")) or min(prompt + completion, _MAX_COUNT)
     prompt_details = usage.get("prompt_tokens_details") or {}
     completion_details = usage.get("completion_tokens_details") or {}
     if not isinstance(prompt_details, Mapping):
@@ -79,48 +88,134 @@ def responses_usage(usage: Mapping[str, Any] | None) -> dict[str, Any]:
     }
 
 
+# The largest count an answer gives: a JavaScript client reads no larger integer exactly, and
+# a sum of two upstream counts stays within what JSON encoders write.
+_MAX_COUNT: Final = 2**53
+
+
 def _count(value: Any) -> int:
+    if type(value) is int and 0 <= value <= _MAX_COUNT:  # nearly always: one check
+        return value
     if isinstance(value, bool):
         return 0
     if isinstance(value, int):
-        return max(value, 0)
+        return min(max(value, 0), _MAX_COUNT)
     if isinstance(value, float) and value == value and value >= 0:
-        return int(value)
+        return int(min(value, _MAX_COUNT))
     return 0
 
 
-def completion_chunks(completion: ChatCompletion) -> list[ChatChunk]:
-    """The chunks that accumulate to a sync chat completion, for a writer to read."""
-    factory = ChunkFactory(completion.get("model", ""), completion.get("id") or None)
-    factory.created = completion.get("created") or factory.created
-    chunks: list[ChatChunk] = [factory.role()]
+def response_base(
+    response_id: str, model: str, created_at: float, echo: Mapping[str, Any], store: bool
+) -> dict[str, Any]:
+    """The response object's fields that hold from its start to its end, in their order."""
+    return {
+        "id": response_id,
+        "object": "response",
+        "created_at": int(created_at),
+        "model": model,
+        **RESPONSE_DEFAULTS,
+        **echo,
+        "store": store,
+        "background": False,
+    }
+
+
+def completion_response(
+    completion: ChatCompletion, base: Mapping[str, Any], ids: str, completed_at: float
+) -> dict[str, Any]:
+    """The response object of a whole chat completion, built at once: the object a
+    ResponsesWriter ends with when fed the chunks that accumulate to `completion` (the
+    tests hold the two equal), without the writer's events and bookkeeping, which a sync
+    answer never reads. A completion whose fields have the wrong types is the upstream's
+    failure, never a crash of the proxy."""
+    output: list[dict[str, Any]] = []
     finish = "stop"
-    for choice in completion.get("choices", [])[:1]:
-        message = choice.get("message") or {}
-        reasoning = message.get("reasoning_content")
+    choices = completion["choices"]
+    if choices:
+        choice = choices[0]
+        if not isinstance(choice, dict):
+            raise _not_a_completion()
+        message = choice.get("message")
+        if message is None:
+            message = {}
+        elif not isinstance(message, dict):
+            raise _not_a_completion()
+        reasoning = _text(message.get("reasoning_content"))
         if reasoning:
-            chunks.append(factory.reasoning(reasoning))
-        content = message.get("content")
-        if content:
-            chunks.append(factory.content(content))
-        refusal = message.get("refusal")
-        if refusal:
-            chunks.append(factory.chunk({"refusal": refusal}))
-        calls: list[ToolCallDelta] = []
-        for i, call in enumerate(message.get("tool_calls") or ()):
-            function = call.get("function") or {}
-            calls.append({
-                "index": i,
-                "id": call.get("id") or "",
-                "type": "function",
-                "function": {"name": function.get("name") or "",
-                             "arguments": function.get("arguments") or ""},
-            })
-        if calls:
-            chunks.append(factory.chunk({"tool_calls": calls}))
-        finish = choice.get("finish_reason") or finish
-    chunks.append(factory.finish(finish))
+            output.append({"id": f"rs_{ids}_0", "type": "reasoning", "status": "completed",
+                           "summary": [],
+                           "content": [{"type": "reasoning_text", "text": reasoning}]})
+        content = _text(message.get("content"))
+        refusal = _text(message.get("refusal"))
+        if content or refusal:
+            parts: list[dict[str, Any]] = []
+            if content:
+                parts.append({"type": "output_text", "text": content, "annotations": [],
+                              "logprobs": []})
+            if refusal:
+                parts.append({"type": "refusal", "refusal": refusal})
+            output.append({"id": f"msg_{ids}_{len(output)}", "type": "message",
+                           "status": "completed", "role": "assistant", "content": parts})
+        calls = message.get("tool_calls")
+        if calls is not None:
+            if not isinstance(calls, list):
+                raise _not_a_completion()
+            for chat_index, call in enumerate(calls):
+                output.append(_function_call(call, ids, len(output), chat_index))
+        reason = choice.get("finish_reason")
+        if reason:
+            if not isinstance(reason, str):
+                raise _not_a_completion()
+            finish = reason
+    incomplete = INCOMPLETE.get(finish)
+    status = "completed" if incomplete is None else "incomplete"
+    if not output:
+        # A chat answer with no content is an empty string; clients read output[0].
+        output.append({"id": f"msg_{ids}_0", "type": "message", "status": status,
+                       "role": "assistant",
+                       "content": [{"type": "output_text", "text": "", "annotations": [],
+                                    "logprobs": []}]})
+    else:
+        # The last item ends with the response, as a stream's does: cut short by a length stop.
+        output[-1]["status"] = status
     usage = completion.get("usage")
-    if usage:
-        chunks.append(factory.usage(usage))
-    return chunks
+    response = dict(base)
+    response["status"] = status
+    response["completed_at"] = int(completed_at) if incomplete is None else None
+    response["error"] = None
+    response["incomplete_details"] = None if incomplete is None else {"reason": incomplete}
+    response["output"] = output
+    response["usage"] = responses_usage(usage if isinstance(usage, Mapping) else None)
+    return response
+
+
+def _function_call(call: Any, ids: str, index: int, chat_index: int) -> dict[str, Any]:
+    if not isinstance(call, dict):
+        raise _not_a_completion()
+    function = call.get("function")
+    if function is None:
+        function = {}
+    elif not isinstance(function, dict):
+        raise _not_a_completion()
+    call_id = _text(call.get("id")) or f"call_{ids}_{chat_index}"
+    # Clients json-parse the arguments: a call with none takes an empty object.
+    arguments = _text(function.get("arguments")) or "{}"
+    return {"id": f"fc_{ids}_{index}", "type": "function_call", "status": "completed",
+            "call_id": call_id, "name": _text(function.get("name")), "arguments": arguments}
+
+
+def _text(value: Any) -> str:
+    """A text field of the completion: a string, or empty where it is null or absent."""
+    if type(value) is str:
+        return value
+    if value is None:
+        return ""
+    raise _not_a_completion()
+
+
+def _not_a_completion() -> UpstreamFailed:
+    return UpstreamFailed(
+        "The upstream answered with a chat completion whose message does not have the "
+        "types a chat completion has."
+    )

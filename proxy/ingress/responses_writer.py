@@ -4,8 +4,9 @@ One ResponsesWriter per response. `start()` gives `response.created` and
 `response.in_progress`; `feed(batch)` turns each batch of chunks into events; `finish()` closes
 what is open and ends with `response.completed` (or `response.incomplete` after a `length` or
 `content_filter` stop); `fail(err)` ends with `response.failed`. Both end with `data: [DONE]`.
-`final()` is the finished response object: a sync answer is the same writer fed the same
-chunks, so the sync answer and the stream's last object cannot disagree.
+`final()` is the finished response object: a sync answer made of chunks (echo, Letta, custom)
+is the same writer fed them; a whole chat completion's is built at once and held equal to it by
+the tests (proxy/ingress/responses_object.py).
 
 Items, in the order the chunks bring them, one open at a time:
 * `reasoning_content` → a `reasoning` item (`rs_`) with one `reasoning_text` part;
@@ -14,14 +15,12 @@ Items, in the order the chunks bring them, one open at a time:
   call's id; its arguments stream as `function_call_arguments.delta` (at least one) and end
   with `.done` carrying exactly what was streamed (`{}` when the upstream sent none).
 
-Per-event cost is the hot path: a text delta is one bytes format of a prefix built once per
-content part, its JSON text and its sequence number; a TextRun's texts need no chunk read.
+Per event, a text delta is one bytes format of a prefix built once per part, its JSON text
+and its sequence number; a TextRun's texts need no chunk read.
 """
 
 from __future__ import annotations
 
-import base64
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
@@ -38,14 +37,18 @@ from proxy.ingress.responses_items import (
     OpenItem,
     empty_part,
     frame,
+    new_item_base,
 )
-from proxy.ingress.responses_object import RESPONSE_DEFAULTS, failure_error, responses_usage
+from proxy.ingress.responses_object import (
+    INCOMPLETE,
+    failure_error,
+    response_base,
+    responses_usage,
+)
 from proxy.openai_types import ToolCallDelta
 from proxy.sse import DONE, EVENT_END, encode_comment
 
 __all__ = ["ResponsesWriter", "render_sync"]
-
-_INCOMPLETE: Final = {"length": "max_output_tokens", "content_filter": "content_filter"}
 
 _CREATED: Final = frame("response.created")
 _IN_PROGRESS: Final = frame("response.in_progress")
@@ -60,6 +63,7 @@ _ARGS_DONE: Final = frame("response.function_call_arguments.done")
 # A delta event from its prefix (proxy/responses_items.py), its JSON text and its sequence
 # number: one bytes format instead of four concatenations.
 _DELTA: Final = b"%b%b" + SEQ + b"%d" + END
+_UNREADABLE: Final = "The upstream sent a chat completion chunk with a delta of the wrong types."
 
 
 class ResponsesWriter:
@@ -86,20 +90,11 @@ class ResponsesWriter:
         # False for a sync answer, which only needs the final object: the events are not
         # serialized at all (their sequence numbers still count, which nothing then reads).
         self._events = events
-        self._base: dict[str, Any] = {
-            "id": response_id,
-            "object": "response",
-            "created_at": int(created_at),
-            "model": model,
-            **RESPONSE_DEFAULTS,
-            **echo,
-            "store": store,
-            "background": False,
-        }
+        self._base = response_base(response_id, model, created_at, echo, store)
         self._clock = clock
         # Item ids only need to be unique and URL-safe: one random base per response, then
         # the output index (no random draw per item).
-        self._ids = item_base or base64.urlsafe_b64encode(os.urandom(9)).decode()
+        self._ids = item_base or new_item_base()
         self._seq = 0
         self._out: list[bytes] = []
         self._output: list[OpenItem | OpenCall | dict[str, Any]] = []
@@ -173,7 +168,7 @@ class ResponsesWriter:
             return b""
         if not self._started:
             self._start()
-        reason = _INCOMPLETE.get(self._finish_reason or "")
+        reason = INCOMPLETE.get(self._finish_reason or "")
         status = "completed" if reason is None else "incomplete"
         if not self._output:
             # A chat answer with no content is an empty string; clients read output[0].
@@ -248,6 +243,8 @@ class ResponsesWriter:
         return response
 
     def _text(self, text: str, kind: str, part_kind: str) -> None:
+        if type(text) is not str:
+            raise UpstreamFailed(_UNREADABLE)
         item = self._item
         if item is None or item.kind != kind:
             item = self._open_item(kind, part_kind)
@@ -357,11 +354,15 @@ class ResponsesWriter:
             function = delta.get("function") or {}
             args = function.get("arguments") or ""
             name = function.get("name") or ""
+            if type(args) is not str or type(name) is not str:
+                raise UpstreamFailed(_UNREADABLE)
             call = self._calls.get(chat_index)
             if call is None:
                 self._close_open("completed")
                 index = len(self._output)
                 call_id = delta.get("id") or f"call_{self._ids}_{chat_index}"
+                if type(call_id) is not str:
+                    raise UpstreamFailed(_UNREADABLE)
                 call = OpenCall(f"fc_{self._ids}_{index}", index, chat_index, call_id, name)
                 self._calls[chat_index] = call
                 self._call = call
