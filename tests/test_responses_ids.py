@@ -180,7 +180,7 @@ def test_any_conversation_route_and_key_round_trip(conv: str, route: str, fp: st
     assert IDS.verify(token, route, fp, now=NOW).conversation == conv
 
 
-def test_plain_response_ids_are_random_and_url_safe() -> None:
+def test_plain_response_ids_are_unique_and_url_safe() -> None:
     ids = {new_response_id() for _ in range(1000)}
     assert len(ids) == 1000
     assert all(ID_SHAPE.fullmatch(i) for i in ids)
@@ -271,3 +271,15 @@ def test_without_a_secret_a_process_warns_once_and_its_ids_die_with_it() -> None
          token],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True)
     assert again.stdout.strip() == "refused"
+
+
+def test_plain_response_ids_of_two_processes_differ() -> None:
+    # Each worker is a process of its own: a fixed prefix would give two workers' first
+    # responses the same id (and the same item ids).
+    code = "from proxy.response_ids import new_response_id; print(new_response_id())"
+    first, second = (
+        subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60, check=True).stdout.strip()
+        for _ in range(2)
+    )
+    assert ID_SHAPE.fullmatch(first) and first != second

@@ -166,12 +166,12 @@ def _identity(
     ids: Callable[[], ResponseIds], model: str, key_id: str, session: str | None
 ) -> tuple[str, bool, str]:
     """A response's id, its `store`, and the base of its item ids: a signed id that continues
-    `session` where the upstream served the turn in a conversation, else a plain random id of
+    `session` where the upstream served the turn in a conversation, else a plain unique id of
     a response kept nowhere."""
     if session is None:
         response_id = new_response_id()
-        # Its random part also makes the item ids unique: one random draw per response.
-        return response_id, False, response_id[len(RESPONSE_PREFIX):][:12]
+        # Unique to the response, so its item ids are too.
+        return response_id, False, response_id[len(RESPONSE_PREFIX):]
     # A signed id's start is the same for every turn of a conversation: the item ids draw
     # their own.
     return ids().mint(model, session, key_id), True, new_item_base()

@@ -64,26 +64,24 @@ def failure_error(err: ProxyError) -> dict[str, Any]:
 
 def responses_usage(usage: Mapping[str, Any] | None) -> dict[str, Any]:
     """Chat usage → Responses usage with both details objects; zeros for what is unknown."""
-    usage = usage or {}
-    prompt = _count(usage.get("prompt_tokens"))
-    completion = _count(usage.get("completion_tokens"))
-    total = _count(usage.get("total_tokens")) or min(prompt + completion, _MAX_COUNT)
-    prompt_details = usage.get("prompt_tokens_details") or {}
-    completion_details = usage.get("completion_tokens_details") or {}
-    if not isinstance(prompt_details, Mapping):
-        prompt_details = {}
-    if not isinstance(completion_details, Mapping):
-        completion_details = {}
+    prompt = completion = total = cached = cache_write = reasoning = 0
+    if usage:
+        prompt = _count(usage.get("prompt_tokens"))
+        completion = _count(usage.get("completion_tokens"))
+        total = _count(usage.get("total_tokens")) or min(prompt + completion, _MAX_COUNT)
+        # Most servers send neither details object: no lookups in empty ones.
+        details = usage.get("prompt_tokens_details")
+        if details and isinstance(details, Mapping):
+            cached = _count(details.get("cached_tokens"))
+            cache_write = _count(details.get("cache_write_tokens"))
+        details = usage.get("completion_tokens_details")
+        if details and isinstance(details, Mapping):
+            reasoning = _count(details.get("reasoning_tokens"))
     return {
         "input_tokens": prompt,
-        "input_tokens_details": {
-            "cached_tokens": _count(prompt_details.get("cached_tokens")),
-            "cache_write_tokens": _count(prompt_details.get("cache_write_tokens")),
-        },
+        "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": cache_write},
         "output_tokens": completion,
-        "output_tokens_details": {
-            "reasoning_tokens": _count(completion_details.get("reasoning_tokens")),
-        },
+        "output_tokens_details": {"reasoning_tokens": reasoning},
         "total_tokens": total,
     }
 
