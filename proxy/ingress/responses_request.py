@@ -13,9 +13,8 @@ The input items become messages in `responses_input`; here `instructions` become
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from proxy.errors import InvalidRequest
 from proxy.ingress.fields import opt_bool, opt_int, opt_number, opt_str, req_str
@@ -33,8 +32,7 @@ _RESEND: Final = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class ResponsesRequest:
+class ResponsesRequest(NamedTuple):
     chat: dict[str, Any]
     """The chat-completions body: `messages`, `model` when given, `stream` (and
     `stream_options.include_usage` when streaming: a Responses answer always has usage)."""
@@ -56,29 +54,22 @@ def parse_responses_request(raw: bytes) -> ResponsesRequest:
     if model == "":
         raise InvalidRequest("'model' must be a non-empty string.", param="model")
     stream = opt_bool(body, "stream") or False
-    background = opt_bool(body, "background") or False
-    store = opt_bool(body, "store")
-    previous = opt_str(body, "previous_response_id")
-    if previous == "":
-        raise InvalidRequest(
-            "'previous_response_id' must be a non-empty string.", param="previous_response_id"
-        )
-    conversation = _conversation(body.get("conversation"))
-    if body.get("prompt") is not None:
-        raise InvalidRequest(
-            "Stored prompts (`prompt`) are not supported: this proxy stores nothing. Send the "
-            "text in `instructions` and `input`.",
-            param="prompt",
-        )
-    include = body.get("include")
-    if include is not None and (
-        not isinstance(include, list) or not all(isinstance(x, str) for x in include)
-    ):
-        raise InvalidRequest("'include' must be an array of strings.", param="include")
-    if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
-        raise InvalidRequest("'stream_options' must be an object.", param="stream_options")
+    # Most requests set none of the fields below: `in` first spares a call or a lookup each.
+    background = ("background" in body and opt_bool(body, "background")) or False
+    store = opt_bool(body, "store") if "store" in body else None
+    previous = None
+    if "previous_response_id" in body:
+        previous = opt_str(body, "previous_response_id")
+        if previous == "":
+            raise InvalidRequest(
+                "'previous_response_id' must be a non-empty string.",
+                param="previous_response_id",
+            )
+    conversation = _conversation(body.get("conversation")) if "conversation" in body else None
+    if not _RARE.isdisjoint(body):
+        _check_rare(body)
 
-    instructions = opt_str(body, "instructions")
+    instructions = opt_str(body, "instructions") if "instructions" in body else None
     messages: list[dict[str, Any]] = []
     if instructions:
         messages.append({"role": "system", "content": instructions})
@@ -99,13 +90,14 @@ def parse_responses_request(raw: bytes) -> ResponsesRequest:
 
     _translate_tools(body, chat, echo)
 
-    # Most of these are absent from most requests: `in` first spares a call each.
-    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
-        if name in body:
-            value = opt_number(body, name)
-            if value is not None:
-                chat[name] = value
-                echo[name] = value
+    # Most of these are absent from most requests: one set check spares a lookup each.
+    if not body.keys().isdisjoint(_SAMPLING):
+        for name in _SAMPLING:
+            if name in body:
+                value = opt_number(body, name)
+                if value is not None:
+                    chat[name] = value
+                    echo[name] = value
     max_output = None
     if "max_output_tokens" in body:
         max_output = opt_int(body, "max_output_tokens", minimum=1)
@@ -115,10 +107,13 @@ def parse_responses_request(raw: bytes) -> ResponsesRequest:
     echo["max_tool_calls"] = (
         opt_int(body, "max_tool_calls", minimum=0) if "max_tool_calls" in body else None
     )
-    for name in ("user", "safety_identifier", "prompt_cache_key"):
-        echo[name] = opt_str(body, name) if name in body else None
-    if echo["user"]:
-        chat["user"] = echo["user"]
+    if body.keys().isdisjoint(_IDENTIFIERS):
+        echo["user"] = echo["safety_identifier"] = echo["prompt_cache_key"] = None
+    else:
+        for name in _IDENTIFIERS:
+            echo[name] = opt_str(body, name) if name in body else None
+        if echo["user"]:
+            chat["user"] = echo["user"]
     truncation = opt_str(body, "truncation") if "truncation" in body else None
     if truncation is not None:
         if truncation not in ("auto", "disabled"):
@@ -127,9 +122,11 @@ def parse_responses_request(raw: bytes) -> ResponsesRequest:
                 param="truncation",
             )
         echo["truncation"] = truncation
-    echo["metadata"] = _metadata(body.get("metadata"))
-    _translate_text(body.get("text"), chat, echo)
-    _translate_reasoning(body.get("reasoning"), chat, echo)
+    echo["metadata"] = _metadata(body.get("metadata")) if "metadata" in body else {}
+    if "text" in body:
+        _translate_text(body["text"], chat, echo)
+    if "reasoning" in body:
+        _translate_reasoning(body["reasoning"], chat, echo)
 
     return ResponsesRequest(
         chat=chat,
@@ -171,7 +168,27 @@ def refuse_state(request: ResponsesRequest, *, chains: bool = False) -> None:
 
 # -- the body -----------------------------------------------------------------------------
 
+# In the order the response object lists them.
+_SAMPLING: Final = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
+_IDENTIFIERS: Final = ("user", "safety_identifier", "prompt_cache_key")
+# Fields that are only checked, and that nearly no request sets.
+_RARE: Final = frozenset({"prompt", "include", "stream_options"})
 
+
+def _check_rare(body: dict[str, Any]) -> None:
+    if body.get("prompt") is not None:
+        raise InvalidRequest(
+            "Stored prompts (`prompt`) are not supported: this proxy stores nothing. Send the "
+            "text in `instructions` and `input`.",
+            param="prompt",
+        )
+    include = body.get("include")
+    if include is not None and (
+        not isinstance(include, list) or not all(isinstance(x, str) for x in include)
+    ):
+        raise InvalidRequest("'include' must be an array of strings.", param="include")
+    if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
+        raise InvalidRequest("'stream_options' must be an object.", param="stream_options")
 
 
 def _conversation(value: Any) -> str | None:
@@ -199,8 +216,16 @@ def _metadata(value: Any) -> dict[str, str]:
 
 # -- tools, text, reasoning -----------------------------------------------------------------
 
+_TOOL_FIELDS: Final = frozenset({"tools", "tool_choice", "parallel_tool_calls"})
+
 
 def _translate_tools(body: dict[str, Any], chat: dict[str, Any], echo: dict[str, Any]) -> None:
+    if _TOOL_FIELDS.isdisjoint(body):
+        # What the rest of this function gives a request without them.
+        echo["tools"] = []
+        echo["tool_choice"] = "auto"
+        echo["parallel_tool_calls"] = True
+        return
     raw_tools = body.get("tools")
     if raw_tools is None:
         raw_tools = []
