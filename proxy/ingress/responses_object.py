@@ -65,7 +65,8 @@ def failure_error(err: ProxyError) -> dict[str, Any]:
 def responses_usage(usage: Mapping[str, Any] | None) -> dict[str, Any]:
     """Chat usage → Responses usage with both details objects; zeros for what is unknown."""
     prompt = completion = total = cached = cache_write = reasoning = 0
-    if usage:
+    # An upstream's usage of another type counts as none (read once per response).
+    if usage and isinstance(usage, Mapping):
         prompt = _count(usage.get("prompt_tokens"))
         completion = _count(usage.get("completion_tokens"))
         total = _count(usage.get("total_tokens")) or min(prompt + completion, _MAX_COUNT)
@@ -184,7 +185,7 @@ def completion_response(
     response["error"] = None
     response["incomplete_details"] = None if incomplete is None else {"reason": incomplete}
     response["output"] = output
-    response["usage"] = responses_usage(usage if isinstance(usage, Mapping) else None)
+    response["usage"] = responses_usage(usage)
     return response
 
 

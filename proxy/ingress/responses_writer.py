@@ -106,8 +106,6 @@ class ResponsesWriter:
         self._started = False
         self._final: dict[str, Any] | None = None
 
-    # -- public API --------------------------------------------------------------------------
-
     def start(self) -> bytes:
         """`response.created` and `response.in_progress`; empty if already started."""
         if not self._started:
@@ -155,6 +153,8 @@ class ResponsesWriter:
                         self._tool_calls(calls)
                 reason = choice["finish_reason"]
                 if reason is not None:
+                    if type(reason) is not str:
+                        raise UpstreamFailed(_UNREADABLE)
                     self._finish_reason = reason
         return self._flush()
 
@@ -207,8 +207,6 @@ class ResponsesWriter:
         if self._final is None:
             raise RuntimeError("the response has not ended: call finish() or fail() first")
         return self._final
-
-    # -- events -------------------------------------------------------------------------------
 
     def _flush(self) -> bytes:
         data = b"".join(self._out)
