@@ -35,6 +35,14 @@ class Route:
 
     # Its upstream keeps conversations, so requests carry a session hint.
     stateful: bool = False
+    # Every upstream continues a `previous_response_id` itself; one relays `/v1/responses` as
+    # it is. Fixed with the route, so a request does not ask each upstream.
+    chains: bool = field(init=False, default=False)
+    native_responses: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        self.chains = all(upstream.chains for upstream in self.upstreams)
+        self.native_responses = any(upstream.native_responses for upstream in self.upstreams)
 
     @property
     def name(self) -> str:

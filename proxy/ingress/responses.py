@@ -90,8 +90,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     parsed = parse_responses_request(raw)
     route, model, upstream_model = resolve_model(table, parsed.model, grant)
     exchange.model, exchange.route, exchange.stream = model, route.name, parsed.stream
-    upstreams = route.upstreams
-    chains = all(upstream.chains for upstream in upstreams)
+    chains = route.chains
     refuse_state(parsed, chains=chains)
     ids = app[RESPONSE_IDS]
     fork_from = None
@@ -103,7 +102,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
             request.headers, parsed.chat, model, from_user=route.spec.session.from_user
         )
     native: dict[str, Any] | None = None
-    if any(upstream.native_responses for upstream in upstreams):
+    if route.native_responses:
         # Already parsed and checked once: this copy is what a native upstream gets.
         native = orjson.loads(raw)
     call = Call(
