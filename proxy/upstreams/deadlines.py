@@ -29,6 +29,7 @@ import aiohttp
 from proxy.config import Timeouts
 from proxy.errors import UpstreamTimeout
 from proxy.exchange import DEADLINES, Exchange, Reason
+from proxy.upstreams.bulk_read import read_any
 
 T = TypeVar("T")
 # Event loops may run a timer slightly before its time (uvloop counts in milliseconds): a
@@ -168,7 +169,7 @@ class Deadlines:
         """
         self._waiting = True
         try:
-            chunk = await content.readany()
+            chunk = await read_any(content)
         except asyncio.CancelledError:
             self._waiting = False
             reason = self._exchange.take(DEADLINES)

@@ -1,0 +1,61 @@
+"""`read_any`: what `StreamReader.readany()` returns, everything buffered, taken in one step.
+
+aiohttp 3.14's `readany()` drains its buffer one HTTP chunk at a time, and after each chunk
+calls the connection's `resume_reading()`, which runs the parser again over no data: about 200
+Python opcodes per chunk. A model server writes each token event as an HTTP chunk of its own,
+so for a stream this was most of the proxy's work per event. `read_any` joins the buffered
+chunks at once and lets the connection resume once per read, with the same bytes, the same
+end and errors, and the same flow control (a paused connection resumes when the buffer is
+drained, as aiohttp does it).
+
+It relies on `StreamReader` internals, the names in `INTERNALS`. `FAST` says whether the
+installed aiohttp has them all; without them every read is `readany()`. tests/test_bulk_read.py
+fails on an aiohttp whose internals changed, and holds `read_any` to `readany()` over real
+connections: many chunks per read, a body beyond the reader's high-water marks in bytes and in
+chunks, and a connection cut in the middle of the body.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from aiohttp import StreamReader
+
+__all__ = ["FAST", "INTERNALS", "read_any"]
+
+INTERNALS: Final = (
+    "_buffer", "_buffer_offset", "_cursor", "_eof", "_exception", "_http_chunk_splits",
+    "_low_water", "_low_water_chunks", "_protocol", "_size", "_timer", "_wait",
+)
+FAST: Final = all(hasattr(StreamReader, name) for name in INTERNALS)
+
+
+async def read_any(content: StreamReader) -> bytes:
+    """The bytes buffered in `content` (waiting for some when there are none); b"" at its end."""
+    if not FAST or content._exception is not None:
+        return await content.readany()
+    buffer = content._buffer
+    while not buffer and not content._eof:
+        await content._wait("readany")
+    if len(buffer) < 2 or content._buffer_offset:
+        # One chunk (or a chunk read in part): aiohttp's own path costs no more.
+        return content.read_nowait()
+    content._timer.assert_timeout()
+    data = b"".join(buffer)
+    buffer.clear()
+    size = len(data)
+    content._size -= size
+    cursor = content._cursor = content._cursor + size
+    splits = content._http_chunk_splits
+    if splits:
+        # The ends of the chunks just read are of no more use; the end of the last one stays,
+        # as aiohttp keeps it (it marks the current position).
+        last = splits[-1]
+        splits.clear()
+        if last >= cursor:
+            splits.append(last)
+    if content._size < content._low_water and (
+        splits is None or len(splits) < content._low_water_chunks
+    ):
+        content._protocol.resume_reading()
+    return data
