@@ -26,13 +26,12 @@ from proxy.errors import (
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
-    PayloadTooLarge,
     ProxyError,
     ServiceUnavailable,
 )
 from proxy.exchange import DRAIN as DRAINED
 from proxy.exchange import Exchange
-from proxy.handlers import stamp_headers
+from proxy.handlers import body_too_large, stamp_headers
 from proxy.metrics import Metrics
 from proxy.shutdown import Drain, shutting_down
 
@@ -60,9 +59,7 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> ProxyE
             headers={"Allow": allowed},
         )
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        return PayloadTooLarge(
-            f"Request body too large: the limit is {request.app[MAX_BODY]} bytes."
-        )
+        return body_too_large(request.app[MAX_BODY])
     if exc.status == 404:
         return NotFound(f"Invalid URL ({request.method} {request.path}).")
     err = ProxyError(exc.reason)

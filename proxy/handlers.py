@@ -11,12 +11,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.app_keys import EXCHANGE, HTTP, TABLES
+from proxy.app_keys import EXCHANGE, HTTP, MAX_BODY, TABLES
 from proxy.auth import Grant
 from proxy.chat_request import check_content_type
-from proxy.errors import InvalidRequest
+from proxy.errors import InvalidRequest, PayloadTooLarge
 from proxy.exchange import Exchange
 from proxy.routing import Route, RouteTable
+from proxy.upstreams.bulk_read import read_any
 
 _JSON_TYPE = ("Content-Type", "application/json")
 
@@ -38,6 +39,28 @@ def json_response(
     body: bytes, status: int = 200, headers: Iterable[tuple[str, str]] = ()
 ) -> web.Response:
     return web.Response(body=body, status=status, headers=[_JSON_TYPE, *headers])
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The request's body, as `request.read()` gives it, with the same limit (`--max-body`):
+    read with `read_any`, which takes what is buffered at once, and kept as it came when it
+    came in one piece. A compressed body is aiohttp's to inflate, and to bound."""
+    if "Content-Encoding" in request.headers:
+        return await request.read()
+    limit = request.app[MAX_BODY]
+    content = request.content
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await read_any(content):
+        size += len(chunk)
+        if size > limit:
+            raise body_too_large(limit)
+        parts.append(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def body_too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"Request body too large: the limit is {limit} bytes.")
 
 
 def authenticate(request: web.Request, table: RouteTable) -> Grant:

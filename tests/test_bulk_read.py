@@ -157,3 +157,9 @@ async def test_a_read_after_a_partial_one_gives_the_rest_once(read: Reader) -> N
         head = await resp.content.read(3)  # a part of the first chunk
         body, _ = await read_all(read, resp.content)
     assert head + body == b"".join(chunks)
+
+
+async def test_a_reader_of_no_body_reads_as_its_end() -> None:
+    # What aiohttp gives a request without a body: a reader of another type, with none of
+    # the internals.
+    assert await read_any(aiohttp.streams.EmptyStreamReader()) == b""

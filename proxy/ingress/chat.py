@@ -14,7 +14,7 @@ from proxy.chat_request import parse_chat_request
 from proxy.chunks import Comment, Out, TextRun
 from proxy.dispatch import serve
 from proxy.errors import ProxyError
-from proxy.handlers import accept, json_response, resolve_model
+from proxy.handlers import accept, json_response, read_body, resolve_model
 from proxy.ingress.streaming import relay
 from proxy.sessions import session_hint
 from proxy.sse import DONE, KEEPALIVE, encode_data, error_event
@@ -47,7 +47,7 @@ _ENCODER = ChatEncoder()
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     exchange, table, grant = accept(request)
-    raw = await request.read()
+    raw = await read_body(request)
     app = request.app
     chat = parse_chat_request(raw)
     route, model, upstream_model = resolve_model(table, chat.model, grant)

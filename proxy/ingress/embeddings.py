@@ -17,7 +17,7 @@ from proxy.app_keys import HTTP, METRICS
 from proxy.dispatch import with_failover
 from proxy.errors import InvalidRequest
 from proxy.failover import Lease
-from proxy.handlers import accept, json_response, resolve_model
+from proxy.handlers import accept, json_response, read_body, resolve_model
 from proxy.json_body import load_object
 from proxy.upstreams.base import Answer, Call
 
@@ -43,7 +43,7 @@ def parse_embeddings_request(raw: bytes) -> dict[str, Any]:
 
 async def embeddings(request: web.Request) -> web.Response:
     exchange, table, grant = accept(request)
-    raw = await request.read()
+    raw = await read_body(request)
     app = request.app
     body = parse_embeddings_request(raw)
     route, model, upstream_model = resolve_model(table, body.get("model"), grant)

@@ -38,7 +38,7 @@ from proxy.app_keys import HTTP, METRICS, RESPONSE_IDS, TABLES
 from proxy.chunks import Comment, Out
 from proxy.dispatch import serve
 from proxy.errors import NotFound, ProxyError, UpstreamFailed
-from proxy.handlers import accept, authenticate, json_response, resolve_model
+from proxy.handlers import accept, authenticate, json_response, read_body, resolve_model
 from proxy.ingress.responses_items import new_item_base
 from proxy.ingress.responses_native import NativeEncoder, tracked
 from proxy.ingress.responses_object import completion_response, response_base
@@ -85,7 +85,7 @@ class ResponsesEncoder:
 
 async def create_response(request: web.Request) -> web.StreamResponse:
     exchange, table, grant = accept(request)
-    raw = await request.read()
+    raw = await read_body(request)
     app = request.app
     parsed = parse_responses_request(raw)
     route, model, upstream_model = resolve_model(table, parsed.model, grant)

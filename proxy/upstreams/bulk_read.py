@@ -3,10 +3,11 @@
 aiohttp 3.14's `readany()` drains its buffer one HTTP chunk at a time, and after each chunk
 calls the connection's `resume_reading()`, which runs the parser again over no data: about 200
 Python opcodes per chunk. A model server writes each token event as an HTTP chunk of its own,
-so for a stream this was most of the proxy's work per event. `read_any` joins the buffered
-chunks at once and lets the connection resume once per read, with the same bytes, the same
-end and errors, and the same flow control (a paused connection resumes when the buffer is
-drained, as aiohttp does it).
+so for a stream this was most of the proxy's work per event. `read_any` takes the buffered
+chunks at once (one join) and lets the connection resume once per read, with the same bytes,
+the same end and errors, and the same flow control (a paused connection resumes when the
+buffer is drained, as aiohttp does it). A whole answer's single chunk skips aiohttp's
+generic path too.
 
 It relies on `StreamReader` internals, the names in `INTERNALS`. `FAST` says whether the
 installed aiohttp has them all; without them every read is `readany()`. tests/test_bulk_read.py
@@ -32,17 +33,24 @@ FAST: Final = all(hasattr(StreamReader, name) for name in INTERNALS)
 
 async def read_any(content: StreamReader) -> bytes:
     """The bytes buffered in `content` (waiting for some when there are none); b"" at its end."""
-    if not FAST or content._exception is not None:
+    if type(content) is not _READER or content._exception is not None:
+        # aiohttp's EmptyStreamReader (a request without a body) and any other kind of reader
+        # keep their own state: theirs is the only way to read them.
         return await content.readany()
     buffer = content._buffer
-    while not buffer and not content._eof:
-        await content._wait("readany")
-    if len(buffer) < 2 or content._buffer_offset:
-        # One chunk (or a chunk read in part): aiohttp's own path costs no more.
-        return content.read_nowait()
+    if not buffer:
+        while not buffer and not content._eof:
+            await content._wait("readany")
+        if not buffer:
+            return b""  # the end
+    if content._buffer_offset:
+        return content.read_nowait()  # a chunk read in part: aiohttp's own path
     content._timer.assert_timeout()
-    data = b"".join(buffer)
-    buffer.clear()
+    if len(buffer) == 1:
+        data = buffer.popleft()
+    else:
+        data = b"".join(buffer)
+        buffer.clear()
     size = len(data)
     content._size -= size
     cursor = content._cursor = content._cursor + size
@@ -59,3 +67,7 @@ async def read_any(content: StreamReader) -> bytes:
     ):
         content._protocol.resume_reading()
     return data
+
+
+# The one type read_any reads itself (none where the internals are missing).
+_READER: Final = StreamReader if FAST else None

@@ -16,6 +16,7 @@ from proxy.errors import (
     UpstreamFailed,
     UpstreamUnavailable,
 )
+from proxy.upstreams.bulk_read import read_any
 
 _MAX_ERROR_BODY = 1024 * 1024
 # The message of a JSON error body cut at the read limit.
@@ -32,18 +33,16 @@ async def read_answer(
     length = resp.content_length
     if length is not None and length > limit:
         raise _too_big(upstream, limit)
-    if length is not None and "Content-Encoding" not in resp.headers:
-        # The parser stops at the Content-Length, and nothing is decompressed: this read is
-        # bounded, and one read of the whole body costs less than a loop over its chunks.
-        return await resp.read()
+    content = resp.content
     chunks: list[bytes] = []
     size = 0
-    async for chunk in resp.content.iter_any():
+    while chunk := await read_any(content):
         size += len(chunk)
-        if size > limit:
+        if size > limit:  # no Content-Length, or a body that inflates past it
             raise _too_big(upstream, limit)
         chunks.append(chunk)
-    return b"".join(chunks)
+    # Nearly always one read: the whole body as it came, no copy.
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _too_big(upstream: str, limit: int) -> UpstreamFailed:
