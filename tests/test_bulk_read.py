@@ -6,14 +6,16 @@ aiohttp that changed them."""
 from __future__ import annotations
 
 import asyncio
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import aiohttp
 import pytest
 from aiohttp import StreamReader
+from aiohttp.base_protocol import BaseProtocol
 
-from proxy.upstreams.bulk_read import FAST, INTERNALS, read_any
+from proxy.upstreams.bulk_read import FAST, INTERNALS, PROTOCOL_INTERNALS, read_any
 
 Reader = Callable[[StreamReader], Awaitable[bytes]]
 
@@ -27,16 +29,18 @@ READERS = [pytest.param(read_any, id="read_any"), pytest.param(aiohttp_readany, 
 
 def test_the_installed_aiohttp_has_every_internal_read_any_relies_on() -> None:
     missing = [name for name in INTERNALS if not hasattr(StreamReader, name)]
-    assert not missing and FAST, f"aiohttp's StreamReader changed: {missing} are gone"
+    missing += [name for name in PROTOCOL_INTERNALS if not hasattr(BaseProtocol, name)]
+    assert not missing and FAST, f"aiohttp's internals changed: {missing} are gone"
 
 
 class Script:
     """A raw HTTP/1.1 server that answers every request with a chunked body of `chunks`,
     written in one go, then the last chunk; or, with `cut`, closes the connection instead."""
 
-    def __init__(self, chunks: list[bytes], cut: bool = False) -> None:
+    def __init__(self, chunks: list[bytes], cut: bool = False, gzip: bool = False) -> None:
         self.chunks = chunks
         self.cut = cut
+        self.gzip = gzip
         self.written = 0  # body bytes handed to the socket and drained
         self._marks: list[tuple[int, asyncio.Event]] = []
 
@@ -57,8 +61,9 @@ class Script:
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n")
+        encoding = b"Content-Encoding: gzip\r\n" if self.gzip else b""
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n" + encoding
+                     + b"Transfer-Encoding: chunked\r\n\r\n")
         # In slices, so the test can see how far the writes got while its client is not reading.
         for start in range(0, len(self.chunks), 64):
             part = self.chunks[start:start + 64]
@@ -163,3 +168,18 @@ async def test_a_reader_of_no_body_reads_as_its_end() -> None:
     # What aiohttp gives a request without a body: a reader of another type, with none of
     # the internals.
     assert await read_any(aiohttp.streams.EmptyStreamReader()) == b""
+
+
+@pytest.mark.parametrize("read", READERS)
+@pytest.mark.parametrize("inflated", [64 * 1024, 32 * 1024 * 1024], ids=["small", "bomb-like"])
+async def test_a_compressed_body_inflates_to_the_same_bytes(read: Reader, inflated: int) -> None:
+    # aiohttp inflates it as it is read, in bounded blocks that it goes on with when the
+    # reader resumes the connection: a body that inflates 1,000 times over needs many.
+    plain = (b"data: {\"choices\":[{\"delta\":{\"content\":\"tok\"}}]}\n\n" * inflated)[:inflated]
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    packed = packer.compress(plain) + packer.flush()
+    script = Script([packed[i:i + 4096] for i in range(0, len(packed), 4096)], gzip=True)
+    async with body_of(script) as resp:
+        await script.wrote()
+        body, _ = await read_all(read, resp.content)
+    assert body == plain

@@ -4,16 +4,17 @@ aiohttp 3.14's `readany()` drains its buffer one HTTP chunk at a time, and after
 calls the connection's `resume_reading()`, which runs the parser again over no data: about 200
 Python opcodes per chunk. A model server writes each token event as an HTTP chunk of its own,
 so for a stream this was most of the proxy's work per event. `read_any` takes the buffered
-chunks at once (one join) and lets the connection resume once per read, with the same bytes,
-the same end and errors, and the same flow control (a paused connection resumes when the
-buffer is drained, as aiohttp does it). A whole answer's single chunk skips aiohttp's
-generic path too.
+chunks at once (one join), with the same bytes, the same end and the same errors, and resumes
+the connection where that does something: when flow control paused it (as aiohttp does, once
+the buffer is drained) or while the body is being inflated. A whole answer's single chunk
+skips aiohttp's generic path too.
 
-It relies on `StreamReader` internals, the names in `INTERNALS`. `FAST` says whether the
-installed aiohttp has them all; without them every read is `readany()`. tests/test_bulk_read.py
-fails on an aiohttp whose internals changed, and holds `read_any` to `readany()` over real
-connections: many chunks per read, a body beyond the reader's high-water marks in bytes and in
-chunks, and a connection cut in the middle of the body.
+It relies on `StreamReader` internals, the names in `INTERNALS`, and on two of the connection
+protocol's, `PROTOCOL_INTERNALS`. `FAST` says whether the installed aiohttp has them all;
+without them every read is `readany()`. tests/test_bulk_read.py fails on an aiohttp whose
+internals changed, and holds `read_any` to `readany()` over real connections: many chunks per
+read, a body beyond the reader's high-water marks in bytes and in chunks, a compressed body,
+a connection cut in the middle of the body.
 """
 
 from __future__ import annotations
@@ -21,14 +22,19 @@ from __future__ import annotations
 from typing import Final
 
 from aiohttp import StreamReader
+from aiohttp.base_protocol import BaseProtocol
 
-__all__ = ["FAST", "INTERNALS", "read_any"]
+__all__ = ["FAST", "INTERNALS", "PROTOCOL_INTERNALS", "read_any"]
 
 INTERNALS: Final = (
     "_buffer", "_buffer_offset", "_cursor", "_eof", "_exception", "_http_chunk_splits",
     "_low_water", "_low_water_chunks", "_protocol", "_size", "_timer", "_wait",
 )
-FAST: Final = all(hasattr(StreamReader, name) for name in INTERNALS)
+# And of the connection's protocol: whether flow control paused it.
+PROTOCOL_INTERNALS: Final = ("_reading_paused", "_buffer_paused")
+FAST: Final = all(hasattr(StreamReader, name) for name in INTERNALS) and all(
+    hasattr(BaseProtocol, name) for name in PROTOCOL_INTERNALS
+)
 
 
 async def read_any(content: StreamReader) -> bytes:
@@ -65,7 +71,16 @@ async def read_any(content: StreamReader) -> bytes:
     if content._size < content._low_water and (
         splits is None or len(splits) < content._low_water_chunks
     ):
-        content._protocol.resume_reading()
+        protocol = content._protocol
+        # aiohttp resumes after every chunk; that runs the parser again over no data, which
+        # only does something for a connection paused by flow control or a body being
+        # inflated (its decompressor goes on there).
+        if (
+            protocol._reading_paused
+            or protocol._buffer_paused
+            or content.total_compressed_bytes is not None
+        ):
+            protocol.resume_reading()
     return data
 
 
