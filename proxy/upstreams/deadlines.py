@@ -21,7 +21,7 @@ tick) and gets a real timer when the wheel finds its deadline near. Deadlines st
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import aiohttp
@@ -162,14 +162,19 @@ class Deadlines:
         finally:
             self._waiting = False
 
-    async def read(self, content: aiohttp.StreamReader) -> bytes | None:
+    async def read(
+        self,
+        content: aiohttp.StreamReader,
+        take: Callable[[aiohttp.StreamReader], Awaitable[bytes]] = read_any,
+    ) -> bytes | None:
         """The upstream's next bytes (b"" at the end), or None when a keep-alive is due.
+        `take` reads them: `read_any`, or aiohttp's `readany` (see proxy/upstreams/openai.py).
 
         Raises UpstreamTimeout when first_event or idle ran out.
         """
         self._waiting = True
         try:
-            chunk = await read_any(content)
+            chunk = await take(content)
         except asyncio.CancelledError:
             self._waiting = False
             reason = self._exchange.take(DEADLINES)

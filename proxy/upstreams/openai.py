@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 import aiohttp
 import orjson
@@ -34,6 +34,8 @@ from proxy.upstreams.http import HttpUpstream
 from proxy.upstreams.http_errors import read_answer
 from proxy.upstreams.openai_options import OpenAIOptions
 from proxy.upstreams.openai_relay import RelayState, ResponsesRelayState
+
+_READANY: Final = aiohttp.StreamReader.readany
 
 
 class OpenAI(HttpUpstream):
@@ -288,7 +290,10 @@ class OpenAI(HttpUpstream):
         read = deadlines.read
         try:
             while not state.done:
-                chunk = await read(content)
+                # aiohttp's readany(), not read_any: on the byte relay, measured at 64 streams,
+                # read_any gained no throughput and widened the latency tail (p90 40 -> 120
+                # ms), where the decoding paths gained 7-17 % with no such cost.
+                chunk = await read(content, _READANY)
                 if chunk is None:
                     yield _KEEPALIVE
                     continue
