@@ -290,9 +290,10 @@ class OpenAI(HttpUpstream):
         read = deadlines.read
         try:
             while not state.done:
-                # aiohttp's readany(), not read_any: on the byte relay, measured at 64 streams,
-                # read_any gained no throughput and widened the latency tail (p90 40 -> 120
-                # ms), where the decoding paths gained 7-17 % with no such cost.
+                # aiohttp's readany(), not read_any: at 64 streams read_any gained the byte
+                # relay no throughput, and one calm run showed it a wider latency tail (p90
+                # 40 -> 120 ms) that a later, noisier run showed without it too. Kept as it
+                # was until that is settled (docs/performance.md).
                 chunk = await read(content, _READANY)
                 if chunk is None:
                     yield _KEEPALIVE
