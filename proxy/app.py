@@ -119,8 +119,12 @@ def _watcher_ctx(interval: float) -> Callable[[web.Application], AsyncIterator[N
             metrics.reloaded(outcome != "failed")
             metrics.table(holder.current.version, holder.current.loaded_at)
 
-        task = asyncio.create_task(watch(holder, interval, counted), name="routes-watcher")
+        stop = asyncio.Event()
+        task = asyncio.create_task(
+            watch(holder, interval, counted, stop), name="routes-watcher"
+        )
         yield
+        stop.set()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

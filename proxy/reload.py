@@ -254,11 +254,15 @@ async def watch(
     holder: TableHolder,
     interval: float = 1.0,
     on_outcome: Callable[[Outcome], None] | None = None,
+    stop: asyncio.Event | None = None,
 ) -> None:
-    """Keeps `holder` current until cancelled. `interval` 0 means SIGHUP only."""
+    """Keeps `holder` current until cancelled, or until `stop` is set. `interval` 0 means
+    SIGHUP only. The app sets `stop` before it cancels: on Python 3.11 `asyncio.wait_for`
+    can swallow a cancellation that lands as its wait ends, and the loop would go on, with
+    the app's cleanup awaiting it forever."""
     wakeup = holder._wakeup = asyncio.Event()
     try:
-        while True:
+        while stop is None or not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wakeup.wait(), interval if interval > 0 else None)
             forced = wakeup.is_set()

@@ -3,6 +3,7 @@ requests in flight keep their table; a broken file changes nothing but the repor
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -19,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import create_app
 from proxy.config import MAX_BYTES
-from proxy.reload import TableHolder
+from proxy.reload import TableHolder, watch
 from tests.conftest import KEY, ProxyFactory, serving
 from tests.fake_openai import FakeOpenAI
 from tests.processes import eventually, serve_process
@@ -431,3 +432,24 @@ async def test_sigterm_ends_a_process_whose_routes_file_became_a_fifo(tmp_path: 
         served.proc.send_signal(signal.SIGTERM)
         # Not the read's timeout, not forever: the drain has nothing to wait for.
         assert await served.exit_code(within=15) == 0
+
+
+async def test_the_watcher_ends_when_told_to_stop_even_if_no_cancellation_reaches_it(
+    tmp_path: Path,
+) -> None:
+    # Python 3.11's wait_for can swallow a cancellation that lands as its wait ends; the app's
+    # cleanup sets `stop` first, so the watcher ends either way and the cleanup cannot hang.
+    path = tmp_path / "routes.yaml"
+    path.write_text(echo_routes("steady"))
+    holder = TableHolder(path, (KEY,))
+    stop = asyncio.Event()
+    before = holder.last_attempt
+    task = asyncio.create_task(watch(holder, FAST, None, stop))
+    await eventually(lambda: _true(holder.last_attempt > before), "a look at the file")
+    stop.set()
+    async with asyncio.timeout(10):
+        await task  # no cancel: only `stop` ends it
+
+
+async def _true(value: bool) -> bool:
+    return value
