@@ -117,21 +117,17 @@ async def test_every_chunk_arrives_in_order_and_the_body_ends(read: Reader) -> N
         assert reads < len(chunks) // 4
 
 
-@pytest.mark.parametrize("read", READERS)
-async def test_a_body_past_the_chunk_high_water_mark_resumes_and_ends(read: Reader) -> None:
-    # Marks of 2,048 bytes and 64 chunks: 300 chunks of 3 bytes pause it by their count.
-    chunks = [b"%03d" % i for i in range(300)]
-    script = Script(chunks)
-    async with body_of(script, read_bufsize=1024) as resp:
-        await script.wrote()
-        body, _ = await read_all(read, resp.content)
-    assert body == b"".join(chunks)
+PAST_HIGH_WATER = {
+    # Marks of 2,048 bytes and 64 chunks (a read_bufsize of 1,024).
+    "in-chunks": [b"%03d" % i for i in range(300)],  # 300 chunks of 3 bytes
+    "in-bytes": [bytes([65 + i % 26]) * 512 for i in range(128)],  # 64 KiB
+}
 
 
 @pytest.mark.parametrize("read", READERS)
-async def test_a_body_past_the_byte_high_water_mark_resumes_and_ends(read: Reader) -> None:
-    # 64 KiB in chunks of 512 bytes, against marks of 2,048 bytes and 64 chunks.
-    chunks = [bytes([65 + i % 26]) * 512 for i in range(128)]
+@pytest.mark.parametrize("past", list(PAST_HIGH_WATER))
+async def test_a_body_past_a_high_water_mark_resumes_and_ends(read: Reader, past: str) -> None:
+    chunks = PAST_HIGH_WATER[past]
     script = Script(chunks)
     async with body_of(script, read_bufsize=1024) as resp:
         await script.wrote()

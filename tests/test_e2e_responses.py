@@ -6,6 +6,8 @@ with the stream's final object; what the fake upstream received shows the transl
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -41,6 +43,21 @@ models:
 @pytest.fixture
 async def proxy(make_proxy: ProxyFactory, fake_openai: FakeOpenAI) -> Proxy:
     return await make_proxy(routes_for(fake_openai))
+
+
+@asynccontextmanager
+async def proxy_before(
+    make_proxy: ProxyFactory, chat: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    model: str = "odd",
+) -> AsyncIterator[Proxy]:
+    """A proxy whose one model is an openai route to an upstream answering chat with `chat`."""
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    async with serving(app) as url:
+        yield await make_proxy(
+            f"upstreams:\n  {model}:\n    kind: openai\n    url: {url}/v1\n"
+            f"models:\n  {model}:\n    upstream: {model}\n"
+        )
 
 
 def chat_body(fake: FakeOpenAI) -> dict[str, Any]:
@@ -402,13 +419,7 @@ async def test_a_token_stream_reaches_the_client_exactly_in_one_read_or_many(
             await resp.write(part)
         return resp
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    async with serving(app) as url:
-        proxy = await make_proxy(
-            f"upstreams:\n  tok:\n    kind: openai\n    url: {url}/v1\n"
-            "models:\n  tok:\n    upstream: tok\n"
-        )
+    async with proxy_before(make_proxy, chat, "tok") as proxy:
         final, _ = await stream_final(proxy, {"model": "tok", "input": "hi"})
         async with proxy.client().responses.stream(model="tok", input="hi") as stream:
             answer = await stream.get_final_response()
@@ -436,13 +447,7 @@ async def test_a_completion_with_wrong_types_is_a_502_and_the_next_request_is_se
     async def chat(request: web.Request) -> web.Response:
         return web.json_response(answers.pop(0))
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    async with serving(app) as url:
-        proxy = await make_proxy(
-            f"upstreams:\n  odd:\n    kind: openai\n    url: {url}/v1\nmodels:\n  odd:\n"
-            "    upstream: odd\n"
-        )
+    async with proxy_before(make_proxy, chat) as proxy:
         client = proxy.client()
         if name == "huge-usage":  # counts beyond what a client reads exactly are capped
             reply = await client.responses.create(model="odd", input="hi")
@@ -488,13 +493,7 @@ async def test_a_stream_chunk_of_the_wrong_shape_ends_cleanly_after_the_text(
         await resp.write(event(BROKEN_CHUNKS[name]) + b"data: [DONE]\n\n")
         return resp
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    async with serving(app) as url:
-        proxy = await make_proxy(
-            f"upstreams:\n  odd:\n    kind: openai\n    url: {url}/v1\nmodels:\n  odd:\n"
-            "    upstream: odd\n"
-        )
+    async with proxy_before(make_proxy, chat) as proxy:
         status, _, raw = await post_raw(proxy, {"model": "odd", "input": "hi", "stream": True})
     assert status == 200
     final = assert_responses_stream(raw)  # the order, the ids, [DONE] last
