@@ -291,9 +291,8 @@ class OpenAI(HttpUpstream):
         try:
             while not state.done:
                 # aiohttp's readany(), not read_any: at 64 streams read_any gained the byte
-                # relay no throughput, and one calm run showed it a wider latency tail (p90
-                # 40 -> 120 ms) that a later, noisier run showed without it too. Kept as it
-                # was until that is settled (docs/performance.md).
+                # relay no throughput and doubled its p90 latency (40-56 -> 94-116 ms in
+                # three of four alternating runs; docs/performance.md). Why is not known.
                 chunk = await read(content, _READANY)
                 if chunk is None:
                     yield _KEEPALIVE
