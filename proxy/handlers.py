@@ -17,7 +17,7 @@ from proxy.chat_request import check_content_type
 from proxy.errors import InvalidRequest, PayloadTooLarge
 from proxy.exchange import Exchange
 from proxy.routing import Route, RouteTable
-from proxy.upstreams.bulk_read import read_any
+from proxy.upstreams.bulk_read import read_whole
 
 _JSON_TYPE = ("Content-Type", "application/json")
 
@@ -43,20 +43,14 @@ def json_response(
 
 async def read_body(request: web.Request) -> bytes:
     """The request's body, as `request.read()` gives it, with the same limit (`--max-body`):
-    read with `read_any`, which takes what is buffered at once, and kept as it came when it
-    came in one piece. A compressed body is aiohttp's to inflate, and to bound."""
+    read with `read_whole`. A compressed body is aiohttp's to inflate, and to bound."""
     if "Content-Encoding" in request.headers:
         return await request.read()
     limit = request.app[MAX_BODY]
-    content = request.content
-    parts: list[bytes] = []
-    size = 0
-    while chunk := await read_any(content):
-        size += len(chunk)
-        if size > limit:
-            raise body_too_large(limit)
-        parts.append(chunk)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+    body = await read_whole(request.content, limit)
+    if body is None:
+        raise body_too_large(limit)
+    return body
 
 
 def body_too_large(limit: int) -> PayloadTooLarge:

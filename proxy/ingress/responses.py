@@ -126,19 +126,17 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         served.lease.release()
         if served.native or answer.completion is None:
             return json_response(answer.body(), headers=answer.headers)
-        response_id, store, item_base = _identity(ids, model, grant.key_id, answer.session)
-        now = time.time()
-        if answer.chunks is None:
+        if answer.chunks is not None:
+            writer = _writer(ids, model, grant.key_id, answer.session, parsed.echo, events=False)
+            final = render_sync(writer, [answer.chunks])
+        else:
             # A whole completion (an openai upstream's): its object at once, no writer.
+            response_id, store, item_base = _identity(ids, model, grant.key_id, answer.session)
+            now = time.time()
             final = completion_response(
                 answer.completion,
                 response_base(response_id, model, now, parsed.echo, store), item_base, now,
             )
-        else:
-            writer = ResponsesWriter(
-                response_id, model, now, parsed.echo, store, events=False, item_base=item_base
-            )
-            final = render_sync(writer, [answer.chunks])
         return json_response(orjson.dumps(final), headers=answer.headers)
     stream = served.stream
     assert stream is not None
@@ -153,11 +151,12 @@ async def create_response(request: web.Request) -> web.StreamResponse:
 
 
 def _writer(
-    ids: Callable[[], ResponseIds], model: str, key_id: str, session: str | None, echo: Any
+    ids: Callable[[], ResponseIds], model: str, key_id: str, session: str | None, echo: Any,
+    *, events: bool = True,
 ) -> ResponsesWriter:
     response_id, store, item_base = _identity(ids, model, key_id, session)
     return ResponsesWriter(
-        response_id, model, time.time(), echo, store=store, item_base=item_base
+        response_id, model, time.time(), echo, store=store, events=events, item_base=item_base
     )
 
 

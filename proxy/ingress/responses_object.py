@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from proxy.errors import ProxyError, UpstreamFailed
+from proxy.ingress.responses_items import PARTS, empty_part
 from proxy.openai_types import ChatCompletion
 
 __all__ = [
@@ -135,11 +136,7 @@ def completion_response(
         choice = choices[0]
         if not isinstance(choice, dict):
             raise _not_a_completion()
-        message = choice.get("message")
-        if message is None:
-            message = {}
-        elif not isinstance(message, dict):
-            raise _not_a_completion()
+        message = _object(choice.get("message"))
         reasoning = _text(message.get("reasoning_content"))
         if reasoning:
             output.append({"id": f"rs_{ids}_0", "type": "reasoning", "status": "completed",
@@ -150,12 +147,10 @@ def completion_response(
         if content or refusal:
             parts: list[dict[str, Any]] = []
             if content:
-                parts.append({"type": "output_text", "text": content, "annotations": [],
-                              "logprobs": []})
+                parts.append(_part("output_text", content))
             if refusal:
-                parts.append({"type": "refusal", "refusal": refusal})
-            output.append({"id": f"msg_{ids}_{len(output)}", "type": "message",
-                           "status": "completed", "role": "assistant", "content": parts})
+                parts.append(_part("refusal", refusal))
+            output.append(_message(f"msg_{ids}_{len(output)}", parts))
         calls = message.get("tool_calls")
         if calls is not None:
             if not isinstance(calls, list):
@@ -171,13 +166,9 @@ def completion_response(
     status = "completed" if incomplete is None else "incomplete"
     if not output:
         # A chat answer with no content is an empty string; clients read output[0].
-        output.append({"id": f"msg_{ids}_0", "type": "message", "status": status,
-                       "role": "assistant",
-                       "content": [{"type": "output_text", "text": "", "annotations": [],
-                                    "logprobs": []}]})
-    else:
-        # The last item ends with the response, as a stream's does: cut short by a length stop.
-        output[-1]["status"] = status
+        output.append(_message(f"msg_{ids}_0", [empty_part("output_text")]))
+    # The last item ends with the response, as a stream's does: cut short by a length stop.
+    output[-1]["status"] = status
     usage = completion.get("usage")
     response = dict(base)
     response["status"] = status
@@ -192,16 +183,33 @@ def completion_response(
 def _function_call(call: Any, ids: str, index: int, chat_index: int) -> dict[str, Any]:
     if not isinstance(call, dict):
         raise _not_a_completion()
-    function = call.get("function")
-    if function is None:
-        function = {}
-    elif not isinstance(function, dict):
-        raise _not_a_completion()
+    function = _object(call.get("function"))
     call_id = _text(call.get("id")) or f"call_{ids}_{chat_index}"
     # Clients json-parse the arguments: a call with none takes an empty object.
     arguments = _text(function.get("arguments")) or "{}"
     return {"id": f"fc_{ids}_{index}", "type": "function_call", "status": "completed",
             "call_id": call_id, "name": _text(function.get("name")), "arguments": arguments}
+
+
+def _message(item_id: str, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"id": item_id, "type": "message", "status": "completed", "role": "assistant",
+            "content": parts}
+
+
+def _part(kind: str, text: str) -> dict[str, Any]:
+    """A content part of `kind` (output_text, refusal) holding `text`, as a stream's ends."""
+    part = empty_part(kind)
+    part[PARTS[kind][2]] = text
+    return part
+
+
+def _object(value: Any) -> dict[str, Any]:
+    """An object of the completion: empty where it is null or absent."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return value
+    raise _not_a_completion()
 
 
 def _text(value: Any) -> str:

@@ -24,7 +24,7 @@ from typing import Final
 from aiohttp import StreamReader
 from aiohttp.base_protocol import BaseProtocol
 
-__all__ = ["FAST", "INTERNALS", "PROTOCOL_INTERNALS", "read_any"]
+__all__ = ["FAST", "INTERNALS", "PROTOCOL_INTERNALS", "read_any", "read_whole"]
 
 INTERNALS: Final = (
     "_buffer", "_buffer_offset", "_cursor", "_eof", "_exception", "_http_chunk_splits",
@@ -82,6 +82,19 @@ async def read_any(content: StreamReader) -> bytes:
         ):
             protocol.resume_reading()
     return data
+
+
+async def read_whole(content: StreamReader, limit: int) -> bytes | None:
+    """The whole body of `content`, or None once it is past `limit` bytes (the caller says
+    whose fault that is). A body that came in one read is returned as it came, not copied."""
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await read_any(content):
+        size += len(chunk)
+        if size > limit:
+            return None
+        parts.append(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 # The one type read_any reads itself (none where the internals are missing).

@@ -16,7 +16,7 @@ from proxy.errors import (
     UpstreamFailed,
     UpstreamUnavailable,
 )
-from proxy.upstreams.bulk_read import read_any
+from proxy.upstreams.bulk_read import read_whole
 
 _MAX_ERROR_BODY = 1024 * 1024
 # The message of a JSON error body cut at the read limit.
@@ -33,16 +33,10 @@ async def read_answer(
     length = resp.content_length
     if length is not None and length > limit:
         raise _too_big(upstream, limit)
-    content = resp.content
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := await read_any(content):
-        size += len(chunk)
-        if size > limit:  # no Content-Length, or a body that inflates past it
-            raise _too_big(upstream, limit)
-        chunks.append(chunk)
-    # Nearly always one read: the whole body as it came, no copy.
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    body = await read_whole(resp.content, limit)
+    if body is None:  # no Content-Length, or a body that inflates past it
+        raise _too_big(upstream, limit)
+    return body
 
 
 def _too_big(upstream: str, limit: int) -> UpstreamFailed:
