@@ -951,8 +951,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     load_pin, api)
 
             for rep in range(1, args.reps + 1):
+                # Each round starts one target later, so no target always runs first (right
+                # after the previous cell's load) or always right after the same neighbour.
+                turn = (rep - 1) % len(targets) if targets else 0
+                order = targets[turn:] + targets[:turn]
                 for cell in args.cells:
-                    for name in targets:
+                    for name in order:
                         if not measured(cell, name, servers[name]):
                             continue
                         waited = settle(launcher)
