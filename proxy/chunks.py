@@ -62,3 +62,41 @@ def chat_chunks(batch: Iterable[Out]) -> Iterator[ChatChunk]:
             yield from out.chunks()
         elif not isinstance(out, Comment):
             yield out
+
+
+# What holding one chunk (or one piece of text) of an answer costs beside its text, counted
+# toward the answer's bound: a stream of one-character tokens must not hold a hundred times
+# its text in objects before the bound stops it. An underestimate (a chunk dict takes about
+# 700 bytes), so that a long answer of small tokens, 260,000 of them, still fits in 64 MiB.
+HELD_CHUNK: Final = 256
+
+
+def held_size(batch: Iterable[Out]) -> int:
+    """What a batch adds to an answer held whole: its text, reasoning, refusal and tool-call
+    arguments in characters, and HELD_CHUNK for each chunk; what MAX_ANSWER
+    (proxy/upstreams/http_errors.py) bounds."""
+    size = 0
+    for out in batch:
+        if isinstance(out, TextRun):
+            size += sum(map(len, out.texts)) + HELD_CHUNK * len(out.texts)
+        elif not isinstance(out, Comment):
+            size += HELD_CHUNK
+            for choice in out["choices"]:
+                for key, value in choice["delta"].items():
+                    if type(value) is str:
+                        size += len(value)
+                    elif key == "tool_calls" and type(value) is list:
+                        size += held_by_calls(value)
+    return size
+
+
+def held_by_calls(calls: list[Any]) -> int:
+    """What tool-call deltas add to an answer held whole: HELD_CHUNK each, and the characters
+    of their names and arguments."""
+    size = 0
+    for call in calls:
+        size += HELD_CHUNK
+        function = call.get("function") if type(call) is dict else None
+        if type(function) is dict:
+            size += sum(len(v) for v in function.values() if type(v) is str)
+    return size

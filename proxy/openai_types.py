@@ -10,7 +10,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Iterable
-from typing import Any, NotRequired, TypedDict
+from typing import Any, Final, NotRequired, TypedDict
 
 
 class FunctionCall(TypedDict, total=False):
@@ -129,11 +129,29 @@ class ChunkFactory:
         }
 
 
+# The largest token count an answer gives: a JavaScript client reads no larger integer
+# exactly, and a sum of two stays far inside the 64 bits JSON encoders (orjson) write.
+MAX_COUNT: Final = 2**53
+
+
+def token_count(value: Any) -> int | None:
+    """A token count an upstream reported, as a client can read it: an integer clamped to
+    0..MAX_COUNT, a float truncated into that range; None for what is not a number (a
+    boolean, a string, NaN). Every upstream number that becomes a `usage` passes here."""
+    if type(value) is int:
+        if 0 <= value <= MAX_COUNT:  # nearly always: one check
+            return value
+        return MAX_COUNT if value > 0 else 0
+    if type(value) is float and value == value:
+        return int(min(max(value, 0.0), MAX_COUNT))
+    return None
+
+
 def make_usage(prompt: int, completion: int) -> Usage:
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
-        "total_tokens": prompt + completion,
+        "total_tokens": min(prompt + completion, MAX_COUNT),
     }
 
 

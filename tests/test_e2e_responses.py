@@ -506,3 +506,129 @@ async def test_a_stream_chunk_of_the_wrong_shape_ends_cleanly_after_the_text(
     assert final["error"]["code"] == "server_error"
     assert "chat completion chunk" in final["error"]["message"]
     assert output_text(final) == "so far"
+
+
+# -- chunks an upstream got wrong: its failure, told as such -------------------------------------
+
+
+def chunk_event(chunk: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps({"id": "c", "object": "chat.completion.chunk", "created": 1,
+                                     "model": "m", **chunk}) + b"\n\n"
+
+
+def text_event(text: str) -> bytes:
+    return chunk_event({"choices": [{"index": 0, "delta": {"content": text},
+                                     "finish_reason": None}]})
+
+
+def finish_event(reason: str) -> bytes:
+    return chunk_event({"choices": [{"index": 0, "delta": {}, "finish_reason": reason}]})
+
+
+def tools_event(*calls: dict[str, Any]) -> bytes:
+    return chunk_event({"choices": [{"index": 0, "delta": {"tool_calls": list(calls)},
+                                     "finish_reason": None}]})
+
+
+@asynccontextmanager
+async def proxy_answering(
+    make_proxy: ProxyFactory, stream: bytes, completion: dict[str, Any] | None = None
+) -> AsyncIterator[Proxy]:
+    """A proxy before an upstream that streams `stream` and answers sync with `completion`."""
+
+    async def chat(request: web.Request) -> web.Response:
+        if (await request.json()).get("stream"):
+            return web.Response(body=stream, content_type="text/event-stream")
+        return web.json_response(completion)
+
+    async with proxy_before(make_proxy, chat) as proxy:
+        yield proxy
+
+
+FIRST_CHUNKS = {
+    "no-delta": {"choices": [{"index": 0}]},
+    "null-delta": {"choices": [{"index": 0, "delta": None}]},
+    "string-delta": {"choices": [{"index": 0, "delta": "s"}]},
+    "null-choice": {"choices": [None]},
+    "number-choice": {"choices": [1]},
+}
+
+
+@pytest.mark.parametrize("name", list(FIRST_CHUNKS))
+async def test_a_first_chunk_of_the_wrong_shape_is_the_upstreams_failure_not_the_proxys(
+    make_proxy: ProxyFactory, name: str
+) -> None:
+    body = chunk_event(FIRST_CHUNKS[name]) + finish_event("stop") + b"data: [DONE]\n\n"
+    async with proxy_answering(make_proxy, body) as proxy:
+        final, _ = await stream_final(proxy, {"model": "odd", "input": "hi"})
+        # Chat relays the chunks as they came, and the stream ends as the upstream's did.
+        status, _, raw = await post_raw(
+            proxy, {"model": "odd", "stream": True, "messages": [{"role": "user", "content": "x"}]},
+            path="/v1/chat/completions",
+        )
+    assert final["status"] == "failed"
+    assert final["error"]["type"] == "upstream_error", final["error"]
+    assert "chat completion chunk" in final["error"]["message"]
+    assert status == 200 and raw == body
+
+
+OPENROUTER_ERROR = chunk_event({
+    "provider": "p",
+    "error": {"code": "server_error", "message": "Provider disconnected unexpectedly"},
+    "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}],
+})
+
+
+async def test_an_error_beside_the_choices_fails_the_response_with_the_upstreams_message(
+    make_proxy: ProxyFactory,
+) -> None:
+    stream = text_event("so far") + OPENROUTER_ERROR + b"data: [DONE]\n\n"
+    completion = {"id": "gen-1", "object": "chat.completion", "created": 1, "model": "m",
+                  "error": {"code": 502, "message": "Provider returned error"},
+                  "choices": [{"index": 0, "finish_reason": "error",
+                               "message": {"role": "assistant", "content": "partial"}}]}
+    async with proxy_answering(make_proxy, stream, completion) as proxy:
+        final, _ = await stream_final(proxy, {"model": "odd", "input": "hi"})
+        with pytest.raises(openai.APIStatusError) as info:
+            await proxy.client().responses.create(model="odd", input="hi")
+    assert final["status"] == "failed" and output_text(final) == "so far"
+    assert final["error"]["type"] == "upstream_error"
+    assert "Provider disconnected unexpectedly" in final["error"]["message"]
+    assert info.value.status_code == 502 and info.value.code == "upstream_error"
+    assert "Provider returned error" in info.value.message
+
+
+NAMELESS_CALLS = {
+    "no-name": [tools_event({"index": 0, "id": "call_1", "function": {"arguments": "{}"}})],
+    # A continuation for a call that was never opened: the proxy must not invent one.
+    "index-jump": [
+        tools_event({"index": 5, "id": "call_5", "function": {"name": "f", "arguments": "{}"}}),
+        tools_event({"index": 2, "function": {"arguments": "{}"}}),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", list(NAMELESS_CALLS))
+async def test_a_streamed_tool_call_without_a_name_fails_the_response(
+    make_proxy: ProxyFactory, name: str
+) -> None:
+    body = b"".join(NAMELESS_CALLS[name]) + finish_event("tool_calls") + b"data: [DONE]\n\n"
+    async with proxy_answering(make_proxy, body) as proxy:
+        final, _ = await stream_final(proxy, {"model": "odd", "input": "hi"})
+    assert final["status"] == "failed"
+    assert final["error"]["type"] == "upstream_error"
+    assert "without a function name" in final["error"]["message"]
+
+
+@pytest.mark.parametrize("function", [None, {"arguments": "{}"}], ids=["null", "no-name"])
+async def test_a_completed_tool_call_without_a_name_is_a_502(
+    make_proxy: ProxyFactory, function: dict[str, Any] | None
+) -> None:
+    completion = {"choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+        "role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": function}]
+    }}]}
+    async with proxy_answering(make_proxy, b"", completion) as proxy:
+        with pytest.raises(openai.APIStatusError) as info:
+            await proxy.client().responses.create(model="odd", input="hi")
+    assert info.value.status_code == 502 and info.value.code == "upstream_error"
+    assert "without a function name" in info.value.message

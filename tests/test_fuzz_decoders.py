@@ -199,6 +199,17 @@ def relay(batches: list[list[Event]]) -> tuple[RelayState, bytes]:
     return state, bytes(out)
 
 
+def reports_an_error(data: str) -> bool:
+    """An error event, by the relay's rule: an object with a non-null `error` member wherever
+    it is (OpenRouter's mid-stream error is a chunk with one), or a broken object that starts
+    as an error."""
+    try:
+        parsed = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return data.startswith('{"error"')
+    return isinstance(parsed, dict) and parsed.get("error") is not None
+
+
 # --- the decoder --------------------------------------------------------------------------------
 
 
@@ -392,7 +403,7 @@ def test_relay_frame_never_raises_and_the_client_reads_the_upstreams_data(
         if event.data == "[DONE]":
             ended_by = "done"
             break
-        if event.event == "error" or event.data.startswith('{"error"'):
+        if event.event == "error" or reports_an_error(event.data):
             ended_by = "error"
             break
         if event.data and not (event.data.startswith("{") and event.data.rstrip().endswith("}")):
@@ -573,6 +584,8 @@ def test_a_plain_read_with_an_event_that_is_no_chunk_stops_at_it() -> None:
         pytest.param(b"event: error\n" + PLAIN, id="event-field"),
         pytest.param(b"data: \n\n" + PLAIN, id="empty-data"),
         pytest.param(b'data: {"error": {"message": "x"}}\n\n', id="error"),
+        pytest.param(b'data: { "error": {"message": "x"}}\n\n', id="error-spaced"),
+        pytest.param(b'data: {"choices":[],"error":{"message":"x"}}\n\n', id="error-later"),
         pytest.param(b'data: {"a": "\xff"}\n\n', id="invalid-utf8"),
         pytest.param(b"data: x data: [DONE]\n\n" + PLAIN, id="done-inside-a-value"),
         pytest.param(PLAIN[:-3], id="cut"),
@@ -606,3 +619,17 @@ def test_relay_pass_through_finds_a_finish_reason_anywhere_in_the_read(chunk: by
     state = RelayState("up")
     assert state.pass_through(chunk) == chunk
     assert state.finished
+
+
+EMPTY_FINISH = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":""}]}\n\n'
+
+
+def test_an_empty_finish_reason_is_no_finish_on_either_path() -> None:
+    # Byte pass-through...
+    state = RelayState("up")
+    assert state.pass_through(EMPTY_FINISH) == EMPTY_FINISH
+    assert not state.finished
+    # ...and the decoding path, taken for a read that is not plain events.
+    state = RelayState("up")
+    state.frame(SSEDecoder().feed(EMPTY_FINISH))
+    assert not state.finished

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
 import orjson
 import pytest
 from aiohttp import web
@@ -36,9 +37,11 @@ from proxy.app import create_app
 from proxy.app_keys import HTTP
 from proxy.reload import TableHolder
 from proxy.sse import SSEDecoder
+from proxy.upstreams.http_errors import MAX_ANSWER
 from tests.conftest import KEY, serving
 
 AGENT = "agent-ef37cb35-73b3-4511-b1bb-1c9635553e28"
+CONVERSATION = "conv-0a1b2c3d-1111-4222-8333-444455556666"
 MIB = 1024 * 1024
 MAX_LINE = SSEDecoder().max_line  # what the relays use
 PATH = "/v1/chat/completions"
@@ -61,6 +64,19 @@ COMPLETION = orjson.dumps(
      "choices": [{"index": 0, "message": {"role": "assistant", "content": "fine"},
                   "finish_reason": "stop", "logprobs": None}],
      "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+)
+# OpenRouter's mid-stream error: a chunk with `error` beside its choices, as documented; and a
+# 200 answer that reports an error beside the choices it cut short.
+OPENROUTER_ERROR = (
+    b'data: {"id":"cmpl-abc123","object":"chat.completion.chunk","created":1,"model":"m",'
+    b'"provider":"p","error":{"code":"server_error","message":"Provider disconnected '
+    b'unexpectedly"},"choices":[{"index":0,"delta":{"content":""},"finish_reason":"error"}]}\n\n'
+)
+OPENROUTER_SYNC_ERROR = orjson.dumps(
+    {"id": "gen-1", "object": "chat.completion", "created": 1, "model": "m",
+     "error": {"code": 502, "message": "Provider returned error"},
+     "choices": [{"index": 0, "message": {"role": "assistant", "content": "partial"},
+                  "finish_reason": "error"}]}
 )
 HTML = (b"<html><head><title>502 Bad Gateway</title></head><body><h1>Bad Gateway</h1>"
         b"<pre>Traceback (most recent call last):\n  File \"app.py\"</pre></body></html>")
@@ -140,6 +156,37 @@ async def endless_chunked_body(writer: asyncio.StreamWriter, bad: BadUpstream) -
         bad.hung_up += 1
 
 
+def endless(start: bytes, event: bytes) -> Writer:
+    """`start`, then `event` over and over until the proxy hangs up: an answer without end,
+    every event well-formed, so no per-event bound (nor first_event, nor idle) ends it."""
+
+    async def write(writer: asyncio.StreamWriter, bad: BadUpstream) -> None:
+        writer.write(until_close(start))
+        batch = event * 8
+        try:
+            while bad.sent < 400 * MIB:  # a bound for the test itself, far past any proxy limit
+                writer.write(batch)
+                await writer.drain()
+                bad.sent += len(batch)
+        except (ConnectionError, OSError):
+            bad.hung_up += 1
+
+    return write
+
+
+TOKEN = b"x" * MIB  # one event's text: 64 of them reach the answer limit
+# Token counts no client can read as they are: past 64 bits (orjson refuses to write them),
+# past 2^53, negative, booleans and floats.
+HUGE = b"18446744073709551615"
+LETTA_HUGE_USAGE = (b'data: {"message_type":"usage_statistics","prompt_tokens":' + HUGE
+                    + b',"completion_tokens":-5,"total_tokens":true,"cached_input_tokens":1e300,'
+                    b'"reasoning_tokens":true}\n\n')
+CUSTOM_HUGE_USAGE = (b'data: {"delta":"fine"}\n\n'
+                     b'data: {"u":{"p":' + HUGE + b',"c":-5,"t":4503599627370497}}\n\n'
+                     b'data: {"u":{"p":true,"c":1e300,"t":4503599627370497}}\n\n'
+                     b'data: {"u":{"p":1,"c":1,"t":4503599627370497}}\n\n')
+
+
 def both(reply: Reply) -> dict[bool, Reply]:
     return {False: reply, True: reply}
 
@@ -167,6 +214,15 @@ SCENARIOS: dict[str, dict[bool, Reply]] = {
         ROLE + b'event: error\ndata: {"error": {"message": "model crashed"}}\n\n'
     )),
     "error-event-first": both(until_close(b'data: {"error": {"message": "overloaded"}}\n\n')),
+    "error-event-spaced": both(until_close(
+        ROLE + chunk({"content": "so far"}) + b'data: { "error": {"message": "boom"}}\n\n'
+        + chunk({}, "stop") + b"data: [DONE]\n\n"
+    )),
+    "error-beside-choices": {
+        False: sized(OPENROUTER_SYNC_ERROR),
+        True: until_close(ROLE + chunk({"content": "so far"}) + OPENROUTER_ERROR
+                          + b"data: [DONE]\n\n"),
+    },
     "endless-line": both(endless_line),
     "endless-line-later": both(lambda w, b: endless_line(w, b, first=ROLE)),
     "endless-body": both(endless_chunked_body),
@@ -175,6 +231,8 @@ SCENARIOS: dict[str, dict[bool, Reply]] = {
     "not-http": both(b"SSH-2.0-OpenSSH_9.6\r\n\r\n"),
     "header-too-long": both(head(extra=b"X-Big: " + b"b" * 20_000 + b"\r\n\r\n") + GOOD_STREAM),
     "gzip-that-is-not": both(sized(COMPLETION, extra=b"Content-Encoding: gzip\r\n")),
+    "endless-tokens": {False: sized(COMPLETION),
+                       True: endless(ROLE, chunk({"content": TOKEN.decode()}))},
     "sse-gzip-that-is-not": both(until_close(GOOD_STREAM).replace(
         b"Connection: close\r\n", b"Connection: close\r\nContent-Encoding: gzip\r\n"
     )),
@@ -188,7 +246,18 @@ LETTA_SCENARIOS: dict[str, dict[bool, Reply]] = {
     "cut-in-data-line": both(until_close(LETTA_PING + b'data: {"message_type":"assis')),
     "cut-in-chunk": both(chunked(LETTA_PING, b'data: {"message_type":"assis', last=False)),
     "endless-line-later": both(lambda w, b: endless_line(w, b, first=LETTA_PING)),
+    "endless-tokens": both(endless(LETTA_PING, b'data: {"message_type":"assistant_message",'
+                                   b'"otid":"o1","content":"' + TOKEN + b'"}\n\n')),
+    "huge-usage": both(until_close(LETTA_GOOD.replace(b"data: [DONE]", LETTA_HUGE_USAGE
+                                                      + b"data: [DONE]"))),
 }
+# `custom` upstreams (mode: stream; `delta` is text, `u` usage added up), by scenario.
+CUSTOM_SCENARIOS: dict[str, Reply] = {
+    "endless-tokens": endless(b"", b'data: {"delta":"' + TOKEN + b'"}\n\n'),
+    "huge-usage": until_close(CUSTOM_HUGE_USAGE),
+}
+# Answers that never end: not for the scenarios that run in a row.
+ENDLESS = {"endless-body", "endless-tokens"}
 
 
 @dataclass
@@ -218,8 +287,12 @@ class BadUpstream:
             if path.endswith("/messages/cancel"):
                 self.cancels += 1
                 reply: Reply = sized(b"{}")
-            elif "/agents/" in path:
-                reply = LETTA_SCENARIOS.get(scenario, SCENARIOS[scenario])[True]
+            elif "/custom/" in path:
+                reply = CUSTOM_SCENARIOS[scenario]
+            elif path.split("?")[0].endswith("/v1/conversations/"):  # a Responses turn's
+                reply = sized(orjson.dumps({"id": CONVERSATION, "agent_id": AGENT}))
+            elif "/agents/" in path or "/conversations/" in path:
+                reply = (LETTA_SCENARIOS.get(scenario) or SCENARIOS[scenario])[True]
             else:
                 reply = SCENARIOS[scenario][bool(body.get("stream"))]
             if isinstance(reply, bytes):
@@ -242,6 +315,14 @@ def routes(bad_url: str) -> str:
         upstreams.append(f"  l-{name}: {{kind: letta, url: '{bad_url}/{name}'}}")
         models.append(f"  o-{name}: {{upstream: o-{name}}}")
         models.append(f"  l-{name}: {{upstream: l-{name}, agent: {AGENT}}}")
+    for name in CUSTOM_SCENARIOS:
+        upstreams.append(
+            f"  c-{name}: {{kind: custom, url: '{bad_url}/{name}/custom', mode: stream, "
+            "request: {path: /chat, body: {message: '{{ input }}'}}, stream: {framing: sse, "
+            "rules: [{has: delta, text: delta}, {has: u, usage_sum: true, "
+            "usage: {prompt_tokens: u.p, completion_tokens: u.c, total_tokens: u.t}}]}}"
+        )
+        models.append(f"  c-{name}: {{upstream: c-{name}}}")
     return "\n".join(
         ["upstreams:", "  demo: {kind: echo}", *upstreams,
          "models:", "  echo: {upstream: demo}", *models, ""]
@@ -307,7 +388,8 @@ def other_tasks() -> list[asyncio.Task[Any]]:
     return [
         t for t in asyncio.all_tasks()
         if t is not asyncio.current_task()
-        and t.get_coro().__qualname__ != "RequestHandler.start"  # type: ignore[union-attr]
+        # (an async generator's finalizer runs as a task whose coroutine has no name)
+        and getattr(t.get_coro(), "__qualname__", "") != "RequestHandler.start"
     ]
 
 
@@ -433,6 +515,13 @@ OPENAI_CASES: list[tuple[str, bool, Outcome]] = [
     ("cut-in-length", False, Refused(502, "upstream_error", "in the middle of the answer")),
     ("error-event", True, Broken("upstream_error", "reported an error mid-stream: model crashed")),
     ("error-event-first", True, Refused(502, "upstream_error", "overloaded")),
+    # An `error` member is an error wherever it is and however it is spaced; the chunk that
+    # carries it is not passed on (the client gets the proxy's error event, scrubbed).
+    ("error-event-spaced", True, Broken("upstream_error", "mid-stream: boom", before=2)),
+    ("error-beside-choices", True,
+     Broken("upstream_error", "mid-stream: Provider disconnected unexpectedly", before=2)),
+    ("error-beside-choices", False,
+     Refused(502, "upstream_error", "in its answer: Provider returned error")),
     ("endless-line", True, Refused(502, "upstream_error", LONG_LINE)),
     ("endless-line-later", True, Broken("upstream_error", LONG_LINE)),
     ("endless-body", False, TOO_BIG),
@@ -526,13 +615,102 @@ async def test_a_never_ending_sync_body_is_cut_off_at_the_answer_limit(env: Env)
 
 async def test_every_scenario_in_a_row_leaves_the_proxy_serving(env: Env) -> None:
     """All of them on one proxy, sync and stream, both kinds: it still serves (fixture)."""
-    for name in sorted(set(SCENARIOS) - {"good", "huge-body", "endless-body"}):
+    for name in sorted(set(SCENARIOS) - {"good", "huge-body"} - ENDLESS):
         for stream in (False, True):
             answer = await env.post(f"o-{name}", stream)
             if answer.status == 200 and stream:
                 assert answer.events()[-1] == DONE
             elif answer.status != 200:
                 assert answer.error()["type"] == "upstream_error"
-    for name in sorted(LETTA_SCENARIOS):
+    for name in sorted(set(LETTA_SCENARIOS) - ENDLESS):
         answer = await env.post(f"l-{name}", True)
         assert answer.status == 200 and answer.events()[-1] == DONE
+
+
+# --- answers the proxy holds whole: bounded; token counts: capped --------------------------------
+
+TOO_LARGE = f"answered with more than {MAX_ANSWER} bytes"
+COUNT_CAP = 2**53
+
+
+def sdk(env: Env) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=env.url + "/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.mark.parametrize(
+    ("model", "api"),
+    [
+        pytest.param("l-endless-tokens", "chat", id="letta-chat"),
+        pytest.param("c-endless-tokens", "chat", id="custom-chat"),
+        pytest.param("l-endless-tokens", "responses", id="letta-responses"),
+    ],
+)
+async def test_an_endless_answer_to_a_sync_client_is_a_502_at_the_answer_limit(
+    env: Env, model: str, api: str
+) -> None:
+    """The answer is built from the upstream's stream and held until it ends: past the limit
+    the proxy gives up on it (and hangs up: the fixture checks no handler still runs)."""
+    async with sdk(env) as client:
+        with pytest.raises(openai.APIStatusError) as info:
+            if api == "chat":
+                await client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": "hi"}]
+                )
+            else:
+                await client.responses.create(model=model, input="hi")
+    assert info.value.status_code == 502
+    assert info.value.type == "upstream_error"
+    assert TOO_LARGE in info.value.message
+    await settled(env, baseline=10**6)
+    assert env.bad.sent < MAX_ANSWER + 32 * MIB, env.bad.sent
+    if model.startswith("l-"):
+        assert env.bad.cancels == 1  # the run it gave up on is stopped at Letta too
+
+
+async def test_an_endless_responses_stream_fails_at_the_answer_limit(env: Env) -> None:
+    """A Responses stream keeps every text for its final object: past the limit it ends with
+    `response.failed` (then `[DONE]`) though the client reads everything."""
+    async with sdk(env) as client:
+        stream = await client.responses.create(model="o-endless-tokens", input="hi", stream=True)
+        events = [event async for event in stream]
+    assert events[0].type == "response.created"
+    last = events[-1]
+    assert last.type == "response.failed", [e.type for e in events[-3:]]
+    error = last.response.error
+    assert error is not None and TOO_LARGE in error.message
+    assert sum(e.type == "response.output_text.delta" for e in events) <= MAX_ANSWER // MIB + 1
+    await settled(env, baseline=10**6)
+    assert env.bad.sent < MAX_ANSWER + 32 * MIB, env.bad.sent
+
+
+@pytest.mark.parametrize("model", ["l-huge-usage", "c-huge-usage"], ids=["letta", "custom"])
+async def test_token_counts_no_client_can_read_are_capped_in_chat_usage(
+    env: Env, model: str
+) -> None:
+    """Counts past 64 bits, past 2^53, negative, booleans and floats, and sums past 2^53:
+    a 200 with counts between 0 and 2^53, sync and streamed."""
+    hi: Any = [{"role": "user", "content": "hi"}]
+    async with sdk(env) as client:
+        reply = await client.chat.completions.create(model=model, messages=hi)
+        chunks = [
+            chunk async for chunk in await client.chat.completions.create(
+                model=model, messages=hi, stream=True, stream_options={"include_usage": True}
+            )
+        ]
+    assert reply.choices[0].message.content == "fine"
+    streamed = chunks[-1].usage
+    assert streamed is not None and reply.usage is not None
+    assert streamed.model_dump() == reply.usage.model_dump()
+    if model == "l-huge-usage":
+        # prompt past 64 bits, completion -5, total `true` (not a number: prompt + completion),
+        # cached 1e300, reasoning `true` (not reported).
+        assert (reply.usage.prompt_tokens, reply.usage.completion_tokens,
+                reply.usage.total_tokens) == (COUNT_CAP, 0, COUNT_CAP)
+        details = reply.usage.prompt_tokens_details
+        assert details is not None and details.cached_tokens == COUNT_CAP
+        assert reply.usage.completion_tokens_details is None
+    else:
+        # Three reports added up: prompt past 64 bits + `true` + 1, completion -5 + 1e300 + 1,
+        # total three times 2^52 + 1.
+        assert (reply.usage.prompt_tokens, reply.usage.completion_tokens,
+                reply.usage.total_tokens) == (COUNT_CAP, COUNT_CAP, COUNT_CAP)

@@ -11,6 +11,7 @@ from proxy.chunks import KEEP_ALIVE, Comment, Out
 from proxy.errors import UpstreamFailed
 from proxy.openai_types import ChatChunk, ChunkFactory, Usage, accumulate
 from proxy.sse import Event, SSEDecoder
+from proxy.upstreams.http_errors import MAX_ANSWER
 from proxy.upstreams.letta_translator import (
     ERROR_STOP_REASONS,
     FINISH_REASONS,
@@ -20,6 +21,7 @@ from proxy.upstreams.letta_translator import (
 from tests.fake_letta import sse_events
 
 MODEL = "letta/support-bot"
+MIB = 1024 * 1024
 F = ChunkFactory(MODEL, "chatcmpl-test")
 F.created = 1
 
@@ -305,6 +307,19 @@ def test_tool_summary_truncates_long_arguments() -> None:
     assert summary.startswith('[tool] send_email({"body":"xxx')
     assert summary.endswith("…)\n")
     assert len(summary) == len("[tool] send_email()\n") + 200
+
+
+def test_tool_arguments_without_end_end_the_stream_at_the_answer_limit() -> None:
+    # They are held until the call's summary is due: an agent that streams them without end
+    # must not grow the proxy without end.
+    t = translator(show_tools=True)
+    t.start()
+    piece = data({"message_type": "tool_call_message", "otid": "t1",
+                  "tool_call": {"name": "f", "arguments": "x" * MIB, "tool_call_id": "c1"}})
+    for _ in range(MAX_ANSWER // MIB + 1):
+        assert t.feed(piece) == []
+    assert t.error is not None and f"more than {MAX_ANSWER} bytes" in t.error.message
+    assert t.feed(piece) == [] and t.finish() == []
 
 
 def test_show_tools_marks_a_call_that_awaits_approval() -> None:

@@ -3,16 +3,21 @@ relayed) and `/v1/embeddings` (passed through, `model` rewritten both ways)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import openai
 import orjson
 import pytest
+from aiohttp import web
+from openai.types.responses import ResponseFailedEvent
 
-from tests.conftest import KEY, Proxy, ProxyFactory, closed_port
+from tests.conftest import KEY, Proxy, ProxyFactory, closed_port, serving
 from tests.fake_openai import LETTA_CODE, FakeOpenAI, embedding_of
-from tests.responses_assert import parse_sse
+from tests.responses_assert import assert_responses_stream, parse_sse
 from tests.responses_client import post_raw
 
 UPSTREAM_MODEL = "letta-code-agent"
@@ -158,6 +163,78 @@ models:
     reply = await proxy.client().responses.create(model="m", input="translated instead")
     assert reply.output_text == "translated instead"
     assert fake_openai.received[-1].path == "/v1/chat/completions"
+
+
+@asynccontextmanager
+async def native_before(
+    make_proxy: ProxyFactory, answer: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    options: str = "",
+) -> AsyncIterator[Proxy]:
+    """A proxy whose model `m` is relayed natively to an upstream answering with `answer`."""
+    app = web.Application()
+    app.router.add_post("/v1/responses", answer)
+    async with serving(app) as url:
+        yield await make_proxy(
+            f"upstreams:\n  n: {{kind: openai, url: '{url}/v1', responses: native{options}}}\n"
+            "models:\n  m: {upstream: n}\n"
+        )
+
+
+# openai-python's own models serialise an event with `type` last, after the response object;
+# such a server writes no `event:` lines.
+SORTED_EVENTS = (
+    b'data: {"response":{"id":"resp_1","object":"response","status":"in_progress",'
+    b'"output":[]},"sequence_number":0,"type":"response.created"}\n\n'
+    b'data: {"response":{"id":"resp_1","object":"response","status":"completed",'
+    b'"output":[]},"sequence_number":1,"type":"response.completed"}\n\n'
+)
+
+
+@pytest.mark.parametrize("held_open", [False, True], ids=["closed", "held-open"])
+async def test_a_terminal_event_with_its_type_last_ends_the_native_stream(
+    make_proxy: ProxyFactory, held_open: bool
+) -> None:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(SORTED_EVENTS)
+        if held_open:  # no [DONE] and no end: until the proxy hangs up
+            await asyncio.Event().wait()
+        return resp
+
+    # Without the terminal event seen, a held stream would end at `idle` with a failure.
+    async with native_before(make_proxy, answer, ", timeouts: {idle: 2}") as proxy:
+        status, _, raw = await post_raw(proxy, {"model": "m", "input": "x", "stream": True})
+    assert status == 200
+    assert raw == SORTED_EVENTS + b"data: [DONE]\n\n"
+
+
+async def test_a_native_stream_failing_before_any_event_still_opens_with_response_created(
+    make_proxy: ProxyFactory,
+) -> None:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await asyncio.Event().wait()  # silent until the proxy hangs up
+        return resp
+
+    options = ", keepalive: 0.05, timeouts: {first_event: 0.3}"
+    async with native_before(make_proxy, answer, options) as proxy:
+        status, _, raw = await post_raw(
+            proxy, {"model": "m", "input": "x", "stream": True, "instructions": "Be brief."})
+        async with proxy.client().responses.stream(model="m", input="x") as stream:
+            events = [event async for event in stream]
+    assert status == 200 and raw.startswith(b": keep-alive\n\n")
+    final = assert_responses_stream(raw)  # created, in_progress, failed: 0, 1, 2; [DONE]
+    assert len(parse_sse(raw).events) == 3
+    assert final["status"] == "failed" and final["instructions"] == "Be brief."
+    assert "(timeouts.first_event)" in final["error"]["message"]
+    # The SDK reads the failure itself, not a complaint about the stream's order.
+    assert [e.type for e in events] == [
+        "response.created", "response.in_progress", "response.failed"]
+    failed = events[-1]
+    assert isinstance(failed, ResponseFailedEvent) and failed.response.error is not None
+    assert "(timeouts.first_event)" in failed.response.error.message
 
 
 # -- embeddings ------------------------------------------------------------------------------

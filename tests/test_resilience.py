@@ -17,8 +17,17 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 
-from tests.conftest import KEY, Proxy, ProxyFactory, closed_port, serving_fake_letta, wait_for
+from tests.conftest import (
+    KEY,
+    Proxy,
+    ProxyFactory,
+    closed_port,
+    serving,
+    serving_fake_letta,
+    wait_for,
+)
 from tests.fake_letta import FakeLetta, Scenario, load_json
 from tests.fake_openai import FakeOpenAI
 
@@ -582,3 +591,62 @@ def test_max_connections_comes_from_the_flag_or_the_environment(
     assert _parser().parse_args(["serve", "--max-connections", "5"]).max_connections == 5
     monkeypatch.setenv("AGENTPROXY_MAX_CONNECTIONS", "7")
     assert _parser().parse_args(["serve"]).max_connections == 7
+
+
+# -- what an upstream's error says ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "error_class", "says"),
+    [
+        (400, openai.BadRequestError, '{"deep":"x"}'),
+        (500, openai.InternalServerError, """Upstream 'a' failed with HTTP 500: {"deep":"x"}"""),
+    ],
+)
+async def test_an_upstream_error_message_that_is_not_a_string_reaches_the_client_as_json(
+    make_proxy: ProxyFactory, status: int, error_class: type[openai.APIStatusError], says: str
+) -> None:
+    async def refuse(request: web.Request) -> web.Response:
+        return web.json_response({"error": {"message": {"deep": "x"}}}, status=status)
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", refuse)
+    async with serving(upstream) as url:
+        proxy = await make_proxy(
+            f"upstreams:\n  a: {{kind: openai, url: {url}/v1}}\nmodels:\n  m: {{upstream: a}}\n"
+        )
+        with pytest.raises(error_class) as caught:
+            await proxy.client().chat.completions.create(model="m", messages=HI)
+    # JSON, as the upstream wrote it; a Python repr ({'deep': 'x'}) would show the proxy's
+    # insides to the client.
+    assert caught.value.body["message"] == says  # type: ignore[index]
+
+
+async def test_a_mid_stream_error_message_that_is_not_a_string_reaches_the_client_as_json(
+    make_proxy: ProxyFactory,
+) -> None:
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(
+            b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
+            b'"choices":[{"index":0,"delta":{"role":"assistant","content":"a"}}]}\n\n'
+            b'data: {"error":{"message":{"deep":"x"}}}\n\n'
+        )
+        return response
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", stream)
+    async with serving(upstream) as url:
+        proxy = await make_proxy(
+            f"upstreams:\n  a: {{kind: openai, url: {url}/v1}}\nmodels:\n  m: {{upstream: a}}\n"
+        )
+        chunks = await proxy.client().chat.completions.create(
+            model="m", messages=HI, stream=True
+        )
+        with pytest.raises(openai.APIError) as caught:
+            async for _ in chunks:
+                pass
+    assert caught.value.message.endswith(
+        """Upstream 'a' reported an error mid-stream: {"deep":"x"}"""
+    ), caught.value.message

@@ -20,14 +20,16 @@ from hypothesis import strategies as st
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from proxy.chunks import KEEP_ALIVE, Comment, Out, TextRun
+from proxy.chunks import HELD_CHUNK, KEEP_ALIVE, Comment, Out, TextRun
 from proxy.errors import ProxyError, RateLimited, UpstreamFailed, UpstreamTimeout
 from proxy.ingress.chat import ChatEncoder
+from proxy.ingress.responses import render_sync
 from proxy.ingress.responses_object import completion_response, response_base, responses_usage
 from proxy.ingress.responses_request import parse_responses_request
-from proxy.ingress.responses_writer import ResponsesWriter, render_sync
+from proxy.ingress.responses_writer import ResponsesWriter
 from proxy.openai_types import ChatChunk, ChunkFactory, Usage, accumulate, make_usage
 from proxy.sse import KEEPALIVE, encode_data
+from proxy.upstreams.http_errors import MAX_ANSWER
 from tests.responses_assert import assert_responses_stream, output_text, parse_sse
 
 try:  # the HTTP library the installed openai SDK is built on
@@ -533,3 +535,36 @@ def test_a_text_run_is_its_chunks_to_the_chat_writer() -> None:
     expected = b"".join(encode_data(orjson.dumps(c)) for c in run_.chunks())
     assert ChatEncoder().batch([run_]) == expected
     assert ChatEncoder().batch([KEEP_ALIVE, run_]) == KEEPALIVE + expected
+
+
+# The final object keeps every text and argument: the writer ends the response past the bound
+# of an answer held whole (proxy/upstreams/http_errors.py), whatever brings them.
+TOO_LARGE = f"more than {MAX_ANSWER} bytes"
+MIB = 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    "piece",
+    [
+        pytest.param(F.content("x" * MIB), id="text"),
+        pytest.param(F.reasoning("x" * MIB), id="reasoning"),
+        pytest.param(text_run(["x" * MIB]), id="text-run"),
+        pytest.param(call(0, args="x" * MIB), id="tool-call-arguments"),
+    ],
+)
+def test_an_answer_past_the_answer_limit_fails_the_response(piece: Out) -> None:
+    w = writer(events=False)
+    w.start()
+    with pytest.raises(UpstreamFailed, match=TOO_LARGE):
+        for _ in range(MAX_ANSWER // MIB + 1):
+            w.feed([piece])
+    w.fail(UpstreamFailed("x"))
+    assert w.final()["status"] == "failed"
+
+
+def test_a_flood_of_one_character_tokens_is_bounded_before_its_text_reaches_the_limit() -> None:
+    # Each token held costs far more than its one character: HELD_CHUNK counts it.
+    w = writer(events=False)
+    w.start()
+    with pytest.raises(UpstreamFailed, match=TOO_LARGE):
+        w.feed([text_run(["x"] * (MAX_ANSWER // HELD_CHUNK))])

@@ -28,7 +28,7 @@ Decisions:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -43,7 +43,7 @@ from proxy.ingress.responses_items import new_item_base
 from proxy.ingress.responses_native import NativeEncoder, tracked
 from proxy.ingress.responses_object import completion_response, response_base
 from proxy.ingress.responses_request import parse_responses_request, refuse_state
-from proxy.ingress.responses_writer import ResponsesWriter, render_sync
+from proxy.ingress.responses_writer import ResponsesWriter
 from proxy.ingress.streaming import relay
 from proxy.response_ids import PREFIX as RESPONSE_PREFIX
 from proxy.response_ids import ResponseIds, new_response_id
@@ -51,7 +51,7 @@ from proxy.sessions import session_hint
 from proxy.sse import encode_comment
 from proxy.upstreams.base import ByteStream, Call
 
-__all__ = ["ResponsesEncoder", "create_response", "stored_response"]
+__all__ = ["ResponsesEncoder", "create_response", "render_sync", "stored_response"]
 
 
 class ResponsesEncoder:
@@ -141,7 +141,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     stream = served.stream
     assert stream is not None
     if served.native and isinstance(stream, ByteStream):
-        native_encoder = NativeEncoder(model)
+        native_encoder = NativeEncoder(model, parsed.echo)
         if served.first is not None:
             native_encoder.see(served.first)
         served.stream = tracked(stream, native_encoder)
@@ -184,3 +184,13 @@ async def stored_response(request: web.Request) -> web.Response:
         "conversations, such as Letta agents) or resend the conversation in `input`.",
         param="response_id",
     )
+
+
+def render_sync(writer: ResponsesWriter, batches: Iterable[Iterable[Out]]) -> dict[str, Any]:
+    """The sync answer: the stream's final object, from the same writer fed the same chunks
+    (made with `events=False`, since nobody reads the events of a sync answer)."""
+    writer.start()
+    for batch in batches:
+        writer.feed(batch)
+    writer.finish()
+    return writer.final()

@@ -6,13 +6,17 @@ own terminal event, then `data: [DONE]`. A stream that breaks after the commit e
 `response.failed` of the proxy's making: it repeats the response the upstream announced in
 `response.created` (id, model, created_at) with the error, and continues its sequence numbers.
 Items the upstream had streamed before the failure are not listed in that object's `output`:
-the proxy does not parse every event of a relayed stream to rebuild them.
+the proxy does not parse every event of a relayed stream to rebuild them. A stream that breaks
+before the upstream sent any event (only keep-alives went out) gets the proxy's own
+`response.created` and `response.in_progress` first, with a response object of its making, as
+the translating writer builds it: SDKs refuse a stream whose first event is not
+`response.created` (openai-python raises a RuntimeError that hides the error).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import orjson
@@ -20,13 +24,15 @@ import orjson
 from proxy.chunks import Comment, Out
 from proxy.errors import ProxyError
 from proxy.ingress.responses_items import frame
-from proxy.ingress.responses_object import failure_error
+from proxy.ingress.responses_object import failure_error, response_base, responses_usage
 from proxy.response_ids import new_response_id
 from proxy.sse import DONE, EVENT_END, SSEDecoder, encode_comment
 from proxy.upstreams.base import ByteStream
 
 __all__ = ["NativeEncoder", "tracked"]
 
+_CREATED = frame("response.created")
+_IN_PROGRESS = frame("response.in_progress")
 _FAILED = frame("response.failed")
 
 
@@ -34,10 +40,12 @@ class NativeEncoder:
     """The relay's Encoder for a natively relayed stream: it sees the relayed bytes
     (`tracked`), and writes only the end."""
 
-    __slots__ = ("_created", "_model", "events")
+    __slots__ = ("_created", "_echo", "_model", "events")
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, echo: Mapping[str, Any]) -> None:
         self._model = model
+        # The request's fields a response object of the proxy's making repeats.
+        self._echo = echo
         self._created: dict[str, Any] | None = None
         # Data events relayed so far: the next sequence number, as the upstream counts from 0.
         self.events = 0
@@ -64,21 +72,28 @@ class NativeEncoder:
         return b"".join(encode_comment(o.text) for o in batch if isinstance(o, Comment))
 
     def error(self, err: ProxyError) -> bytes:
-        response: dict[str, Any] = dict(self._created or {
-            "id": new_response_id(),
-            "object": "response",
-            "created_at": int(time.time()),
-            "model": self._model,
-            "output": [],
-        })
+        start = b""
+        created = self._created
+        if created is None:
+            created = response_base(new_response_id(), self._model, time.time(), self._echo, False)
+            created.update(status="in_progress", completed_at=None, error=None,
+                           incomplete_details=None, output=[], usage=None)
+            if not self.events:
+                start = self._event(_CREATED, "response.created", created)
+                start += self._event(_IN_PROGRESS, "response.in_progress", created)
+            created["usage"] = responses_usage(None)
+        response = dict(created)
         response["status"] = "failed"
         response["error"] = failure_error(err)
         response["output"] = []
         response["completed_at"] = None
         response["incomplete_details"] = None
-        event = {"type": "response.failed", "response": response, "sequence_number": self.events}
+        return start + self._event(_FAILED, "response.failed", response)
+
+    def _event(self, head: bytes, kind: str, response: dict[str, Any]) -> bytes:
+        event = {"type": kind, "response": response, "sequence_number": self.events}
         self.events += 1
-        return _FAILED + orjson.dumps(event) + EVENT_END
+        return head + orjson.dumps(event) + EVENT_END
 
     def end(self) -> bytes:
         return DONE

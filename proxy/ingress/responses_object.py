@@ -15,7 +15,7 @@ from typing import Any, Final
 
 from proxy.errors import ProxyError, UpstreamFailed
 from proxy.ingress.responses_items import PARTS, empty_part
-from proxy.openai_types import ChatCompletion
+from proxy.openai_types import MAX_COUNT, ChatCompletion, token_count
 
 __all__ = [
     "INCOMPLETE", "RESPONSE_DEFAULTS", "completion_response", "failure_error", "response_base",
@@ -70,7 +70,7 @@ def responses_usage(usage: Mapping[str, Any] | None) -> dict[str, Any]:
     if usage and isinstance(usage, Mapping):
         prompt = _count(usage.get("prompt_tokens"))
         completion = _count(usage.get("completion_tokens"))
-        total = _count(usage.get("total_tokens")) or min(prompt + completion, _MAX_COUNT)
+        total = _count(usage.get("total_tokens")) or min(prompt + completion, MAX_COUNT)
         # Most servers send neither details object: no lookups in empty ones.
         details = usage.get("prompt_tokens_details")
         if details and isinstance(details, Mapping):
@@ -88,21 +88,8 @@ def responses_usage(usage: Mapping[str, Any] | None) -> dict[str, Any]:
     }
 
 
-# The largest count an answer gives: a JavaScript client reads no larger integer exactly, and
-# a sum of two upstream counts stays within what JSON encoders write.
-_MAX_COUNT: Final = 2**53
-
-
 def _count(value: Any) -> int:
-    if type(value) is int and 0 <= value <= _MAX_COUNT:  # nearly always: one check
-        return value
-    if isinstance(value, bool):
-        return 0
-    if isinstance(value, int):
-        return min(max(value, 0), _MAX_COUNT)
-    if isinstance(value, float) and value == value and value >= 0:
-        return int(min(value, _MAX_COUNT))
-    return 0
+    return token_count(value) or 0
 
 
 def response_base(
@@ -187,8 +174,12 @@ def _function_call(call: Any, ids: str, index: int, chat_index: int) -> dict[str
     call_id = _text(call.get("id")) or f"call_{ids}_{chat_index}"
     # Clients json-parse the arguments: a call with none takes an empty object.
     arguments = _text(function.get("arguments")) or "{}"
+    name = _text(function.get("name"))
+    if not name:
+        # No client can run it; the stream's writer refuses it the same way.
+        raise UpstreamFailed("The upstream sent a tool call without a function name.")
     return {"id": f"fc_{ids}_{index}", "type": "function_call", "status": "completed",
-            "call_id": call_id, "name": _text(function.get("name")), "arguments": arguments}
+            "call_id": call_id, "name": name, "arguments": arguments}
 
 
 def _message(item_id: str, parts: list[dict[str, Any]]) -> dict[str, Any]:

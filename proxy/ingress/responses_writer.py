@@ -27,7 +27,7 @@ from typing import Any, Final
 
 import orjson
 
-from proxy.chunks import Comment, Out, TextRun
+from proxy.chunks import HELD_CHUNK, Comment, Out, TextRun, held_by_calls
 from proxy.errors import ProxyError, UpstreamFailed
 from proxy.ingress.responses_items import (
     END,
@@ -47,31 +47,33 @@ from proxy.ingress.responses_object import (
 )
 from proxy.openai_types import ToolCallDelta
 from proxy.sse import DONE, EVENT_END, encode_comment
+from proxy.upstreams.http_errors import MAX_ANSWER, answer_too_large
 
-__all__ = ["ResponsesWriter", "render_sync"]
+__all__ = ["ResponsesWriter"]
 
-_CREATED: Final = frame("response.created")
-_IN_PROGRESS: Final = frame("response.in_progress")
-_COMPLETED: Final = frame("response.completed")
-_INCOMPLETE_EV: Final = frame("response.incomplete")
-_FAILED: Final = frame("response.failed")
-_ITEM_ADDED: Final = frame("response.output_item.added")
-_ITEM_DONE: Final = frame("response.output_item.done")
-_PART_ADDED: Final = frame("response.content_part.added")
-_PART_DONE: Final = frame("response.content_part.done")
-_ARGS_DONE: Final = frame("response.function_call_arguments.done")
+_HEADS: Final = {
+    kind: frame(kind)
+    for kind in (
+        "response.created", "response.in_progress", "response.completed",
+        "response.incomplete", "response.failed", "response.output_item.added",
+        "response.output_item.done", "response.content_part.added",
+        "response.content_part.done", "response.function_call_arguments.done",
+        *(names[1] for names in PARTS.values()),
+    )
+}
 # A delta event from its prefix (proxy/responses_items.py), its JSON text and its sequence
 # number: one bytes format instead of four concatenations.
 _DELTA: Final = b"%b%b" + SEQ + b"%d" + END
 _UNREADABLE: Final = "The upstream sent a chat completion chunk with a delta of the wrong types."
+_NAMELESS: Final = "The upstream sent a tool call without a function name."
 
 
 class ResponsesWriter:
     """Turns one response's chunk batches into Responses SSE bytes and the final object."""
 
     __slots__ = (
-        "_base", "_call", "_calls", "_clock", "_events", "_final", "_finish_reason", "_ids",
-        "_item", "_out", "_output", "_seq", "_started", "_usage", "response_id",
+        "_base", "_call", "_calls", "_clock", "_events", "_final", "_finish_reason", "_held",
+        "_ids", "_item", "_out", "_output", "_seq", "_started", "_usage", "response_id",
     )
 
     def __init__(
@@ -105,6 +107,7 @@ class ResponsesWriter:
         self._usage: Mapping[str, Any] | None = None
         self._started = False
         self._final: dict[str, Any] | None = None
+        self._held = 0  # what the texts and arguments kept for the final object hold
 
     def start(self) -> bytes:
         """`response.created` and `response.in_progress`; empty if already started."""
@@ -151,11 +154,15 @@ class ResponsesWriter:
                     calls = delta.get("tool_calls")
                     if calls:
                         self._tool_calls(calls)
+                        self._held += held_by_calls(calls)
                 reason = choice["finish_reason"]
                 if reason is not None:
                     if type(reason) is not str:
                         raise UpstreamFailed(_UNREADABLE)
                     self._finish_reason = reason
+        if self._held > MAX_ANSWER:
+            # Every text is kept for the final object: an endless upstream must end here.
+            raise answer_too_large()
         return self._flush()
 
     @property
@@ -177,10 +184,10 @@ class ResponsesWriter:
         response = self._response(status)
         if reason is None:
             response["completed_at"] = int(self._clock())
-            self._emit(_COMPLETED, {"type": "response.completed", "response": response})
+            self._emit({"type": "response.completed", "response": response})
         else:
             response["incomplete_details"] = {"reason": reason}
-            self._emit(_INCOMPLETE_EV, {"type": "response.incomplete", "response": response})
+            self._emit({"type": "response.incomplete", "response": response})
         self._final = response
         self._out.append(DONE)
         return self._flush()
@@ -197,7 +204,7 @@ class ResponsesWriter:
             self._start()
         response = self._response("failed")
         response["error"] = failure_error(err)
-        self._emit(_FAILED, {"type": "response.failed", "response": response})
+        self._emit({"type": "response.failed", "response": response})
         self._final = response
         self._out.append(DONE)
         return self._flush()
@@ -213,10 +220,10 @@ class ResponsesWriter:
         self._out.clear()
         return data
 
-    def _emit(self, frame: bytes, payload: dict[str, Any]) -> None:
+    def _emit(self, payload: dict[str, Any]) -> None:
         if self._events:
             payload["sequence_number"] = self._seq
-            self._out.append(frame + orjson.dumps(payload) + EVENT_END)
+            self._out.append(_HEADS[payload["type"]] + orjson.dumps(payload) + EVENT_END)
         self._seq += 1
 
     def _start(self) -> None:
@@ -225,8 +232,8 @@ class ResponsesWriter:
             self._seq += 2
             return
         response = self._response("in_progress", usage=False)
-        self._emit(_CREATED, {"type": "response.created", "response": response})
-        self._emit(_IN_PROGRESS, {"type": "response.in_progress", "response": response})
+        self._emit({"type": "response.created", "response": response})
+        self._emit({"type": "response.in_progress", "response": response})
 
     def _response(self, status: str, *, usage: bool = True) -> dict[str, Any]:
         response = dict(self._base)
@@ -250,6 +257,7 @@ class ResponsesWriter:
             self._close_part(item)
             self._open_part(item, part_kind)
         item.texts.append(text)
+        self._held += len(text) + HELD_CHUNK
         if self._events:
             self._out.append(_DELTA % (item.prefix, orjson.dumps(text), self._seq))
         self._seq += 1
@@ -270,6 +278,7 @@ class ResponsesWriter:
             item = self._item
             assert item is not None
         item.texts += texts
+        self._held += sum(map(len, texts)) + HELD_CHUNK * len(texts)
         seq = self._seq
         if self._events:
             prefix = item.prefix
@@ -283,8 +292,8 @@ class ResponsesWriter:
         item = OpenItem(kind, f"{'msg' if kind == 'message' else 'rs'}_{self._ids}_{index}", index)
         self._output.append(item)
         self._item = item
-        self._emit(_ITEM_ADDED, {"type": "response.output_item.added", "output_index": index,
-                                 "item": item.snapshot("in_progress")})
+        self._emit({"type": "response.output_item.added", "output_index": index,
+                    "item": item.snapshot("in_progress")})
         self._open_part(item, part_kind)
         return item
 
@@ -294,9 +303,9 @@ class ResponsesWriter:
         if not self._events:
             self._seq += 1
             return
-        self._emit(_PART_ADDED, {"type": "response.content_part.added", "item_id": item.id,
-                                 "output_index": item.index, "content_index": content_index,
-                                 "part": empty_part(part_kind)})
+        self._emit({"type": "response.content_part.added", "item_id": item.id,
+                    "output_index": item.index, "content_index": content_index,
+                    "part": empty_part(part_kind)})
 
     def _close_part(self, item: OpenItem) -> None:
         part = item.part
@@ -311,10 +320,9 @@ class ResponsesWriter:
                                 field: text}
         if item.part_kind == "output_text":
             done["logprobs"] = []
-        self._emit(frame(done_type), done)
-        self._emit(_PART_DONE, {"type": "response.content_part.done", "item_id": item.id,
-                                "output_index": item.index, "content_index": content_index,
-                                "part": part})
+        self._emit(done)
+        self._emit({"type": "response.content_part.done", "item_id": item.id,
+                    "output_index": item.index, "content_index": content_index, "part": part})
         item.parts.append(part)
         item.part = None
         item.texts = []
@@ -326,10 +334,13 @@ class ResponsesWriter:
             final = item.snapshot(status)
             self._output[item.index] = final
             self._item = None
-            self._emit(_ITEM_DONE, {"type": "response.output_item.done",
-                                    "output_index": item.index, "item": final})
+            self._emit({"type": "response.output_item.done", "output_index": item.index,
+                        "item": final})
         call = self._call
         if call is not None:
+            if not call.name:
+                # No client can run it (the name may come in a later delta, so only now).
+                raise UpstreamFailed(_NAMELESS)
             self._call = None
             arguments = "".join(call.args)
             if not arguments:
@@ -338,13 +349,12 @@ class ResponsesWriter:
                 arguments = "{}"
                 call.args.append(arguments)
                 self._args_delta(call, arguments)
-            self._emit(_ARGS_DONE, {"type": "response.function_call_arguments.done",
-                                    "item_id": call.id, "output_index": call.index,
-                                    "arguments": arguments})
+            self._emit({"type": "response.function_call_arguments.done", "item_id": call.id,
+                        "output_index": call.index, "arguments": arguments})
             final = call.snapshot(status, arguments)
             self._output[call.index] = final
-            self._emit(_ITEM_DONE, {"type": "response.output_item.done",
-                                    "output_index": call.index, "item": final})
+            self._emit({"type": "response.output_item.done", "output_index": call.index,
+                        "item": final})
 
     def _tool_calls(self, calls: list[ToolCallDelta]) -> None:
         for delta in calls:
@@ -365,9 +375,8 @@ class ResponsesWriter:
                 self._calls[chat_index] = call
                 self._call = call
                 self._output.append(call)
-                self._emit(_ITEM_ADDED, {"type": "response.output_item.added",
-                                         "output_index": index,
-                                         "item": call.snapshot("in_progress")})
+                self._emit({"type": "response.output_item.added", "output_index": index,
+                            "item": call.snapshot("in_progress")})
             elif call is not self._call:
                 if args or (name and name != call.name):
                     # Its `.done` already went out with the arguments final: a client would
@@ -388,12 +397,3 @@ class ResponsesWriter:
             self._out.append(_DELTA % (call.prefix, orjson.dumps(args), self._seq))
         self._seq += 1
 
-
-def render_sync(writer: ResponsesWriter, batches: Iterable[Iterable[Out]]) -> dict[str, Any]:
-    """The sync answer: the stream's final object, from the same writer fed the same chunks
-    (made with `events=False`, since nobody reads the events of a sync answer)."""
-    writer.start()
-    for batch in batches:
-        writer.feed(batch)
-    writer.finish()
-    return writer.final()

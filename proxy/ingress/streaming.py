@@ -16,12 +16,12 @@ import time
 from contextlib import aclosing
 from typing import Protocol
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from proxy.app_keys import EXCHANGE, METRICS, STATE
 from proxy.chunks import Comment, Out, TextRun
 from proxy.dispatch import Served
-from proxy.errors import InternalError, ProxyError
+from proxy.errors import InternalError, ProxyError, UpstreamFailed
 from proxy.exchange import ENDINGS, Exchange
 from proxy.failover import is_failure
 from proxy.handlers import stamp_headers
@@ -32,6 +32,7 @@ from proxy.sse_writer import SSEWriter
 from proxy.upstreams.base import ByteStream, ChunkStream
 
 log = logging.getLogger(__name__)
+_JSON = "application/json"
 
 
 class Encoder(Protocol):
@@ -60,7 +61,10 @@ async def relay(request: web.Request, served: Served, encoder: Encoder) -> web.S
         async with aclosing(stream):
             # The proxy's share of a stream is its time to the commit.
             exchange.overhead = stamp_headers(exchange, response)
-            await writer.commit()
+            try:
+                await writer.commit()
+            except ValueError:
+                return _unwritable(request, exchange)
             exchange.status = response.status
             metrics.stream_opened()
             try:
@@ -110,6 +114,24 @@ async def relay(request: web.Request, served: Served, encoder: Encoder) -> web.S
     return response
 
 
+def _unwritable(request: web.Request, exchange: Exchange) -> web.Response:
+    """The answer when aiohttp refused to write the stream's headers (a control character
+    in a relayed value that the upstream adapter let through). Nothing was sent, but the
+    failed prepare already set chunked framing for the connection (HTTP/1.1): the 502 is
+    framed the same way and the connection closed after it, so the client's connection is
+    never left out of step."""
+    log.exception("stream %s: its response headers could not be written", exchange.request_id)
+    err = UpstreamFailed(
+        f"Upstream '{exchange.upstream}' sent a response header that cannot be relayed."
+    )
+    exchange.error = err.code
+    response = web.Response(body=err.to_json(), status=err.status, content_type=_JSON)
+    if request.version >= HttpVersion11:
+        response.enable_chunked_encoding()
+    response.force_close()
+    return response
+
+
 async def _pump_bytes(
     writer: SSEWriter, stream: ByteStream, first: bytes | None, exchange: Exchange
 ) -> bool:
@@ -149,7 +171,10 @@ async def _pump_chunks(
 
 def _has_token(batch: list[Out]) -> bool:
     """Whether a batch carries generated output: text, reasoning, or a tool call (the role
-    chunk that opens every stream does not count, so the time to it is not "first token")."""
+    chunk that opens every stream does not count, so the time to it is not "first token").
+
+    A choice without a delta, or of the wrong shape, is no token: whether such a chunk is
+    the upstream's failure is the encoder's to say (as the upstream's, never a crash)."""
     for out in batch:
         if isinstance(out, Comment):
             continue
@@ -157,8 +182,14 @@ def _has_token(batch: list[Out]) -> bool:
             if any(out.texts):
                 return True
             continue
-        for choice in out["choices"]:
-            delta = choice["delta"]
-            if delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"):
-                return True
+        try:
+            for choice in out["choices"]:
+                delta = choice.get("delta")
+                if delta and (
+                    delta.get("content") or delta.get("reasoning_content")
+                    or delta.get("tool_calls")
+                ):
+                    return True
+        except AttributeError:
+            continue
     return False

@@ -28,12 +28,13 @@ from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 import aiohttp
 import orjson
 
-from proxy.chunks import Out
+from proxy.chunks import Out, chat_chunks, held_size
 from proxy.config import ModelSpec, UpstreamSpec
 from proxy.exchange import Exchange
 from proxy.openai_types import ChatChunk, ChatCompletion
 from proxy.state import AppState
 from proxy.upstreams.deadlines import Deadlines
+from proxy.upstreams.http_errors import MAX_ANSWER, answer_too_large
 
 T = TypeVar("T")
 
@@ -85,6 +86,20 @@ class Answer(NamedTuple):
 
     def body(self) -> bytes:
         return self.raw if self.raw is not None else orjson.dumps(self.completion)
+
+
+async def hold_answer(batches: AsyncIterator[list[Out]], who: str) -> list[ChatChunk]:
+    """The chunks of a whole answer (for a client that did not stream); UpstreamFailed once
+    what they hold passes MAX_ANSWER: an upstream that streams without end must not make the
+    proxy hold an answer without end. Counted as the batches come, not summed again."""
+    chunks: list[ChatChunk] = []
+    size = 0
+    async for batch in batches:
+        size += held_size(batch)
+        if size > MAX_ANSWER:
+            raise answer_too_large(who)
+        chunks.extend(chat_chunks(batch))
+    return chunks
 
 
 class Stream(Generic[T]):

@@ -37,12 +37,12 @@ import aiohttp
 import orjson
 from multidict import CIMultiDict
 
-from proxy.chunks import KEEP_ALIVE, Out, chat_chunks
+from proxy.chunks import KEEP_ALIVE, Out
 from proxy.config import ModelSpec
 from proxy.errors import UpstreamFailed
-from proxy.openai_types import ChatChunk, ChunkFactory, accumulate
+from proxy.openai_types import ChunkFactory, accumulate
 from proxy.session_keys import SessionKeys, session_keys
-from proxy.upstreams.base import Answer, ByteStream, Call, ChunkStream
+from proxy.upstreams.base import Answer, ByteStream, Call, ChunkStream, hold_answer
 from proxy.upstreams.custom_calls import CustomCalls, TurnInFlight, let_go
 from proxy.upstreams.custom_extract import is_json_content_type
 from proxy.upstreams.custom_options import CustomRoute
@@ -52,7 +52,7 @@ from proxy.upstreams.custom_sync import SyncReader
 from proxy.upstreams.custom_turn import ClientSystem
 from proxy.upstreams.custom_values import request_values, session_id
 from proxy.upstreams.deadlines import Deadlines
-from proxy.upstreams.http_errors import MAX_ANSWER
+from proxy.upstreams.http_errors import MAX_ANSWER, answer_too_large
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +80,9 @@ class Custom(CustomCalls):
         started = time.perf_counter()
         turn = await self._open(call, http, keepalive=None)
         upstream_ms = (time.perf_counter() - started) * 1000.0
-        chunks: list[ChatChunk] = []
         batches = self._batches(turn, call, include_usage=True)
         try:
-            async for batch in batches:
-                chunks.extend(chat_chunks(batch))
+            chunks = await hold_answer(batches, self._label)
         finally:
             await batches.aclose()
             await self._close(turn, http)
@@ -259,9 +257,7 @@ class Custom(CustomCalls):
                         break
                     size += len(data)
                     if size > MAX_ANSWER:
-                        raise UpstreamFailed(
-                            f"{self._label} answered with more than {MAX_ANSWER} bytes."
-                        )
+                        raise answer_too_large(self._label)
                     parts.append(data)
                 turn.at_eof = turn.finished = True
                 sync = SyncReader(self.custom, factory, show_reasoning=show_reasoning,

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 
 from proxy.errors import UpstreamFailed
-from proxy.openai_types import Usage, make_usage
+from proxy.openai_types import MAX_COUNT, Usage, make_usage, token_count
 from proxy.upstreams.custom_paths import Getter
 from proxy.upstreams.custom_rules import UsageMapping
 from proxy.upstreams.letta_translator import shorten
@@ -24,7 +24,6 @@ __all__ = [
     "ERROR_LIMIT",
     "add_usage",
     "coerce_text",
-    "count_of",
     "error_message_of",
     "error_text",
     "failure",
@@ -67,14 +66,6 @@ def coerce_text(value: Any, join: str = "") -> str:
     return ""
 
 
-def count_of(value: Any) -> int | None:
-    if type(value) is int:
-        return value
-    if type(value) is float:
-        return int(value)
-    return None
-
-
 def usage_of(mapping: UsageMapping, payload: Any, event: str) -> Usage | None:
     """The usage an event or body reports; None when it reports none at all."""
     if mapping.parent is not None:
@@ -82,17 +73,19 @@ def usage_of(mapping: UsageMapping, payload: Any, event: str) -> Usage | None:
         if type(parent) is not dict:
             return None
         p_key, c_key, t_key = mapping.keys
-        prompt = count_of(parent.get(p_key)) if p_key is not None else None
-        completion = count_of(parent.get(c_key)) if c_key is not None else None
-        total = count_of(parent.get(t_key)) if t_key is not None else None
+        prompt = token_count(parent.get(p_key)) if p_key is not None else None
+        completion = token_count(parent.get(c_key)) if c_key is not None else None
+        total = token_count(parent.get(t_key)) if t_key is not None else None
     else:
-        prompt = count_of(mapping.prompt_tokens(payload, event)) if mapping.prompt_tokens else None
+        prompt = (
+            token_count(mapping.prompt_tokens(payload, event)) if mapping.prompt_tokens else None
+        )
         completion = (
-            count_of(mapping.completion_tokens(payload, event))
+            token_count(mapping.completion_tokens(payload, event))
             if mapping.completion_tokens
             else None
         )
-        total = count_of(mapping.total_tokens(payload, event)) if mapping.total_tokens else None
+        total = token_count(mapping.total_tokens(payload, event)) if mapping.total_tokens else None
     if prompt is None and completion is None and total is None:
         return None
     usage = make_usage(prompt or 0, completion or 0)
@@ -102,10 +95,13 @@ def usage_of(mapping: UsageMapping, payload: Any, event: str) -> Usage | None:
 
 
 def add_usage(old: Usage, new: Usage) -> Usage:
+    """Two reports' counts summed, each sum capped as a single count is (token_count)."""
     return {
-        "prompt_tokens": old.get("prompt_tokens", 0) + new.get("prompt_tokens", 0),
-        "completion_tokens": old.get("completion_tokens", 0) + new.get("completion_tokens", 0),
-        "total_tokens": old.get("total_tokens", 0) + new.get("total_tokens", 0),
+        "prompt_tokens": min(old.get("prompt_tokens", 0) + new.get("prompt_tokens", 0), MAX_COUNT),
+        "completion_tokens": min(
+            old.get("completion_tokens", 0) + new.get("completion_tokens", 0), MAX_COUNT
+        ),
+        "total_tokens": min(old.get("total_tokens", 0) + new.get("total_tokens", 0), MAX_COUNT),
     }
 
 

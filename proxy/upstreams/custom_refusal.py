@@ -20,7 +20,7 @@ from typing import Final
 from proxy.errors import ProxyError, RateLimited, UpstreamClientError, UpstreamFailed
 from proxy.upstreams.custom_extract import ERROR_LIMIT, is_json_content_type, message_at
 from proxy.upstreams.custom_paths import Getter
-from proxy.upstreams.http_errors import error_from_response
+from proxy.upstreams.http_errors import error_from_response, retry_after
 from proxy.upstreams.letta_translator import shorten
 
 __all__ = ["refusal"]
@@ -40,10 +40,9 @@ def refusal(
         return error_from_response(upstream, status, b"", headers)
     message = _message(error_message, body, headers.get("Content-Type"))
     if status == 429:
-        retry = headers.get("Retry-After")
         return RateLimited(
             message or f"Upstream '{upstream}' is rate limiting requests.",
-            headers={"Retry-After": retry} if retry else None,
+            headers=retry_after(headers),
         )
     if 400 <= status < 500:
         return UpstreamClientError(

@@ -10,6 +10,8 @@ must not go to wherever a Location points; a 3xx is an upstream error.
 from __future__ import annotations
 
 import asyncio
+import functools
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,21 +34,38 @@ from proxy.upstreams.http_errors import (
     read_error_body,
 )
 
-# Response headers the proxy sets itself, that describe one hop only (RFC 9110 §7.6.1), or
-# that speak for the upstream's origin rather than the proxy's (cookies, redirects, auth
-# challenges, CORS, HSTS, alternative services).
+# Response headers the proxy sets itself; that describe one hop only (RFC 9110 §7.6.1); that
+# speak for the upstream's origin rather than the proxy's (cookies, redirects, auth challenges,
+# CORS, browser security and reporting policies, orders to the web server in front of it); or
+# that describe the upstream's body, which the proxy re-encodes or translates (validators,
+# ranges, caching, content digests).
 _NOT_RELAYED = frozenset(
     {
-        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-        "trailer", "trailers", "transfer-encoding", "upgrade", "content-length",
-        "content-type", "content-encoding", "date", "server", "x-request-id",
-        "server-timing", "set-cookie", "cache-control", "x-accel-buffering", "location",
-        "www-authenticate", "alt-svc", "strict-transport-security",
-        "access-control-allow-origin", "access-control-allow-credentials",
-        "access-control-allow-headers", "access-control-allow-methods",
-        "access-control-expose-headers", "access-control-max-age",
+        "connection", "keep-alive", "proxy-connection", "proxy-authenticate",
+        "proxy-authorization", "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+        "content-length", "content-type", "content-encoding", "date", "server", "x-request-id",
+        "server-timing", "set-cookie", "set-cookie2", "cache-control", "location", "refresh",
+        "www-authenticate", "alt-svc", "strict-transport-security", "clear-site-data", "link",
+        "content-security-policy", "content-security-policy-report-only", "content-disposition",
+        "x-sendfile", "x-sendfile2", "x-lighttpd-send-file", "public-key-pins",
+        "public-key-pins-report-only", "expect-ct", "nel", "report-to", "reporting-endpoints",
+        "permissions-policy", "feature-policy", "referrer-policy", "x-frame-options",
+        "x-xss-protection", "x-content-type-options", "timing-allow-origin",
+        "cross-origin-opener-policy", "cross-origin-embedder-policy",
+        "cross-origin-resource-policy", "etag", "last-modified", "content-md5", "digest",
+        "content-digest", "repr-digest", "content-range", "content-location", "accept-ranges",
+        "vary", "age", "expires", "pragma",
     }
 )
+_NOT_RELAYED_PREFIXES = ("access-control-", "x-accel-")
+# What aiohttp's server refuses in a header (RFC 9110 §5.5): one such value and the client
+# would get no answer at all, so the header is not relayed.
+_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# The verdict for `Connection`: not relayed, and neither are the headers it names (RFC 9110
+# §7.6.1). Compared by identity; no header name has a newline.
+_CONNECTION = "\nconnection"
+# Tokens of a Connection header that name no header to drop.
+_NOT_NAMES = _NOT_RELAYED | {"close", ""}
 # Header names an upstream sends are few and repeat: each name's verdict is remembered, up
 # to this many names per upstream (the names come from the upstream, so the memo is bounded).
 _VERDICTS_MAX = 512
@@ -220,14 +239,56 @@ class HttpUpstream(Upstream):
         """The upstream's response headers that go on to the client, from the raw lines."""
         out: list[tuple[str, str]] = []
         verdicts = self._verdicts
+        hops: str | None = None
         for name, value in raw:
             relayed = verdicts.get(name, _UNSEEN)
             if relayed is _UNSEEN:
-                text = name.decode("utf-8", "surrogateescape")
-                relayed = None if text.lower() in _NOT_RELAYED else text
+                relayed = _verdict(name)
                 if len(verdicts) < _VERDICTS_MAX:
                     verdicts[name] = relayed
-            if relayed is not None:
-                # As aiohttp decodes header bytes, so what is relayed is what the client sent.
-                out.append((relayed, value.decode("utf-8", "surrogateescape")))
+            if relayed is None:
+                continue
+            # As aiohttp decodes header bytes, so what is relayed is what the client sent.
+            text = value.decode("utf-8", "surrogateescape")
+            if relayed is _CONNECTION:
+                hops = text if hops is None else f"{hops},{text}"
+            # isprintable() is one C call that passes nearly every value; the regex only
+            # decides the rest (a tab, a non-ASCII space).
+            elif text.isprintable() or _FORBIDDEN.search(text) is None:
+                out.append((relayed, text))
+        if hops is not None:
+            listed = _hop_names(hops)
+            if listed:
+                out = [header for header in out if header[0].lower() not in listed]
         return tuple(out)
+
+
+def _verdict(name: bytes) -> str | None:
+    """The name a header is relayed under, None if it is not, `_CONNECTION` for Connection."""
+    text = name.decode("utf-8", "surrogateescape")
+    lower = text.lower()
+    if lower == "connection":
+        return _CONNECTION
+    if (
+        not lower
+        or lower in _NOT_RELAYED
+        or lower.startswith(_NOT_RELAYED_PREFIXES)
+        or _FORBIDDEN.search(text) is not None
+    ):
+        return None
+    return text
+
+
+# Upstreams send the same one or two Connection values: their parses are remembered.
+@functools.lru_cache(maxsize=64)
+def _hop_names(connection: str) -> frozenset[str]:
+    """The relayable header names a response's Connection header lists (lower case)."""
+    return frozenset(token.strip().lower() for token in connection.split(",")) - _NOT_NAMES
+
+
+def is_event_stream(content_type: str | None) -> bool:
+    """Whether a Content-Type is an SSE stream: media types ignore case and may have
+    parameters (`TEXT/EVENT-STREAM; charset=utf-8`)."""
+    if content_type is None:
+        return False
+    return content_type.partition(";")[0].strip().lower() == "text/event-stream"

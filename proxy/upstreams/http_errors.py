@@ -22,8 +22,17 @@ _MAX_ERROR_BODY = 1024 * 1024
 # The message of a JSON error body cut at the read limit.
 _CUT_MESSAGE = re.compile(rb'"message"\s*:\s*"((?:[^"\\]|\\.){0,4000})"')
 # A whole JSON answer (a sync completion, a listing) is held in memory: a broken or hostile
-# upstream must not be able to make that unbounded.
+# upstream must not be able to make that unbounded. The one bound of every answer the proxy
+# holds: a body read whole, the text of a sync answer built from a stream (letta, custom), and
+# what a Responses writer keeps for its final object.
 MAX_ANSWER = 64 * 1024 * 1024
+# A Retry-After passed on to the client: seconds (with a fraction, as some servers send and
+# the SDKs read) or an HTTP date (RFC 9110 §10.2.3). Anything else, a control byte above all
+# (aiohttp's server would refuse to write it and the client would get no answer), is dropped.
+_RETRY_AFTER = re.compile(
+    r"[0-9]{1,16}(?:\.[0-9]{1,6})?"
+    r"|[A-Za-z]{3}, [0-9]{2} [A-Za-z]{3} [0-9]{4} [0-9]{2}:[0-9]{2}:[0-9]{2} GMT"
+)
 
 
 async def read_answer(
@@ -40,7 +49,15 @@ async def read_answer(
 
 
 def _too_big(upstream: str, limit: int) -> UpstreamFailed:
-    return UpstreamFailed(f"Upstream '{upstream}' answered with more than {limit} bytes.")
+    return answer_too_large(f"Upstream '{upstream}'", limit)
+
+
+def answer_too_large(who: str = "The upstream", limit: int = MAX_ANSWER) -> UpstreamFailed:
+    """The failure of an answer past MAX_ANSWER (counted in bytes, or in characters of its
+    text, which are never more than its UTF-8 bytes)."""
+    return UpstreamFailed(
+        f"{who} answered with more than {limit} bytes, over the proxy's limit for one answer."
+    )
 
 
 async def read_error_body(resp: aiohttp.ClientResponse) -> bytes:
@@ -58,6 +75,14 @@ async def read_error_body(resp: aiohttp.ClientResponse) -> bytes:
     except aiohttp.ClientError:
         pass
     return b"".join(chunks)[:_MAX_ERROR_BODY]
+
+
+def retry_after(headers: Mapping[str, str]) -> dict[str, str] | None:
+    """The upstream's Retry-After to pass on with its 429, if it is a plain one."""
+    retry = headers.get("Retry-After")
+    if retry is None or _RETRY_AFTER.fullmatch(retry) is None:
+        return None
+    return {"Retry-After": retry}
 
 
 def connection_error(upstream: str, exc: aiohttp.ClientError) -> UpstreamUnavailable:
@@ -100,6 +125,19 @@ def _parse_error(body: bytes) -> dict[str, Any]:
     return {}
 
 
+def message_text(raw: Any) -> str:
+    """The upstream's message as the client reads it: a string as it is; anything else as
+    JSON, never as a Python repr (which would show the proxy's language to the client)."""
+    if isinstance(raw, str):
+        return raw[:2000]
+    if raw is None or raw == "":
+        return ""
+    try:
+        return orjson.dumps(raw).decode()[:2000]
+    except TypeError:  # an integer past 64 bits: nothing a client needs
+        return ""
+
+
 def error_from_response(
     upstream: str, status: int, body: bytes, headers: Mapping[str, str]
 ) -> ProxyError:
@@ -111,7 +149,7 @@ def error_from_response(
             "does not follow; check the upstream's url."
         )
     err = _parse_error(body)
-    message = str(err.get("message") or "")[:2000]
+    message = message_text(err.get("message"))
     if status in (401, 403):
         # The client's key is the proxy's business; the upstream's key is the operator's, so
         # the client must not see an auth error it cannot fix.
@@ -119,10 +157,9 @@ def error_from_response(
             f"Upstream '{upstream}' refused the proxy's credentials (HTTP {status})."
         )
     if status == 429:
-        retry = headers.get("Retry-After")
         return RateLimited(
             message or f"Upstream '{upstream}' is rate limiting requests.",
-            headers={"Retry-After": retry} if retry else None,
+            headers=retry_after(headers),
         )
     if 400 <= status < 500:
         param = err.get("param")

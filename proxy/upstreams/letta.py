@@ -26,14 +26,14 @@ from typing import Any, ClassVar
 import aiohttp
 import orjson
 
-from proxy.chunks import KEEP_ALIVE, Out, chat_chunks
+from proxy.chunks import KEEP_ALIVE, Out
 from proxy.config import ModelSpec
 from proxy.errors import ProxyError, UpstreamFailed
 from proxy.exchange import Exchange
-from proxy.openai_types import ChatChunk, ChunkFactory, accumulate
+from proxy.openai_types import ChunkFactory, accumulate
 from proxy.session_locks import busy
 from proxy.sse import SSEDecoder, SSEError
-from proxy.upstreams.base import Answer, ByteStream, Call, ChunkStream
+from proxy.upstreams.base import Answer, ByteStream, Call, ChunkStream, hold_answer
 from proxy.upstreams.deadlines import Deadlines
 from proxy.upstreams.http import HttpUpstream
 from proxy.upstreams.http_errors import error_from_response, read_error_body
@@ -360,11 +360,9 @@ class Letta(HttpUpstream):
         started = time.perf_counter()
         run = await self._open(call, http, include_usage=True, keepalive=None)
         upstream_ms = (time.perf_counter() - started) * 1000.0
-        chunks: list[ChatChunk] = []
         batches = self._batches(run)
         try:
-            async for batch in batches:
-                chunks.extend(chat_chunks(batch))
+            chunks = await hold_answer(batches, f"Upstream '{self.name}'")
         finally:
             await batches.aclose()
             await self._close(run, http)

@@ -19,8 +19,9 @@ import orjson
 
 from proxy.chunks import KEEP_ALIVE, Out
 from proxy.errors import UpstreamFailed
-from proxy.openai_types import ChatChunk, ChunkFactory, Usage, make_usage
+from proxy.openai_types import ChatChunk, ChunkFactory, Usage, make_usage, token_count
 from proxy.sse import Event
+from proxy.upstreams.http_errors import MAX_ANSWER, answer_too_large
 
 # Letta stop_reason -> OpenAI finish_reason. A reason in neither this table nor
 # ERROR_STOP_REASONS (one newer than this code) finishes with "stop": the agent did stop, and
@@ -67,18 +68,18 @@ _TOOL_CALL_TYPES: Final = frozenset({"tool_call_message", "approval_request_mess
 
 def letta_usage(stats: dict[str, Any]) -> Usage:
     """OpenAI usage from a Letta `usage_statistics` (or a sync response's `usage`)."""
-    prompt = _int(stats.get("prompt_tokens"))
-    completion = _int(stats.get("completion_tokens"))
+    prompt = token_count(stats.get("prompt_tokens")) or 0
+    completion = token_count(stats.get("completion_tokens")) or 0
     usage = make_usage(prompt, completion)
-    total = stats.get("total_tokens")
-    if isinstance(total, int):
+    total = token_count(stats.get("total_tokens"))
+    if total is not None:
         usage["total_tokens"] = total
     # null means the provider did not report it; 0 is a real zero.
-    cached = stats.get("cached_input_tokens")
-    if isinstance(cached, int):
+    cached = token_count(stats.get("cached_input_tokens"))
+    if cached is not None:
         usage["prompt_tokens_details"] = {"cached_tokens": cached}
-    reasoning = stats.get("reasoning_tokens")
-    if isinstance(reasoning, int):
+    reasoning = token_count(stats.get("reasoning_tokens"))
+    if reasoning is not None:
         usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
     return usage
 
@@ -88,10 +89,6 @@ def _json_text(value: Any) -> str:
         return orjson.dumps(value).decode()
     except orjson.JSONEncodeError:  # nested deeper than orjson writes (it reads deeper)
         return "…"
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) else 0
 
 
 def shorten(text: str, limit: int = SUMMARY_LIMIT) -> str:
@@ -159,6 +156,8 @@ class LettaTranslator:
         # Whether the reasoning shown so far ends mid-line, so the next block starts a new one.
         self._reasoning_open = False
         self._calls: dict[str, _ToolCall] = {}
+        # What `_calls` holds (names and arguments), bounded like any answer held whole.
+        self._held = 0
         self._call_names: dict[str, str] = {}
         self._awaiting_approval = False
 
@@ -290,9 +289,13 @@ class LettaTranslator:
             name = delta.get("name")
             if isinstance(name, str):
                 call.name += name
+                self._held += len(name)
             arguments = delta.get("arguments")
             if isinstance(arguments, str):
                 call.arguments.append(arguments)
+                self._held += len(arguments)
+        if self._held > MAX_ANSWER:
+            self.error = answer_too_large("Letta")
         return out
 
     def _on_tool_return(self, msg: dict[str, Any]) -> list[Out]:
@@ -349,6 +352,7 @@ class LettaTranslator:
             args = shorten("".join(call.arguments))
             out.append(self._summary(f"[tool] {name}({args}){suffix}"))
         self._calls = {}
+        self._held = 0
         return out
 
     def _summary(self, line: str) -> ChatChunk:

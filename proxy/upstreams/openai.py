@@ -30,10 +30,10 @@ from proxy.sse import KEEPALIVE as _KEEPALIVE
 from proxy.sse import SSEDecoder
 from proxy.upstreams.base import Answer, ByteStream, Call, ChunkStream
 from proxy.upstreams.deadlines import Deadlines
-from proxy.upstreams.http import HttpUpstream
+from proxy.upstreams.http import HttpUpstream, is_event_stream
 from proxy.upstreams.http_errors import read_answer
 from proxy.upstreams.openai_options import OpenAIOptions
-from proxy.upstreams.openai_relay import RelayState, ResponsesRelayState
+from proxy.upstreams.openai_relay import RelayState, ResponsesRelayState, reported_error
 
 _READANY: Final = aiohttp.StreamReader.readany
 
@@ -150,6 +150,9 @@ class OpenAI(HttpUpstream):
         upstream_ms = (time.perf_counter() - started) * 1000.0
         parsed = self._object(data, "a chat completion")
         headers = self.relayable_headers(resp.raw_headers)
+        if parsed.get("error") is not None:
+            # A 200 that reports an error (OpenRouter's, beside the choices it cut short).
+            raise self.scrubbed(reported_error(self.name, parsed, "in its answer"))
         if not isinstance(parsed.get("choices"), list):
             raise UpstreamFailed(
                 f"Upstream '{self.name}' answered with a body that is not a chat completion."
@@ -204,7 +207,7 @@ class OpenAI(HttpUpstream):
         except BaseException as exc:
             deadlines.close()
             raise self.failure(exc, answered=False) from None
-        if not resp.headers.get("Content-Type", "").startswith("text/event-stream"):
+        if not is_event_stream(resp.headers.get("Content-Type")):
             resp.close()
             deadlines.close()
             raise UpstreamFailed(

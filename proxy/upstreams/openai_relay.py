@@ -18,19 +18,26 @@ from proxy.chunks import Out
 from proxy.errors import ProxyError, UpstreamFailed
 from proxy.openai_types import ChatChunk
 from proxy.sse import SSEDecoder, reframe
+from proxy.upstreams.http_errors import message_text
 from proxy.upstreams.openai_template import TextTemplate
 
-# A finish chunk carries a string finish_reason; every other chunk has null or nothing.
-_FINISH = re.compile(r'"finish_reason"\s*:\s*"')
-_FINISH_BYTES = re.compile(rb'"finish_reason"\s*:\s*"')
+# A finish chunk carries a non-empty string finish_reason; every other chunk has null or
+# nothing.
+_FINISH = re.compile(r'"finish_reason"\s*:\s*"[^"]')
+_FINISH_BYTES = re.compile(rb'"finish_reason"\s*:\s*"[^"]')
 _FINISH_KEY = b'"finish_reason"'
 _BOUNDARY = b"\n\n"
-# Whole events, each a single `data:` line holding what has the shape of a JSON object that
-# is not an error (the caller rules out CR, which SSE also reads as a line end): `{`, then
-# anything but a line end, then `}`. `[^\n]*` rather than a class of two characters: the
-# regex engine scans a single excluded byte several times faster, and a read that does not
-# match fails in linear time.
-_PLAIN_EVENTS = re.compile(rb'(?:data: \{(?!"error")[^\n]*\}\n\n)+')
+# Whole events, each a single `data:` line holding what has the shape of a JSON object (the
+# caller rules out CR, which SSE also reads as a line end, and errors): `{`, then anything
+# but a line end, then `}`. `[^\n]*` rather than a class of two characters: the regex engine
+# scans a single excluded byte several times faster, and a read that does not match fails in
+# linear time.
+_PLAIN_EVENTS = re.compile(rb'(?:data: \{[^\n]*\}\n\n)+')
+# An `error` member, wherever it is in an event and however it is spaced, has these bytes; a
+# JSON string holding the word in quotes has them escaped (`\"error\"`), so a read without
+# them needs no parse to rule an error out, and one with them is rare.
+_ERROR_KEY = b'"error"'
+_ERROR_TEXT = '"error"'
 _DONE_EVENT = b"data: [DONE]\n\n"
 _DONE_LEN = len(_DONE_EVENT)
 # Token chunks a stream may offer to teach a template (a first one, and one for each shape
@@ -44,6 +51,10 @@ _RESPONSES_TERMINAL = frozenset(
 _RESPONSES_TERMINAL_TYPE = re.compile(
     r'^\{[^{]*?"type"\s*:\s*"response\.(?:completed|incomplete|failed)"'
 )
+# A terminal type's string anywhere in the event: where `type` comes after the response object
+# (openai-python's models serialise `{"response":{…},"sequence_number":…,"type":…}`) the event
+# is parsed. A text that holds the string has its quotes escaped, so other events rarely are.
+_RESPONSES_TERMINAL_NAME = re.compile(r'"response\.(?:completed|incomplete|failed)"')
 
 
 def flush_events(decoder: SSEDecoder, upstream: str) -> list[Any]:
@@ -99,7 +110,7 @@ class RelayState:
         multi-line data, empty data, an error event, invalid UTF-8, a [DONE] inside a value)
         takes the decoder's path, so the output never differs from `frame`'s.
         """
-        if not chunk.endswith(_BOUNDARY) or b"\r" in chunk:
+        if not chunk.endswith(_BOUNDARY) or b"\r" in chunk or _ERROR_KEY in chunk:
             return None
         # [DONE] ends the stream: it comes last in its read, and the writer writes its own.
         done = chunk.endswith(_DONE_EVENT) and (
@@ -126,7 +137,7 @@ class RelayState:
                 _FINISH_BYTES.match(chunk, last) is not None
                 or (
                     chunk.find(_FINISH_KEY, 0, last) >= 0
-                    and _FINISH_BYTES.search(chunk, 0, last + 1) is not None
+                    and _FINISH_BYTES.search(chunk, 0, last + 2) is not None
                 )
             ):
                 self.finished = True
@@ -141,7 +152,7 @@ class RelayState:
         if data == "[DONE]":
             self.done = True
             return None
-        if ev.event == "error" or data.startswith('{"error"'):
+        if ev.event == "error" or (_ERROR_TEXT in data and reports_error(data)):
             self.error = stream_error(self.upstream, data)
             return None
         if not data:
@@ -299,20 +310,36 @@ class RelayState:
 
 
 
+def reports_error(data: str) -> bool:
+    """Whether a chat stream event is an error: an object with a non-null `error` member,
+    first (`{"error": …}`) or beside the chunk's choices (OpenRouter's mid-stream errors); a
+    broken object that starts as an error still counts as one."""
+    try:
+        parsed = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return data.startswith('{"error"')
+    return isinstance(parsed, dict) and parsed.get("error") is not None
+
+
 def stream_error(upstream: str, data: str) -> ProxyError:
-    message = ""
     try:
         parsed = orjson.loads(data)
     except orjson.JSONDecodeError:
         parsed = None
+    return reported_error(upstream, parsed, "mid-stream")
+
+
+def reported_error(upstream: str, parsed: Any, where: str) -> ProxyError:
+    """The failure for an error object an upstream sent (`{"error": …}` or the error alone)."""
+    message = ""
     if isinstance(parsed, dict):
         err = parsed.get("error", parsed)
         if isinstance(err, dict):
-            message = str(err.get("message") or "")
+            message = message_text(err.get("message"))
         elif isinstance(err, str):
             message = err
     detail = f": {message[:500]}" if message else ""
-    return UpstreamFailed(f"Upstream '{upstream}' reported an error mid-stream{detail}")
+    return UpstreamFailed(f"Upstream '{upstream}' reported an error {where}{detail}")
 
 
 class ResponsesRelayState:
@@ -352,11 +379,20 @@ class ResponsesRelayState:
                 )
                 break
             out.append(reframe(data.encode(), name))
-            if (
-                name in _RESPONSES_TERMINAL
-                if name
-                else _RESPONSES_TERMINAL_TYPE.match(data) is not None
-            ):
+            if name in _RESPONSES_TERMINAL if name else _is_terminal(data):
                 self.terminal = True
                 break
         return b"".join(out)
+
+
+def _is_terminal(data: str) -> bool:
+    """Whether the data of a Responses event without an `event:` line is a terminal one."""
+    if _RESPONSES_TERMINAL_TYPE.match(data) is not None:
+        return True
+    if _RESPONSES_TERMINAL_NAME.search(data) is None:
+        return False
+    try:
+        parsed = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(parsed, dict) and parsed.get("type") in _RESPONSES_TERMINAL
