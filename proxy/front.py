@@ -135,12 +135,36 @@ class Front:
             finally:
                 drain.untrack(exchange)
                 if response is not None and not response.prepared:
-                    # A stream stamped its own headers before it committed them.
-                    stamp_headers(exchange, response)
+                    if exchange.status:
+                        # The handler raised after its stream committed (the relay sets the
+                        # status then): the answer rendered above must not go out.
+                        response = _cut(request, exchange)
+                    else:
+                        # A stream stamped its own headers before it committed them.
+                        stamp_headers(exchange, response)
                 _finish(request, front.metrics, exchange, response)
             return response
 
         return guarded
+
+
+def _cut(request: web.Request, exchange: Exchange) -> web.StreamResponse:
+    """The end of a stream whose handler raised after its 200 went out. Any response now
+    would be written inside the stream's chunked body (a raw HTTP head the client cannot
+    parse, and a connection left out of step), so the connection is cut: the client sees a
+    stream that stopped short. The relay ends every failure it can foresee with the API's
+    error event; this is for what it could not, a fault of the proxy's own."""
+    log.error("request %s failed after its stream was committed: connection closed",
+              exchange.request_id)
+    exchange.error = InternalError.code
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+    # What aiohttp finishes the request with: nothing of it can be written to a closed
+    # transport, so only its status (the committed one) reaches the metrics and the log.
+    response = web.Response(status=exchange.status)
+    response.force_close()
+    return response
 
 
 def new_request_id() -> str:

@@ -1,33 +1,37 @@
 """aiohttp's HTTP server, with the proxy's answer to what never reaches a handler.
 
-Two things happen below the application, in aiohttp's connection protocol, that the proxy must
-do its own way:
-- a request the HTTP parser refuses, or whose target no route can match, gets an
-  OpenAI-shaped error, one log line without header values, and a count (proxy/bad_requests.py);
+Three things happen below the application, in aiohttp's connection protocol, that the proxy
+must do its own way:
+- a request the HTTP parser refuses, or whose target no route can match, or in an HTTP version
+  other than 1.0 and 1.1, gets an OpenAI-shaped error, one log line without header values, and
+  a count (proxy/bad_requests.py);
+- a request that asks for a protocol upgrade is served as if it had not, and its connection
+  closes after it (aiohttp's parser does not parse what was pipelined behind it);
 - a client too slow to send its request is cut off (proxy/connection_limits.py): one sweep
   over the open connections, a few times per shortest limit, instead of a timer per request.
 
 aiohttp offers no public way to choose the protocol class, so `serve_connections` wraps this
 one application's `_make_handler` (what every runner calls to build its Server): the Server
 is aiohttp's with `__call__` building a ProxyRequestHandler, aiohttp's RequestHandler with a
-few methods overridden. Per request that adds one call and a set lookup (`finish_response`,
-under 0.1 µs); the rest runs per connection, per sweep or on errors only. The overrides read
-some of aiohttp's private state (the connection's request count, current request and message
-queue, a body's waiter): tests/test_connection_limits.py and tests/test_bad_requests.py fail
-if an aiohttp upgrade moves it.
+few methods overridden. Per request that adds two calls, a set lookup and two attribute reads
+(`_handle_request`, `finish_response`, under 0.2 µs); the rest runs per connection, per sweep
+or on errors only. The overrides read some of aiohttp's private state (the connection's request
+count, current request and message queue, a body's waiter, the request's parsed message):
+tests/test_connection_limits.py, tests/test_bad_requests.py and tests/test_expect_and_methods.py
+fail if an aiohttp upgrade moves it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
+from aiohttp import HttpVersion10, HttpVersion11, web
+from aiohttp.http_exceptions import BadHttpMethod, BadStatusLine, HttpProcessingError
 from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
+from aiohttp.web_protocol import ERROR, RequestHandler, RequestPayloadError, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
 from proxy import bad_requests
@@ -40,6 +44,7 @@ log = logging.getLogger("agentproxy.http")
 
 # What the proxy's handlers answer with (errors included: proxy.app.render).
 _HANDLER_ANSWERS = frozenset({web.Response, web.StreamResponse})
+_SERVED_VERSIONS = (HttpVersion11, HttpVersion10)
 
 
 class _Policy:
@@ -224,6 +229,44 @@ class ProxyRequestHandler(RequestHandler):
         err = InternalError(request_id)
         err.status = status
         return bad_requests.respond(err, request_id)
+
+    def _handle_request(
+        self,
+        request: BaseRequest,
+        start_time: float | None,
+        request_handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]],
+    ) -> Coroutine[Any, Any, tuple[web.StreamResponse, bool]]:
+        # Not a coroutine of its own, like finish_response. The C parser gives 1.0 and 1.1 as
+        # these very objects, so `in` settles a served request by identity.
+        message = request._message
+        if message.upgrade or message.version not in _SERVED_VERSIONS:
+            request, request_handler = self._unserved(request, request_handler)
+        return RequestHandler._handle_request(self, request, start_time, request_handler)
+
+    def _unserved(
+        self,
+        request: BaseRequest,
+        request_handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]],
+    ) -> tuple[BaseRequest, Callable[[BaseRequest], Awaitable[web.StreamResponse]]]:
+        """A request in an HTTP version the proxy does not serve (llhttp lets 0.9 and 2.0
+        through), answered as the parser's own refusals are; or one that asks for a protocol
+        upgrade, which the proxy never does (RFC 9110 §7.8 lets it ignore the header): it is
+        served, then the connection closes, saying so, since aiohttp's parser has dropped, or
+        kept for the new protocol, whatever was pipelined behind it."""
+        message = request._message
+        if message.version in _SERVED_VERSIONS:
+            message = message._replace(should_close=True)
+        else:
+            exc = BadStatusLine(error="Unsupported HTTP version")
+            message = ERROR
+            request_handler = self._make_error_handler(
+                _ErrInfo(status=400, exc=exc, message=exc.message)
+            )
+        assert self._request_factory is not None
+        request = self._request_factory(
+            message, request.content, self, request.writer, request.task
+        )
+        return request, request_handler
 
     def finish_response(
         self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None

@@ -10,9 +10,13 @@ import orjson
 
 from proxy.errors import InvalidRequest
 
-# orjson parses JSON nested up to 1024 levels but serializes only up to 254, so a body nested
-# deeper than this would parse and then fail (a 500) where an adapter forwards it.
-MAX_DEPTH = 254
+# orjson parses JSON nested up to 1024 levels but serializes only up to 254, and the proxy's
+# translations nest what the client sent deeper (a Responses event wraps the echoed request in
+# `{"response": ...}`, a chat tool adds `function`, a custom template may add more): a body
+# accepted at 254 levels would fail to encode after its 200 was committed. Real requests nest
+# a few dozen levels at most (OpenAI's structured outputs take schemas 10 levels deep).
+MAX_DEPTH = 128
+_ENCODABLE_DEPTH = 254
 
 
 def load_object(raw: bytes) -> dict[str, Any]:
@@ -25,10 +29,13 @@ def load_object(raw: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     # Counting brackets is a cheap bound on the depth: only bodies that could be too deep pay
-    # for the trial serialization.
+    # for the trial serialization, of the body under the levels it must leave to spare.
     if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:
+        wrapped: Any = body
+        for _ in range(_ENCODABLE_DEPTH - MAX_DEPTH):
+            wrapped = [wrapped]
         try:
-            orjson.dumps(body)
+            orjson.dumps(wrapped)
         except orjson.JSONEncodeError:
             raise InvalidRequest(
                 f"The request body is nested too deeply (more than {MAX_DEPTH} levels)."

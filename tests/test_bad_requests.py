@@ -24,6 +24,7 @@ ROUTES = "upstreams: {demo: {kind: echo}}\nmodels: {echo: {upstream: demo}}\n"
 AUTH = b"Authorization: Bearer " + KEY.encode() + b"\r\n"
 CHAT = orjson.dumps({"model": "echo", "messages": [{"role": "user", "content": "hello"}]})
 REQUEST_ID = re.compile(r"req_[0-9a-f]+")
+RESPONSES_STREAM = orjson.dumps({"model": "echo", "input": "hello", "stream": True})
 
 
 def post(*headers: bytes, body: bytes = CHAT, length: bool = True) -> bytes:
@@ -83,6 +84,15 @@ PARSER_CASES = [
                  id="asterisk-form"),
     pytest.param(get(b"/v1/models").replace(b"HTTP/1.1", b"HTTP/7.1"), 400,
                  "invalid_request_error", "bad_request_line", id="unknown-http-version"),
+    # llhttp parses these two; the proxy serves only 1.0 and 1.1.
+    pytest.param(get(b"/v1/models").replace(b"HTTP/1.1", b"HTTP/2.0"), 400,
+                 "invalid_request_error", "bad_request_line", id="http-2.0"),
+    pytest.param(get(b"/v1/models").replace(b"HTTP/1.1", b"HTTP/0.9"), 400,
+                 "invalid_request_error", "bad_request_line", id="http-0.9"),
+    pytest.param(post(body=RESPONSES_STREAM).replace(b"chat/completions HTTP/1.1",
+                                                     b"responses HTTP/2.0"),
+                 400, "invalid_request_error", "bad_request_line",
+                 id="streamed-responses-over-http-2.0"),
     pytest.param(get(b"/v1 models"), 400, "invalid_request_error", "bad_request_line",
                  id="space-in-the-target"),
 ]

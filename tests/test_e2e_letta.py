@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -387,6 +388,49 @@ async def test_unknown_agent_name_is_a_502_naming_route_and_agent(
         await proxy.client().chat.completions.create(model="helper", messages=HI)
     assert info.value.status_code == 502
     assert "'helper'" in info.value.message and "'nobody'" in info.value.message
+
+
+async def test_unknown_agent_id_on_the_wildcard_is_model_not_found_and_never_opens_the_circuit(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
+) -> None:
+    _, url = letta
+    proxy = await make(make_proxy, url)
+    client = proxy.client()
+    model = "letta/agent-00000000-0000-4000-8000-000000000000"
+    attempts: list[Callable[[], Awaitable[Any]]] = [
+        lambda: client.chat.completions.create(model=model, messages=HI),
+        lambda: client.chat.completions.create(model=model, messages=HI, stream=True),
+        lambda: client.chat.completions.create(
+            model=model, messages=HI, extra_headers={"X-Session-Id": "s1"}
+        ),
+        lambda: client.responses.create(model=model, input="hi"),
+        lambda: client.responses.create(model=model, input="hi", stream=True),
+    ]
+    for attempt in attempts:
+        with pytest.raises(openai.NotFoundError) as info:
+            await attempt()
+        assert (info.value.code, info.value.param) == ("model_not_found", "model")
+        assert model in info.value.message
+    async with aiohttp.ClientSession() as http, http.get(proxy.url + "/readyz") as resp:
+        circuit = (await resp.json())["upstreams"]["letta"]
+    assert (circuit["state"], circuit["consecutive_failures"]) == ("closed", 0)
+
+
+async def test_agent_id_a_route_names_gone_from_letta_is_a_502_on_both_endpoints(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
+) -> None:
+    _, url = letta
+    gone = "agent-00000000-0000-4000-8000-000000000000"
+    client = (await make_proxy(one_agent_routes(url, "helper", gone))).client()
+    attempts: list[Callable[[], Awaitable[Any]]] = [
+        lambda: client.chat.completions.create(model="helper", messages=HI),
+        lambda: client.responses.create(model="helper", input="hi"),
+    ]
+    for attempt in attempts:
+        with pytest.raises(openai.APIStatusError) as info:
+            await attempt()
+        assert (info.value.status_code, info.value.code) == (502, "upstream_error")
+        assert "'helper'" in info.value.message and gone in info.value.message
 
 
 async def test_agent_name_shared_by_two_agents_is_a_502_listing_their_ids(

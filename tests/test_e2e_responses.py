@@ -340,6 +340,22 @@ async def test_stateless_routes_refuse_state_before_any_upstream_call(
     assert fake_openai.received == []
 
 
+@pytest.mark.parametrize("model", ["mistral", "echo"])
+@pytest.mark.parametrize("kind", [{}, []], ids=["object", "array"])
+async def test_a_content_part_type_that_is_not_a_string_is_a_400_naming_it(
+    proxy: Proxy, fake_openai: FakeOpenAI, model: str, kind: Any
+) -> None:
+    for stream in (False, True):
+        status, _, raw = await post_raw(proxy, {
+            "model": model, "stream": stream,
+            "input": [{"role": "user", "content": [{"type": kind, "text": "x"}]}]})
+        assert status == 400, raw
+        error = orjson.loads(raw)["error"]
+        assert (error["type"], error["param"]) == (
+            "invalid_request_error", "input[0].content[0].type")
+    assert fake_openai.received == []
+
+
 async def test_the_sdk_sees_the_refusal_as_a_bad_request(proxy: Proxy) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         await proxy.client().responses.create(

@@ -1,5 +1,6 @@
-"""`Expect: 100-continue` is answered only once the key is known good, and a HEAD request's
-405 is about HEAD (issue 13, item 13)."""
+"""`Expect: 100-continue` is answered only once the key is known good, a HEAD request's
+405 is about HEAD (issue 13, item 13), and a request for a protocol upgrade is served without
+one, on a connection that then closes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import orjson
 import pytest
 
 from tests.conftest import KEY, ProxyFactory
-from tests.raw_http import connect, exchange, read_answer
+from tests.raw_http import closed_by_peer, connect, exchange, read_answer
 
 ROUTES = "upstreams: {demo: {kind: echo}}\nmodels: {echo: {upstream: demo}}\n"
 CHAT = orjson.dumps({"model": "echo", "messages": [{"role": "user", "content": "go on"}]})
@@ -117,3 +118,42 @@ async def test_a_get_only_path_allows_head(make_proxy: ProxyFactory) -> None:
     assert answer.status == 405
     assert answer.headers["allow"] == "GET, HEAD"
     assert "use GET, HEAD" in str(answer.error()["message"])
+
+
+WEBSOCKET = b"Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+STREAM = orjson.dumps({"model": "echo", "stream": True,
+                       "messages": [{"role": "user", "content": "go on"}]})
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        pytest.param(b"GET /healthz HTTP/1.1\r\nHost: proxy\r\nConnection: Upgrade\r\n"
+                     b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n", id="h2c"),
+        pytest.param(b"GET /healthz HTTP/1.1\r\nHost: proxy\r\nConnection: keep-alive, Upgrade\r\n"
+                     + WEBSOCKET + b"Sec-WebSocket-Version: 13\r\n\r\n", id="websocket"),
+        pytest.param(b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\n"
+                     b"Connection: Upgrade\r\nUpgrade: h2c\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(STREAM)).encode() + b"\r\n\r\n" + STREAM,
+                     id="h2c-on-a-stream"),
+    ],
+)
+async def test_an_upgrade_request_is_served_then_the_connection_closes_saying_so(
+    make_proxy: ProxyFactory, first: bytes
+) -> None:
+    # The proxy switches to no other protocol: it ignores the Upgrade, but aiohttp's parser
+    # has dropped (or kept for the new protocol) what was pipelined behind it, so the answer
+    # says `Connection: close` and the client knows to send that request again.
+    proxy = await make_proxy(ROUTES)
+    reader, writer = await connect(proxy.url)
+    writer.write(first + b"GET /healthz HTTP/1.1\r\nHost: proxy\r\n\r\n")
+    await writer.drain()
+    answer = await read_answer(reader)
+    rest = await closed_by_peer(reader)
+    writer.close()
+    assert answer.status == 200, answer
+    assert answer.headers["connection"].lower() == "close"
+    assert rest == b""
+    again = await exchange(proxy.url, b"GET /healthz HTTP/1.1\r\nHost: proxy\r\n\r\n")
+    assert again.status == 200

@@ -234,6 +234,51 @@ async def test_letta_routes_still_refuse_conversation_and_background(
     assert state.requests == []
 
 
+INPUT_THE_AGENT_CANNOT_TAKE = [
+    pytest.param(
+        {"instructions": "Be brief.", "input": [
+            {"role": "user", "content": [{"type": "input_file", "file_id": "file-1"}]}]},
+        "input[0].content[0].type", id="file-after-instructions"),
+    pytest.param(
+        {"input": [{"role": "user", "content": [
+            {"type": "input_text", "text": "what is this?"},
+            {"type": "input_image", "image_url": "ftp://x/y.png"}]}]},
+        "input[0].content[1].image_url", id="image-not-http"),
+    pytest.param(
+        {"instructions": "Be brief.", "input": [
+            {"role": "user", "content": "a"},
+            {"type": "reasoning", "id": "rs_1", "summary": []},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": [
+                {"type": "input_text", "text": "and this?"},
+                {"type": "input_image", "image_url": "data:text/plain;base64,aGk="}]}]},
+        "input[3].content[1].image_url", id="image-of-a-later-turn"),
+    pytest.param(
+        {"input": [
+            {"role": "user", "content": "weather?"},
+            {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c", "output": "18C"}]},
+        "input", id="ends-with-a-tool-output"),
+]
+
+
+@pytest.mark.parametrize(("body", "param"), INPUT_THE_AGENT_CANNOT_TAKE)
+@pytest.mark.parametrize("stream", [False, True], ids=["sync", "stream"])
+async def test_input_a_letta_agent_cannot_take_is_a_400_naming_the_input_the_client_sent(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str], body: dict[str, Any], param: str,
+    stream: bool,
+) -> None:
+    state, url = letta
+    proxy = await make(make_proxy, url)
+    status, _, raw = await post_raw(proxy, {"model": "support", "stream": stream, **body})
+    assert status == 400, raw
+    error = orjson.loads(raw)["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", param)
+    # Worded in neither API's field names: the client sent input_file, never a `file` part.
+    assert "'file'" not in error["message"] and "messages" not in error["message"]
+    assert state.message_posts() == []
+
+
 @pytest.mark.parametrize(
     ("show", "items"),
     # The capture has text, then a tool call and its return, then more text; shown, the tool

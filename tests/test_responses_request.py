@@ -296,10 +296,11 @@ BAD: list[tuple[str, dict[str, Any], str | None]] = [
     ("truncation", {"input": "x", "truncation": "middle"}, "truncation"),
     ("include-string", {"input": "x", "include": "all"}, "include"),
     ("tools-object", {"input": "x", "tools": {}}, "tools"),
-    ("tool-web-search", {"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
+    ("tool-web-search", {"input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),
     ("tool-file-search", {"input": "x", "tools": [WEATHER, {"type": "file_search",
                                                             "vector_store_ids": ["vs"]}]},
-     "tools"),
+     "tools[1].type"),
+    ("tool-not-object", {"input": "x", "tools": [WEATHER, "f"]}, "tools[1]"),
     ("tool-no-name", {"input": "x", "tools": [{"type": "function"}]}, "tools[0].name"),
     ("tool-parameters-list", {"input": "x", "tools": [{"type": "function", "name": "f",
                                                        "parameters": []}]},
@@ -333,6 +334,71 @@ def test_a_bad_field_is_a_400_naming_it(body: dict[str, Any], param: str) -> Non
         parse_responses_request(orjson.dumps(body))
     assert caught.value.status == 400
     assert caught.value.param == param
+
+
+NOT_A_STRING: list[tuple[str, list[Any], str]] = [
+    ("user-part", [{"role": "user", "content": [{"type": {}, "text": "x"}]}],
+     "input[0].content[0].type"),
+    ("assistant-part", [{"role": "assistant", "content": [{"type": [], "text": "x"}]},
+                        {"role": "user", "content": "u"}], "input[0].content[0].type"),
+    ("output-part", [{"type": "function_call_output", "call_id": "c", "output": [{"type": {}}]}],
+     "input[0].output[0].type"),
+    ("item", [{"type": 5}], "input[0].type"),
+    ("role", [{"role": ["user"], "content": "x"}], "input[0].role"),
+    ("image-url", [{"role": "user", "content": [
+        {"type": "input_image", "image_url": {"url": "http://x/a.png"}}]}],
+     "input[0].content[0].image_url"),
+]
+
+
+@pytest.mark.parametrize(("items", "param"), [(i, p) for _, i, p in NOT_A_STRING],
+                         ids=[n for n, _, _ in NOT_A_STRING])
+def test_a_type_or_role_of_another_json_type_is_a_400_saying_so(
+    items: list[Any], param: str
+) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        parse(input=items)
+    assert caught.value.param == param
+    assert caught.value.message.startswith(f"Invalid type for '{param}': expected a string, got ")
+
+
+def test_a_content_part_that_is_not_an_object_is_a_400_naming_the_part() -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        parse(input=[{"role": "user", "content": ["hi"]}])
+    assert caught.value.param == "input[0].content[0]"
+    assert caught.value.message == (
+        "Invalid type for 'input[0].content[0]': expected an object, got a string.")
+
+
+@pytest.mark.parametrize(
+    ("tool", "message"),
+    [
+        ({"name": "f"}, "Missing required parameter: 'tools[0].type'."),
+        ({"type": {"a": True, "b": None}},
+         "Invalid type for 'tools[0].type': expected a string, got an object."),
+        ({"type": ["function"]},
+         "Invalid type for 'tools[0].type': expected a string, got an array."),
+    ],
+    ids=["missing", "object", "array"],
+)
+def test_a_tool_type_missing_or_not_a_string_is_named_without_a_python_repr(
+    tool: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        parse(input="x", tools=[tool])
+    assert (caught.value.param, caught.value.message) == ("tools[0].type", message)
+
+
+def test_allowed_tools_among_many_keeps_exactly_the_allowed_ones_in_tool_order() -> None:
+    names = [f"f{i}" for i in range(20_000)]
+    allowed = names[::-7]
+    request = parse(
+        input="hi", tools=[{"type": "function", "name": n} for n in names],
+        tool_choice={"type": "allowed_tools", "mode": "auto",
+                     "tools": [{"type": "function", "name": n} for n in allowed]})
+    assert [t["function"]["name"] for t in request.chat["tools"]] == allowed[::-1]
+    assert [t["name"] for t in request.echo["tool_choice"]["tools"]] == allowed
+    assert len(request.echo["tools"]) == len(names)
 
 
 @pytest.mark.parametrize(

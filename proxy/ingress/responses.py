@@ -37,12 +37,16 @@ from aiohttp import web
 from proxy.app_keys import HTTP, METRICS, RESPONSE_IDS, TABLES
 from proxy.chunks import Comment, Out
 from proxy.dispatch import serve
-from proxy.errors import NotFound, ProxyError, UpstreamFailed
+from proxy.errors import InvalidRequest, NotFound, ProxyError, UpstreamFailed
 from proxy.handlers import accept, authenticate, json_response, read_body, resolve_model
 from proxy.ingress.responses_items import new_item_base
 from proxy.ingress.responses_native import NativeEncoder, tracked
 from proxy.ingress.responses_object import completion_response, response_base
-from proxy.ingress.responses_request import parse_responses_request, refuse_state
+from proxy.ingress.responses_request import (
+    in_client_terms,
+    parse_responses_request,
+    refuse_state,
+)
 from proxy.ingress.responses_writer import ResponsesWriter
 from proxy.ingress.streaming import relay
 from proxy.response_ids import PREFIX as RESPONSE_PREFIX
@@ -120,7 +124,12 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         new_conversation=chains,
         responses=native,
     )
-    served = await serve(route, call, app[HTTP], app[METRICS])
+    try:
+        served = await serve(route, call, app[HTTP], app[METRICS])
+    except InvalidRequest as err:
+        # The adapter checked the chat messages translated from `input`.
+        in_client_terms(parsed, err)
+        raise
     answer = served.answer
     if answer is not None:
         served.lease.release()

@@ -23,12 +23,15 @@ _ROLES: Final = {"user": "user", "assistant": "assistant", "system": "system",
 _TEXT_PARTS: Final = frozenset({"input_text", "output_text", "text"})
 
 
-def translate_input(value: Any, messages: list[dict[str, Any]]) -> None:
-    """Appends the chat messages of a Responses `input` (a string or an item array)."""
+def translate_input(value: Any, messages: list[dict[str, Any]], sources: list[str]) -> None:
+    """Appends the chat messages of a Responses `input` (a string or an item array), and to
+    `sources` the path of what each came from (`input`, `input[3]`), so that an error found
+    in a chat message can name what the client sent."""
     if value is None:
         return
     if isinstance(value, str):
         messages.append({"role": "user", "content": value})
+        sources.append("input")
         return
     if not isinstance(value, list):
         raise InvalidRequest(
@@ -47,10 +50,14 @@ def translate_input(value: Any, messages: list[dict[str, Any]]) -> None:
             kind = "message"
         if kind == "message":
             messages.append(_message(item, param))
+            sources.append(param)
         elif kind == "function_call":
             _function_call(item, param, messages)
+            if len(sources) < len(messages):
+                sources.append(param)
         elif kind == "function_call_output":
             messages.append(_function_call_output(item, param))
+            sources.append(param)
         elif kind == "reasoning":
             continue
         elif kind == "item_reference":
@@ -60,12 +67,10 @@ def translate_input(value: Any, messages: list[dict[str, Any]]) -> None:
                 param=param,
             )
         elif not isinstance(kind, str):
-            raise InvalidRequest(
-                f"Missing required parameter: '{param}.type'.", param=f"{param}.type"
-            )
+            raise _bad_type(kind, f"{param}.type")
         else:
             raise InvalidRequest(
-                f"Input items of type {kind!r} ('{param}') are not supported: only message, "
+                f"Input items of type '{kind}' ('{param}') are not supported: only message, "
                 "function_call, function_call_output and reasoning items translate to chat "
                 "completions.",
                 param=f"{param}.type",
@@ -76,6 +81,8 @@ def _message(item: dict[str, Any], param: str) -> dict[str, Any]:
     role = item.get("role")
     chat_role = _ROLES.get(role) if isinstance(role, str) else None
     if chat_role is None:
+        if not isinstance(role, str):
+            raise _bad_type(role, f"{param}.role")
         raise InvalidRequest(
             f"Invalid value for '{param}.role': supported values are 'user', 'assistant', "
             "'system' and 'developer'.",
@@ -105,6 +112,8 @@ def _assistant_message(content: list[Any], param: str) -> dict[str, Any]:
     for j, part in enumerate(content):
         where = f"{param}.content[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
+        if not isinstance(kind, str):
+            raise _bad_part(part, where)
         if kind in _TEXT_PARTS:
             text.append(req_str(part, "text", where))
         elif kind == "refusal":
@@ -123,11 +132,15 @@ def _assistant_message(content: list[Any], param: str) -> dict[str, Any]:
 
 def _part(part: Any, param: str, role: str) -> dict[str, Any]:
     kind = part.get("type") if isinstance(part, dict) else None
+    if not isinstance(kind, str):
+        raise _bad_part(part, param)
     if kind in _TEXT_PARTS:
         return {"type": "text", "text": req_str(part, "text", param)}
     if kind == "input_image" and role == "user":
         url = part.get("image_url")
         if not isinstance(url, str) or not url:
+            if url is not None and not isinstance(url, str):
+                raise _bad_type(url, f"{param}.image_url")
             raise InvalidRequest(
                 f"'{param}' needs an 'image_url' (a URL or a data: URL); file ids need the "
                 "Files API, which this proxy does not serve.",
@@ -137,6 +150,8 @@ def _part(part: Any, param: str, role: str) -> dict[str, Any]:
         detail = part.get("detail")
         if detail is not None:
             if detail not in ("auto", "low", "high"):
+                if not isinstance(detail, str):
+                    raise _bad_type(detail, f"{param}.detail")
                 raise InvalidRequest(
                     f"Invalid value for '{param}.detail': supported values are 'auto', 'low' "
                     "and 'high'.",
@@ -192,6 +207,8 @@ def _function_call_output(item: dict[str, Any], param: str) -> dict[str, Any]:
         text: list[str] = []
         for j, part in enumerate(output):
             kind = part.get("type") if isinstance(part, dict) else None
+            if not isinstance(kind, str):
+                raise _bad_part(part, f"{param}.output[{j}]")
             if kind not in _TEXT_PARTS:
                 raise InvalidRequest(
                     f"'{param}.output[{j}]': chat completions take text tool results only.",
@@ -206,3 +223,22 @@ def _function_call_output(item: dict[str, Any], param: str) -> dict[str, Any]:
             param=f"{param}.output",
         )
     return {"role": "tool", "tool_call_id": call_id, "content": output}
+
+
+def _bad_part(part: Any, param: str) -> InvalidRequest:
+    """A content part that is not an object or whose `type` is not a string (tested before
+    any set lookup: a list or an object is unhashable)."""
+    if not isinstance(part, dict):
+        return InvalidRequest(
+            f"Invalid type for '{param}': expected an object, got {kind_of(part)}.", param=param
+        )
+    return _bad_type(part.get("type"), f"{param}.type")
+
+
+def _bad_type(value: Any, param: str) -> InvalidRequest:
+    """A string field that is missing, or present with another JSON type."""
+    if value is None:
+        return InvalidRequest(f"Missing required parameter: '{param}'.", param=param)
+    return InvalidRequest(
+        f"Invalid type for '{param}': expected a string, got {kind_of(value)}.", param=param
+    )

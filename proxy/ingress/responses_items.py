@@ -12,10 +12,13 @@ import base64
 import os
 from typing import Any, Final
 
+import orjson
+
 from proxy.sse import EVENT_END, event_head
 
 __all__ = [
-    "END", "PARTS", "SEQ", "OpenCall", "OpenItem", "empty_part", "frame", "new_item_base",
+    "END", "PARTS", "SEQ", "OpenCall", "OpenItem", "Unencodable", "empty_part", "encode_event",
+    "frame", "new_item_base",
 ]
 
 
@@ -23,6 +26,17 @@ def frame(kind: str) -> bytes:
     """The start of an event of type `kind`, up to its JSON data."""
     return event_head(kind)
 
+
+class Unencodable(Exception):
+    """An event orjson cannot write (nested past its 254 levels): the proxy's own failure.
+    Not a TypeError, which is what a chunk of the wrong shape raises, the upstream's."""
+
+
+def encode_event(head: bytes, payload: dict[str, Any]) -> bytes:
+    try:
+        return head + orjson.dumps(payload) + EVENT_END
+    except orjson.JSONEncodeError as exc:
+        raise Unencodable(str(exc)) from exc
 
 
 # Per content-part kind: the delta event, the done event, and the part's text field.

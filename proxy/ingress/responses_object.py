@@ -10,7 +10,7 @@ equal), at a fraction of the writer's cost. Sans-IO.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from proxy.errors import ProxyError, UpstreamFailed
@@ -18,8 +18,8 @@ from proxy.ingress.responses_items import PARTS, empty_part
 from proxy.openai_types import MAX_COUNT, ChatCompletion, token_count
 
 __all__ = [
-    "INCOMPLETE", "RESPONSE_DEFAULTS", "completion_response", "failure_error", "response_base",
-    "responses_usage",
+    "BARE_FAILURE", "INCOMPLETE", "RESPONSE_DEFAULTS", "bare_failure",
+    "completion_response", "failure_error", "response_base", "responses_usage",
 ]
 
 RESPONSE_DEFAULTS: Final[Mapping[str, Any]] = {
@@ -48,6 +48,12 @@ RESPONSE_DEFAULTS: Final[Mapping[str, Any]] = {
 }
 
 
+# The fields of a failed response object that hold nothing of the request, so always encode:
+# what a stream ends with when the echoed request cannot be (ResponsesWriter.fail).
+BARE_FAILURE: Final = (
+    "id", "object", "created_at", "status", "model", "output", "usage", "error", "store",
+)
+
 # A stop that cuts the answer short, and the reason an incomplete response gives for it.
 INCOMPLETE: Final = {"length": "max_output_tokens", "content_filter": "content_filter"}
 
@@ -61,6 +67,22 @@ def failure_error(err: ProxyError) -> dict[str, Any]:
         "type": err.type,
         "param": err.param,
     }
+
+
+def bare_failure(
+    response: Mapping[str, Any], started: bool, emit: Callable[[dict[str, Any]], None]
+) -> dict[str, Any]:
+    """Ends a stream whose response object cannot be encoded (an echoed request nested too
+    deep) with `response.failed` holding the `BARE_FAILURE` fields only, after the start
+    events if they could not go out either (SDKs refuse a stream that does not open with
+    `response.created`); returns the failed object."""
+    failed = {key: response[key] for key in BARE_FAILURE}
+    if not started:
+        opened = {**failed, "status": "in_progress", "error": None}
+        emit({"type": "response.created", "response": opened})
+        emit({"type": "response.in_progress", "response": opened})
+    emit({"type": "response.failed", "response": failed})
+    return failed
 
 
 def responses_usage(usage: Mapping[str, Any] | None) -> dict[str, Any]:

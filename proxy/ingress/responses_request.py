@@ -13,17 +13,17 @@ chat forms in `responses_tools`; here `instructions` becomes the first (system) 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Final, NamedTuple
 
-from proxy.errors import InvalidRequest
+from proxy.errors import InvalidRequest, ProxyError
 from proxy.ingress.fields import opt_bool, opt_int, opt_number, opt_str, req_str
 from proxy.ingress.responses_input import translate_input
 from proxy.ingress.responses_tools import translate_tools
 from proxy.json_body import load_object
 
-__all__ = ["ResponsesRequest", "parse_responses_request", "refuse_state"]
+__all__ = ["ResponsesRequest", "in_client_terms", "parse_responses_request", "refuse_state"]
 
 _EFFORTS: Final = frozenset({"none", "minimal", "low", "medium", "high", "xhigh", "max"})
 _RESEND: Final = (
@@ -45,6 +45,8 @@ class ResponsesRequest(NamedTuple):
     """As asked; an answer says `store: false` wherever nothing is kept."""
     echo: Mapping[str, Any]
     """The request's fields that the response object repeats (ResponsesWriter's `echo`)."""
+    sources: Sequence[str]
+    """Where each chat message came from: `instructions`, `input` (a string) or `input[i]`."""
 
 
 def parse_responses_request(raw: bytes) -> ResponsesRequest:
@@ -71,9 +73,11 @@ def parse_responses_request(raw: bytes) -> ResponsesRequest:
 
     instructions = opt_str(body, "instructions") if "instructions" in body else None
     messages: list[dict[str, Any]] = []
+    sources: list[str] = []
     if instructions:
         messages.append({"role": "system", "content": instructions})
-    translate_input(body.get("input"), messages)
+        sources.append("instructions")
+    translate_input(body.get("input"), messages, sources)
     if not any(m["role"] != "system" for m in messages):
         raise InvalidRequest(
             "Missing required parameter: 'input' (a string or an array of input items).",
@@ -137,6 +141,7 @@ def parse_responses_request(raw: bytes) -> ResponsesRequest:
         background=background,
         store=store,
         echo=MappingProxyType(echo),
+        sources=sources,
     )
 
 
@@ -164,6 +169,33 @@ def refuse_state(request: ResponsesRequest, *, chains: bool = False) -> None:
             f"Send the request without `background` (stream it if it takes long) and {_RESEND}.",
             param="background",
         )
+
+
+def in_client_terms(request: ResponsesRequest, err: ProxyError) -> None:
+    """Renames an adapter's `param` from the translated chat body's terms to the client's.
+
+    An adapter checks the chat messages it is given (a Letta agent takes no files, a custom
+    upstream needs text) and names them: `messages[2].content[1].image_url.url` becomes
+    `input[1].content[1].image_url`, `messages` (nothing new to send) `input`. Adapters word
+    such messages without either API's field names.
+    """
+    param = err.param
+    if param is None or not param.startswith("messages"):
+        return
+    head, bracket, rest = param.partition("]")
+    index = head.removeprefix("messages[")
+    if not bracket or not index.isdecimal() or int(index) >= len(request.sources):
+        err.param = "input"
+        return
+    source = request.sources[int(index)]
+    if not source.startswith("input["):
+        # A string `input` or the instructions: nothing inside it has a path of its own.
+        err.param = source
+        return
+    if rest.endswith(".image_url.url"):
+        # A Responses input_image's `image_url` is the URL itself, a chat part's an object.
+        rest = rest.removesuffix(".url")
+    err.param = source + rest
 
 
 # -- the body -----------------------------------------------------------------------------

@@ -38,16 +38,12 @@ def translate_tools(body: dict[str, Any], chat: dict[str, Any], echo: dict[str, 
     chat_tools: list[dict[str, Any]] = []
     for i, tool in enumerate(raw_tools):
         if not isinstance(tool, dict):
-            raise InvalidRequest(f"Invalid type for 'tools[{i}]': expected an object.",
-                                 param="tools")
-        kind = tool.get("type")
-        if kind != "function":
             raise InvalidRequest(
-                f"Tool type {kind!r} (tools[{i}]) is not supported: this proxy serves "
-                "function tools only; hosted tools (web_search, file_search, ...) need "
-                "OpenAI's own servers.",
-                param="tools",
+                f"Invalid type for 'tools[{i}]': expected an object, got {kind_of(tool)}.",
+                param=f"tools[{i}]",
             )
+        if tool.get("type") != "function":
+            raise _unsupported(tool.get("type"), f"tools[{i}]")
         name = req_str(tool, "name", f"tools[{i}]")
         description = opt_str(tool, "description", f"tools[{i}].description")
         parameters = tool.get("parameters")
@@ -97,16 +93,18 @@ def translate_tools(body: dict[str, Any], chat: dict[str, Any], echo: dict[str, 
             if not isinstance(entry, dict) or entry.get("type") != "function":
                 raise InvalidRequest(
                     f"'tool_choice.tools[{j}]' must be {{\"type\": \"function\", \"name\": ...}}.",
-                    param="tool_choice",
+                    param=f"tool_choice.tools[{j}]",
                 )
             keep.append(req_str(entry, "name", f"tool_choice.tools[{j}]"))
             _known(keep[-1], names, "tool_choice")
+        # A set: the lists are the client's, of any length (`in` a list is quadratic).
+        kept = set(keep)
         echo["tool_choice"] = {
             "type": "allowed_tools",
             "mode": mode,
             "tools": [{"type": "function", "name": n} for n in keep],
         }
-        chat_tools = [t for t in chat_tools if t["function"]["name"] in keep]
+        chat_tools = [t for t in chat_tools if t["function"]["name"] in kept]
         chat_choice = mode
     else:
         raise InvalidRequest(
@@ -129,5 +127,20 @@ def translate_tools(body: dict[str, Any], chat: dict[str, Any], echo: dict[str, 
 def _known(name: str, names: set[str], param: str) -> None:
     if name not in names:
         raise InvalidRequest(
-            f"'{param}' names the function {name!r}, which is not among 'tools'.", param=param
+            f"'{param}' names the function '{name}', which is not among 'tools'.", param=param
         )
+
+
+def _unsupported(kind: Any, where: str) -> InvalidRequest:
+    param = f"{where}.type"
+    if kind is None:
+        return InvalidRequest(f"Missing required parameter: '{param}'.", param=param)
+    if not isinstance(kind, str):
+        return InvalidRequest(
+            f"Invalid type for '{param}': expected a string, got {kind_of(kind)}.", param=param
+        )
+    return InvalidRequest(
+        f"Tool type '{kind}' ({where}) is not supported: this proxy serves function tools "
+        "only; hosted tools (web_search, file_search, ...) need OpenAI's own servers.",
+        param=param,
+    )

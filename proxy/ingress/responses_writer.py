@@ -35,18 +35,21 @@ from proxy.ingress.responses_items import (
     SEQ,
     OpenCall,
     OpenItem,
+    Unencodable,
     empty_part,
+    encode_event,
     frame,
     new_item_base,
 )
 from proxy.ingress.responses_object import (
     INCOMPLETE,
+    bare_failure,
     failure_error,
     response_base,
     responses_usage,
 )
 from proxy.openai_types import ToolCallDelta
-from proxy.sse import DONE, EVENT_END, encode_comment
+from proxy.sse import DONE, encode_comment
 from proxy.upstreams.http_errors import MAX_ANSWER, answer_too_large
 
 __all__ = ["ResponsesWriter"]
@@ -77,16 +80,9 @@ class ResponsesWriter:
     )
 
     def __init__(
-        self,
-        response_id: str,
-        model: str,
-        created_at: float,
-        echo: Mapping[str, Any],
-        store: bool = False,
-        *,
-        clock: Callable[[], float] = time.time,
-        item_base: str | None = None,
-        events: bool = True,
+        self, response_id: str, model: str, created_at: float, echo: Mapping[str, Any],
+        store: bool = False, *, clock: Callable[[], float] = time.time,
+        item_base: str | None = None, events: bool = True,
     ) -> None:
         self.response_id = response_id
         # False for a sync answer, which only needs the final object: the events are not
@@ -200,11 +196,14 @@ class ResponsesWriter:
         """
         if self._final is not None:
             return b""
-        if not self._started:
-            self._start()
         response = self._response("failed")
         response["error"] = failure_error(err)
-        self._emit({"type": "response.failed", "response": response})
+        try:
+            if not self._started:
+                self._start()
+            self._emit({"type": "response.failed", "response": response})
+        except Unencodable:  # an echoed request too deep: fail without it
+            response = bare_failure(response, self._seq > 0, self._emit)
         self._final = response
         self._out.append(DONE)
         return self._flush()
@@ -223,7 +222,7 @@ class ResponsesWriter:
     def _emit(self, payload: dict[str, Any]) -> None:
         if self._events:
             payload["sequence_number"] = self._seq
-            self._out.append(_HEADS[payload["type"]] + orjson.dumps(payload) + EVENT_END)
+            self._out.append(encode_event(_HEADS[payload["type"]], payload))
         self._seq += 1
 
     def _start(self) -> None:

@@ -5,7 +5,10 @@ module commits the 200, writes what the upstream sends as it comes, and ends the
 every case: the upstream's terminal error becomes the encoder's error event, the drain ends
 it cleanly, a client that stopped reading is cut off after the send timeout, and a client
 that left just stops it. However it ends, the upstream request is closed (`aclosing`) and the
-upstream's concurrency slot given back.
+upstream's concurrency slot given back. A failure of the proxy's own (an event it cannot
+encode) is an internal error, not the upstream's; should even the error end fail, the front
+cuts the connection (proxy/front.py): nothing is ever written after a committed stream but
+its own events.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ import orjson
 
 from proxy.chunks import KEEP_ALIVE, Out
 from proxy.config import ModelSpec
-from proxy.errors import ProxyError, UpstreamFailed
+from proxy.errors import ProxyError
 from proxy.exchange import Exchange
 from proxy.openai_types import ChunkFactory, accumulate
 from proxy.session_locks import busy
@@ -134,7 +134,14 @@ class Letta(HttpUpstream):
         assert ref is not None
         route_name = call.client_model if wildcard else route.name
         agent = await self.agent_id(ref, http, exchange, route_name, wildcard=wildcard)
-        conversation = await self._thread(call, agent, http)
+        try:
+            conversation = await self._thread(call, agent, http)
+        except ProxyError as refused:
+            # An agent id is taken as it is (a name's is cached): Letta's 404 to a lookup or
+            # creation of the agent's conversation is the agent that is not there.
+            if refused.status != 404:
+                raise
+            raise self.directory.missing(route_name, ref, agent, None, wildcard=wildcard) from None
         lock_key = f"{self.base}|{agent}|{conversation or 'default'}"
         locks = self.state.session_locks
         await locks.acquire(lock_key, route.session.busy_timeout)
@@ -149,10 +156,11 @@ class Letta(HttpUpstream):
             )
             if resp.status >= 300:
                 deadlines.close()
-                err = self._turn_error(
-                    await self.refused(resp), resp.status, route_name, ref, agent,
-                    conversation,
-                )
+                err = await self.refused(resp)
+                if resp.status == 404:
+                    err = self.directory.missing(
+                        route_name, ref, agent, conversation, wildcard=wildcard
+                    )
                 # Letta had the message: it may have stored it before it failed.
                 err.delivered = True
                 raise err
@@ -236,25 +244,6 @@ class Letta(HttpUpstream):
             )
         except BaseException as exc:
             raise self.turn_failure(exc) from None
-
-    def _turn_error(
-        self,
-        err: ProxyError,
-        status: int,
-        route: str,
-        ref: str,
-        agent: str,
-        conversation: str | None,
-    ) -> ProxyError:
-        if status == 404:
-            # The agent or the conversation is gone: look both up again next time.
-            self.directory.forget(ref, conversation)
-            what = f"conversation {conversation} of agent" if conversation else "agent"
-            return UpstreamFailed(
-                f"Route '{route}': Letta {what} '{ref}' ({agent}) was not found on upstream "
-                f"'{self.name}'."
-            )
-        return err
 
     async def _batches(self, run: _Run) -> AsyncGenerator[list[Out], None]:
         """What each upstream read translates to; raises the stream's terminal error.

@@ -49,6 +49,25 @@ class LettaDirectory:
             k: v for k, v in self._conversations.items() if v != conversation
         }
 
+    def missing(
+        self, route: str, ref: str, agent: str, conversation: str | None, *, wildcard: bool
+    ) -> ProxyError:
+        """What Letta's 404 for the agent (or its conversation) is to the client.
+
+        On a wildcard route the agent is the client's choice of model: an unknown one is the
+        client's 404 `model_not_found`, as an unknown name is, never an upstream failure that
+        counts against the circuit. A route's own agent, or a conversation the proxy looked
+        up, that is gone is the upstream's fault: its data changed under the proxy.
+        """
+        self.forget(ref, conversation)
+        if wildcard and conversation is None:
+            return ModelNotFound(route)
+        what = f"conversation {conversation} of agent" if conversation else "agent"
+        return UpstreamFailed(
+            f"Route '{route}': Letta {what} '{ref}' ({agent}) was not found on upstream "
+            f"'{self.name}'."
+        )
+
     async def agent_id(
         self,
         ref: str,

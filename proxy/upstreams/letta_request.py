@@ -157,9 +157,10 @@ def _part(part: Any, param: str) -> dict[str, Any]:
         return {"type": "text", "text": text}
     if kind == "image_url":
         return _image(part.get("image_url"), f"{param}.image_url")
+    # Worded without the part's type: a Responses client sent that part as another type, and
+    # the `param` names the field either way.
     raise InvalidRequest(
-        f"Content parts of type {kind!r} are not supported for Letta agents "
-        "(text and image_url are).",
+        "This content part is not supported for Letta agents, which take text and images.",
         param=f"{param}.type",
     )
 

@@ -22,7 +22,7 @@ import orjson
 from multidict import CIMultiDict
 
 from proxy.chunks import KEEP_ALIVE, Out
-from proxy.errors import UpstreamFailed
+from proxy.errors import InvalidRequest, UpstreamFailed
 from proxy.exchange import Exchange
 from proxy.openai_types import ChatCompletion
 from proxy.session_keys import session_key
@@ -89,7 +89,14 @@ class OpenAI(HttpUpstream):
         body = call.body
         if call.upstream_model is not None and body.get("model") != call.upstream_model:
             body = {**body, "model": call.upstream_model}
-        return orjson.dumps(body)
+        try:
+            return orjson.dumps(body)
+        except orjson.JSONEncodeError:
+            # Deeper than orjson writes once translated (proxy/json_body.py leaves room for
+            # it): the request's fault, never counted against the upstream's circuit.
+            raise InvalidRequest(
+                "The request is nested too deeply to be forwarded to the upstream."
+            ) from None
 
     def _responses_payload(self, call: Call) -> bytes:
         assert call.responses is not None
