@@ -263,7 +263,9 @@ class SSEDecoder:
 
 def encode_data(data: bytes) -> bytes:
     """Frames one single-line payload (compact JSON, `[DONE]`) as a `data` event."""
-    if b"\n" in data or b"\r" in data:
+    # find(), not `in`: on CPython 3.11 `in` on bytes first tries its operand as an integer,
+    # an exception raised and cleared per call, which doubles the cost of the check.
+    if data.find(b"\n") >= 0 or data.find(b"\r") >= 0:
         # A line end would let payload text pose as SSE fields or end the event early.
         raise ValueError("SSE data payload must not contain CR or LF")
     return b"data: " + data + b"\n\n"
@@ -306,7 +308,7 @@ SSE_HEADERS = {
 
 def encode_named(event: str, data: bytes) -> bytes:
     """An event with a name (`event:` line) and a single-line payload."""
-    if "\n" in event or "\r" in event or b"\n" in data or b"\r" in data:
+    if "\n" in event or "\r" in event or data.find(b"\n") >= 0 or data.find(b"\r") >= 0:
         raise ValueError("SSE event name and payload must not contain CR or LF")
     return b"event: " + event.encode() + b"\ndata: " + data + b"\n\n"
 

@@ -55,7 +55,7 @@ class NativeEncoder:
         if data.startswith(b":"):
             return
         self.events += data.count(b"\n\n")
-        if self._created is None and b"response.created" in data:
+        if self._created is None and data.find(b"response.created") >= 0:
             for event in SSEDecoder().feed(data):
                 try:
                     parsed = orjson.loads(event.data)

@@ -110,7 +110,8 @@ class RelayState:
         multi-line data, empty data, an error event, invalid UTF-8, a [DONE] inside a value)
         takes the decoder's path, so the output never differs from `frame`'s.
         """
-        if not chunk.endswith(_BOUNDARY) or b"\r" in chunk or _ERROR_KEY in chunk:
+        # find(), not `in`: see proxy/sse.py encode_data.
+        if not chunk.endswith(_BOUNDARY) or chunk.find(b"\r") >= 0 or chunk.find(_ERROR_KEY) >= 0:
             return None
         # [DONE] ends the stream: it comes last in its read, and the writer writes its own.
         done = chunk.endswith(_DONE_EVENT) and (
