@@ -46,6 +46,17 @@ async def serving(app: web.Application) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
+@asynccontextmanager
+async def answering(
+    path: str, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> AsyncIterator[str]:
+    """The base URL of an upstream written for one test: POST `path` runs `handler`."""
+    app = web.Application()
+    app.router.add_post(path, handler)
+    async with serving(app) as url:
+        yield url
+
+
 def closed_port() -> int:
     """A port of 127.0.0.1 that nothing listens on: connections to it are refused."""
     with socket.socket() as s:

@@ -16,7 +16,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests.conftest import KEY, Proxy, ProxyFactory, closed_port, serving
+from tests.conftest import KEY, Proxy, ProxyFactory, answering, closed_port
 from tests.fake_openai import FakeOpenAI
 from tests.responses_assert import assert_responses_stream, output_text, parse_sse
 from tests.responses_client import CLOCK, WEATHER, comparable, post_raw, stream_final
@@ -51,9 +51,7 @@ async def proxy_before(
     model: str = "odd",
 ) -> AsyncIterator[Proxy]:
     """A proxy whose one model is an openai route to an upstream answering chat with `chat`."""
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    async with serving(app) as url:
+    async with answering("/v1/chat/completions", chat) as url:
         yield await make_proxy(
             f"upstreams:\n  {model}:\n    kind: openai\n    url: {url}/v1\n"
             f"models:\n  {model}:\n    upstream: {model}\n"

@@ -121,14 +121,7 @@ async def endless_line(writer: asyncio.StreamWriter, bad: BadUpstream, first: by
     start = first + b"data: "
     writer.write(b"%x\r\n" % len(start) + start + b"\r\n")
     piece = b"x" * (64 * 1024)
-    framed = b"%x\r\n" % len(piece) + piece + b"\r\n"
-    try:
-        while bad.sent < 400 * MIB:  # a bound for the test itself, far past any proxy limit
-            writer.write(framed)
-            await writer.drain()
-            bad.sent += len(piece)
-    except (ConnectionError, OSError):
-        bad.hung_up += 1
+    await pour(writer, bad, b"%x\r\n" % len(piece) + piece + b"\r\n")
 
 
 async def huge_body(writer: asyncio.StreamWriter, bad: BadUpstream) -> None:
@@ -146,14 +139,7 @@ async def endless_chunked_body(writer: asyncio.StreamWriter, bad: BadUpstream) -
     """A sync answer that never ends (chunked, no length to refuse up front)."""
     writer.write(head("200 OK", "application/json", b"Transfer-Encoding: chunked\r\n\r\n"))
     piece = b" " * (256 * 1024)
-    framed = b"%x\r\n" % len(piece) + piece + b"\r\n"
-    try:
-        while bad.sent < 400 * MIB:
-            writer.write(framed)
-            await writer.drain()
-            bad.sent += len(piece)
-    except (ConnectionError, OSError):
-        bad.hung_up += 1
+    await pour(writer, bad, b"%x\r\n" % len(piece) + piece + b"\r\n")
 
 
 def endless(start: bytes, event: bytes) -> Writer:
@@ -162,16 +148,20 @@ def endless(start: bytes, event: bytes) -> Writer:
 
     async def write(writer: asyncio.StreamWriter, bad: BadUpstream) -> None:
         writer.write(until_close(start))
-        batch = event * 8
-        try:
-            while bad.sent < 400 * MIB:  # a bound for the test itself, far past any proxy limit
-                writer.write(batch)
-                await writer.drain()
-                bad.sent += len(batch)
-        except (ConnectionError, OSError):
-            bad.hung_up += 1
+        await pour(writer, bad, event * 8)
 
     return write
+
+
+async def pour(writer: asyncio.StreamWriter, bad: BadUpstream, data: bytes) -> None:
+    """`data` over and over until the proxy hangs up (counted in `bad.hung_up`)."""
+    try:
+        while bad.sent < 400 * MIB:  # a bound for the test itself, far past any proxy limit
+            writer.write(data)
+            await writer.drain()
+            bad.sent += len(data)
+    except (ConnectionError, OSError):
+        bad.hung_up += 1
 
 
 TOKEN = b"x" * MIB  # one event's text: 64 of them reach the answer limit

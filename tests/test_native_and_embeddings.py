@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 from openai.types.responses import ResponseFailedEvent
 
-from tests.conftest import KEY, Proxy, ProxyFactory, closed_port, serving
+from tests.conftest import KEY, Proxy, ProxyFactory, answering, closed_port
 from tests.fake_openai import LETTA_CODE, FakeOpenAI, embedding_of
 from tests.responses_assert import assert_responses_stream, parse_sse
 from tests.responses_client import post_raw
@@ -171,9 +171,7 @@ async def native_before(
     options: str = "",
 ) -> AsyncIterator[Proxy]:
     """A proxy whose model `m` is relayed natively to an upstream answering with `answer`."""
-    app = web.Application()
-    app.router.add_post("/v1/responses", answer)
-    async with serving(app) as url:
+    async with answering("/v1/responses", answer) as url:
         yield await make_proxy(
             f"upstreams:\n  n: {{kind: openai, url: '{url}/v1', responses: native{options}}}\n"
             "models:\n  m: {upstream: n}\n"

@@ -23,8 +23,8 @@ from tests.conftest import (
     KEY,
     Proxy,
     ProxyFactory,
+    answering,
     closed_port,
-    serving,
     serving_fake_letta,
     wait_for,
 )
@@ -609,9 +609,7 @@ async def test_an_upstream_error_message_that_is_not_a_string_reaches_the_client
     async def refuse(request: web.Request) -> web.Response:
         return web.json_response({"error": {"message": {"deep": "x"}}}, status=status)
 
-    upstream = web.Application()
-    upstream.router.add_post("/v1/chat/completions", refuse)
-    async with serving(upstream) as url:
+    async with answering("/v1/chat/completions", refuse) as url:
         proxy = await make_proxy(
             f"upstreams:\n  a: {{kind: openai, url: {url}/v1}}\nmodels:\n  m: {{upstream: a}}\n"
         )
@@ -635,9 +633,7 @@ async def test_a_mid_stream_error_message_that_is_not_a_string_reaches_the_clien
         )
         return response
 
-    upstream = web.Application()
-    upstream.router.add_post("/v1/chat/completions", stream)
-    async with serving(upstream) as url:
+    async with answering("/v1/chat/completions", stream) as url:
         proxy = await make_proxy(
             f"upstreams:\n  a: {{kind: openai, url: {url}/v1}}\nmodels:\n  m: {{upstream: a}}\n"
         )
