@@ -10,6 +10,10 @@ Three waits are bounded (each 0 for no bound; `--keepalive-timeout 0` turns keep
 - `keepalive_timeout`: between requests, a connection may wait this long for the next request
   to arrive whole; aiohttp's own keep-alive timer does it (it also bounds the first request).
 
+The same sweep drops a connection whose write (a sync answer's body, which aiohttp writes after
+the handler) has been blocked on a client that does not read for the app's `--send-timeout`
+(proxy/sse_writer.py) plus SEND_SLACK.
+
 No timer is set per request: one sweep over the open connections, a few times per shortest
 limit (at most every second), finds the ones that overran (see proxy/http_server.py).
 """
@@ -27,6 +31,9 @@ DEFAULT_KEEPALIVE_TIMEOUT = 75.0
 # Sweeps per shortest limit: a connection is closed at most a quarter of it late.
 _SWEEPS_PER_LIMIT = 4
 _MAX_SWEEP_INTERVAL = 1.0
+# A write blocked for --send-timeout (proxy/sse_writer.py) is cut by the connection sweep this
+# much later: a stream's own sweep (once a second) gets to end it first, with its error logged.
+SEND_SLACK = 1.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,8 +7,9 @@ must do its own way:
   a count (proxy/bad_requests.py);
 - a request that asks for a protocol upgrade is served as if it had not, and its connection
   closes after it (aiohttp's parser does not parse what was pipelined behind it);
-- a client too slow to send its request is cut off (proxy/connection_limits.py): one sweep
-  over the open connections, a few times per shortest limit, instead of a timer per request.
+- a client too slow to send its request, or that does not read its answer, is cut off
+  (proxy/connection_limits.py): one sweep over the open connections, a few times per shortest
+  limit, instead of a timer per request.
 
 aiohttp offers no public way to choose the protocol class, so `serve_connections` wraps this
 one application's `_make_handler` (what every runner calls to build its Server): the Server
@@ -16,7 +17,8 @@ is aiohttp's with `__call__` building a ProxyRequestHandler, aiohttp's RequestHa
 few methods overridden. Per request that adds two calls, a set lookup and two attribute reads
 (`_handle_request`, `finish_response`, under 0.2 µs); the rest runs per connection, per sweep
 or on errors only. The overrides read some of aiohttp's private state (the connection's request
-count, current request and message queue, a body's waiter, the request's parsed message):
+count, current request and message queue, a body's waiter, the request's parsed message, the
+drain waiter of a blocked write):
 tests/test_connection_limits.py, tests/test_bad_requests.py and tests/test_expect_and_methods.py
 fail if an aiohttp upgrade moves it.
 """
@@ -35,10 +37,11 @@ from aiohttp.web_protocol import ERROR, RequestHandler, RequestPayloadError, _Er
 from aiohttp.web_request import BaseRequest
 
 from proxy import bad_requests
-from proxy.app_keys import EXCHANGE
-from proxy.connection_limits import ConnectionLimits
+from proxy.app_keys import EXCHANGE, STATE
+from proxy.connection_limits import SEND_SLACK, ConnectionLimits
 from proxy.errors import InternalError, ProxyError, RequestTimeout
 from proxy.metrics import Metrics
+from proxy.sse_writer import Streams
 
 log = logging.getLogger("agentproxy.http")
 
@@ -50,14 +53,20 @@ _SERVED_VERSIONS = (HttpVersion11, HttpVersion10)
 class _Policy:
     """What every connection of one server shares."""
 
-    __slots__ = ("limits", "metrics", "new_id")
+    __slots__ = ("limits", "metrics", "new_id", "streams")
 
     def __init__(
-        self, limits: ConnectionLimits, metrics: Metrics, new_id: Callable[[], str]
+        self,
+        limits: ConnectionLimits,
+        metrics: Metrics,
+        new_id: Callable[[], str],
+        streams: Streams | None,
     ) -> None:
         self.limits = limits
         self.metrics = metrics
         self.new_id = new_id
+        # Holds the app's --send-timeout.
+        self.streams = streams
 
 
 def serve_connections(
@@ -67,7 +76,8 @@ def serve_connections(
     new_id: Callable[[], str],
 ) -> None:
     """Makes every runner of `app` serve it with ProxyServer. `new_id` mints request ids."""
-    policy = _Policy(limits, metrics, new_id)
+    state = app.get(STATE)
+    policy = _Policy(limits, metrics, new_id, state.streams if state is not None else None)
     make_plain = app._make_handler
 
     def make_handler(**kwargs: Any) -> web.Server:
@@ -127,7 +137,10 @@ class ProxyServer(web.Server):
 class ProxyRequestHandler(RequestHandler):
     """One connection: aiohttp's protocol with the proxy's refusals and limits."""
 
-    __slots__ = ("_accepted", "_body_of", "_body_seen", "_body_since", "_policy")
+    __slots__ = (
+        "_accepted", "_blocked_on", "_blocked_since", "_body_of", "_body_seen", "_body_since",
+        "_policy",
+    )
 
     def __init__(
         self, manager: ProxyServer, *, loop: asyncio.AbstractEventLoop, **kwargs: Any
@@ -140,6 +153,9 @@ class ProxyRequestHandler(RequestHandler):
         self._body_of: StreamReader | None = None
         self._body_seen = 0
         self._body_since = 0.0
+        # The drain a write waits on (the client does not read), and since which sweep.
+        self._blocked_on: asyncio.Future[None] | None = None
+        self._blocked_since = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._accepted = self._loop.time()
@@ -149,8 +165,10 @@ class ProxyRequestHandler(RequestHandler):
 
     def sweep(self, now: float) -> None:
         """Ends what overran its limit: a first request head that has not come, a body that
-        stopped coming, a body the parser gave up on."""
+        stopped coming, a body the parser gave up on, a write the client does not read."""
         if self.transport is None or self._force_close:
+            return
+        if self._write_overdue(now):
             return
         policy = self._policy
         if self._request_count == 0:  # no request head parsed on this connection yet
@@ -187,6 +205,31 @@ class ProxyRequestHandler(RequestHandler):
                 "(--body-timeout).",
                 headers={"Connection": "close"},
             ))
+
+    def _write_overdue(self, now: float) -> bool:
+        """Drops the connection if one write has waited on a full socket buffer for longer
+        than --send-timeout, whatever wrote it: a sync answer's body, which aiohttp writes
+        after the handler returned, or a stream's last write. Watching aiohttp's drain waiter
+        costs nothing per request. A stream's writes are also watched one by one
+        (proxy/sse_writer.py), which ends the stream with its error logged; SEND_SLACK leaves
+        that sweep its turn first."""
+        waiter = self._drain_waiter
+        if waiter is None:
+            self._blocked_on = None
+            return False
+        if waiter is not self._blocked_on:
+            self._blocked_on, self._blocked_since = waiter, now
+            return False
+        streams = self._policy.streams
+        if streams is None or now - self._blocked_since < streams.send_timeout + SEND_SLACK:
+            return False
+        log.debug("dropped a connection whose client stopped reading (--send-timeout)")
+        self._blocked_on = None
+        transport = self.transport
+        if transport is not None:
+            # Not close(): it would wait for the unread buffer to be sent.
+            transport.abort()
+        return True
 
     def _refuse_body(self, request: BaseRequest, payload: StreamReader, exc: BaseException) -> None:
         refusal = bad_requests.parser_refusal(exc)

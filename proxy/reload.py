@@ -8,7 +8,8 @@ instead of waiting for file-system events. Opening the path resolves the directo
 anew each time, so the kubelet's ConfigMap update (it swaps the directory's `..data` symlink,
 and no event ever names the file) is seen like an edit in place; network and FUSE volumes,
 which give no events at all, work the same; and reading a few kilobytes once a second costs
-nothing next to the kubelet's own propagation delay of up to a minute or more.
+nothing next to the kubelet's own propagation delay of up to a minute or more. New content is
+applied only once two polls in a row read it alike, so a file caught half-written is not served.
 
 Reading and parsing run on a daemon thread of their own, never on the event loop and never in
 the loop's default executor: the read is bounded (proxy/config/source.py: 4 MiB, a timeout for
@@ -70,8 +71,11 @@ class TableHolder:
         self.state = AppState()
         raw = read_source(self.path, timeout=read_timeout)
         self.current = RouteTable(self._parse(raw), self.extra_keys, self.state)
+        self.current.commit()
         # The content last tried, good or bad: a broken file is reported once, not every poll.
         self._seen: bytes | None = raw
+        # New content read by the last poll: applied once the next poll reads it unchanged.
+        self._pending: bytes | None = None
         self._unreadable: str | None = None
         self._wakeup: asyncio.Event | None = None
         self._reading: threading.Thread | None = None
@@ -142,11 +146,19 @@ class TableHolder:
                 self._unreadable = failure.detail
                 return "unchanged"
             self._unreadable = None
-            self._seen = None
+            self._seen = self._pending = None
             return self._failed(failure)
         self._unreadable = None
         if content == self._seen and not force:
+            self._pending = None
             return "unchanged"
+        if content != self._pending and not force:
+            # A writer that truncates and then writes leaves a prefix, often a valid table
+            # (a key without its `models`), for an instant: only content seen on two polls
+            # in a row is applied. SIGHUP (`force`) says the file is complete.
+            self._pending = content
+            return "unchanged"
+        self._pending = None
         self._seen = content
         return content
 
@@ -178,6 +190,7 @@ class TableHolder:
             return self._failed(_Failure(f"{self.path}: cannot build the route table: {exc}",
                                          f"{self.path.name}: cannot build the route table "
                                          "(the log has the error)"))
+        table.commit()
         self.current = table
         self.last_error = self.last_error_detail = None
         return "reloaded"

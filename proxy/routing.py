@@ -116,6 +116,12 @@ class RouteTable:
             grants.setdefault(key, make_grant(key, ("*",)))
         self.auth = Authenticator(grants, open=config.auth.allow_unauthenticated)
 
+    def commit(self) -> None:
+        """Applies this table's upstream settings to the shared health state; called just
+        before the table is served, so a build that fails later changes nothing."""
+        for upstream in self.upstreams.values():
+            upstream.health.configure(upstream.spec)
+
     def resolve(self, model: str, grant: Grant) -> tuple[Route, str]:
         """The route for `model` and the name to send upstream; unknown and forbidden alike 404."""
         route = self._exact.get(model)

@@ -96,15 +96,18 @@ class SSEWriter:
             transport.abort()
 
     def detach(self) -> None:
-        """No more writes will block: the send timeout stops watching this stream."""
+        """No more writes will block: the send timeout stops watching this stream. Called
+        after `end`, whose write blocks like any other."""
         self._streams._open.discard(self)
 
     async def end(self, tail: bytes = DONE) -> None:
         """`tail` and the end of the chunked body in one write: one send to the client."""
-        self.detach()
         if self.closed:
             return
+        self.writing_since = self._time()
         try:
             await self._response.write_eof(tail)
         except ConnectionResetError:
             self.closed = True
+        finally:
+            self.writing_since = 0.0

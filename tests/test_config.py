@@ -815,6 +815,78 @@ def test_a_control_character_written_in_the_file_is_refused_without_quoting_it()
     ]
 
 
+NOT_TEXT = "is not valid UTF-8 text (it holds a lone surrogate, such as the escape \\ud800)"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param('models:\n  "\\ud800": {upstream: demo}\n  m: {upstream: demo}\n',
+                     f"routes.yaml:4 models: {NOT_TEXT}", id="model-name"),
+        pytest.param('models:\n  m: {upstream: demo, owned_by: "\\udc00"}\n',
+                     f"routes.yaml:4 models.m.owned_by: {NOT_TEXT}", id="owned-by"),
+        pytest.param('models:\n  m: {upstream: demo}\nauth:\n  keys: [{key: "\\ud800"}]\n',
+                     f"routes.yaml:6 auth.keys[0].key: {NOT_TEXT}", id="client-key"),
+    ],
+)
+def test_a_lone_surrogate_written_in_the_file_is_refused(text: str, expected: str) -> None:
+    # Accepted before, it made /v1/models (and then /metrics) a 500, or `serve` die.
+    assert problems("upstreams:\n  demo: {kind: echo}\n" + text) == [expected]
+
+
+def test_undecodable_environment_bytes_are_refused_without_quoting_them() -> None:
+    # Python decodes the environment with surrogateescape: b"\xff" arrives as "\udcff".
+    text = 'upstreams:\n  demo: {kind: echo}\nmodels:\n  m: {upstream: demo}\n' \
+        'auth:\n  keys: [{key: "${K}"}]\n'
+    assert problems(text, {"K": "sk-secret\udcff"}) == [
+        "routes.yaml:6 auth.keys[0].key: environment variable K is not valid UTF-8 text"
+    ]
+
+
+def test_a_problem_naming_a_lone_surrogate_prints() -> None:
+    # `kind: "\ud800"` made `check` itself crash while printing the problem.
+    found = problems('upstreams:\n  demo: {kind: "\\ud800"}\nmodels:\n  m: {upstream: demo}\n')
+    assert found == [f"routes.yaml:2 upstreams.demo.kind: {NOT_TEXT}"]
+    assert str(Problem("routes.yaml", 1, "models.\ud800", "x")).encode() == \
+        b"routes.yaml:1 models.\\ud800: x"
+
+
+CUSTOM_BODY = (
+    "upstreams:\n  h:\n    kind: custom\n    url: http://127.0.0.1:9000\n"
+    "    request:\n      path: /chat\n      body:\n{body}"
+    "    sync: {{text: reply}}\n    mode: sync\nmodels:\n  h: {{upstream: h}}\n"
+)
+
+
+def test_an_alias_bomb_in_a_custom_body_is_refused_quickly() -> None:
+    # Seven levels of nine aliases: 9**7 strings from a few hundred bytes. Expanding them all
+    # took half a minute and 660 MB, then the file was accepted.
+    body = '        l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n'
+    for i in range(1, 7):
+        body += f"        l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n"
+    body += '        message: "{{ input }}"\n'
+    found = problems(CUSTOM_BODY.format(body=body))
+    # The values not read past the limit may earn problems of their own (here: `sync`).
+    assert re.fullmatch(r"routes\.yaml:\d+ upstreams\.h\.request\.body\.l\d[][\d]*: more than "
+                        r"100000 values once YAML aliases are expanded \(the limit for a file\)",
+                        found[0]), found
+
+
+def test_an_alias_inside_what_it_names_is_a_problem_not_a_recursion_error() -> None:
+    body = '        <<: &a {message: "{{ input }}", again: *a}\n'
+    found = problems(CUSTOM_BODY.format(body=body).replace("<<: ", "x: "))
+    assert len(found) == 1
+    assert found[0].startswith("routes.yaml:8 upstreams.h.request.body.x.again.again.")
+    assert found[0].endswith(": nested more than 64 levels deep (a YAML alias inside what it "
+                             "names?)")
+
+
+def test_a_few_aliases_in_a_custom_body_still_work() -> None:
+    body = '        message: &m "{{ input }}"\n        copy: *m\n'
+    config = parse_config(CUSTOM_BODY.format(body=body), environ={})
+    assert config.upstreams["h"].kind == "custom"
+
+
 # -- kind declarations ------------------------------------------------------------------------
 
 

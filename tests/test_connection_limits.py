@@ -8,12 +8,16 @@ minute, so the closing it sees can only come from the limit it names.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
+from aiohttp import web
 
-from tests.conftest import KEY, Proxy, ProxyFactory
+from tests.conftest import KEY, Proxy, ProxyFactory, answering, wait_for
 from tests.processes import serve_process
 from tests.raw_http import closed_by_peer, connect, read_answer
 from tests.test_metrics import scrape, value
@@ -166,3 +170,98 @@ async def test_serve_takes_the_limits_from_flags_and_environment(tmp_path: Path)
         for writer in (silent, stalled, idle):
             writer.close()
         await serves_others(served.url)
+
+
+# -- clients that stop reading (--send-timeout) ------------------------------------------------
+
+SEND_TIMEOUT = 1.0
+# The per-stream sweep runs once a second; the connection's sweep leaves it a second's slack.
+SEND_CUT_WITHIN = SEND_TIMEOUT + 4.0
+
+
+def openai_routes(url: str) -> str:
+    return (
+        f"upstreams: {{up: {{kind: openai, url: '{url}/v1'}}}}\n"
+        "models: {m: {upstream: up}}\n"
+    )
+
+
+async def healthz_answers(url: str) -> None:
+    async with aiohttp.ClientSession() as http, http.get(url + "/healthz") as resp:
+        assert resp.status == 200
+
+
+def request_head(path: str, body: bytes) -> bytes:
+    return chat_head(len(body)).replace(b"/v1/chat/completions", path.encode()) + body
+
+
+async def test_a_stream_whose_last_write_is_not_read_is_cut_after_the_send_timeout(
+    make_proxy: ProxyFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Responses stream's last write repeats its whole text (the closing events): the
+    client reads every delta, then stops, so only that write blocks."""
+    caplog.set_level(logging.INFO, logger="agentproxy.access")
+    delta = "x" * 30_000
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for content, finish in [(delta, None)] * 100 + [("END-MARK", None), ("", "stop")]:
+            chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                     "choices": [{"index": 0, "delta": {"content": content},
+                                  "finish_reason": finish}]}
+            await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async with answering("/v1/chat/completions", chat) as url:
+        proxy = await make_proxy(openai_routes(url), send_timeout=SEND_TIMEOUT)
+        reader, writer = await connect(proxy.url)
+        body = orjson.dumps({"model": "m", "input": "hi", "stream": True})
+        writer.write(request_head("/v1/responses", body))
+        seen = b""
+        while b"END-MARK" not in seen:  # every delta read; then the client reads no more
+            seen = seen[-8:] + await asyncio.wait_for(reader.read(65_536), 10)
+        started = time.monotonic()
+        await wait_for(lambda: any(
+            getattr(r, "error", None) == "send_timeout"
+            for r in caplog.records if r.name == "agentproxy.access"
+        ), SEND_CUT_WITHIN + 5)
+        assert time.monotonic() - started < SEND_CUT_WITHIN
+        writer.close()
+        await healthz_answers(proxy.url)
+
+
+async def test_a_sync_answer_to_a_client_that_does_not_read_is_cut_after_the_send_timeout(
+    make_proxy: ProxyFactory,
+) -> None:
+    """aiohttp writes a sync answer's body after the handler returned: one write, watched by
+    the connection's sweep."""
+    answer = orjson.dumps({
+        "id": "c", "object": "chat.completion", "created": 1, "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "x" * 20_000_000},
+                     "finish_reason": "stop"}],
+    })
+
+    async def chat(request: web.Request) -> web.Response:
+        return web.Response(body=answer, content_type="application/json")
+
+    async with answering("/v1/chat/completions", chat) as url:
+        proxy = await make_proxy(openai_routes(url), send_timeout=SEND_TIMEOUT)
+        reader, writer = await connect(proxy.url)
+        body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        writer.write(request_head("/v1/chat/completions", body))
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        started, received = time.monotonic(), 0
+        while time.monotonic() - started < SEND_CUT_WITHIN:
+            # A trickle, about 800 kB/s: the write of the answer stays blocked meanwhile.
+            received += len(await reader.read(16_384))
+            await asyncio.sleep(0.02)
+        # Then all that is left, at once: the answer stops short, the connection was dropped.
+        while piece := await asyncio.wait_for(reader.read(1 << 20), 10):
+            received += len(piece)
+        assert received < length
+        writer.close()
+        await healthz_answers(proxy.url)

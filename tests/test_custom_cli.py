@@ -74,8 +74,8 @@ models:
 BROKEN_LINES = [
     "routes.yaml:2 upstreams.bad-mode: missing required key 'sync' (`mode: sync` always calls "
     "the upstream without streaming)",
-    "routes.yaml:12 upstreams.bad-path.request.path: '/a/../b': `.` and `..` segments are not "
-    "allowed in a path",
+    "routes.yaml:12 upstreams.bad-path.request.path: `.` and `..` segments are not allowed in "
+    "a path",
     "routes.yaml:13 upstreams.bad-path.stream.rules[0].text: 'choices[0.delta': the `[` at "
     "column 8 is not closed",
     "routes.yaml:22 upstreams.no-text.stream.rules: no rule has `text`: the stream would never "
@@ -112,6 +112,36 @@ def test_check_reports_every_problem_of_broken_custom_blocks_on_its_line(
     done = check(tmp_path, BROKEN)
     assert done.returncode == 1
     assert done.stdout.splitlines() == BROKEN_LINES
+
+
+@pytest.mark.parametrize(
+    ("where", "value"),
+    [
+        pytest.param("body: {token: ", "'${CLI_TOKEN} {{ input'}", id="unclosed-placeholder"),
+        pytest.param("path: ", "'/a/${CLI_TOKEN}/../b'", id="dot-segment"),
+    ],
+)
+def test_a_template_problem_never_repeats_a_value_that_may_hold_a_secret(
+    tmp_path: Path, where: str, value: str
+) -> None:
+    (tmp_path / "routes.yaml").write_text(
+        "upstreams:\n"
+        "  flows:\n"
+        "    kind: custom\n"
+        "    url: http://127.0.0.1:9\n"
+        f"    request: {{{where}{value}}}\n"
+        "    sync: {text: answer}\n"
+        "models:\n"
+        "  f: {upstream: flows}\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "check", "routes.yaml"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        env={**os.environ, "CLI_TOKEN": "tok-SUPERSECRET-123"},
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "upstreams.flows.request." in done.stdout
+    assert "SUPERSECRET" not in done.stdout + done.stderr
 
 
 def test_check_prints_the_warnings_of_a_custom_block_and_passes(tmp_path: Path) -> None:

@@ -11,9 +11,12 @@ from pathlib import Path
 
 import aiohttp
 import openai
+import orjson
 import pytest
+from aiohttp import web
 
-from tests.conftest import KEY, wait_for
+from proxy.upstreams import custom_calls
+from tests.conftest import KEY, ProxyFactory, serving, wait_for
 from tests.custom_e2e import (
     API_IDS,
     APIS,
@@ -83,6 +86,114 @@ async def test_a_turn_that_waits_longer_than_busy_timeout_is_a_409(tmp_path: Pat
         held.release.set()
         assert text_of(await first) == FLOWISE.text
     assert info.value.code == "session_busy"
+
+
+# The stream's second event, with the task id the stop call needs, comes this long after the
+# first: the cancel of a turn the client left has to read on for it.
+TASK_ID_GAP = 0.5
+
+STOPPABLE = """
+upstreams:
+  stoppable:
+    kind: custom
+    url: {url}
+    mode: stream
+    request:
+      path: /chat
+      body: {{query: "{{{{ input }}}}", user: "{{{{ session.key }}}}"}}
+    stream:
+      framing: sse
+      rules:
+        - {{when: {{event: message}}, text: answer, capture: {{task_id: task_id}}}}
+        - {{when: {{event: message_end}}, end: true}}
+    cancel:
+      path: "/stop/{{{{ captured.task_id }}}}"
+models:
+  support: {{upstream: stoppable, session: {{busy_timeout: {busy}}}}}
+"""
+
+
+class StoppableAgent:
+    """Like Dify: a turn runs on after its client left, until `/stop/{task}`; the first turn's
+    task id comes only in its second event. Records the order in which calls arrive."""
+
+    def __init__(self, *, hang_stop: bool = False) -> None:
+        self.arrivals: list[str] = []
+        self.hang_stop = hang_stop
+        self.done = asyncio.Event()
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/chat", self.chat)
+        app.router.add_post("/stop/{task}", self.stop)
+        return app
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        task = f"t{sum(a.startswith('chat') for a in self.arrivals) + 1}"
+        self.arrivals.append(f"chat {task}")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        try:
+            if task != "t1":
+                await resp.write(_message("ok", task) + b'data: {"event": "message_end"}\n\n')
+                return resp
+            await resp.write(_message("a"))
+            await asyncio.sleep(TASK_ID_GAP)
+            await resp.write(_message("b", task))
+            await self.done.wait()  # the turn runs on at the server
+        except ConnectionResetError:
+            pass
+        return resp
+
+    async def stop(self, request: web.Request) -> web.Response:
+        self.arrivals.append(f"stop {request.match_info['task']}")
+        if self.hang_stop:
+            await self.done.wait()
+        return web.json_response({"result": "success"})
+
+
+def _message(answer: str, task: str | None = None) -> bytes:
+    event = {"event": "message", "answer": answer} | ({"task_id": task} if task else {})
+    return b"data: " + orjson.dumps(event) + b"\n\n"
+
+
+async def _next_turn_after_leaving(make_proxy: ProxyFactory, fake: StoppableAgent,
+                                   busy: float) -> str | None:
+    async with serving(fake.app()) as url:
+        try:
+            proxy = await make_proxy(STOPPABLE.format(url=url, busy=busy))
+            async with aiohttp.ClientSession() as http, http.post(
+                proxy.url + "/v1/chat/completions",
+                json={"model": "support", "stream": True, "messages": HI},
+                headers={"Authorization": f"Bearer {KEY}", **CHAT},
+            ) as resp:
+                async for line in resp.content:
+                    if b'"content":"a"' in line:
+                        break
+            reply = await proxy.client().chat.completions.create(
+                model="support", messages=HI, extra_headers=CHAT)
+        finally:
+            fake.done.set()
+    return reply.choices[0].message.content
+
+
+async def test_a_sessions_next_turn_reaches_the_upstream_only_after_the_left_turns_cancel(
+    make_proxy: ProxyFactory,
+) -> None:
+    fake = StoppableAgent()
+    assert await _next_turn_after_leaving(make_proxy, fake, busy=30) == "ok"
+    assert fake.arrivals == ["chat t1", "stop t1", "chat t2"]
+
+
+async def test_a_cancel_that_hangs_holds_the_session_only_for_the_cancels_own_bound(
+    make_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(custom_calls, "CANCEL_BUDGET", 1.0)
+    fake = StoppableAgent(hang_stop=True)
+    # Waiting on the session for longer than the cancel's bound would be a 409.
+    assert await _next_turn_after_leaving(make_proxy, fake, busy=3) == "ok"
+    assert fake.arrivals == ["chat t1", "stop t1", "chat t2"]
 
 
 # -- deadlines and keep-alives ---------------------------------------------------------------------

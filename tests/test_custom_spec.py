@@ -145,8 +145,8 @@ mode: sync
         pytest.param({"sync": {"text": "a", "body": {"x": ["{{ sesion.key }}"]}}},
                      "sync.body.x[0]: unknown placeholder `{{ sesion.key }}`; did you mean "
                      "`{{ session.key }}`?", id="unknown-placeholder-in-override"),
-        pytest.param({"request": {"path": "chat"}}, "request.path: 'chat': a path starts with "
-                     "`/`", id="relative-path"),
+        pytest.param({"request": {"path": "chat"}}, "request.path: a path starts with `/`",
+                     id="relative-path"),
         pytest.param({"request": {"path": "/x", "method": "FETCH"}},
                      "request.method: 'FETCH' is not one of GET, POST, PUT, PATCH, DELETE",
                      id="bad-method"),

@@ -239,8 +239,11 @@ async def test_a_path_value_that_would_move_the_request_is_refused(
     async with serve(PARROT, FakeParrot(), tmp_path, model=model) as served:
         with pytest.raises(openai.APIStatusError) as info:
             await served.client().chat.completions.create(model="parrot", messages=HI)
-    assert info.value.status_code == 502
+    # The model is the request's (here the route's upstream name for it): never the upstream's
+    # failure.
+    assert info.value.status_code == 400
     assert info.value.code == "upstream_path_value"
+    assert info.value.param == "model"
     assert served.fake.requests == []
 
 

@@ -14,9 +14,10 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 
 from proxy.openai_types import accumulate
-from tests.conftest import KEY, wait_for
+from tests.conftest import KEY, ProxyFactory, serving, wait_for
 from tests.custom_e2e import (
     API_IDS,
     APIS,
@@ -385,6 +386,127 @@ async def test_dify_a_finished_stream_is_never_stopped(tmp_path: Path) -> None:
         await _read_until_finish_and_leave(served.proxy.url, DIFY.model)
         await wait_for(lambda: bool(fake.gone))
     assert fake.stops == []
+
+
+# -- a client's value in an upstream's path --------------------------------------------------------
+
+PATH_ROUTES = """
+upstreams:
+{blocks}
+models:
+  "flows/*": {{upstream: [cu0, cu1]}}
+"""
+PATH_BLOCK = """\
+  {name}:
+    kind: custom
+    url: {url}
+    mode: sync
+    request:
+      path: "/p/{{{{ model }}}}/u/{{{{ user }}}}"
+      body: {{message: "{{{{ input }}}}"}}
+    sync:
+      text: reply
+    models: {{path: /models, items: "[*]", id: id}}
+"""
+
+
+def _two_upstreams(block: str, url0: str, url1: str) -> str:
+    blocks = block.format(name="cu0", url=url0) + block.format(name="cu1", url=url1)
+    return PATH_ROUTES.format(blocks=blocks)
+
+
+@pytest.mark.parametrize(
+    ("model", "user", "param"),
+    [
+        pytest.param("flows/..", "u", "model", id="dot-dot-model"),
+        pytest.param("flows/.", "u", "model", id="dot-model"),
+        pytest.param("flows/a", None, "user", id="missing-user"),
+        pytest.param("flows/a", "", "user", id="empty-user"),
+    ],
+)
+async def test_a_client_value_that_cannot_be_a_path_segment_is_a_400_and_no_upstream_failure(
+    make_proxy: ProxyFactory, model: str, user: str | None, param: str
+) -> None:
+    seen: list[str] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        if request.path == "/models":
+            return web.json_response([])
+        seen.append(request.raw_path)
+        return web.json_response({"reply": "ok"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    async with serving(app) as up0, serving(app) as up1:
+        proxy = await make_proxy(_two_upstreams(PATH_BLOCK, up0, up1))
+        client = proxy.client()
+        extra = {} if user is None else {"user": user}
+        for stream in (False, True, False):
+            with pytest.raises(openai.BadRequestError) as info:
+                await client.chat.completions.create(
+                    model=model, messages=HI, stream=stream, **extra)
+            body: Any = info.value.body
+            assert body["param"] == param
+            assert body["type"] == "invalid_request_error"
+            assert body["code"] == "upstream_path_value"
+            assert f"`{param}`" in body["message"]
+        assert seen == []
+        async with aiohttp.ClientSession() as http, http.get(proxy.url + "/readyz") as resp:
+            ready = await resp.json()
+        for name in ("cu0", "cu1"):
+            assert ready["upstreams"][name]["state"] == "closed"
+            assert ready["upstreams"][name]["consecutive_failures"] == 0
+        # The first upstream still takes the next good request: it was never failed over.
+        reply = await client.chat.completions.create(model="flows/a", messages=HI, user="u")
+    assert reply.choices[0].message.content == "ok"
+    assert seen == ["/p/a/u/u"]
+
+
+ISSUED_BLOCK = """\
+  {name}:
+    kind: custom
+    url: {url}
+    mode: sync
+    session:
+      lookup: {{method: GET, path: /lookup, id: id}}
+    request:
+      path: "/c/{{{{ session.id }}}}"
+      body: {{message: "{{{{ input }}}}"}}
+    sync:
+      text: reply
+    models: {{path: /models, items: "[*]", id: id}}
+"""
+
+
+async def test_a_server_issued_id_that_cannot_be_a_path_segment_is_that_upstreams_failure(
+    make_proxy: ProxyFactory,
+) -> None:
+    seen: list[str] = []
+
+    def app(issued: str) -> web.Application:
+        async def answer(request: web.Request) -> web.Response:
+            if request.path == "/models":
+                return web.json_response([])
+            seen.append(request.raw_path)
+            if request.path == "/lookup":
+                return web.json_response({"id": issued})
+            return web.json_response({"reply": f"ok from {issued}"})
+
+        served = web.Application()
+        served.router.add_route("*", "/{tail:.*}", answer)
+        return served
+
+    async with serving(app("..")) as up0, serving(app("s1")) as up1:
+        proxy = await make_proxy(_two_upstreams(ISSUED_BLOCK, up0, up1))
+        reply = await proxy.client().chat.completions.create(
+            model="flows/a", messages=HI, extra_headers=session("issued"))
+        async with aiohttp.ClientSession() as http, http.get(proxy.url + "/readyz") as resp:
+            ready = await resp.json()
+    # cu0's own answer gave the bad id: its failure, and the turn went on to cu1.
+    assert reply.choices[0].message.content == "ok from s1"
+    assert seen == ["/lookup", "/lookup", "/c/s1"]
+    assert ready["upstreams"]["cu0"]["consecutive_failures"] == 1
+    assert ready["upstreams"]["cu1"]["consecutive_failures"] == 0
 
 
 async def _read_first_text_and_leave(url: str, model: str) -> None:

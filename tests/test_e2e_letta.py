@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import re
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,7 +17,7 @@ from openai.types.chat import ChatCompletionChunk
 
 from proxy import routing
 from tests.conftest import KEY, Proxy, ProxyFactory, closed_port, wait_for
-from tests.fake_letta import FakeLetta, Scenario
+from tests.fake_letta import FakeLetta, Scenario, sse_events
 
 AGENT = "agent-ef37cb35-73b3-4511-b1bb-1c9635553e28"
 RUN_ID = "run-f4ded9a4-5697-46b8-80e3-18a12f6139d7"
@@ -312,6 +314,31 @@ async def test_sync_client_that_gives_up_cancels_the_letta_run(
         await task
     await client.close()
     await wait_for(lambda: RUN_ID in state.cancelled_run_ids)
+
+
+async def test_the_next_message_reaches_letta_only_after_the_left_runs_cancel(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str], tmp_path: Path
+) -> None:
+    state, url = letta
+    # A run whose id comes late: the cancel reads on for it, half a second.
+    ping, message, *rest = sse_events("stream_tokens")
+    late = tmp_path / "late_run_id.sse"
+    late.write_bytes(re.sub(rb',"run_id":"[^"]*"', b"", message) + ping + b"".join(rest))
+    state.scenarios.append(Scenario(sse=str(late), delay=0.5, hold_after=2))
+    proxy = await make(make_proxy, url)
+    async with aiohttp.ClientSession() as http, http.post(
+        proxy.url + "/v1/chat/completions",
+        json={"model": "support", "stream": True, "messages": HI},
+        headers={"Authorization": f"Bearer {KEY}"},
+    ) as resp:
+        async for line in resp.content:
+            if b'"content":"' in line and b'"content":""' not in line:
+                break
+    await proxy.client().chat.completions.create(model="support", messages=HI)
+    assert [r.path.rsplit("/", 1)[1] for r in state.requests if "/messages" in r.path] == [
+        "messages", "cancel", "messages"
+    ]
+    assert state.cancelled_run_ids == [RUN_ID]
 
 
 async def test_llm_error_mid_stream_ends_with_an_error_event(

@@ -18,10 +18,11 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import proxy.routing as proxy_routing
 from proxy.app import create_app
 from proxy.config import MAX_BYTES
 from proxy.reload import TableHolder, watch
-from tests.conftest import KEY, ProxyFactory, serving
+from tests.conftest import KEY, ProxyFactory, closed_port, serving
 from tests.fake_openai import FakeOpenAI
 from tests.processes import eventually, serve_process
 
@@ -453,3 +454,122 @@ async def test_the_watcher_ends_when_told_to_stop_even_if_no_cancellation_reache
 
 async def _true(value: bool) -> bool:
     return value
+
+
+ADMIN = "sk-admin-aaaaaaaaaaaaaaaa"
+GUEST = "sk-guest-bbbbbbbbbbbbbbbb"
+
+
+def guarded_routes(*extra_models: str) -> str:
+    listed = "".join(f"  {m}: {{upstream: demo}}\n" for m in extra_models)
+    return (
+        "upstreams:\n  demo: {kind: echo}\nmodels:\n  public: {upstream: demo}\n"
+        f"  secret: {{upstream: demo}}\n{listed}auth:\n  keys:\n    - key: {ADMIN}\n"
+        f"    - key: {GUEST}\n      models: [public]\n"
+    )
+
+
+async def guest_reaches_secret(proxy: Any) -> bool:
+    try:
+        await proxy.client(GUEST).chat.completions.create(
+            model="secret", messages=[{"role": "user", "content": "hi"}]
+        )
+    except openai.NotFoundError:
+        return False
+    return True
+
+
+async def test_a_file_caught_half_written_is_not_served_until_it_is_complete(
+    make_proxy: ProxyFactory,
+) -> None:
+    # Polling off: each `refresh` is one poll, so the one that lands between the two writes
+    # is certain, not a matter of timing.
+    proxy = await make_proxy(guarded_routes(), reload_interval=0)
+    assert not await guest_reaches_secret(proxy)
+    new = guarded_routes("other")
+    cut = new.index("      models: [public]")
+    with proxy.routes.open("w") as out:
+        # The prefix is a valid table in which GUEST may use every model.
+        out.write(new[:cut])
+        out.flush()
+        assert await proxy.holder.refresh() == "unchanged"
+        assert not await guest_reaches_secret(proxy)
+        assert await model_ids(proxy.url) == ["public", "secret"]
+        out.write(new[cut:])
+
+    async def complete_served() -> bool:
+        await proxy.holder.refresh()
+        return await model_ids(proxy.url) == ["public", "secret", "other"]
+
+    await eventually(complete_served, "the complete file to be served")
+    assert not await guest_reaches_secret(proxy)
+
+
+async def test_a_file_caught_half_written_and_broken_is_not_reported(
+    make_proxy: ProxyFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="proxy.reload")
+    proxy = await make_proxy(echo_routes("first"), reload_interval=0)
+    new = echo_routes("first", "second")
+    with proxy.routes.open("w") as out:
+        out.write(new[: new.index("upstream: demo") + len("upstream: de")] + "\n  [")
+        out.flush()
+        assert await proxy.holder.refresh() == "unchanged"
+        out.seek(0)
+        out.truncate()
+        out.write(new)
+    _, ready = await get_json(proxy.url + "/readyz")
+    assert ready["last_error"] is None
+    assert not [r for r in caplog.records if r.levelno == logging.ERROR]
+
+    async def complete_served() -> bool:
+        await proxy.holder.refresh()
+        return await model_ids(proxy.url) == ["first", "second"]
+
+    await eventually(complete_served, "the complete file to be served")
+
+
+def limited_routes(limit: int, key: str, port: int) -> str:
+    return (
+        f"upstreams:\n  up:\n    kind: openai\n    url: http://127.0.0.1:{port}/v1\n"
+        f"    max_concurrency: {limit}\n    circuit: {{failures: {limit}}}\n"
+        f"models:\n  m: {{upstream: up}}\nauth:\n  keys:\n    - key: {key}\n"
+    )
+
+
+async def test_a_reload_rejected_late_leaves_the_upstream_limits_and_circuit_as_they_were(
+    make_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = closed_port()
+    proxy = await make_proxy(limited_routes(1, KEY, port), reload_interval=FAST)
+    # A valid file whose build fails after the upstreams are built (stands in for any late
+    # failure, such as a bug in an adapter or in key hashing).
+    doomed = "sk-doomed-0123456789abcdef"
+    real_grant = proxy_routing.make_grant
+
+    def failing_grant(key: str, models: Any) -> Any:
+        if key == doomed:
+            raise RuntimeError("late build failure")
+        return real_grant(key, models)
+
+    monkeypatch.setattr(proxy_routing, "make_grant", failing_grant)
+    proxy.routes.write_text(limited_routes(500, doomed, port))
+
+    async def rejected() -> bool:
+        _, ready = await get_json(proxy.url + "/readyz")
+        return ready["last_error"] is not None
+
+    await eventually(rejected, "the rejected reload to be reported")
+    _, ready = await get_json(proxy.url + "/readyz")
+    upstream: Any = ready["upstreams"]
+    assert upstream["up"]["max_concurrency"] == 1
+    assert upstream["up"]["state"] == "closed"
+    # `circuit.failures: 1` still holds: one refused connection opens the circuit.
+    with pytest.raises(openai.APIStatusError) as caught:
+        await proxy.client().chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}]
+        )
+    assert caught.value.status_code == 502
+    _, ready = await get_json(proxy.url + "/readyz")
+    upstream = ready["upstreams"]
+    assert upstream["up"]["state"] == "open"

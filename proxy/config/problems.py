@@ -16,7 +16,10 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line} {self.path}: {self.message}"
+        text = f"{self.file}:{self.line} {self.path}: {self.message}"
+        # A name the reader refused as not text may still be part of a path or message;
+        # printing it must not raise.
+        return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode()
 
 
 class ConfigError(Exception):

@@ -64,6 +64,13 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _CONTROL_BUT_TAB = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _CONTROL_NAMES = {"\n": "a line break", "\r": "a carriage return", "\t": "a tab", "\0": "a NUL"}
 _SCALARS = SafeConstructor()
+# A YAML `"\ud800"` escape, or an environment variable's undecodable bytes (Python decodes
+# them as surrogates): not text, and fatal only later, when encoded for a client or a header.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Reader.plain expands aliases, so a few hundred bytes of anchors can name billions of values;
+# per file, not per value, so that many small aliases cannot add up either.
+MAX_PLAIN_VALUES = 100_000
+MAX_PLAIN_DEPTH = 64
 
 
 def has_reference(raw: str) -> bool:
@@ -86,6 +93,7 @@ class Reader:
         self.environ = environ
         self.problems: list[Problem] = []
         self.warnings: list[Problem] = []
+        self._plain_left = MAX_PLAIN_VALUES
 
     def error(self, node: Node, path: str, message: str) -> None:
         self.problems.append(Problem(self.file, line_of(node), path or FILE, message))
@@ -123,7 +131,7 @@ class Reader:
                 first = line_of(entries[key.value][0])
                 self.error(key, join(path, key.value),
                            f"{duplicate} '{key.value}' (first on line {first})")
-            else:
+            elif self.is_text(key, path, key.value):
                 entries[key.value] = (key, value)
         return entries
 
@@ -251,8 +259,28 @@ class Reader:
                 return ""
             return value
 
-        result = _REFERENCE.sub(substitute, str(node.value))
-        return result if ok else None
+        raw = str(node.value)
+        if not self.is_text(node, path, raw):
+            return None
+        result = _REFERENCE.sub(substitute, raw)
+        if not ok or (result is not raw and not self.is_text(node, path, result)):
+            return None
+        return result
+
+    def is_text(self, node: Node, path: str, value: str) -> bool:
+        """False (reported) if `value` holds a surrogate; names the variable that brought it,
+        and never quotes the value (it may be a credential)."""
+        if value.isascii() or _SURROGATE.search(value) is None:
+            return True
+        for match in _REFERENCE.finditer(str(node.value)):
+            name = match.group("name")
+            from_env = self.environ.get(name) if name else None
+            if from_env and _SURROGATE.search(from_env):
+                self.error(node, path, f"environment variable {name} is not valid UTF-8 text")
+                return False
+        self.error(node, path, "is not valid UTF-8 text (it holds a lone surrogate, such as "
+                   "the escape \\ud800)")
+        return False
 
     def number(self, node: Node, path: str, what: str = "a number") -> float | None:
         if isinstance(node, ScalarNode) and node.tag in (INT, FLOAT):
@@ -301,12 +329,28 @@ class Reader:
     def plain(self, node: Node, path: str) -> Any:
         """Any YAML value as plain Python (dict, list, str, int, float, bool, None), strings
         interpolated; for values passed on as data, such as a request body template. A part
-        that is reported comes back as None."""
+        that is reported comes back as None. Aliases are expanded, within MAX_PLAIN_VALUES
+        for the whole file and MAX_PLAIN_DEPTH levels (an alias to itself is endless)."""
+        return self._plain(node, path, 0)
+
+    def _plain(self, node: Node, path: str, depth: int) -> Any:
+        if self._plain_left < 0:
+            return None
+        self._plain_left -= 1
+        if self._plain_left < 0:
+            self.error(node, path, f"more than {MAX_PLAIN_VALUES} values once YAML aliases "
+                       "are expanded (the limit for a file)")
+            return None
+        if depth > MAX_PLAIN_DEPTH and isinstance(node, (MappingNode, SequenceNode)):
+            self.error(node, path, f"nested more than {MAX_PLAIN_DEPTH} levels deep (a YAML "
+                       "alias inside what it names?)")
+            return None
         if isinstance(node, MappingNode):
-            return {name: self.plain(value, join(path, name))
+            return {name: self._plain(value, join(path, name), depth + 1)
                     for name, (_, value) in self.mapping(node, path).items()}
         if isinstance(node, SequenceNode):
-            return [self.plain(item, f"{path}[{i}]") for i, item in enumerate(node.value)]
+            return [self._plain(item, f"{path}[{i}]", depth + 1)
+                    for i, item in enumerate(node.value)]
         if node.tag == STR:
             return self.string(node, path)
         if node.tag in (INT, FLOAT, BOOL, NULL):

@@ -108,12 +108,24 @@ async def relay(request: web.Request, served: Served, encoder: Encoder) -> web.S
                 tail = encoder.end()
             finally:
                 metrics.stream_closed()
+    except BaseException:
+        # A client that left raises through here: the send timeout stops watching the stream.
+        writer.detach()
+        raise
     finally:
         lease.release()
-        # However the stream ended (a client that left raises through here), the send
-        # timeout's sweep stops watching it.
+    try:
+        # Watched until its last write is out: a client that stops reading can block it too.
+        await writer.end(tail if tail is not None else b"")
+    except asyncio.CancelledError:
+        reason = exchange.take(ENDINGS)
+        if reason is None:
+            raise
+        if reason == "send":
+            exchange.error = "send_timeout"
+        writer.abandon()
+    finally:
         writer.detach()
-    await writer.end(tail if tail is not None else b"")
     return response
 
 

@@ -304,11 +304,13 @@ class Custom(CustomCalls):
         if reported is not None and self._issued and turn.remember is not None:
             # Before the lock is let go, so the session's next turn finds it.
             self._sessions.put(turn.remember, reported)
-        if turn.lock_key is not None:
-            self.state.session_locks.release(turn.lock_key)
         if turn.finished or self.custom.cancel is None:
+            if turn.lock_key is not None:
+                self.state.session_locks.release(turn.lock_key)
             let_go(turn)
             return
+        # The cancel releases the lock when it is done, so the session's next turn never
+        # reaches the upstream while this one still runs there.
         self.state.spawn(self._cancel(turn, http), name=f"custom-cancel-{self.name}")
 
 

@@ -131,7 +131,8 @@ class CustomCalls(HttpUpstream):
         return False
 
     async def _cancel(self, turn: TurnInFlight, http: aiohttp.ClientSession) -> None:
-        """The block's `cancel` request for a turn the client left (a background task)."""
+        """The block's `cancel` request for a turn the client left (a background task);
+        releases the turn's session lock at its end."""
         cancel = self.custom.cancel
         assert cancel is not None
         # A record of its own: the deadlines of the cancel call interrupt this task only.
@@ -166,6 +167,8 @@ class CustomCalls(HttpUpstream):
                         self.scrub(message))
         finally:
             turn.resp.close()
+            if turn.lock_key is not None:
+                self.state.session_locks.release(turn.lock_key)
 
     async def _read_on(self, turn: TurnInFlight, reader: StreamReader) -> bool:
         """Reads the abandoned stream until the cancel's values came; False when the answer

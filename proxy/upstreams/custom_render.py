@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 import orjson
 
-from proxy.errors import UpstreamFailed
+from proxy.errors import InvalidRequest, ProxyError, UpstreamFailed
 
 __all__ = [
     "DROP",
@@ -165,14 +165,42 @@ class PathTemplate:
             if text in ("", ".", ".."):
                 # Empty, `.` and `..` segments are the ones a URL library or a server
                 # normalises away: refuse rather than send the request somewhere else.
-                shown = "empty" if not text else f"{text!r}"
-                raise UpstreamFailed(
-                    f"The custom upstream's path needs `{{{{ {part.name} }}}}`, which is "
-                    f"{shown} for this request.",
-                    code="upstream_path_value",
-                )
+                raise _bad_path_value(part.name, text)
             out.append(quote(text, safe="", errors="replace"))
         return "".join(out)
+
+
+# The request field a placeholder comes from, for the refusal's `param`.
+_CLIENT_FIELDS: Final = {
+    "model": "model",
+    "user": "user",
+    **{name: "messages" for name in (
+        "input", "messages", "history", "new_messages", "system", "transcript")},
+}
+# Values the proxy took from an upstream's earlier answer (a captured task id, an issued
+# session id; a derived `session.id` is the session key's hash unless the block's `id`
+# template says otherwise): a bad one is that upstream's fault, counted by its circuit.
+_FROM_UPSTREAM: Final = ("captured.", "session.id")
+
+
+def _bad_path_value(name: str, text: str) -> ProxyError:
+    shown = "empty" if not text else f"{text!r}"
+    if name.startswith(_FROM_UPSTREAM):
+        return UpstreamFailed(
+            f"The custom upstream's path needs `{{{{ {name} }}}}`, which is {shown} for "
+            "this request.",
+            code="upstream_path_value",
+        )
+    # Everything else comes from the client's request: its fault, never the upstream's.
+    field = _CLIENT_FIELDS.get(name)
+    what = f"`{field}`" if field is not None else f"`{{{{ {name} }}}}`"
+    problem = "is missing or empty" if not text else f"gives {shown}"
+    return InvalidRequest(
+        f"{what} {problem}, but this model's upstream puts it in its URL path as one "
+        "segment, which cannot be empty, '.' or '..'.",
+        param=field,
+        code="upstream_path_value",
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -146,7 +146,7 @@ class _Compiler:
             end = text.find(_CLOSE, start + 2)
             if end < 0:
                 raise TemplateError(
-                    f"{text!r}: the `{{{{` at column {start + 1} is not closed with `}}}}`",
+                    f"the `{{{{` at column {start + 1} is not closed with `}}}}`",
                     where,
                 )
             if start > pos:
@@ -230,23 +230,23 @@ def compile_path_template(
     if not isinstance(text, str):
         raise TemplateError(f"a path must be a string, not {type(text).__name__}")
     if text and not text.startswith("/"):
-        raise TemplateError(f"{text!r}: a path starts with `/` (it is appended to `url`)")
+        raise TemplateError("a path starts with `/` (it is appended to `url`)")
     compiler = _Compiler(allowed, captured)
     parts = compiler.parts(text, ())
     literal = "".join(p for p in parts if isinstance(p, str))
     if "#" in literal:
-        raise TemplateError(f"{text!r}: a path cannot hold a fragment (`#`)")
+        raise TemplateError("a path cannot hold a fragment (`#`)")
     if any(ch.isspace() for ch in literal):
-        raise TemplateError(f"{text!r}: a path cannot hold spaces; write them as %20")
+        raise TemplateError("a path cannot hold spaces; write them as %20")
     for part in parts:
         if isinstance(part, Ref) and part.optional:
             raise TemplateError(
-                f"{text!r}: `{{{{ {part.name}? }}}}` cannot drop a part of a path; use "
+                f"`{{{{ {part.name}? }}}}` cannot drop a part of a path; use "
                 "`session.stateless` or a `sync`/`stream` override for another path"
             )
     for segment in literal.split("/"):
         if segment in (".", ".."):
-            raise TemplateError(f"{text!r}: `.` and `..` segments are not allowed in a path")
+            raise TemplateError("`.` and `..` segments are not allowed in a path")
     return PathTemplate(parts, frozenset(compiler.names))
 
 

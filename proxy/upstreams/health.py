@@ -3,7 +3,9 @@
 The registry lives with the app (proxy/state.py), not with a route table: a reload that
 leaves an upstream's name and URL alone must neither forget that it keeps failing nor let a
 new table's requests past the concurrency limit that the old table's requests still fill.
-Settings (thresholds, limits) are taken from the newest table that names the upstream.
+Settings (thresholds, limits) are taken from the newest table that names the upstream, when
+that table is committed (`RouteTable.commit`): a table rejected half-way through its build
+must leave the served one's settings alone.
 
 Circuit: after `circuit.failures` consecutive failures the upstream is "open" for
 `circuit.cooldown` seconds: routes that list another upstream skip it. Then it is
@@ -163,11 +165,10 @@ class HealthRegistry:
         self._by_upstream: dict[tuple[str, str], Health] = {}
 
     def get(self, spec: UpstreamSpec) -> Health:
-        """The state of the upstream `spec` describes, kept while its name and URL stay."""
+        """The state of the upstream `spec` describes, kept while its name and URL stay. An
+        existing one keeps its settings until `configure` (the table's commit)."""
         key = (spec.name, spec.url or "")
         health = self._by_upstream.get(key)
         if health is None:
             health = self._by_upstream[key] = Health(spec)
-        else:
-            health.configure(spec)
         return health

@@ -295,8 +295,8 @@ class Letta(HttpUpstream):
             return
         run.closed = True
         run.deadlines.close()
-        self.state.session_locks.release(run.lock_key)
         if run.finished_upstream:
+            self.state.session_locks.release(run.lock_key)
             if run.saw_done:
                 run.resp.release()
             else:
@@ -305,7 +305,8 @@ class Letta(HttpUpstream):
         # The client left (or the stream broke) while the agent was still running: stop the
         # run too, not just the socket. The run id arrives in Letta's first ping; if it has
         # not come yet, read on a little for it, in the background (the app awaits it when
-        # it closes).
+        # it closes). The session lock is released only after, so that the next message of
+        # the conversation never reaches Letta before this run's cancel.
         self.state.spawn(self._cancel(run, http), name=f"letta-cancel-{run.agent_id}")
 
     async def _cancel(self, run: _Run, http: aiohttp.ClientSession) -> None:
@@ -333,6 +334,7 @@ class Letta(HttpUpstream):
             )
         finally:
             run.resp.close()
+            self.state.session_locks.release(run.lock_key)
 
     async def _read_run_id(self, run: _Run) -> None:
         try:
