@@ -86,6 +86,15 @@ def has_tool_calls(chunk: ChatCompletionChunk) -> bool:
     return bool(chunk.choices and chunk.choices[0].delta.tool_calls)
 
 
+
+def stream_support(http: aiohttp.ClientSession, proxy: Proxy) -> Any:
+    """A raw streamed chat request to the `support` route (a response context manager)."""
+    return http.post(
+        proxy.url + "/v1/chat/completions",
+        json={"model": "support", "stream": True, "messages": HI},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+
 async def test_sync_chat_answers_with_the_agents_text_and_real_usage(
     make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
 ) -> None:
@@ -287,11 +296,7 @@ async def test_closing_the_client_mid_stream_cancels_the_letta_run(
     state, _ = letta
     proxy = await with_held_runs(make_proxy, letta)
     async with aiohttp.ClientSession() as http:
-        resp = await http.post(
-            proxy.url + "/v1/chat/completions",
-            json={"model": "support", "stream": True, "messages": HI},
-            headers={"Authorization": f"Bearer {KEY}"},
-        )
+        resp = await stream_support(http, proxy)
         await resp.content.readline()
         await state.default_scenario.held.wait()
         resp.close()
@@ -326,11 +331,7 @@ async def test_the_next_message_reaches_letta_only_after_the_left_runs_cancel(
     late.write_bytes(re.sub(rb',"run_id":"[^"]*"', b"", message) + ping + b"".join(rest))
     state.scenarios.append(Scenario(sse=str(late), delay=0.5, hold_after=2))
     proxy = await make(make_proxy, url)
-    async with aiohttp.ClientSession() as http, http.post(
-        proxy.url + "/v1/chat/completions",
-        json={"model": "support", "stream": True, "messages": HI},
-        headers={"Authorization": f"Bearer {KEY}"},
-    ) as resp:
+    async with aiohttp.ClientSession() as http, stream_support(http, proxy) as resp:
         async for line in resp.content:
             if b'"content":"' in line and b'"content":""' not in line:
                 break
@@ -533,11 +534,7 @@ async def test_letta_pings_reach_the_client_as_keep_alive_comments(
     state, url = letta
     state.default_scenario = Scenario(sse="stream_slow_keepalive")
     proxy = await make(make_proxy, url)
-    async with aiohttp.ClientSession() as http, http.post(
-        proxy.url + "/v1/chat/completions",
-        json={"model": "support", "stream": True, "messages": HI},
-        headers={"Authorization": f"Bearer {KEY}"},
-    ) as resp:
+    async with aiohttp.ClientSession() as http, stream_support(http, proxy) as resp:
         text = await resp.text()
     events = [e for e in text.split("\n\n") if e]
     assert events.count(": keep-alive") == 2
