@@ -7,11 +7,12 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import os
 import secrets
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -37,7 +38,46 @@ log = logging.getLogger("agentproxy")
 
 
 def _env(name: str, default: str) -> str:
-    return os.environ.get(f"AGENTPROXY_{name}", default)
+    # Set but empty counts as unset: `AGENTPROXY_HOST=` must not listen on every address.
+    return os.environ.get(f"AGENTPROXY_{name}") or default
+
+
+def _number(
+    kind: type[int] | type[float], name: str, low: float, high: float | None = None
+) -> Callable[[str], float]:
+    """An argparse type for a flag that AGENTPROXY_<name> may set: a finite number within
+    [low, high], else an error that names both (defaults are strings, so argparse converts
+    the variable's value only for the subcommand that uses it, and reports it like a flag's)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < low or (
+            high is not None and value > high
+        ):
+            bound = f"at least {low:g}" if high is None else f"from {low:g} to {high:g}"
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(
+                f"{text!r} (the flag or AGENTPROXY_{name}) must be {what} {bound}"
+            )
+        return value
+
+    return parse
+
+
+def _choice(name: str, *choices: str) -> Callable[[str], str]:
+    """Like `choices=`, which argparse does not check on a default, an environment value."""
+
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} (the flag or AGENTPROXY_{name}) must be one of {', '.join(choices)}"
+            )
+        return text
+
+    return parse
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,47 +112,51 @@ def _parser() -> argparse.ArgumentParser:
                        help="route table file (env AGENTPROXY_ROUTES; default ./routes.yaml)")
     serve.add_argument("--host", default=_env("HOST", "127.0.0.1"),
                        help="address to listen on (env AGENTPROXY_HOST; default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=int(_env("PORT", "8080")),
+    serve.add_argument("--port", type=_number(int, "PORT", 0, 65535),
+                       default=_env("PORT", "8080"),
                        help="port to listen on (env AGENTPROXY_PORT; default 8080)")
-    serve.add_argument("--workers", type=int, default=int(_env("WORKERS", "1")),
+    serve.add_argument("--workers", type=_number(int, "WORKERS", 1),
+                       default=_env("WORKERS", "1"),
                        help="processes sharing the port (env AGENTPROXY_WORKERS; default 1)")
     serve.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
-                       choices=["debug", "info", "warning", "error"],
+                       type=_choice("LOG_LEVEL", "debug", "info", "warning", "error"),
                        help="env AGENTPROXY_LOG_LEVEL; default info")
     serve.add_argument("--log-format", default=_env("LOG_FORMAT", "text"),
-                       choices=["text", "json"], help="env AGENTPROXY_LOG_FORMAT; default text")
-    serve.add_argument("--max-body", type=int, default=int(_env("MAX_BODY", str(16 << 20))),
+                       type=_choice("LOG_FORMAT", "text", "json"),
+                       help="env AGENTPROXY_LOG_FORMAT; default text")
+    serve.add_argument("--max-body", type=_number(int, "MAX_BODY", 1),
+                       default=_env("MAX_BODY", str(16 << 20)),
                        help="largest request body in bytes (env AGENTPROXY_MAX_BODY; 16 MiB)")
-    serve.add_argument("--max-connections", type=int,
-                       default=int(_env("MAX_CONNECTIONS", "1000")),
+    serve.add_argument("--max-connections", type=_number(int, "MAX_CONNECTIONS", 0),
+                       default=_env("MAX_CONNECTIONS", "1000"),
                        help="requests each worker serves at once; more get a 503 with "
                             "Retry-After (env AGENTPROXY_MAX_CONNECTIONS; default 1000; 0: no "
                             "limit)")
-    serve.add_argument("--header-timeout", type=float,
-                       default=float(_env("HEADER_TIMEOUT", str(DEFAULT_HEADER_TIMEOUT))),
+    serve.add_argument("--header-timeout", type=_number(float, "HEADER_TIMEOUT", 0),
+                       default=_env("HEADER_TIMEOUT", str(DEFAULT_HEADER_TIMEOUT)),
                        help="seconds a new connection gets to send its first request's line "
                             "and headers (env AGENTPROXY_HEADER_TIMEOUT; default "
                             f"{DEFAULT_HEADER_TIMEOUT:g}; 0: no limit)")
-    serve.add_argument("--body-timeout", type=float,
-                       default=float(_env("BODY_TIMEOUT", str(DEFAULT_BODY_TIMEOUT))),
+    serve.add_argument("--body-timeout", type=_number(float, "BODY_TIMEOUT", 0),
+                       default=_env("BODY_TIMEOUT", str(DEFAULT_BODY_TIMEOUT)),
                        help="seconds a request body may stall, with no byte arriving, before "
                             "a 408 (env AGENTPROXY_BODY_TIMEOUT; default "
                             f"{DEFAULT_BODY_TIMEOUT:g}; 0: no limit)")
-    serve.add_argument("--keepalive-timeout", type=float,
-                       default=float(_env("KEEPALIVE_TIMEOUT", str(DEFAULT_KEEPALIVE_TIMEOUT))),
+    serve.add_argument("--keepalive-timeout", type=_number(float, "KEEPALIVE_TIMEOUT", 0),
+                       default=_env("KEEPALIVE_TIMEOUT", str(DEFAULT_KEEPALIVE_TIMEOUT)),
                        help="seconds an idle connection waits for its next request (env "
                             "AGENTPROXY_KEEPALIVE_TIMEOUT; default "
                             f"{DEFAULT_KEEPALIVE_TIMEOUT:g}; 0: no keep-alive)")
-    serve.add_argument("--drain-timeout", type=float,
-                       default=float(_env("DRAIN_TIMEOUT", "30")),
+    serve.add_argument("--drain-timeout", type=_number(float, "DRAIN_TIMEOUT", 0),
+                       default=_env("DRAIN_TIMEOUT", "30"),
                        help="on SIGTERM, seconds running requests get to finish before streams "
                             "are ended (env AGENTPROXY_DRAIN_TIMEOUT; default 30)")
-    serve.add_argument("--reload-interval", type=float,
-                       default=float(_env("RELOAD_INTERVAL", "1")),
+    serve.add_argument("--reload-interval", type=_number(float, "RELOAD_INTERVAL", 0),
+                       default=_env("RELOAD_INTERVAL", "1"),
                        help="seconds between looks at the routes file; 0 reloads on SIGHUP only "
                             "(env AGENTPROXY_RELOAD_INTERVAL; default 1)")
-    serve.add_argument("--send-timeout", type=float,
-                       default=float(_env("SEND_TIMEOUT", "60")),
+    serve.add_argument("--send-timeout", type=_number(float, "SEND_TIMEOUT", 0.1),
+                       default=_env("SEND_TIMEOUT", "60"),
                        help="seconds one write to a streaming client may stay blocked before the "
                             "stream is ended (env AGENTPROXY_SEND_TIMEOUT; default 60)")
 

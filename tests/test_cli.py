@@ -165,3 +165,46 @@ def test_python_dash_m_proxy_runs_the_same_cli() -> None:
     )
     assert done.returncode == 0
     assert "serve" in done.stdout and "check" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        # What Kubernetes sets for a Service named agentproxy (service links).
+        ("PORT", "tcp://10.0.0.1:8080"),
+        ("PORT", "99999"),
+        ("WORKERS", "two"),
+        ("WORKERS", "0"),
+        ("SEND_TIMEOUT", "nan"),
+        ("HEADER_TIMEOUT", "-1"),
+        ("MAX_CONNECTIONS", "-5"),
+        ("LOG_LEVEL", "verbose"),
+    ],
+)
+def test_a_bad_environment_value_is_an_error_naming_it_and_leaves_check_alone(
+    name: str, value: str
+) -> None:
+    env = {**os.environ, f"AGENTPROXY_{name}": value}
+    served = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", "--routes", "routes.yaml"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, env=env,
+    )
+    assert served.returncode == 2, served.stderr
+    assert f"AGENTPROXY_{name}" in served.stderr
+    assert "Traceback" not in served.stderr
+    checked = subprocess.run(
+        [sys.executable, "-m", "proxy", "check", "routes.yaml"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, env=env,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_an_empty_host_variable_keeps_the_loopback_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from proxy.cli import _parser
+
+    monkeypatch.setenv("AGENTPROXY_HOST", "")
+    monkeypatch.setenv("AGENTPROXY_PORT", "")
+    args = _parser().parse_args(["serve"])
+    assert (args.host, args.port) == ("127.0.0.1", 8080)
