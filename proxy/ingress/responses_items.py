@@ -9,6 +9,7 @@ events, built once so a delta costs one `orjson.dumps` of its text and a few byt
 from __future__ import annotations
 
 import base64
+import functools
 import os
 from typing import Any, Final
 
@@ -22,8 +23,10 @@ __all__ = [
 ]
 
 
+@functools.cache
 def frame(kind: str) -> bytes:
-    """The start of an event of type `kind`, up to its JSON data."""
+    """The start of an event of type `kind`, up to its JSON data; made once per kind (the
+    kinds are the API's own names, a few dozen)."""
     return event_head(kind)
 
 

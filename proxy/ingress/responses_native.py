@@ -31,10 +31,6 @@ from proxy.upstreams.base import ByteStream
 
 __all__ = ["NativeEncoder", "tracked"]
 
-_CREATED = frame("response.created")
-_IN_PROGRESS = frame("response.in_progress")
-_FAILED = frame("response.failed")
-
 
 class NativeEncoder:
     """The relay's Encoder for a natively relayed stream: it sees the relayed bytes
@@ -79,8 +75,8 @@ class NativeEncoder:
             created.update(status="in_progress", completed_at=None, error=None,
                            incomplete_details=None, output=[], usage=None)
             if not self.events:
-                start = self._event(_CREATED, "response.created", created)
-                start += self._event(_IN_PROGRESS, "response.in_progress", created)
+                start = self._event("response.created", created)
+                start += self._event("response.in_progress", created)
             created["usage"] = responses_usage(None)
         response = dict(created)
         response["status"] = "failed"
@@ -88,12 +84,12 @@ class NativeEncoder:
         response["output"] = []
         response["completed_at"] = None
         response["incomplete_details"] = None
-        return start + self._event(_FAILED, "response.failed", response)
+        return start + self._event("response.failed", response)
 
-    def _event(self, head: bytes, kind: str, response: dict[str, Any]) -> bytes:
+    def _event(self, kind: str, response: dict[str, Any]) -> bytes:
         event = {"type": kind, "response": response, "sequence_number": self.events}
         self.events += 1
-        return head + orjson.dumps(event) + EVENT_END
+        return frame(kind) + orjson.dumps(event) + EVENT_END
 
     def end(self) -> bytes:
         return DONE

@@ -54,16 +54,6 @@ from proxy.upstreams.http_errors import MAX_ANSWER, answer_too_large
 
 __all__ = ["ResponsesWriter"]
 
-_HEADS: Final = {
-    kind: frame(kind)
-    for kind in (
-        "response.created", "response.in_progress", "response.completed",
-        "response.incomplete", "response.failed", "response.output_item.added",
-        "response.output_item.done", "response.content_part.added",
-        "response.content_part.done", "response.function_call_arguments.done",
-        *(names[1] for names in PARTS.values()),
-    )
-}
 # A delta event from its prefix (proxy/responses_items.py), its JSON text and its sequence
 # number: one bytes format instead of four concatenations.
 _DELTA: Final = b"%b%b" + SEQ + b"%d" + END
@@ -222,7 +212,7 @@ class ResponsesWriter:
     def _emit(self, payload: dict[str, Any]) -> None:
         if self._events:
             payload["sequence_number"] = self._seq
-            self._out.append(encode_event(_HEADS[payload["type"]], payload))
+            self._out.append(encode_event(frame(payload["type"]), payload))
         self._seq += 1
 
     def _start(self) -> None:
