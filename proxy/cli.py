@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import gc
 import logging
 import math
 import os
@@ -18,13 +16,15 @@ from typing import TYPE_CHECKING
 
 from proxy import __version__
 from proxy.auth import env_keys, generate_key
-from proxy.config import ConfigError, load_config
+from proxy.config import ConfigError, load_config, parse_config, read_source
+from proxy.config.source import decode_source
 from proxy.connection_limits import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_HEADER_TIMEOUT,
     DEFAULT_KEEPALIVE_TIMEOUT,
 )
 from proxy.memory import return_large_buffers
+from proxy.process_setup import new_loop, raise_open_files_limit, tune_gc
 from proxy.workers import SESSION_LOCKS_ENV, run_workers
 
 if TYPE_CHECKING:
@@ -33,8 +33,6 @@ if TYPE_CHECKING:
     from proxy.reload import TableHolder
 
 log = logging.getLogger("agentproxy")
-
-
 
 
 def _env(name: str, default: str) -> str:
@@ -97,6 +95,8 @@ class ServeOptions:
     body_timeout: float = DEFAULT_BODY_TIMEOUT
     keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT
     send_timeout: float = 60.0
+    # The routes file as read at start: read once, so that a pipe (`--routes <(...)`) works.
+    routes_source: bytes | None = None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -206,7 +206,8 @@ def serve(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level, args.log_format)
     try:
-        config = load_config(args.routes)
+        source = read_source(args.routes)
+        config = parse_config(decode_source(source, args.routes), args.routes)
     except ConfigError as exc:
         print(f"agentproxy: {args.routes} is not valid:", file=sys.stderr)
         for problem in exc.problems:
@@ -246,12 +247,18 @@ def serve(args: argparse.Namespace) -> int:
         body_timeout=max(0.0, args.body_timeout),
         keepalive_timeout=max(0.0, args.keepalive_timeout),
         send_timeout=max(0.1, args.send_timeout),
+        routes_source=source,
     )
     if not _check_id_secret(options.workers):
         return 1
     if options.workers == 1:
         return run_worker(options)
-    return run_workers(options, run_worker)
+    return run_workers(options, _worker_process)
+
+
+def _worker_process(options: ServeOptions) -> None:
+    """A `--workers` child: its exit status is run_worker's, which the parent reports."""
+    sys.exit(run_worker(options))
 
 
 def _check_id_secret(workers: int) -> bool:
@@ -276,35 +283,6 @@ def _check_id_secret(workers: int) -> bool:
     return True
 
 
-def raise_open_files_limit() -> tuple[int, int] | None:
-    """Raises the soft limit on open files to the hard limit: each stream holds two sockets
-    (the client's and the upstream's), and a soft limit of 1024, common by default, would
-    refuse connections after about 500 streams. Returns (soft, hard) as they are now, or None
-    where there is no such limit (Windows)."""
-    try:
-        import resource
-    except ImportError:  # pragma: no cover - not on Linux or macOS
-        return None
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    # An unlimited hard limit cannot be the soft one; the kernel's own cap (nr_open) is
-    # usually 1,048,576.
-    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return limits[0], limits[1]
-
-
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    return loop
-
-
 def run_worker(options: ServeOptions) -> int:
     from proxy.app import create_app
     from proxy.logs import setup_logging
@@ -318,7 +296,7 @@ def run_worker(options: ServeOptions) -> int:
             "(ulimit -Hn, LimitNOFILE, the container's nofile) for more",
             limits[0], limits[0] // 2,
         )
-    holder = TableHolder(options.routes, options.extra_keys)
+    holder = TableHolder(options.routes, options.extra_keys, source=options.routes_source)
     shared_locks = os.environ.get(SESSION_LOCKS_ENV)
     if shared_locks:
         # One session, one turn, across the workers of this host (proxy/session_locks.py).
@@ -336,34 +314,19 @@ def run_worker(options: ServeOptions) -> int:
     )
     tune_gc()
     return_large_buffers()
-    with asyncio.Runner(loop_factory=_new_loop) as runner:
-        runner.run(_serve(app, holder, options))
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        problem = runner.run(_serve(app, holder, options))
+    if problem is not None:
+        print(f"agentproxy: {problem}", file=sys.stderr)
+        return 1
     return 0
 
 
-# A young collection after this many more allocations than frees (CPython's default: 700).
-GC_THRESHOLDS = (7000, 20, 20)
-
-
-def tune_gc() -> None:
-    """Fewer, larger cyclic collections, and none over what was built at start.
-
-    A request allocates hundreds of container objects (aiohttp's request and response, the
-    upstream call, headers, parsed JSON); nearly all are freed by reference counting, but at
-    CPython's default threshold the collector still runs a young collection every request or
-    two, over every object of the requests in flight. Measured with bench/ this took 7-10 %
-    of the CPU at concurrency 64 (docs/performance.md). `gc.freeze()` moves what exists now
-    (modules, classes, the first route table) out of the collector's view, so the rare full
-    collections do not walk it again and again; it is never garbage, except a route table
-    that a reload replaces, which reference counting frees as it holds no cycles.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-
-
-async def _serve(app: web.Application, holder: TableHolder, options: ServeOptions) -> None:
-    """Serves until SIGTERM or SIGINT, then drains (see proxy/shutdown.py); SIGHUP reloads."""
+async def _serve(
+    app: web.Application, holder: TableHolder, options: ServeOptions
+) -> str | None:
+    """Serves until SIGTERM or SIGINT, then drains (see proxy/shutdown.py); SIGHUP reloads.
+    Returns why it could not listen, if it could not."""
     from aiohttp import web
 
     from proxy.access_log import flush as flush_access_log
@@ -381,7 +344,13 @@ async def _serve(app: web.Application, holder: TableHolder, options: ServeOption
         site = web.TCPSite(
             runner, options.host, options.port, reuse_port=options.workers > 1 or None
         )
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            # In use, not an address of this host, a name that does not resolve, a port below
+            # 1024 without the right: asyncio's text repeats the address, strerror does not.
+            why = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror
+            return f"cannot listen on {options.host}:{options.port}: {why or exc}"
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         loop.add_signal_handler(signal.SIGHUP, holder.request_reload)
@@ -402,3 +371,4 @@ async def _serve(app: web.Application, holder: TableHolder, options: ServeOption
         await runner.cleanup()
         # The last access lines now: a write they wait for would not outlive the loop.
         flush_access_log()
+    return None

@@ -11,7 +11,8 @@ which give no events at all, work the same; and reading a few kilobytes once a s
 nothing next to the kubelet's own propagation delay of up to a minute or more. New content is
 applied only once two polls in a row read it alike, so a file caught half-written is not served.
 
-Reading and parsing run on a daemon thread of their own, never on the event loop and never in
+Reading, parsing and building the table but its upstream adapters (which share health state
+with the requests) run on a daemon thread of their own, never on the event loop and never in
 the loop's default executor: the read is bounded (proxy/config/source.py: 4 MiB, a timeout for
 pipes and devices), but a read stuck in the kernel (a dead network volume) can outlive any
 timeout, and a thread in the default executor would then hold the process's exit forever.
@@ -24,16 +25,19 @@ import contextlib
 import errno
 import functools
 import logging
+import os
+import stat
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal, TypeVar
 
 from proxy.config import Config, ConfigError, Problem, parse_config
 from proxy.config.source import READ_TIMEOUT, decode_source, read_source
-from proxy.routing import RouteTable
+from proxy.routing import RouteTable, build_upstreams
 from proxy.state import AppState
+from proxy.upstreams.base import Upstream
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +66,19 @@ class _Failure:
 class TableHolder:
     def __init__(
         self, path: str | Path, extra_keys: Sequence[str] = (), *,
-        read_timeout: float = READ_TIMEOUT,
+        read_timeout: float = READ_TIMEOUT, source: bytes | None = None,
     ) -> None:
+        """`source`: the file's bytes when the caller has read them already; a pipe
+        (`--routes <(...)`) can be read only once."""
         self.path = Path(path)
         self.extra_keys = tuple(extra_keys)
         self.read_timeout = read_timeout
         # What outlives a table: circuits, slots, session locks (proxy/state.py).
         self.state = AppState()
-        raw = read_source(self.path, timeout=read_timeout)
+        # Polling a pipe or a device would read nothing, or what the next writer sends, as a
+        # new table: only a regular file (or one missing for now) is polled.
+        self.polled = _regular_or_missing(self.path)
+        raw = source if source is not None else read_source(self.path, timeout=read_timeout)
         self.current = RouteTable(self._parse(raw), self.extra_keys, self.state)
         self.current.commit()
         # The content last tried, good or bad: a broken file is reported once, not every poll.
@@ -128,7 +137,19 @@ class TableHolder:
         if not isinstance(step, bytes):
             return step
         _, parsed = _in_thread(functools.partial(self._build_config, step))
-        return self._install(await parsed)
+        built = await parsed
+        table: RouteTable | _Failure | None = None
+        if isinstance(built, Config) and built.version != self.current.version:
+            # A table of 100,000 models takes a quarter of a second to build: only the
+            # adapters, which take their health from the shared state, are built on the loop.
+            try:
+                upstreams = build_upstreams(built, self.state)
+            except Exception as exc:
+                table = self._build_failed(exc)
+            else:
+                _, building = _in_thread(functools.partial(self._build_table, built, upstreams))
+                table = await building
+        return self._install(built, table)
 
     def _triage(self, content: bytes | OSError, force: bool) -> Outcome | bytes:
         """The outcome when nothing needs parsing, or the bytes to parse."""
@@ -175,21 +196,35 @@ class TableHolder:
                             f"{self.path.name}: cannot read the route table (the log has the "
                             "error)")
 
-    def _install(self, built: Config | _Failure) -> Outcome:
+    def _build_table(
+        self, built: Config, upstreams: Mapping[str, Upstream] | None = None
+    ) -> RouteTable | _Failure:
+        """With `upstreams` given, touches nothing shared: safe on any thread."""
+        try:
+            return RouteTable(built, self.extra_keys, self.state, upstreams)
+        except Exception as exc:
+            return self._build_failed(exc)
+
+    def _build_failed(self, exc: Exception) -> _Failure:
+        # A bug while building adapters must not take the serving table down with it.
+        log.error("building the route table from %s failed", self.path, exc_info=exc)
+        return _Failure(f"{self.path}: cannot build the route table: {exc}",
+                        f"{self.path.name}: cannot build the route table (the log has the error)")
+
+    def _install(
+        self, built: Config | _Failure, table: RouteTable | _Failure | None = None
+    ) -> Outcome:
+        """Serves `built`, as `table` if that is built already; on the loop."""
         if isinstance(built, _Failure):
             return self._failed(built)
         if built.version == self.current.version:
             was_broken = self.last_error is not None
             self.last_error = self.last_error_detail = None
             return "restored" if was_broken else "unchanged"
-        try:
-            table = RouteTable(built, self.extra_keys, self.state)
-        except Exception as exc:
-            # A bug while building adapters must not take the serving table down with it.
-            log.exception("building the route table from %s failed", self.path)
-            return self._failed(_Failure(f"{self.path}: cannot build the route table: {exc}",
-                                         f"{self.path.name}: cannot build the route table "
-                                         "(the log has the error)"))
+        if table is None:
+            table = self._build_table(built)
+        if isinstance(table, _Failure):
+            return self._failed(table)
         table.commit()
         self.current = table
         self.last_error = self.last_error_detail = None
@@ -213,6 +248,13 @@ class TableHolder:
         else:
             before = self.current.version
             report(self, self.update(self.read(), force=True), before)
+
+
+def _regular_or_missing(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return True
 
 
 def _in_thread(work: Callable[[], T]) -> tuple[threading.Thread, asyncio.Future[T]]:
@@ -274,6 +316,10 @@ async def watch(
     can swallow a cancellation that lands as its wait ends, and the loop would go on, with
     the app's cleanup awaiting it forever."""
     wakeup = holder._wakeup = asyncio.Event()
+    if interval > 0 and not holder.polled:
+        log.info("route table %s is not a regular file (a pipe?): it is not polled; SIGHUP "
+                 "reads it again", holder.path)
+        interval = 0
     try:
         while stop is None or not stop.is_set():
             with contextlib.suppress(TimeoutError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,19 +82,27 @@ def _ignore(upstream: Upstream) -> None:
     pass
 
 
+def build_upstreams(config: Config, state: AppState) -> dict[str, Upstream]:
+    """The adapters of a table's upstreams: they take their health from `state`, so this runs
+    on the event loop; the rest of a table can be built on any thread."""
+    return {name: build_upstream(spec, state) for name, spec in config.upstreams.items()}
+
+
 class RouteTable:
     """Immutable once built: a request reads it once and keeps it to the end."""
 
     def __init__(
-        self, config: Config, extra_keys: Iterable[str] = (), state: AppState | None = None
+        self, config: Config, extra_keys: Iterable[str] = (), state: AppState | None = None,
+        upstreams: Mapping[str, Upstream] | None = None,
     ) -> None:
+        """`upstreams`: from build_upstreams, when built already; then nothing shared is
+        touched before `commit`."""
         self.state = state = state if state is not None else AppState()
         self.version = config.version
         self.loaded_at = time.time()
         self.created = int(self.loaded_at)
-        upstreams = {
-            name: build_upstream(spec, state) for name, spec in config.upstreams.items()
-        }
+        if upstreams is None:
+            upstreams = build_upstreams(config, state)
         self.upstreams = upstreams
         self.routes: list[Route] = [
             Route(

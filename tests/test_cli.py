@@ -208,3 +208,124 @@ def test_an_empty_host_variable_keeps_the_loopback_default(
     monkeypatch.setenv("AGENTPROXY_PORT", "")
     args = _parser().parse_args(["serve"])
     assert (args.host, args.port) == ("127.0.0.1", 8080)
+
+
+ROUTES_V = (
+    "upstreams:\n  v:\n    kind: openai\n    url: {url}\n{extra}models:\n  m: {{upstream: v}}\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (ROUTES_V.format(url="http://h/v1", extra="") + "auth: " + "[" * 1000 + "]" * 1000,
+         "routes.yaml:7 (file): invalid YAML: nested more than 100 levels deep"),
+        (ROUTES_V.format(url="http://h/v1", extra="    circuit: {failures: " + "9" * 5000 + "}\n"),
+         "routes.yaml:5 upstreams.v.circuit.failures: a number cannot be longer than 100 "
+         "characters"),
+        (ROUTES_V.format(url="http://h/v1", extra="    timeouts: {connect: " + "9" * 400 + "}\n"),
+         "routes.yaml:5 upstreams.v.timeouts.connect: a number cannot be longer than 100 "
+         "characters"),
+        (ROUTES_V.format(url='"http://[x"', extra=""),
+         "routes.yaml:4 upstreams.v.url: the host in [brackets] is not a valid IPv6 address"),
+    ],
+    ids=["nesting", "int-of-5000-digits", "timeout-of-400-digits", "ipv6-url"],
+)
+def test_check_and_serve_report_a_hostile_routes_file_on_its_line(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    # Each was a traceback (RecursionError, ValueError, OverflowError) from both commands.
+    (tmp_path / "routes.yaml").write_text(text)
+    checked = subprocess.run(
+        [sys.executable, "-m", "proxy", "check", "routes.yaml"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    assert checked.returncode == 1, checked.stderr
+    assert checked.stdout == expected + "\n"
+    assert checked.stderr == ""
+    served = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", "--routes", "routes.yaml", "--port", "0"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    assert served.returncode == 1
+    assert "Traceback" not in served.stderr
+    assert served.stderr.endswith(f"agentproxy: routes.yaml is not valid:\n  {expected}\n")
+
+
+def serve_briefly(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "AGENTPROXY_API_KEYS": "sk-cli-test-key"}
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", "--routes", "routes.yaml", *args],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, env=env,
+    )
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_on_a_port_in_use_says_so_in_one_line_and_fails(workers: int) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = serve_briefly("--port", str(port), "--workers", str(workers))
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    line = f"agentproxy: cannot listen on 127.0.0.1:{port}: Address already in use"
+    # One line a worker (each tried the port).
+    assert done.stderr.count(line + "\n") == workers, done.stderr
+
+
+def test_serve_on_an_address_of_another_host_says_so_in_one_line_and_fails() -> None:
+    # 192.0.2.1 (TEST-NET-1) is no address of this host; nothing is sent anywhere.
+    done = serve_briefly("--host", "192.0.2.1", "--port", "0")
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.endswith(
+        "agentproxy: cannot listen on 192.0.2.1:0: Cannot assign requested address\n"
+    )
+
+
+def serve_from_a_pipe(port: int, log: Path) -> subprocess.Popen[str]:
+    """`agentproxy serve --routes <(cat routes.yaml)`, as a shell runs it."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, (ROOT / "routes.yaml").read_bytes())
+    os.close(write_end)
+    env = {**os.environ, "AGENTPROXY_API_KEYS": "sk-cli-test-key"}
+    try:
+        with log.open("w") as out:
+            return subprocess.Popen(
+                [sys.executable, "-m", "proxy", "serve", "--routes", f"/dev/fd/{read_end}",
+                 "--port", str(port), "--reload-interval", "0.02"],
+                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True, env=env,
+                pass_fds=(read_end,),
+            )
+    finally:
+        os.close(read_end)
+
+
+async def test_serve_reads_routes_from_a_pipe_once_and_keeps_serving(tmp_path: Path) -> None:
+    # The file was read twice, so the second read found the pipe empty and serve crashed; and
+    # polling it would read nothing again.
+    port = free_port()
+    log = tmp_path / "serve.log"
+    proc = serve_from_a_pipe(port, log)
+    try:
+        await wait_healthy(port, proc)
+        url = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as http:
+            # Fifty poll intervals: a poll of the drained pipe would have read it as empty.
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:
+                async with http.get(url + "/readyz") as resp:
+                    ready = await resp.json()
+                assert resp.status == 200 and ready["last_error"] is None, ready
+                await asyncio.sleep(0.05)
+            async with http.get(url + "/v1/models",
+                                headers={"Authorization": "Bearer sk-cli-test-key"}) as resp:
+                assert [m["id"] for m in (await resp.json())["data"]] == ["echo"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert "Traceback" not in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from proxy.config import (
     UpstreamSpec,
     load_config,
     parse_config,
+    read_source,
 )
 from proxy.upstreams.openai_options import OpenAIOptions
 
@@ -851,6 +854,61 @@ def test_a_problem_naming_a_lone_surrogate_prints() -> None:
         b"routes.yaml:1 models.\\ud800: x"
 
 
+OPENAI_V = "upstreams:\n  v:\n    kind: openai\n    url: http://h/v1\n"
+ROUTE_M = "models:\n  m: {upstream: v}\n"
+# Each of these was a traceback (RecursionError, ValueError, OverflowError) from `check`,
+# `serve` and a reload, instead of a problem on its line.
+HOSTILE = [
+    pytest.param(
+        OPENAI_V + ROUTE_M + "auth: " + "[" * 1000 + "]" * 1000 + "\n",
+        ["routes.yaml:7 (file): invalid YAML: nested more than 100 levels deep"],
+        id="flow-nesting",
+    ),
+    pytest.param(
+        OPENAI_V + ROUTE_M + "".join("  " * i + f"k{i}:\n" for i in range(600)),
+        ["routes.yaml:106 (file): invalid YAML: nested more than 100 levels deep"],
+        id="block-nesting",
+    ),
+    pytest.param(
+        OPENAI_V + "    circuit: {failures: " + "9" * 5000 + "}\n" + ROUTE_M,
+        ["routes.yaml:5 upstreams.v.circuit.failures: a number cannot be longer than 100 "
+         "characters"],
+        id="int-of-5000-digits",
+    ),
+    pytest.param(
+        OPENAI_V + "    timeouts: {connect: " + "9" * 400 + "}\n" + ROUTE_M,
+        ["routes.yaml:5 upstreams.v.timeouts.connect: a number cannot be longer than 100 "
+         "characters"],
+        id="timeout-of-400-digits",
+    ),
+    pytest.param(
+        OPENAI_V.replace("http://h/v1", '"http://[x"') + ROUTE_M,
+        ["routes.yaml:4 upstreams.v.url: the host in [brackets] is not a valid IPv6 address"],
+        id="unclosed-ipv6-url",
+    ),
+    pytest.param(
+        "upstreams:\n  demo: &base\n    kind: echo\n  demo2:\n    <<: *base\n    kind: echo\n"
+        "models:\n  echo: {upstream: demo}\n",
+        ["routes.yaml:5 upstreams.demo2: merge keys ('<<') are not supported; write the keys "
+         "out"],
+        id="merge-key",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), HOSTILE)
+def test_hostile_values_are_problems_on_their_line(text: str, expected: list[str]) -> None:
+    assert problems(text) == expected
+
+
+def test_a_number_in_a_custom_body_past_the_length_limit_is_a_problem() -> None:
+    body = "        seed: " + "9" * 5000 + '\n        message: "{{ input }}"\n'
+    assert problems(CUSTOM_BODY.format(body=body)) == [
+        "routes.yaml:8 upstreams.h.request.body.seed: a number cannot be longer than 100 "
+        "characters"
+    ]
+
+
 CUSTOM_BODY = (
     "upstreams:\n  h:\n    kind: custom\n    url: http://127.0.0.1:9000\n"
     "    request:\n      path: /chat\n      body:\n{body}"
@@ -1021,7 +1079,47 @@ def test_a_fifo_without_a_writer_times_out(tmp_path: Path) -> None:
     os.mkfifo(path)
     with pytest.raises(TimeoutError) as info:
         load_config(path, environ={}, timeout=0.05)
-    assert "no data for 0.05 s" in str(info.value.strerror)
+    assert "not read to its end within 0.05 s" in str(info.value.strerror)
+
+
+def test_a_fifo_that_trickles_times_out_in_all_not_per_chunk(tmp_path: Path) -> None:
+    # The timeout was per chunk: a writer sending a byte every 0.05 s held the read (a reload,
+    # the start) for as long as it liked.
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs here")
+    path = tmp_path / "routes.yaml"
+    os.mkfifo(path)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        deadline = time.monotonic() + 10
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError:  # ENXIO: the reader has not opened it yet
+                stop.wait(0.01)
+        else:
+            return
+        try:
+            while not stop.wait(0.05) and time.monotonic() < deadline:
+                os.write(fd, b"#")
+        except BrokenPipeError:
+            pass
+        finally:
+            os.close(fd)
+
+    writer = threading.Thread(target=trickle, daemon=True)
+    writer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError) as info:
+            read_source(path, timeout=0.5)
+        assert time.monotonic() - started < 5
+    finally:
+        stop.set()
+        writer.join(10)
+    assert "not read to its end within 0.5 s" in str(info.value.strerror)
 
 
 def test_a_file_at_the_size_limit_is_read(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 The package, one responsibility a module:
 - problems.py       Problem, ConfigError
-- nodes.py          YAML nodes: line, path, type names, did-you-mean text, Block, locate
+- nodes.py          YAML nodes: composing them, line, path, type names, did-you-mean text,
+                    Block, locate
 - reader.py         the generic YAML reader: every problem at once, mappings and lists,
                     `${VAR}` interpolation, typed scalars, the secrets rule
 - specs.py          the frozen dataclasses the rest of the proxy reads

@@ -1,23 +1,82 @@
-"""YAML nodes as the config reader sees them: where a node is, what it is, and the mapping
+"""YAML nodes as the config reader sees them: how they are composed from the text (nesting
+bounded; libyaml's parser where it is installed), where a node is, what it is, and the mapping
 being read (Block). No problems are recorded here; reader.py does that."""
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+import yaml
+from yaml.composer import Composer, ComposerError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.resolver import Resolver
 
 STR = "tag:yaml.org,2002:str"
 INT = "tag:yaml.org,2002:int"
 FLOAT = "tag:yaml.org,2002:float"
 BOOL = "tag:yaml.org,2002:bool"
 NULL = "tag:yaml.org,2002:null"
+MERGE = "tag:yaml.org,2002:merge"
 _TYPE_NAMES = {STR: "a string", INT: "a number", FLOAT: "a number", BOOL: "a boolean",
                NULL: "null"}
 
 Entries = dict[str, tuple[ScalarNode, Node]]
+# PyYAML composes by recursion, and Python's recursion limit (~490 levels of YAML) would end
+# it in a RecursionError; a route table is a few levels deep, plus a custom body's template.
+MAX_NESTING = 100
+# Python refuses to convert integers of over 4,300 digits, and a longer float is inf; a number
+# in a routes file is a count or some seconds.
+MAX_NUMBER_LENGTH = 100
+
+
+class _Nesting(Composer):
+    """Refuses nesting past MAX_NESTING levels, where the node starts."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Node | None, index: int) -> Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_NESTING:
+                raise ComposerError(None, None, f"nested more than {MAX_NESTING} levels deep",
+                                    self.peek_event().start_mark)  # type: ignore[attr-defined]
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+class NestingLoader(_Nesting, yaml.SafeLoader):
+    """PyYAML's own parser, whose messages are the ones users see."""
+
+
+_FastLoader: type | None = None
+if yaml.__with_libyaml__:
+    from yaml._yaml import CParser
+
+    class _LibyamlLoader(_Nesting, CParser, Resolver):
+        """libyaml's parser, with the composer and resolver of NestingLoader: the same nodes."""
+
+        def __init__(self, stream: str) -> None:
+            CParser.__init__(self, stream)
+            Composer.__init__(self)
+            Resolver.__init__(self)
+
+    _FastLoader = _LibyamlLoader
+
+
+def compose(text: str) -> Node | None:
+    """The document's root node, as NestingLoader composes it. libyaml, where it is installed,
+    parses a big table several times faster; on any problem PyYAML parses it again, and its
+    messages (and marks) are the ones reported."""
+    if _FastLoader is not None:
+        # Not only YAMLError: libyaml refuses to encode a str holding a lone surrogate.
+        with contextlib.suppress(Exception):
+            node: Node | None = yaml.compose(text, Loader=_FastLoader)
+            return node
+    return yaml.compose(text, Loader=NestingLoader)
 
 
 def line_of(node: Node) -> int:

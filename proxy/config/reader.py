@@ -23,11 +23,14 @@ from proxy.config.nodes import (
     BOOL,
     FLOAT,
     INT,
+    MAX_NUMBER_LENGTH,
+    MERGE,
     NULL,
     STR,
     Block,
     Entries,
     alternatives,
+    compose,
     describe,
     is_null,
     join,
@@ -39,18 +42,8 @@ from proxy.config.problems import FILE, Problem
 
 # What a kind's module needs comes from here, whichever module defines it.
 __all__ = [
-    "INLINE_SECRET",
-    "Block",
-    "Entries",
-    "Reader",
-    "alternatives",
-    "describe",
-    "has_reference",
-    "is_null",
-    "join",
-    "line_of",
-    "locate",
-    "unknown",
+    "INLINE_SECRET", "Block", "Entries", "Reader", "alternatives", "describe", "has_reference",
+    "is_null", "join", "line_of", "locate", "unknown",
 ]
 
 INLINE_SECRET = "secret written inline; use ${VAR} so it comes from the environment"
@@ -104,7 +97,7 @@ class Reader:
     def compose(self, text: str) -> Node | None:
         """The document's root node; None (reported) when the text is not YAML or is empty."""
         try:
-            root = yaml.compose(text, Loader=yaml.SafeLoader)
+            root = compose(text)
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             line = mark.line + 1 if mark is not None else 1
@@ -125,7 +118,9 @@ class Reader:
     def mapping(self, node: MappingNode, path: str, duplicate: str = "duplicate key") -> Entries:
         entries: Entries = {}
         for key, value in node.value:
-            if not isinstance(key, ScalarNode):
+            if isinstance(key, ScalarNode) and key.tag == MERGE:
+                self.error(key, path, "merge keys ('<<') are not supported; write the keys out")
+            elif not isinstance(key, ScalarNode):
                 self.error(key, path, f"a key must be a plain name, got {describe(key)}")
             elif key.value in entries:
                 first = line_of(entries[key.value][0])
@@ -282,8 +277,17 @@ class Reader:
                    "the escape \\ud800)")
         return False
 
+    def not_too_long(self, node: Node, path: str) -> bool:
+        """False (reported) for a number written with over MAX_NUMBER_LENGTH characters."""
+        if len(str(node.value)) <= MAX_NUMBER_LENGTH:
+            return True
+        self.error(node, path, f"a number cannot be longer than {MAX_NUMBER_LENGTH} characters")
+        return False
+
     def number(self, node: Node, path: str, what: str = "a number") -> float | None:
         if isinstance(node, ScalarNode) and node.tag in (INT, FLOAT):
+            if not self.not_too_long(node, path):
+                return None
             if node.tag == INT:
                 return float(_SCALARS.construct_yaml_int(node))
             return _SCALARS.construct_yaml_float(node)
@@ -294,6 +298,8 @@ class Reader:
         """A positive whole number; 0 too when `zero` says what it means."""
         if not (isinstance(node, ScalarNode) and node.tag == INT):
             self.error(node, path, f"expected a whole number, got {describe(node)}")
+            return None
+        if not self.not_too_long(node, path):
             return None
         value = int(_SCALARS.construct_yaml_int(node))
         if value < 0 or (value == 0 and zero is None):
@@ -353,6 +359,8 @@ class Reader:
                     for i, item in enumerate(node.value)]
         if node.tag == STR:
             return self.string(node, path)
+        if node.tag in (INT, FLOAT) and not self.not_too_long(node, path):
+            return None
         if node.tag in (INT, FLOAT, BOOL, NULL):
             return _SCALARS.construct_object(node)
         self.error(node, path, f"expected plain data, got {describe(node)}")

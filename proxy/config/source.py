@@ -3,8 +3,8 @@
 A routes file is a few kilobytes. The path may still name something that never ends
 (`/dev/zero`), never answers (a FIFO nobody writes to) or answers slowly (a stalled network
 volume); none of those may grow memory without bound or hold a reload, a drain or a shutdown
-forever. The file is opened without blocking, refused past MAX_BYTES, and a read that yields
-nothing for `timeout` seconds gives up.
+forever. The file is opened without blocking, refused past MAX_BYTES, and a read that has not
+reached the end within `timeout` seconds gives up.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def read_source(
     path: str | Path, *, limit: int = MAX_BYTES, timeout: float = READ_TIMEOUT
 ) -> bytes:
     """The file's bytes. Raises OSError: unreadable, TooLarge past `limit` bytes, or
-    TimeoutError when a pipe or device gives nothing for `timeout` seconds."""
+    TimeoutError when a pipe or device has not reached its end within `timeout` seconds."""
     fd = os.open(path, os.O_RDONLY | _O_NONBLOCK | _O_CLOEXEC)
     try:
         info = os.fstat(fd)
@@ -54,19 +54,20 @@ def read_source(
 
 def _read_bounded(fd: int, limit: int, timeout: float | None) -> bytes:
     """Reads to the end, at most `limit` bytes. `timeout`: for what is not a regular file,
-    the longest wait for its next bytes (a regular file is always ready to read)."""
+    the longest the whole read may take (a regular file is always ready to read)."""
     parts: list[bytes] = []
     size = 0
     poller = select.poll() if timeout is not None and hasattr(select, "poll") else None
     if poller is not None:
         poller.register(fd, select.POLLIN)
+    # One deadline for the whole read: a writer that trickles a byte now and then must not
+    # hold a reload (or the start) for longer than `timeout` either.
+    deadline = time.monotonic() + (timeout or 0.0)
     while True:
-        if poller is not None and timeout is not None:
-            deadline = time.monotonic() + timeout
-            # A FIFO that no writer ever opened is never ready: this is where that ends.
-            if not poller.poll(max(deadline - time.monotonic(), 0.0) * 1000):
-                raise TimeoutError(errno.ETIMEDOUT, f"no data for {timeout:g} s (the path is "
-                                   "a pipe or a device, not a file?)")
+        # A FIFO that no writer ever opened is never ready: this is where that ends.
+        if poller is not None and not poller.poll(max(deadline - time.monotonic(), 0.0) * 1000):
+            raise TimeoutError(errno.ETIMEDOUT, f"not read to its end within {timeout:g} s "
+                               "(the path is a pipe or a device, not a file?)")
         try:
             chunk = os.read(fd, min(_CHUNK, limit + 1 - size))
         except BlockingIOError:

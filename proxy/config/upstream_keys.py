@@ -38,7 +38,11 @@ NOT_FORWARDABLE = frozenset(
 
 
 def url_problem(url: str) -> str | None:
-    parts = urlsplit(url)
+    try:
+        # urlsplit refuses an unclosed or invalid `[...]` host.
+        parts = urlsplit(url)
+    except ValueError:
+        return "the host in [brackets] is not a valid IPv6 address"
     try:
         parts.port  # noqa: B018 - the property is what validates the port
     except ValueError:
