@@ -13,6 +13,8 @@ The rules (docs/resilience.md explains why):
   message that was sent) is never sent to another upstream, whatever happened to it.
 * When every upstream with a free slot failed or none had one, the request queues for the
   first busy one, up to its `queue_timeout`, then gets a 429 with `Retry-After`.
+* A request that must wait for its session's previous turn gives its slot back for the wait
+  (`SessionSlot`) and queues for one again, up to `queue_timeout`, once the session is free.
 """
 
 from __future__ import annotations
@@ -38,6 +40,17 @@ _PASS_ON = (*FAILURES, RateLimited)
 
 class UpstreamBusy(RateLimited):
     code = "upstream_busy"
+
+
+def upstream_busy(upstream: Upstream) -> UpstreamBusy:
+    health = upstream.health
+    retry = max(1, math.ceil(health.queue_timeout))
+    return UpstreamBusy(
+        f"Upstream '{upstream.name}' is busy: {health.limit} requests are running "
+        f"(max_concurrency) and none finished within {health.queue_timeout:g} s "
+        "(queue_timeout). Retry later.",
+        headers={"Retry-After": str(retry)},
+    )
 
 
 def is_failure(exc: BaseException) -> bool:
@@ -83,6 +96,40 @@ class Lease:
             health.failed(time.monotonic())
         else:
             health.abandoned(self.probe)
+
+
+class SessionSlot:
+    """The slot of a request that waits for its session's previous turn
+    (proxy/session_locks.py `Slot`): given back for the wait, taken again after it.
+
+    The request's lease still gives one slot back when it ends, so each path keeps the count
+    whole: `take_again` holds a slot when it returns, and `restore` (also on the way out of a
+    failed or cancelled `take_again`) counts one at once, over the limit if need be, which
+    that lease's release ends the moment the error reaches the failover loop.
+    """
+
+    __slots__ = ("upstream",)
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+
+    def give_back(self) -> None:
+        self.upstream.health.release()
+
+    def restore(self) -> None:
+        self.upstream.health.active += 1
+
+    async def take_again(self) -> None:
+        health = self.upstream.health
+        try:
+            # In arrival order behind the requests already queued for a slot.
+            taken = await health.acquire(health.queue_timeout)
+        except BaseException:
+            self.restore()
+            raise
+        if not taken:
+            self.restore()
+            raise upstream_busy(self.upstream)
 
 
 class Failover:
@@ -150,13 +197,7 @@ class Failover:
         health = upstream.health
         self._queued = True
         if not await health.acquire(health.queue_timeout):
-            retry = max(1, math.ceil(health.queue_timeout))
-            raise UpstreamBusy(
-                f"Upstream '{upstream.name}' is busy: {health.limit} requests are running "
-                f"(max_concurrency) and none finished within {health.queue_timeout:g} s "
-                "(queue_timeout). Retry later.",
-                headers={"Retry-After": str(retry)},
-            )
+            raise upstream_busy(upstream)
         return self._begin(upstream)
 
     def _begin(self, upstream: Upstream) -> Lease:

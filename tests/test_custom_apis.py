@@ -128,7 +128,7 @@ def request_values(spec: CustomSpec, *, hint: str | None, model: str = "flow-1",
         spec, CHAT, session=keys, key_id="key-id-1", model=model, stream=stream_call,
         request_id="req-1")
     if session_id is None and spec.session.lookup is None:
-        session_id = custom_values.session_id(spec, values, keys)
+        session_id = custom_values.session_id(spec, values, keys, stream=stream_call)
     values["session.id"] = session_id
     return values
 

@@ -27,6 +27,7 @@ from tests.custom_e2e import (
     LANGGRAPH,
     N8N,
     Api,
+    Served,
     custom_env,
     post_stream,
     routes_for,
@@ -86,6 +87,43 @@ async def test_a_turn_that_waits_longer_than_busy_timeout_is_a_409(tmp_path: Pat
         held.release.set()
         assert text_of(await first) == FLOWISE.text
     assert info.value.code == "session_busy"
+
+
+async def _active(served: Served, upstream: str) -> int:
+    async with aiohttp.ClientSession() as http, http.get(served.proxy.url + "/readyz") as resp:
+        ready = await resp.json()
+    active: int = ready["upstreams"][upstream]["active"]
+    return active
+
+
+async def test_turns_waiting_for_their_session_leave_the_upstreams_slots_to_other_sessions(
+    tmp_path: Path,
+) -> None:
+    """Only a request talking to the upstream holds a `max_concurrency` slot: turns queued
+    behind their session's running turn do not, so another session still gets through, and
+    a waiter whose client leaves gives no slot back twice."""
+    held = Reply(FakeFlowise.stream, hold_after=FLOWISE.first_text)
+    async with serve_api(FLOWISE, tmp_path, route_keys={"session": {"busy_timeout": 5}},
+                         max_concurrency=2, queue_timeout=0.5) as served:
+        served.fake.replies.append(held)
+        first = asyncio.create_task(post_stream(served, FLOWISE.model, headers=CHAT))
+        await held.held.wait()
+        second = asyncio.create_task(post_stream(served, FLOWISE.model, headers=CHAT))
+        leaving = asyncio.create_task(post_stream(served, FLOWISE.model, headers=CHAT))
+        await wait_for(lambda: served.in_flight == 3)
+        assert await _active(served, "flowise") == 1
+        other = await served.client().chat.completions.create(
+            model=FLOWISE.model, messages=HI, extra_headers={"X-Session-Id": "another-chat"})
+        assert other.choices[0].message.content == FLOWISE.text
+        leaving.cancel()
+        await wait_for(lambda: served.in_flight == 2)
+        assert await _active(served, "flowise") == 1
+        held.release.set()
+        answers = await asyncio.gather(first, second)
+        assert [text_of(events) for events in answers] == [FLOWISE.text, FLOWISE.text]
+        await wait_for(lambda: served.in_flight == 0)
+        assert await _active(served, "flowise") == 0
+    assert served.fake.most_in_flight == 1
 
 
 # The stream's second event, with the task id the stop call needs, comes this long after the

@@ -200,7 +200,7 @@ def test_request_values_fill_what_the_templates_use() -> None:
     assert values["caller"] == caller_id("key-id")
     assert values["user"] == "alice" and values["session.id"] is None
     assert "transcript" not in values  # not used by any template
-    values["session.id"] = session_id(spec, values, keys)
+    values["session.id"] = session_id(spec, values, keys, stream=False)
     assert values["session.id"] == "thread-" + keys.uuid
     body = spec.call(stream=False).render_body(values)
     assert body == {"q": values["input"], "who": values["caller"], "u": "alice",
@@ -214,5 +214,5 @@ def test_a_stateless_request_has_no_session_id_and_a_non_string_user_is_null() -
     keys = session_keys("key-id", None, "stateless")
     values = request_values(spec, CHAT, session=keys, key_id="key-id", model="m1", stream=True,
                             request_id="r1", user={"id": 1})
-    assert session_id(spec, values, keys) is None
+    assert session_id(spec, values, keys, stream=False) is None
     assert values["user"] is None

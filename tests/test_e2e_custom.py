@@ -509,6 +509,59 @@ async def test_a_server_issued_id_that_cannot_be_a_path_segment_is_that_upstream
     assert ready["upstreams"]["cu1"]["consecutive_failures"] == 0
 
 
+DERIVED_BLOCK = """\
+  {name}:
+    kind: custom
+    url: {url}
+    mode: sync
+    session:
+      id: "{{{{ user }}}}"
+    request:
+      path: "/c/{{{{ session.id }}}}"
+      body: {{message: "{{{{ input }}}}"}}
+    sync:
+      text: reply
+    models: {{path: /models, items: "[*]", id: id}}
+"""
+
+
+@pytest.mark.parametrize("user", ["..", ".", "", None], ids=["dot-dot", "dot", "empty", "none"])
+async def test_a_session_id_made_from_a_client_field_that_cannot_be_a_path_segment_is_a_400(
+    make_proxy: ProxyFactory, user: str | None
+) -> None:
+    seen: list[str] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        if request.path == "/models":
+            return web.json_response([])
+        seen.append(request.raw_path)
+        return web.json_response({"reply": "ok"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    async with serving(app) as up0, serving(app) as up1:
+        proxy = await make_proxy(_two_upstreams(DERIVED_BLOCK, up0, up1))
+        client = proxy.client()
+        extra = {} if user is None else {"user": user}
+        for stream in (False, True, False):
+            with pytest.raises(openai.BadRequestError) as info:
+                await client.chat.completions.create(
+                    model="flows/a", messages=HI, stream=stream, extra_headers=session("s"),
+                    **extra)
+            body: Any = info.value.body
+            assert (body["param"], body["code"]) == ("user", "upstream_path_value")
+            assert "`user`" in body["message"]
+        assert seen == []
+        async with aiohttp.ClientSession() as http, http.get(proxy.url + "/readyz") as resp:
+            ready = await resp.json()
+        for name in ("cu0", "cu1"):
+            assert ready["upstreams"][name]["consecutive_failures"] == 0
+        reply = await client.chat.completions.create(
+            model="flows/a", messages=HI, user="u", extra_headers=session("s"))
+    assert reply.choices[0].message.content == "ok"
+    assert seen == ["/c/u"]
+
+
 async def _read_first_text_and_leave(url: str, model: str) -> None:
     async with aiohttp.ClientSession() as http, http.post(
         url + "/v1/chat/completions",

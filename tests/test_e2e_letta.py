@@ -16,7 +16,10 @@ import pytest
 from openai.types.chat import ChatCompletionChunk
 
 from proxy import routing
-from tests.conftest import KEY, Proxy, ProxyFactory, closed_port, wait_for
+from proxy.app import create_app
+from proxy.app_keys import DRAIN
+from proxy.reload import TableHolder
+from tests.conftest import KEY, Proxy, ProxyFactory, closed_port, serving, wait_for
 from tests.fake_letta import FakeLetta, Scenario, sse_events
 
 AGENT = "agent-ef37cb35-73b3-4511-b1bb-1c9635553e28"
@@ -405,6 +408,36 @@ async def test_same_session_is_serialised_and_a_long_wait_is_409(
         model="support", messages=HI, extra_headers=headers
     )
     assert again.choices[0].message.content
+
+
+async def test_a_request_waiting_for_its_conversation_leaves_its_slot_to_other_sessions(
+    letta: tuple[FakeLetta, str], tmp_path: Path
+) -> None:
+    """With `max_concurrency: 2`, a turn queued behind its conversation's running turn holds
+    no slot: another conversation's turn gets the second one, not a 429."""
+    state, url = letta
+    held = Scenario(sse="conversation_stream", hold_after=2)
+    state.scenarios.append(held)
+    path = tmp_path / "routes.yaml"
+    path.write_text(routes(url).replace(
+        "    api_key:", "    max_concurrency: 2\n    queue_timeout: 0.5\n    api_key:"))
+    app = create_app(TableHolder(path, (KEY,)))
+    async with serving(app) as proxy_url, openai.AsyncOpenAI(
+        base_url=proxy_url + "/v1", api_key=KEY, max_retries=0
+    ) as client:
+        shared = {"X-Session-Id": "shared"}
+        first = asyncio.create_task(
+            client.chat.completions.create(model="support", messages=HI, extra_headers=shared))
+        await held.held.wait()
+        second = asyncio.create_task(
+            client.chat.completions.create(model="support", messages=HI, extra_headers=shared))
+        await wait_for(lambda: app[DRAIN].in_flight == 2)
+        other = await client.chat.completions.create(
+            model="support", messages=HI, extra_headers={"X-Session-Id": "elsewhere"})
+        assert other.choices[0].message.content
+        held.release.set()
+        assert (await first).choices[0].message.content == "Echo: hello from alice thread"
+        assert (await second).choices[0].message.content
 
 
 async def test_unknown_agent_name_is_a_502_naming_route_and_agent(

@@ -6,6 +6,7 @@ One chat turn:
 2. One turn per session at a time: the session lock, shared with the letta kind and the
    `--workers` of a host, is held from before the session is resolved to the end of the
    answer (agent servers interleave, refuse or starve concurrent turns of one session).
+   A turn that waits for it gives its concurrency slot back meanwhile.
 3. The session id: derived from the session key (`session.id`), or, where the block says the
    server issues ids (`lookup` or `from_response`), the one remembered for this key, else the
    lookup's, else none (the server starts a session). `session.create` runs first where the
@@ -40,6 +41,7 @@ from multidict import CIMultiDict
 from proxy.chunks import KEEP_ALIVE, Out
 from proxy.config import ModelSpec
 from proxy.errors import UpstreamFailed
+from proxy.failover import SessionSlot
 from proxy.openai_types import ChunkFactory, accumulate
 from proxy.session_keys import SessionKeys, session_keys
 from proxy.upstreams.base import Answer, ByteStream, Call, ChunkStream, hold_answer
@@ -52,6 +54,7 @@ from proxy.upstreams.custom_sync import SyncReader
 from proxy.upstreams.custom_turn import ClientSystem
 from proxy.upstreams.custom_values import request_values, session_id
 from proxy.upstreams.deadlines import Deadlines
+from proxy.upstreams.forwarding import forward
 from proxy.upstreams.http_errors import MAX_ANSWER, answer_too_large
 
 log = logging.getLogger(__name__)
@@ -61,17 +64,11 @@ class Custom(CustomCalls):
     kind: ClassVar[str] = "custom"
 
     def _headers(self, call: Call) -> CIMultiDict[str]:
-        forward = self.spec.forward_headers
-        if not forward:
+        names = self.spec.forward_headers
+        if not names:
             return self.headers
         headers = self.headers.copy()
-        client = call.headers
-        # Headers the client's own `Connection` header names are for its hop only.
-        hop = {name.strip().lower() for name in client.get("Connection", "").split(",")}
-        for name in forward:
-            value = client.get(name)
-            if value is not None and name.lower() not in hop:
-                headers[name] = value
+        forward(headers, call.headers, names)
         return headers
 
     # -- a chat turn -----------------------------------------------------------------------
@@ -125,13 +122,14 @@ class Custom(CustomCalls):
             model=call.upstream_model, stream=streams, request_id=call.exchange.request_id,
             user=call.body.get("user"), client_system=_client_system(call.route),
         )
-        derived = None if keys.stateless or self._issued else session_id(spec, values, keys)
+        derived = (None if keys.stateless or self._issued
+                   else session_id(spec, values, keys, stream=streams))
         # A random key (no hint, `new` or `stateless`) is no other request's session.
         lasting = call.session_hint is not None or without_hint == "per_key"
         lock_key = f"{self.base}|{derived or keys.key}" if lasting else None
         locks = self.state.session_locks
         if lock_key is not None:
-            await locks.acquire(lock_key, call.route.session.busy_timeout)
+            await locks.acquire(lock_key, call.route.session.busy_timeout, SessionSlot(self))
         try:
             resp, deadlines = await self._send_turn(
                 call, http, keys, values, derived, streams, lasting

@@ -14,7 +14,7 @@ shared between requests, so a rendered value must be treated as read-only.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 from urllib.parse import quote
@@ -179,8 +179,27 @@ _CLIENT_FIELDS: Final = {
 }
 # Values the proxy took from an upstream's earlier answer (a captured task id, an issued
 # session id; a derived `session.id` is the session key's hash unless the block's `id`
-# template says otherwise): a bad one is that upstream's fault, counted by its circuit.
+# template says otherwise, and one made from client fields is refused before the session
+# lock, `derived_path_value`): a bad one is that upstream's fault, counted by its circuit.
 _FROM_UPSTREAM: Final = ("captured.", "session.id")
+
+
+def derived_path_value(names: Collection[str], text: str) -> InvalidRequest | None:
+    """The refusal of a derived `session.id` that cannot be a path segment, when the block's
+    `id` template makes it from the client's request (`names`, the template's placeholders):
+    the client's fault, naming its field. None when the template reads nothing of the
+    client's: the path's own check then blames the upstream."""
+    fields = sorted({_CLIENT_FIELDS[name] for name in names if name in _CLIENT_FIELDS})
+    if not fields:
+        return None
+    shown = "empty" if not text else f"{text!r}"
+    what = " and ".join(f"`{field}`" for field in fields)
+    return InvalidRequest(
+        f"This model's upstream makes its session id from {what}, which gives {shown} here, "
+        "and puts it in its URL path as one segment, which cannot be empty, '.' or '..'.",
+        param=fields[0],
+        code="upstream_path_value",
+    )
 
 
 def _bad_path_value(name: str, text: str) -> ProxyError:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from proxy.session_keys import SessionKeys, caller_id
+from proxy.upstreams.custom_render import derived_path_value
 from proxy.upstreams.custom_spec import CustomSpec
 from proxy.upstreams.custom_template import CAPTURED_PREFIX, stringify
 from proxy.upstreams.custom_turn import ClientSystem, turn_values
@@ -51,14 +52,33 @@ def request_values(
     return values
 
 
-def session_id(spec: CustomSpec, values: Mapping[str, Any], session: SessionKeys) -> str | None:
+def session_id(
+    spec: CustomSpec, values: Mapping[str, Any], session: SessionKeys, *, stream: bool
+) -> str | None:
     """The upstream session id that `session.id` derives (`{{ session.key }}` by default);
     None for a stateless request. Servers that issue ids (`session.lookup`) get theirs from
-    the lookup instead."""
+    the lookup instead.
+
+    Raises InvalidRequest when the id, made from the client's fields, cannot be the one path
+    segment that this request's chat call (`stream`: the upstream call streams) or the
+    session's `create` puts it in: the client's fault, not the upstream's."""
     if session.stateless:
         return None
-    value = spec.session.id.render(values)
-    return None if value is None or value == "" else stringify(value)
+    template = spec.session.id
+    value = template.render(values)
+    text = "" if value is None else stringify(value)
+    if text in ("", ".", "..") and _in_path(spec, stream):
+        refused = derived_path_value(template.names, text)
+        if refused is not None:
+            raise refused
+    return text or None
+
+
+def _in_path(spec: CustomSpec, stream: bool) -> bool:
+    create = spec.session.create
+    return "session.id" in spec.call(stream=stream).path.names or (
+        create is not None and "session.id" in create.request.path.names
+    )
 
 
 def with_captured(values: Mapping[str, Any], captured: Mapping[str, Any]) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from proxy.chunks import KEEP_ALIVE, Out
 from proxy.config import ModelSpec
 from proxy.errors import ProxyError
 from proxy.exchange import Exchange
+from proxy.failover import SessionSlot
 from proxy.openai_types import ChunkFactory, accumulate
 from proxy.session_locks import busy
 from proxy.sse import SSEDecoder, SSEError
@@ -144,7 +145,8 @@ class Letta(HttpUpstream):
             raise self.directory.missing(route_name, ref, agent, None, wildcard=wildcard) from None
         lock_key = f"{self.base}|{agent}|{conversation or 'default'}"
         locks = self.state.session_locks
-        await locks.acquire(lock_key, route.session.busy_timeout)
+        # A turn that waits for the conversation gives its concurrency slot back meanwhile.
+        await locks.acquire(lock_key, route.session.busy_timeout, SessionSlot(self))
         try:
             path = (
                 f"/v1/conversations/{conversation}/messages"
