@@ -47,6 +47,9 @@ async def serve(
     while True:
         lease = failover.next() or await failover.queue()
         upstream = lease.upstream
+        # Named from the start of the attempt: a client that leaves during it is logged and
+        # counted against the upstream it was waiting for.
+        exchange.upstream = upstream.name
         # Per upstream: a route may list one that relays Responses and one that translates.
         native = call.responses is not None and upstream.native_responses
         try:
@@ -62,7 +65,7 @@ async def serve(
             raise
         break
     lease.succeeded()
-    _record(exchange, upstream, served)
+    _record(exchange, served)
     return served
 
 
@@ -88,6 +91,7 @@ async def with_failover(
     failover = Failover(route.upstreams, _on_error(exchange, metrics), metrics.failover)
     while True:
         lease = failover.next() or await failover.queue()
+        exchange.upstream = lease.upstream.name
         try:
             result = await attempt(lease)
         except BaseException as exc:
@@ -122,8 +126,7 @@ async def _open(
     return Served(lease, stream=stream, first=first, native=native)
 
 
-def _record(exchange: Exchange, upstream: Upstream, served: Served) -> None:
-    exchange.upstream = upstream.name
+def _record(exchange: Exchange, served: Served) -> None:
     result = served.answer or served.stream
     assert result is not None
     exchange.upstream_ms = result.upstream_ms

@@ -35,9 +35,15 @@ class Exchange:
     """What one request is and did, for its headers, metrics and log line."""
 
     __slots__ = (
-        "_reason", "chat", "error", "model", "overhead", "request_id", "route", "started",
-        "status", "stream", "task", "ttft", "upstream", "upstream_ms",
+        "_reason", "body_offset", "chat", "error", "model", "overhead", "request_id", "route",
+        "started", "status", "stream", "task", "ttft", "upstream", "upstream_ms",
     )
+
+    # Set by a stream when it commits, with `status` (proxy/sse_writer.py), and read only
+    # when `status` was set so: no cost to the requests that are not streams. What the
+    # connection's writer counted that is not body handed to the transport: the head, and
+    # a write the closing transport refused. The stream's body bytes are the count less it.
+    body_offset: int
 
     def __init__(
         self, started: float, request_id: str, task: asyncio.Task[Any] | None = None

@@ -72,6 +72,8 @@ class SSEWriter:
 
     async def commit(self) -> None:
         await self._response.prepare(self._request)
+        # aiohttp sends a stream's head at once: what its writer counted so far is not body.
+        self.exchange.body_offset = self._request.writer.output_size
         self._streams._open.add(self)
 
     async def write(self, data: bytes) -> bool:
@@ -83,6 +85,7 @@ class SSEWriter:
         except ConnectionResetError:
             # aiohttp's ClientConnectionResetError: the transport is already closing.
             self.closed = True
+            self._refused(len(data), False)
             return False
         finally:
             self.writing_since = 0.0
@@ -109,5 +112,17 @@ class SSEWriter:
             await self._response.write_eof(tail)
         except ConnectionResetError:
             self.closed = True
+            self._refused(len(tail), True)
+            # Its end never reached the client: the stream was cut short on its side.
+            self.exchange.error = self.exchange.error or "client_closed"
         finally:
             self.writing_since = 0.0
+
+    def _refused(self, size: int, end: bool) -> None:
+        """aiohttp counts a write as output before it finds the transport closing and raises
+        (a lost connection ends the wait of a write with another error, or the handler's
+        cancellation): that write's bytes, as framed, are taken back out of the count."""
+        if self._response.headers.get("Transfer-Encoding") == "chunked":
+            framed = size + len(f"{size:x}") + 4 if size else 0
+            size = framed + 5 if end else framed  # and the last chunk, `0\r\n\r\n`
+        self.exchange.body_offset += size

@@ -26,6 +26,7 @@ from proxy.access_log import AccessWriter, install, log_exchange
 from proxy.logs import JsonFormatter, TextFormatter
 from proxy.metrics import Exchange
 from tests.conftest import KEY, ProxyFactory, wait_for
+from tests.fake_openai import FakeOpenAI
 
 ROOT = Path(__file__).resolve().parent.parent
 ECHO_ONLY = "upstreams: {demo: {kind: echo}}\nmodels: {echo: {upstream: demo}}\n"
@@ -294,3 +295,30 @@ def test_the_writer_gives_the_line_the_logging_formatters_give(
         mine_text, theirs_text = written.rstrip("\n"), TextFormatter().format(record)
         assert mine_text.split(" ", 2)[2] == theirs_text.split(" ", 2)[2]
         assert mine_text.isprintable()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_client_that_leaves_while_the_upstream_works_is_logged_against_it(
+    make_proxy: ProxyFactory, fake_openai: FakeOpenAI, caplog: pytest.LogCaptureFixture,
+    stream: bool,
+) -> None:
+    """The upstream a request was waiting for is on its line (and its metrics) even when
+    the client left before any answer: a 499 against `up`, not against no upstream."""
+    caplog.set_level(logging.INFO, logger="agentproxy.access")
+    fake_openai.mode = "hang"
+    proxy = await make_proxy(
+        f"upstreams: {{up: {{kind: openai, url: '{fake_openai.url}/v1'}}}}\n"
+        "models: {m: {upstream: up}}\n"
+    )
+    async with aiohttp.ClientSession() as http:
+        request = asyncio.create_task(http.post(
+            proxy.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+            json={"model": "m", "stream": stream, "messages": [{"role": "user", "content": "x"}]},
+        ))
+        await wait_for(lambda: bool(fake_openai.received))
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+    await wait_for(lambda: any(r.name == "agentproxy.access" for r in caplog.records))
+    [line] = [vars(r) for r in caplog.records if r.name == "agentproxy.access"]
+    assert (line["status"], line["upstream"], line["error"]) == (499, "up", "client_closed")

@@ -8,10 +8,12 @@ from typing import Any
 
 import aiohttp
 import openai
+import orjson
 import pytest
 
-from tests.conftest import KEY, Proxy, ProxyFactory, closed_port
+from tests.conftest import KEY, Proxy, ProxyFactory, closed_port, wait_for
 from tests.fake_openai import FakeOpenAI
+from tests.raw_http import connect
 
 WEATHER_TOOL: Any = {
     "type": "function",
@@ -412,4 +414,26 @@ async def test_client_disconnect_mid_stream_closes_the_upstream_request(
         resp.close()
     async with asyncio.timeout(5):
         await fake_openai.disconnected.wait()
+
+
+async def test_a_client_that_half_closes_after_its_request_is_taken_as_gone(
+    proxy: Proxy, fake_openai: FakeOpenAI
+) -> None:
+    # docs/http.md: a FIN after the request is a client that left, as nginx takes it; the
+    # upstream request is cancelled rather than answered into a socket nobody may read.
+    fake_openai.mode = "hang"
+    reader, writer = await connect(proxy.url)
+    body = orjson.dumps({"model": "mistral", "messages": [{"role": "user", "content": "x"}]})
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer "
+        + KEY.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+        % len(body) + body
+    )
+    await writer.drain()
+    await wait_for(lambda: bool(fake_openai.received))
+    async with asyncio.timeout(5):
+        writer.write_eof()
+        await fake_openai.disconnected.wait()
+        assert await reader.read() == b""
+    writer.close()
 

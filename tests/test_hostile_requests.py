@@ -525,17 +525,20 @@ def test_hostile_headers_get_a_success_or_a_4xx(
     harness.run(harness.normal_request_works())
 
 
+# A value that is not UTF-8 in a header the route forwards (model `o`: X-Session-Id, X-Custom)
+# cannot reach the upstream as sent: a 400. Other routes do not forward it.
+NOT_FORWARDABLE = {"echo": 200, "o": 400, "letta/support-bot": 200}
 HEADER_CASES = [
     pytest.param(b"Authorization: Bearer \xff\xfe\r\n", 401, id="auth-not-utf8"),
     pytest.param(b"Authorization: Bearer \xff" + b"x" * 20 + b"\xfe\r\n", 401,
                  id="long-auth-not-utf8-is-redacted"),
     pytest.param(b"X-Api-Key: \xc3\xa9\xff\r\n", 401, id="x-api-key-not-utf8"),
     pytest.param(b"Authorization: Bearer " + KEY.encode() + b"\r\nX-Session-Id: \xff\xfe\r\n",
-                 200, id="session-id-not-utf8"),
+                 NOT_FORWARDABLE, id="session-id-not-utf8"),
     pytest.param(b"Authorization: Bearer " + KEY.encode()
                  + b"\r\nX-OpenWebUI-Chat-Id: \xc3\xa9t\xc3\xa9\r\n", 200, id="chat-id-utf8"),
-    pytest.param(b"Authorization: Bearer " + KEY.encode() + b"\r\nX-Custom: \x80\x81\r\n", 200,
-                 id="forwarded-header-not-utf8"),
+    pytest.param(b"Authorization: Bearer " + KEY.encode() + b"\r\nX-Custom: \x80\x81\r\n",
+                 NOT_FORWARDABLE, id="forwarded-header-not-utf8"),
     pytest.param(b"Authorization: Bearer " + KEY.encode() + b"\r\nX-Request-Id: "
                  + b"r" * 8000 + b"\r\n", 200, id="8000-byte-request-id"),
     pytest.param(b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Encoding: gzip\r\n",
@@ -558,11 +561,13 @@ HEADER_CASES = [
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("stream", [False, True], ids=["sync", "stream"])
 def test_hostile_header_gets_the_exact_status(
-    harness: Harness, head: bytes, status: int, model: str, stream: bool
+    harness: Harness, head: bytes, status: int | dict[str, int], model: str, stream: bool
 ) -> None:
     body = orjson.dumps(
         {"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
     )
+    if isinstance(status, dict):
+        status = status[model]
     answer = harness.run(harness.raw(head, body))
     check_answer(answer)
     assert answer.status == status, answer

@@ -536,6 +536,21 @@ async def test_oversized_request_headers_are_an_openai_shaped_431(
     assert fake_openai.received == []
 
 
+async def test_request_headers_count_together_against_the_16_kib_limit(
+    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
+) -> None:
+    # Each header alone is far below the limit; only their sum (names and values) is over.
+    proxy = await make_proxy(openai_routes(fake_openai))
+    over = {f"X-Part-{n}": "x" * 6_000 for n in range(3)}
+    status, _, text = await post(proxy, {"model": "m", "messages": HI}, over)
+    assert status == 431
+    assert '"code":"request_header_fields_too_large"' in text
+    assert fake_openai.received == []
+    under = {f"X-Part-{n}": "x" * 4_000 for n in range(3)}
+    status, _, _ = await post(proxy, {"model": "m", "messages": HI}, under)
+    assert status == 200
+
+
 async def test_over_max_connections_is_a_503_with_retry_after_but_probes_still_answer(
     make_proxy: ProxyFactory, fake_openai: FakeOpenAI
 ) -> None:

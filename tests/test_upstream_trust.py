@@ -22,6 +22,7 @@ from multidict import CIMultiDict
 
 from tests.conftest import KEY, ProxyFactory, serving, wait_for
 from tests.fake_letta import FakeLetta
+from tests.raw_http import exchange as raw_exchange
 
 HI = [{"role": "user", "content": "hi"}]
 SECRET = "sk-upstream-0123456789abcdef"
@@ -225,6 +226,70 @@ async def test_client_headers_named_in_its_connection_header_are_not_forwarded(
     sent = scripted.headers[-1]
     assert sent.get("X-Session-Id") == "s1"
     assert "X-Trace" not in sent
+
+
+CUSTOM_FORWARDING = """
+upstreams:
+  up:
+    kind: custom
+    url: {url}
+    forward_headers: [X-Trace]
+    request:
+      path: /say
+      body: {{prompt: "{{{{ transcript }}}}"}}
+    sync:
+      text: "choices[0].message.content"
+    stream:
+      framing: text
+models:
+  m: {{upstream: up}}
+"""
+
+
+@pytest.mark.parametrize("kind", ["openai", "custom"])
+@pytest.mark.parametrize("stream", [False, True], ids=["sync", "stream"])
+async def test_a_forwarded_header_that_is_not_utf8_is_refused_naming_it(
+    make_proxy: ProxyFactory, upstream: tuple[Scripted, str], stream: bool, kind: str
+) -> None:
+    """aiohttp's client writes header values as UTF-8 and drops bytes that are not: rather
+    than send the upstream another value than the client's, the proxy answers a 400 naming
+    the header. A UTF-8 value goes on byte for byte."""
+    scripted, url = upstream
+    received: list[list[bytes]] = []
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        received.append([v for k, v in request.raw_headers if k.lower() == b"x-trace"])
+        if not stream:
+            return web.json_response(completion())
+        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                 "choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "stop"}]}
+        return web.Response(body=b"data: " + orjson.dumps(chunk) + b"\n\ndata: [DONE]\n\n",
+                            content_type="text/event-stream")
+
+    async def text(request: web.Request) -> web.StreamResponse:
+        received.append([v for k, v in request.raw_headers if k.lower() == b"x-trace"])
+        if not stream:
+            return web.json_response(completion())
+        return web.Response(body=b"ok", content_type="text/plain")
+
+    scripted.handler = answer if kind == "openai" else text
+    proxy = await make_proxy(routes(url) if kind == "openai" else CUSTOM_FORWARDING.format(url=url))
+    body = orjson.dumps({"model": "m", "messages": HI, "stream": stream})
+
+    def request(value: bytes) -> bytes:
+        return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer "
+                + KEY.encode() + b"\r\nContent-Type: application/json\r\nX-Trace: " + value
+                + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    utf8 = "caf\u00e9 \u2028 \u4e2d".encode()
+    assert (await raw_exchange(proxy.url, request(utf8))).status == 200
+    assert received == [[utf8]]
+    for value in (b"\xff\xfe", b"caf\xc3", b"ok \x80\x81"):
+        refused = await raw_exchange(proxy.url, request(value))
+        assert refused.status == 400, refused
+        err = refused.error()
+        assert err["code"] == "invalid_request_error" and "x-trace" in str(err["message"]).lower()
+    assert len(received) == 1
 
 
 async def test_a_request_without_model_from_a_key_barred_from_the_default_does_not_name_it(

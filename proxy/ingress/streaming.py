@@ -68,6 +68,15 @@ async def relay(request: web.Request, served: Served, encoder: Encoder) -> web.S
                 await writer.commit()
             except ValueError:
                 return _unwritable(request, exchange)
+            except ConnectionResetError:
+                # The client left after the answer began and before its head went out (the
+                # transport closing, its connection_lost not yet run): a disconnect like any
+                # later one, not a failure of the proxy's. Nothing more can be written: the
+                # status is only for the log and metrics, nginx's for a client that left.
+                exchange.error = "client_closed"
+                gone = web.Response(status=499)
+                gone.force_close()
+                return gone
             exchange.status = response.status
             metrics.stream_opened()
             try:

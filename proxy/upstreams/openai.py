@@ -30,6 +30,7 @@ from proxy.sse import KEEPALIVE as _KEEPALIVE
 from proxy.sse import SSEDecoder
 from proxy.upstreams.base import Answer, ByteStream, Call, ChunkStream
 from proxy.upstreams.deadlines import Deadlines
+from proxy.upstreams.forwarding import forward
 from proxy.upstreams.http import HttpUpstream, is_event_stream
 from proxy.upstreams.http_errors import read_answer
 from proxy.upstreams.openai_options import OpenAIOptions
@@ -73,16 +74,7 @@ class OpenAI(HttpUpstream):
             return self.headers
         else:
             headers = self.headers.copy()
-        client = call.headers
-        # Headers the client's own `Connection` header names are for its hop only (RFC 9110
-        # §7.6.1), even when forward_headers lists them.
-        hop = {
-            name.strip().lower() for name in client.get("Connection", "").split(",")
-        }
-        for name in self._forward:
-            value = client.get(name)
-            if value is not None and name.lower() not in hop:
-                headers[name] = value
+        forward(headers, call.headers, self._forward)
         return headers
 
     def _payload(self, call: Call) -> bytes:
