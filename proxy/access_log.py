@@ -19,6 +19,7 @@ import atexit
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
 import orjson
@@ -33,6 +34,7 @@ access_log = logging.getLogger("agentproxy.access")
 # write carries dozens of lines. The most lines held at once, whatever the time.
 _WINDOW = 0.01
 _MAX_PENDING = 256
+_now = time.time
 
 
 def quote(text: str) -> str:
@@ -73,38 +75,35 @@ def _template(level: int, method: str, path: str, ex: Exchange) -> str:
 
 class AccessWriter:
     """Formats access lines in one f-string each (text) or one orjson call (json) and writes
-    them to `stream` together, at most `_WINDOW` seconds after the first of them."""
+    them to `stream` together, at most `_WINDOW` seconds after the first of them.
 
-    __slots__ = ("_json", "_lines", "_second", "_stamp", "_stream", "_timer")
+    `line(level, request_id, method, path, exchange, duration, sent)` takes one request's
+    line: the method of the writer's format, chosen once, so a line is one call."""
+
+    __slots__ = ("_lines", "_second", "_stamp", "_stream", "_timer", "line")
 
     def __init__(self, stream: TextIO, fmt: str = "text") -> None:
         self._stream = stream
-        self._json = fmt == "json"
         self._lines: list[str] = []
         # The timestamp's text down to the second, made again only when the second changes.
         self._second = -1
         self._stamp = ""
         self._timer: asyncio.TimerHandle | None = None
+        self.line: Callable[[int, str, str, str, Exchange, float, int], None] = (
+            self._json_line if fmt == "json" else self._text_line
+        )
 
-    def line(
-        self, level: int, request_id: str, method: str, path: str, ex: Exchange,
-        duration: float, sent: int,
-    ) -> None:
-        now = time.time()
-        second = int(now)
-        if second != self._second:
-            self._second = second
-            # The formats of JsonFormatter and TextFormatter (logging's asctime), so the
-            # access lines read like every other line of the process.
-            self._stamp = (
-                time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)) if self._json
-                else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-            )
-        millis = int((now - second) * 1000)
-        if self._json:
-            text = self._json_line(level, millis, request_id, method, path, ex, duration, sent)
-        else:
-            text = self._text_line(level, millis, request_id, method, path, ex, duration, sent)
+    def _restamp(self, second: int) -> None:
+        self._second = second
+        # The formats of JsonFormatter and TextFormatter (logging's asctime), so the access
+        # lines read like every other line of the process.
+        self._stamp = (
+            time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            if self.line == self._json_line
+            else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        )
+
+    def _held(self, text: str) -> None:
         lines = self._lines
         lines.append(text)
         if self._timer is None:
@@ -116,9 +115,13 @@ class AccessWriter:
             self.flush()
 
     def _text_line(
-        self, level: int, millis: int, request_id: str, method: str, path: str, ex: Exchange,
+        self, level: int, request_id: str, method: str, path: str, ex: Exchange,
         duration: float, sent: int,
-    ) -> str:
+    ) -> None:
+        now = _now()
+        second = int(now)
+        if second != self._second:
+            self._restamp(second)
         chat = ex.chat
         key = (level, method, path, ex.model[:256], ex.upstream, ex.stream) if chat else (
             level, method, path)
@@ -133,29 +136,37 @@ class AccessWriter:
         rid = request_id if "=" not in request_id else quote(request_id)
         # round(), not a format with two decimals: the numbers read as the logging path
         # writes them (`fields`), 40.5 and not 40.50.
-        ms = round(duration * 1000.0, 2)
         if chat:
-            ttft = "-" if ex.ttft is None else round(ex.ttft * 1000.0, 2)
-            line = template % (self._stamp, millis, rid, ex.status, ms, sent, ttft)
+            ttft = ex.ttft
+            line = template % (
+                self._stamp, (now - second) * 1000, rid, ex.status, round(duration * 1000.0, 2),
+                sent, "-" if ttft is None else round(ttft * 1000.0, 2),
+            )
         else:
-            line = template % (self._stamp, millis, rid, ex.status, ms, sent)
-        if ex.error is None:
-            return line + "\n"
-        return f"{line} error={quote(ex.error)}\n"
+            line = template % (
+                self._stamp, (now - second) * 1000, rid, ex.status, round(duration * 1000.0, 2),
+                sent,
+            )
+        error = ex.error
+        self._held(line + "\n" if error is None else f"{line} error={quote(error)}\n")
 
     def _json_line(
-        self, level: int, millis: int, request_id: str, method: str, path: str, ex: Exchange,
+        self, level: int, request_id: str, method: str, path: str, ex: Exchange,
         duration: float, sent: int,
-    ) -> str:
+    ) -> None:
+        now = _now()
+        second = int(now)
+        if second != self._second:
+            self._restamp(second)
         # JSON escapes whatever the client sent: the path goes in as it is.
         entry: dict[str, Any] = {
-            "ts": f"{self._stamp}.{millis:03d}Z",
+            "ts": f"{self._stamp}.{int((now - second) * 1000):03d}Z",
             "level": logging.getLevelName(level).lower(),
             "logger": "agentproxy.access",
             "msg": f"{method} {path}",
             **fields(request_id, ex, duration, sent),
         }
-        return orjson.dumps(entry).decode() + "\n"
+        self._held(orjson.dumps(entry).decode() + "\n")
 
     def flush(self) -> None:
         """Writes the lines held so far; a stream that is gone loses them, as logging would.

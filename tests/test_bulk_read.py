@@ -15,7 +15,7 @@ import pytest
 from aiohttp import StreamReader
 from aiohttp.base_protocol import BaseProtocol
 
-from proxy.upstreams.bulk_read import FAST, INTERNALS, PROTOCOL_INTERNALS, read_any
+from proxy.upstreams.bulk_read import FAST, INTERNALS, PROTOCOL_INTERNALS, read_any, read_whole
 
 Reader = Callable[[StreamReader], Awaitable[bytes]]
 
@@ -179,3 +179,34 @@ async def test_a_compressed_body_inflates_to_the_same_bytes(read: Reader, inflat
         await script.wrote()
         body, _ = await read_all(read, resp.content)
     assert body == plain
+
+
+@pytest.mark.parametrize("waited", [True, False], ids=["whole-before-the-read", "as-it-comes"])
+@pytest.mark.parametrize("count", [1, 300])
+async def test_read_whole_gives_the_whole_body_whenever_it_arrived(
+    waited: bool, count: int
+) -> None:
+    chunks = [b"data: {\"n\":%d}\n\n" % i for i in range(count)]
+    script = Script(chunks)
+    async with body_of(script) as resp:
+        if waited:
+            await script.wrote()
+        async with asyncio.timeout(20):
+            body = await read_whole(resp.content, 1 << 20)
+    assert body == b"".join(chunks)
+
+
+@pytest.mark.parametrize("waited", [True, False], ids=["whole-before-the-read", "as-it-comes"])
+@pytest.mark.parametrize("count", [1, 300])
+async def test_read_whole_refuses_a_body_one_byte_past_its_limit(
+    waited: bool, count: int
+) -> None:
+    chunks = [b"data: {\"n\":%d}\n\n" % i for i in range(count)]
+    size = sum(map(len, chunks))
+    for limit, expected in ((size, b"".join(chunks)), (size - 1, None)):
+        script = Script(chunks)
+        async with body_of(script) as resp:
+            if waited:
+                await script.wrote()
+            async with asyncio.timeout(20):
+                assert await read_whole(resp.content, limit) == expected

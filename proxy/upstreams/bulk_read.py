@@ -87,13 +87,19 @@ async def read_any(content: StreamReader) -> bytes:
 async def read_whole(content: StreamReader, limit: int) -> bytes | None:
     """The whole body of `content`, or None once it is past `limit` bytes (the caller says
     whose fault that is). A body that came in one read is returned as it came, not copied."""
+    chunk = await read_any(content)
+    if type(content) is _READER and content._eof and not content._buffer:
+        # The body came whole before the first read (as a small answer does, in the packet
+        # of its head): the read that would only return its end is not needed.
+        return chunk if len(chunk) <= limit else None
     parts: list[bytes] = []
     size = 0
-    while chunk := await read_any(content):
+    while chunk:
         size += len(chunk)
         if size > limit:
             return None
         parts.append(chunk)
+        chunk = await read_any(content)
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
