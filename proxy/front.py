@@ -207,9 +207,10 @@ def _finish(
             # The connection's own count, whatever ended the stream: a client that left
             # leaves no response, one cut short a response whose body_length stays 0.
             sent = request.writer.output_size - ex.body_offset
-        elif response is not None:
-            # A JSON answer (not yet written: aiohttp writes it after this) is its bytes; its
-            # Content-Length would cost a dozen property calls to say the same.
+        elif response is not None and request.method != "HEAD":
+            # HEAD (aiohttp answers it on GET routes) sends no body. A JSON answer (not yet
+            # written: aiohttp writes it after this) is its bytes; its Content-Length would
+            # cost a dozen property calls to say the same.
             body = response.body if type(response) is web.Response else None
             if type(body) is bytes:
                 sent = len(body)

@@ -279,3 +279,23 @@ async def test_a_sync_answers_bytes_are_its_body(
             body = await resp.read()
         record = await logged(caplog)
     assert vars(record)["bytes"] == len(body) > 100
+
+
+async def test_a_head_requests_bytes_are_zero(
+    make_proxy: ProxyFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """HEAD (aiohttp answers it on every GET route) sends the head only: no body bytes."""
+    caplog.set_level(logging.INFO, logger="agentproxy.access")
+
+    async def unused(request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    async with answering("/v1/chat/completions", unused) as url:
+        proxy = await make_proxy(openai_upstream(url))
+        async with aiohttp.ClientSession() as http, http.head(
+            proxy.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"},
+        ) as resp:
+            assert resp.status == 200 and int(resp.headers["Content-Length"]) > 0
+            assert await resp.read() == b""
+        record = await logged(caplog)
+    assert vars(record)["bytes"] == 0

@@ -901,6 +901,37 @@ def test_hostile_values_are_problems_on_their_line(text: str, expected: list[str
     assert problems(text) == expected
 
 
+
+@pytest.mark.parametrize(("text", "expected"), [
+    pytest.param(
+        OPENAI_V + "models:\n  m:\n    upstream:\tv\n",
+        ["routes.yaml:7 (file): invalid YAML: found character '\\t' that cannot start any "
+         "token"],
+        id="tab-after-colon",
+    ),
+    pytest.param(
+        OPENAI_V + "models:\n  m: {upstream: v}\t# why\n",
+        ["routes.yaml:6 (file): invalid YAML: found character '\\t' that cannot start any "
+         "token"],
+        id="tab-before-comment",
+    ),
+    pytest.param(
+        OPENAI_V + "models:\n\ufeff  m: {upstream: v}\n",
+        ["routes.yaml:5 models: no models defined; at least one is required",
+         "routes.yaml:6 \ufeff  m: unknown key '\ufeff  m'; expected one of: upstreams, "
+         "models, auth"],
+        id="bom-starting-a-line",
+    ),
+])
+def test_a_tab_or_a_bom_inside_the_file_is_read_as_pyyaml_reads_it(
+    text: str, expected: list[str]
+) -> None:
+    """libyaml (the fast parser) accepts these; PyYAML, which is all some hosts have and
+    whose messages are the ones reported, refuses them: a file is valid or not alike on
+    every host."""
+    assert problems(text) == expected
+
+
 def test_a_number_in_a_custom_body_past_the_length_limit_is_a_problem() -> None:
     body = "        seed: " + "9" * 5000 + '\n        message: "{{ input }}"\n'
     assert problems(CUSTOM_BODY.format(body=body)) == [

@@ -466,3 +466,32 @@ async def test_streams_whose_client_left_are_no_longer_watched_for_the_send_time
             await resp.content.readline()
             resp.close()  # the client leaves mid-stream
     await wait_for(lambda: len(streams) == 0)
+
+
+@pytest.mark.parametrize("kind", ["openai", "custom"])
+async def test_every_line_of_a_forwarded_header_goes_on_unless_a_connection_line_names_it(
+    make_proxy: ProxyFactory, upstream: tuple[Scripted, str], kind: str
+) -> None:
+    """Every line of a forwarded header reaches the upstream, not only the first; and every
+    `Connection` line counts, so a header named on its second line stays on the client's hop."""
+    scripted, url = upstream
+    received: list[list[bytes]] = []
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        received.append([v for k, v in request.raw_headers if k.lower() == b"x-trace"])
+        return web.json_response(completion())
+
+    scripted.handler = answer
+    proxy = await make_proxy(routes(url) if kind == "openai" else CUSTOM_FORWARDING.format(url=url))
+    body = orjson.dumps({"model": "m", "messages": HI})
+
+    def request(extra: bytes) -> bytes:
+        return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer "
+                + KEY.encode() + b"\r\nContent-Type: application/json\r\n" + extra
+                + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    lines = b"X-Trace: a\r\nX-Trace: b, c\r\n"
+    assert (await raw_exchange(proxy.url, request(lines))).status == 200
+    hop = b"Connection: keep-alive\r\nConnection: X-Trace\r\n"
+    assert (await raw_exchange(proxy.url, request(hop + lines))).status == 200
+    assert received == [[b"a", b"b, c"], []]

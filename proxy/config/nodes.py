@@ -71,7 +71,11 @@ def compose(text: str) -> Node | None:
     """The document's root node, as NestingLoader composes it. libyaml, where it is installed,
     parses a big table several times faster; on any problem PyYAML parses it again, and its
     messages (and marks) are the ones reported."""
-    if _FastLoader is not None:
+    # libyaml takes a tab for a space between tokens (`key:\tvalue`, in a plain scalar, in
+    # flow) and skips a BOM that starts any line, where PyYAML refuses the tab or keeps the
+    # BOM in the key: such a file would be valid only where libyaml is installed, and read
+    # otherwise than `check` without it reads it. PyYAML alone reads those.
+    if _FastLoader is not None and "\t" not in text and text.find("\ufeff", 1) < 0:
         # Not only YAMLError: libyaml refuses to encode a str holding a lone surrogate.
         with contextlib.suppress(Exception):
             node: Node | None = yaml.compose(text, Loader=_FastLoader)

@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
 import aiohttp
 import orjson
+from multidict import MultiMapping
 
 from proxy.chunks import Out, chat_chunks, held_size
 from proxy.config import ModelSpec, UpstreamSpec
@@ -50,7 +51,8 @@ class Call(NamedTuple):
     upstream_model: str | None
     stream: bool
     include_usage: bool
-    headers: Mapping[str, str]
+    # The server's: a header the client sent on several lines is each of them.
+    headers: MultiMapping[str]
     key_id: str
     route: ModelSpec
     # The per-request record: request id, and the task that deadlines interrupt.

@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-from multidict import CIMultiDict
+from multidict import CIMultiDict, MultiMapping
 
 from proxy.errors import InvalidRequest
 
 
 def forward(
-    headers: CIMultiDict[str], client: Mapping[str, str], names: tuple[str, ...]
+    headers: CIMultiDict[str], client: MultiMapping[str], names: tuple[str, ...]
 ) -> None:
     """Copies the client's values of `names` into `headers`, except those its own
-    `Connection` header names: they are for its hop only (RFC 9110 §7.6.1)."""
-    hop = {name.strip().lower() for name in client.get("Connection", "").split(",")}
+    `Connection` header names: they are for its hop only (RFC 9110 §7.6.1).
+
+    Every line of a header counts (a client may send one on several lines, RFC 9110 §5.3):
+    each line of a forwarded one goes on, and a name on any `Connection` line stays."""
+    hop = {
+        name.strip().lower()
+        for line in client.getall("Connection", ())
+        for name in line.split(",")
+    }
     for name in names:
-        value = client.get(name)
-        if value is not None and name.lower() not in hop:
+        values = client.getall(name, ())
+        if not values or name.lower() in hop:
+            continue
+        for value in values:
             if not value.isascii():
                 _check_utf8(name, value)
-            headers[name] = value
+        headers[name] = values[0]
+        for value in values[1:]:
+            headers.add(name, value)
 
 
 def _check_utf8(name: str, value: str) -> None:
