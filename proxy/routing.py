@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -32,6 +33,9 @@ class Route:
     # still appear within LISTING_TTL seconds.
     _listing: list[dict[str, Any]] = field(default_factory=list)
     _listed_at: float = -LISTING_TTL
+    # The listing under way: requests that find the cache stale meanwhile wait for it rather
+    # than each send their own (a Letta server with many agents answers in up to 100 pages).
+    _pending: asyncio.Future[list[dict[str, Any]]] | None = None
 
     # Its upstream keeps conversations, so requests carry a session hint.
     stateful: bool = False
@@ -55,9 +59,39 @@ class Route:
         self, http: aiohttp.ClientSession, exchange: Exchange
     ) -> list[dict[str, Any]]:
         """The upstream's model list, by the same failover and circuit rules as a request."""
+        while True:
+            if time.monotonic() - self._listed_at < LISTING_TTL:
+                return self._listing
+            pending = self._pending
+            if pending is None:
+                break
+            try:
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                if not pending.cancelled():
+                    raise
+                # The request that was listing went away: this one lists instead.
+        pending = self._pending = asyncio.get_running_loop().create_future()
+        # Retrieved here, so an error nobody else waited for is not logged as unretrieved.
+        pending.add_done_callback(lambda done: done.cancelled() or done.exception())
+        try:
+            listing = await self._list(http, exchange)
+        except Exception as exc:
+            # The waiters share the failure: the same upstream, asked at the same moment.
+            pending.set_exception(exc)
+            raise
+        except BaseException:
+            pending.cancel()
+            raise
+        finally:
+            self._pending = None
+        pending.set_result(listing)
+        return listing
+
+    async def _list(
+        self, http: aiohttp.ClientSession, exchange: Exchange
+    ) -> list[dict[str, Any]]:
         now = time.monotonic()
-        if now - self._listed_at < LISTING_TTL:
-            return self._listing
         failover = Failover(self.upstreams, _ignore_error, _ignore)
         while True:
             lease = failover.next() or await failover.queue()

@@ -6,13 +6,16 @@ import asyncio
 import copy
 import re
 import sys
+import tracemalloc
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import openai
+import orjson
 import pytest
+from aiohttp import web
 from openai.types.chat import ChatCompletionChunk
 
 from proxy import routing
@@ -171,6 +174,99 @@ async def test_wildcard_lists_every_agent_and_shared_names_by_id(
     assert state.message_posts()[-1].path == f"/v1/agents/{twin['id']}/messages"
     with pytest.raises(openai.NotFoundError):
         await client.chat.completions.create(model="letta/nobody", messages=HI)
+
+
+async def test_a_letta_that_repeats_its_agents_page_is_listed_by_name_in_two_requests(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
+) -> None:
+    state, url = letta
+    # The fake ignores `limit` and `after`, as a server with broken paging would: a full page
+    # comes back the same however often it is asked for.
+    state.agents = [
+        copy.deepcopy(state.agents[0])
+        | {"id": f"agent-00000000-0000-4000-8000-{n:012d}", "name": f"bot-{n}"}
+        for n in range(100)
+    ]
+    client = (await make(make_proxy, url)).client()
+    ids = [m.id for m in (await client.models.list()).data]
+    assert ids[1:] == [f"letta/bot-{n}" for n in range(100)]
+    assert len(state.requests_to("GET", "/v1/agents/")) == 2
+
+
+async def test_an_agent_whose_name_is_not_text_is_listed_by_id(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
+) -> None:
+    state, url = letta
+    odd = copy.deepcopy(state.agents[0]) | {
+        "id": "agent-11111111-2222-4333-8444-555555555555", "name": {"first": "x"}}
+    state.agents.append(odd)
+    client = (await make(make_proxy, url)).client()
+    ids = [m.id for m in (await client.models.list()).data]
+    assert ids == ["support", "letta/support-bot", f"letta/{odd['id']}"]
+
+
+async def listing_peak(make_proxy: ProxyFactory, count: int) -> int:
+    """The proxy's peak of traced memory while it lists `count` agents, in pages of 100,
+    each agent with a 10 KB system prompt as Letta's objects carry."""
+    ids = [f"agent-00000000-0000-4000-8000-{n:012d}" for n in range(count)]
+    pages = {
+        after: orjson.dumps([
+            {"id": agent, "name": f"bot-{n}", "system": f"{n}" + "s" * 10_000}
+            for n, agent in enumerate(ids[start:start + 100], start)
+        ])
+        for start, after in zip(range(0, count, 100), ["", *ids[99::100]], strict=False)
+    }
+
+    async def agents(request: web.Request) -> web.Response:
+        return web.Response(
+            body=pages.get(request.query.get("after", ""), b"[]"),
+            content_type="application/json",
+        )
+
+    app = web.Application()
+    app.router.add_get("/v1/agents/", agents)
+    async with serving(app) as url:
+        client = (await make(make_proxy, url)).client()
+        tracemalloc.start()
+        try:
+            listed = (await client.models.list()).data
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert len(listed) == count + 1
+    return peak
+
+
+async def test_a_long_agent_listing_keeps_only_what_the_cards_need(
+    make_proxy: ProxyFactory,
+) -> None:
+    # Kept whole until the last page, 3,000 agents would hold 30 MB more than 300 do.
+    small = await listing_peak(make_proxy, 300)
+    large = await listing_peak(make_proxy, 3000)
+    assert large - small < 10_000_000, (small, large)
+
+
+async def test_model_listings_that_arrive_together_share_one_walk_of_the_agents(
+    make_proxy: ProxyFactory,
+) -> None:
+    asked: list[str] = []
+    release = asyncio.Event()
+
+    async def agents(request: web.Request) -> web.Response:
+        asked.append(request.path_qs)
+        await release.wait()
+        return web.json_response([{"id": AGENT, "name": "support-bot"}])
+
+    app = web.Application()
+    app.router.add_get("/v1/agents/", agents)
+    async with serving(app) as url:
+        client = (await make(make_proxy, url)).client()
+        listings = [asyncio.ensure_future(client.models.list()) for _ in range(10)]
+        await wait_for(lambda: len(asked) >= 1)
+        release.set()
+        for listing in listings:
+            assert [m.id for m in (await listing).data] == ["support", "letta/support-bot"]
+    assert len(asked) == 1
 
 
 async def test_full_history_resent_by_open_webui_reaches_the_agent_as_the_new_turn_only(

@@ -61,6 +61,14 @@ async def test_models_list_in_file_order_with_wildcard_expansion(proxy: Proxy) -
     assert all(m.object == "model" and m.created > 0 and m.owned_by for m in models.data)
 
 
+async def test_an_upstream_model_with_an_empty_id_is_not_listed(
+    proxy: Proxy, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.models = ["", "qwen-2.5"]
+    ids = [m.id for m in (await proxy.client().models.list()).data]
+    assert ids == ["mistral", "local/qwen-2.5", "echo"]
+
+
 async def test_model_retrieve_accepts_ids_with_slash(proxy: Proxy) -> None:
     model = await proxy.client().models.retrieve("local/qwen-2.5")
     assert model.id == "local/qwen-2.5"

@@ -235,6 +235,35 @@ async def test_a_native_stream_failing_before_any_event_still_opens_with_respons
     assert "(timeouts.first_event)" in failed.response.error.message
 
 
+async def test_a_native_stream_announcing_a_response_too_deep_to_repeat_still_fails_cleanly(
+    make_proxy: ProxyFactory,
+) -> None:
+    # orjson reads 1024 levels but writes 255: the announced object cannot be repeated.
+    deep = b"[" * 300 + b"]" * 300
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(
+            b'data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1",'
+            b'"object":"response","status":"in_progress","output":[],"metadata":{"x":'
+            + deep + b"}}}\n\n"
+        )
+        assert request.transport is not None
+        request.transport.close()  # broken after the commit
+        return resp
+
+    async with native_before(make_proxy, answer) as proxy:
+        status, _, raw = await post_raw(proxy, {"model": "m", "input": "x", "stream": True})
+    assert status == 200
+    parsed = parse_sse(raw)
+    assert parsed.done == 1
+    name, failed = parsed.events[-1]
+    assert name == failed["type"] == "response.failed" and failed["sequence_number"] == 1
+    assert failed["response"]["id"] == "resp_1"
+    assert failed["response"]["status"] == "failed"
+
+
 # -- embeddings ------------------------------------------------------------------------------
 
 
@@ -299,3 +328,49 @@ models:
         assert reply.data[0].embedding == embedding_of("x") and reply.model == "e"
     assert len(fake_openai.received) == 1, "the open circuit skips the failing upstream"
     assert len(second_openai.received) == 2
+
+
+async def test_embeddings_a_200_reporting_an_error_is_a_502_and_fails_over(
+    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
+) -> None:
+    async def reports_error(request: web.Request) -> web.Response:
+        # OpenRouter's way: a 200 whose body is an error, with no vectors.
+        return web.json_response({"error": {"message": "No endpoints found"}, "data": []})
+
+    async with answering("/embeddings", reports_error) as url:
+        proxy = await make_proxy(f"""
+upstreams:
+  flaky: {{kind: openai, url: "{url}"}}
+  good: {{kind: openai, url: "{fake_openai.url}/v1"}}
+models:
+  alone: {{upstream: flaky}}
+  both: {{upstream: [flaky, good], model: embedder}}
+""")
+        client = proxy.client()
+        with pytest.raises(openai.InternalServerError) as info:
+            await client.embeddings.create(model="alone", input="x")
+        assert info.value.status_code == 502
+        assert "No endpoints found" in info.value.message
+        reply = await client.embeddings.create(model="both", input="x")
+        assert reply.data[0].embedding == embedding_of("x") and reply.model == "both"
+
+
+async def test_embeddings_nested_deeper_than_the_proxy_writes_are_a_502(
+    make_proxy: ProxyFactory,
+) -> None:
+    # orjson reads 1024 levels but writes 255: the answer parses, and renaming its model
+    # must not turn it into the proxy's own 500.
+    deep = b"[" * 300 + b"]" * 300
+
+    async def nested(request: web.Request) -> web.Response:
+        return web.Response(
+            body=b'{"object":"list","data":[],"model":"raw-name","extra":' + deep + b"}",
+            content_type="application/json",
+        )
+
+    async with answering("/embeddings", nested) as url:
+        proxy = await make_proxy(
+            f'upstreams:\n  u: {{kind: openai, url: "{url}"}}\nmodels:\n  e: {{upstream: u}}\n')
+        status, _, raw = await post_raw(proxy, {"model": "e", "input": "x"}, path="/v1/embeddings")
+    assert status == 502
+    assert orjson.loads(raw)["error"]["code"] == "upstream_error"

@@ -71,28 +71,45 @@ class NativeEncoder:
         start = b""
         created = self._created
         if created is None:
-            created = response_base(new_response_id(), self._model, time.time(), self._echo, False)
-            created.update(status="in_progress", completed_at=None, error=None,
-                           incomplete_details=None, output=[], usage=None)
+            created = self._own()
             if not self.events:
                 start = self._event("response.created", created)
                 start += self._event("response.in_progress", created)
             created["usage"] = responses_usage(None)
-        response = dict(created)
-        response["status"] = "failed"
-        response["error"] = failure_error(err)
-        response["output"] = []
-        response["completed_at"] = None
-        response["incomplete_details"] = None
-        return start + self._event("response.failed", response)
+        try:
+            return start + self._event("response.failed", _failed(created, err))
+        except orjson.JSONEncodeError:
+            # The upstream's object nests deeper than orjson writes (it reads deeper): the
+            # proxy's own stands in, under the upstream's id, so the stream still ends.
+            own = self._own()
+            if isinstance(created.get("id"), str):
+                own["id"] = created["id"]
+            own["usage"] = responses_usage(None)
+            return start + self._event("response.failed", _failed(own, err))
+
+    def _own(self) -> dict[str, Any]:
+        created = response_base(new_response_id(), self._model, time.time(), self._echo, False)
+        created.update(status="in_progress", completed_at=None, error=None,
+                       incomplete_details=None, output=[], usage=None)
+        return created
 
     def _event(self, kind: str, response: dict[str, Any]) -> bytes:
-        event = {"type": kind, "response": response, "sequence_number": self.events}
+        data = orjson.dumps({"type": kind, "response": response, "sequence_number": self.events})
         self.events += 1
-        return frame(kind) + orjson.dumps(event) + EVENT_END
+        return frame(kind) + data + EVENT_END
 
     def end(self) -> bytes:
         return DONE
+
+
+def _failed(created: dict[str, Any], err: ProxyError) -> dict[str, Any]:
+    response = dict(created)
+    response["status"] = "failed"
+    response["error"] = failure_error(err)
+    response["output"] = []
+    response["completed_at"] = None
+    response["incomplete_details"] = None
+    return response
 
 
 def tracked(stream: ByteStream, encoder: NativeEncoder) -> ByteStream:

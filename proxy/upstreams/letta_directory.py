@@ -183,27 +183,34 @@ class LettaDirectory:
         self, http: aiohttp.ClientSession, exchange: Exchange
     ) -> list[dict[str, Any]]:
         """Every agent, as its name, or as its id where several agents share the name."""
-        agents: list[dict[str, Any]] = []
+        # Only what a card needs is kept of each agent: Letta's agent objects carry the system
+        # prompt, memory blocks and tools, and a server lists up to 10,000 of them.
+        agents: dict[str, tuple[str | None, int | None]] = {}
         params = {"limit": "100", "order": "asc"}
         for _ in range(100):
             page = _as_list(
                 await self._up.call_api(http, exchange, "GET", "/v1/agents/", params=params)
             )
-            agents.extend(
-                a for a in page
-                if isinstance(a, dict) and isinstance(a.get("id"), str)
-                and AGENT_ID.fullmatch(a["id"])
-            )
-            if len(page) < 100 or not agents:
+            before = len(agents)
+            for a in page:
+                if (
+                    isinstance(a, dict) and isinstance(a.get("id"), str)
+                    and AGENT_ID.fullmatch(a["id"]) and a["id"] not in agents
+                ):
+                    name = a.get("name")
+                    agents[a["id"]] = (
+                        name if isinstance(name, str) else None, _timestamp(a.get("created_at"))
+                    )
+            # A server that ignores `after` repeats its page: the agents it lists twice would
+            # count as namesakes of themselves, and the listing would take 100 requests.
+            if len(page) < 100 or len(agents) == before:
                 break
-            params["after"] = agents[-1]["id"]
-        names = Counter(a.get("name") for a in agents)
+            params["after"] = next(reversed(agents))
+        names = Counter(name for name, _ in agents.values())
         cards = []
-        for agent in agents:
-            name = agent.get("name")
+        for agent_id, (name, created) in agents.items():
             unique = isinstance(name, str) and name and names[name] == 1
-            card: dict[str, Any] = {"id": name if unique else agent["id"]}
-            created = _timestamp(agent.get("created_at"))
+            card: dict[str, Any] = {"id": name if unique else agent_id}
             if created:
                 card["created"] = created
             cards.append(card)

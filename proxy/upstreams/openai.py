@@ -169,6 +169,8 @@ class OpenAI(HttpUpstream):
         parsed, data, headers, upstream_ms = await self._json_answer(
             call, http, self.embeddings_url, self._payload(call), "an embeddings list"
         )
+        if parsed.get("error") is not None:  # a 200 that reports an error (OpenRouter's)
+            raise self.scrubbed(reported_error(self.name, parsed, "in its answer"))
         if not isinstance(parsed.get("data"), list):
             raise UpstreamFailed(
                 f"Upstream '{self.name}' answered with a body that is not an embeddings list."
@@ -176,7 +178,11 @@ class OpenAI(HttpUpstream):
         if "model" in parsed and parsed["model"] != call.client_model:
             # The client's name for the model, as in every other answer of the proxy.
             parsed["model"] = call.client_model
-            data = orjson.dumps(parsed)
+            try:
+                data = orjson.dumps(parsed)
+            except orjson.JSONEncodeError:  # nested deeper than orjson writes (it reads deeper)
+                msg = f"Upstream '{self.name}' answered JSON nested too deeply."
+                raise UpstreamFailed(msg) from None
         return Answer(None, headers, upstream_ms, data)
 
     async def _fetch(
@@ -372,7 +378,9 @@ class OpenAI(HttpUpstream):
         cards = listing.get("data") if isinstance(listing, dict) else None
         if not isinstance(cards, list):
             raise UpstreamFailed(f"Upstream '{self.name}' answered /models with no model list.")
-        return [c for c in cards if isinstance(c, dict) and isinstance(c.get("id"), str)]
+        # An empty id would be listed as the bare prefix, which no request can name.
+        named = (c for c in cards if isinstance(c, dict) and c.get("id"))
+        return [c for c in named if isinstance(c["id"], str)]
 
 
 def _closer(resp: aiohttp.ClientResponse) -> Any:
