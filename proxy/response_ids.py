@@ -111,7 +111,8 @@ def parse_secret(value: str) -> tuple[tuple[str, bytes], ...]:
         if not colon or not _KID.fullmatch(kid):
             raise IdSecretError(
                 f"{ENV_SECRET}: entry {n} is not `keyid:secret` (key ids are 1-32 of "
-                "A-Z a-z 0-9 _ -); write `kid2:new,kid1:old`, the first key signs."
+                "A-Z a-z 0-9 _ -); write `kid2:new,kid1:old`, the first key signs. A secret "
+                "used alone so far has key id 0: list it as `0:old` to keep its ids working."
             )
         if any(kid == seen for seen, _ in keys):
             raise IdSecretError(f"{ENV_SECRET}: key id {kid!r} appears twice.")

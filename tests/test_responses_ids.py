@@ -212,6 +212,15 @@ def test_an_unusable_secret_is_a_clear_error_without_the_secret(value: str) -> N
     assert SECRET_A not in str(caught.value) and SECRET_B not in str(caught.value)
 
 
+def test_ids_of_a_plain_secret_verify_after_rotating_to_a_ring_that_lists_it_as_key_0() -> None:
+    minted = ResponseIds.from_env({ENV_SECRET: SECRET_A}).mint(ROUTE, CONV, FP, now=NOW)
+    rotated = ResponseIds.from_env({ENV_SECRET: f"new:{SECRET_B},0:{SECRET_A}"})
+    assert rotated.verify(minted, ROUTE, FP, now=NOW).kid == "0"
+    with pytest.raises(IdSecretError) as caught:
+        parse_secret(f"new:{SECRET_B},{SECRET_A}")
+    assert "`0:old`" in str(caught.value)
+
+
 def test_from_env_reads_the_keyring() -> None:
     ids = ResponseIds.from_env({ENV_SECRET: f"k2:{SECRET_B},k1:{SECRET_A}"})
     assert ids.verify(IDS.mint(ROUTE, CONV, FP, now=NOW), ROUTE, FP, now=NOW).kid == "k1"
