@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from proxy import __version__
 from proxy.auth import env_keys, generate_key
-from proxy.config import ConfigError, load_config, parse_config, read_source
+from proxy.config import Config, ConfigError, load_config, parse_config, read_source
 from proxy.config.source import decode_source
 from proxy.connection_limits import (
     DEFAULT_BODY_TIMEOUT,
@@ -252,7 +252,7 @@ def serve(args: argparse.Namespace) -> int:
     if not _check_id_secret(options.workers):
         return 1
     if options.workers == 1:
-        return run_worker(options)
+        return run_worker(options, config)
     return run_workers(options, _worker_process)
 
 
@@ -283,7 +283,9 @@ def _check_id_secret(workers: int) -> bool:
     return True
 
 
-def run_worker(options: ServeOptions) -> int:
+def run_worker(options: ServeOptions, parsed: Config | None = None) -> int:
+    """One worker's server; `parsed`: the routes file's Config as `serve` parsed it (the
+    workers of `--workers` parse it again, each in its own process)."""
     from proxy.app import create_app
     from proxy.logs import setup_logging
     from proxy.reload import TableHolder
@@ -296,7 +298,9 @@ def run_worker(options: ServeOptions) -> int:
             "(ulimit -Hn, LimitNOFILE, the container's nofile) for more",
             limits[0], limits[0] // 2,
         )
-    holder = TableHolder(options.routes, options.extra_keys, source=options.routes_source)
+    holder = TableHolder(
+        options.routes, options.extra_keys, source=options.routes_source, parsed=parsed
+    )
     shared_locks = os.environ.get(SESSION_LOCKS_ENV)
     if shared_locks:
         # One session, one turn, across the workers of this host (proxy/session_locks.py).

@@ -67,9 +67,11 @@ class TableHolder:
     def __init__(
         self, path: str | Path, extra_keys: Sequence[str] = (), *,
         read_timeout: float = READ_TIMEOUT, source: bytes | None = None,
+        parsed: Config | None = None,
     ) -> None:
         """`source`: the file's bytes when the caller has read them already; a pipe
-        (`--routes <(...)`) can be read only once."""
+        (`--routes <(...)`) can be read only once. `parsed`: those bytes' Config, when the
+        caller has parsed them too (a table of 100,000 models takes seconds to parse)."""
         self.path = Path(path)
         self.extra_keys = tuple(extra_keys)
         self.read_timeout = read_timeout
@@ -79,7 +81,8 @@ class TableHolder:
         # new table: only a regular file (or one missing for now) is polled.
         self.polled = _regular_or_missing(self.path)
         raw = source if source is not None else read_source(self.path, timeout=read_timeout)
-        self.current = RouteTable(self._parse(raw), self.extra_keys, self.state)
+        config = parsed if parsed is not None and source is not None else self._parse(raw)
+        self.current = RouteTable(config, self.extra_keys, self.state)
         self.current.commit()
         # The content last tried, good or bad: a broken file is reported once, not every poll.
         self._seen: bytes | None = raw
