@@ -141,7 +141,9 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     metrics.tasks.sample()  # on the loop: render's thread has none to count the tasks of
     metrics.flush()
     body = await asyncio.to_thread(metrics.render)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+    return handlers.probe_answer(
+        request, web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+    )
 
 
 async def _expect(request: web.Request) -> None:

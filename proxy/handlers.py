@@ -107,8 +107,23 @@ async def get_model(request: web.Request) -> web.Response:
     return json_response(orjson.dumps(card))
 
 
+def probe_answer(request: web.Request, response: web.Response) -> web.Response:
+    """A probe's or scrape's answer, which closes the connection while a request body is still
+    arriving. Nothing reads the body, and aiohttp would read on and discard it after the
+    answer, for up to 10 s (its lingering close) at whatever rate the client sends it (an
+    endless chunked body: some 15 GB on loopback, a core kept busy). The connection stops
+    parsing what comes (a closing one ignores it) and the body is ended here, so aiohttp has
+    nothing left to discard and closes the connection once the answer is out."""
+    payload = request.content
+    if not payload.is_eof():
+        request.protocol.close()
+        payload.feed_eof()
+        response.force_close()
+    return response
+
+
 async def healthz(request: web.Request) -> web.Response:
-    return json_response(b'{"status":"ok"}')
+    return probe_answer(request, json_response(b'{"status":"ok"}'))
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -124,4 +139,5 @@ async def readyz(request: web.Request) -> web.Response:
     # itself; a probe that pulled the pod for it would only move the same trouble elsewhere.
     now = time.monotonic()
     body["upstreams"] = {name: up.health.snapshot(now) for name, up in table.upstreams.items()}
-    return json_response(orjson.dumps(body), 503 if holder.draining else 200)
+    answer = json_response(orjson.dumps(body), 503 if holder.draining else 200)
+    return probe_answer(request, answer)

@@ -151,6 +151,34 @@ async def test_a_kept_alive_connection_outlives_the_header_timeout(
     writer.close()
 
 
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics"])
+async def test_a_probe_sent_with_an_unfinished_body_is_answered_and_its_connection_closed(
+    make_proxy: ProxyFactory, path: str
+) -> None:
+    # Nothing reads a probe's body: aiohttp would read on and discard it for 10 s after the
+    # answer, some 15 GB of an endless chunked body on loopback, a core kept busy.
+    proxy = await make_proxy(ROUTES, header_timeout=LONG, body_timeout=LONG, keepalive_timeout=LONG)
+    reader, writer = await connect(proxy.url)
+    writer.write(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: proxy\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    answer = await read_answer(reader)
+    assert answer.status == 200
+    assert answer.headers["connection"].lower() == "close"
+    assert await closed_by_peer(reader) == b""
+    # The rest of the body goes nowhere: the proxy hung up instead of reading on.
+    piece = b"x" * 65536
+    chunk = b"%x\r\n" % len(piece) + piece + b"\r\n"
+    sent = 0
+    with pytest.raises((ConnectionError, OSError)):
+        while sent < 1024 * 2**20:  # bounds only a failing test
+            writer.write(chunk)
+            await writer.drain()
+            sent += len(piece)
+    assert sent < 64 * 2**20
+    writer.close()
+    await serves_others(proxy.url)
+
+
 async def test_serve_takes_the_limits_from_flags_and_environment(tmp_path: Path) -> None:
     routes = tmp_path / "routes.yaml"
     routes.write_text(ROUTES)

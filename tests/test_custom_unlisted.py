@@ -388,3 +388,95 @@ async def test_no_cancel_when_the_answer_ends_while_the_cancel_reads_on(tmp_path
         await served.client().chat.completions.create(
             model="relay", messages=HI, extra_headers=CHAT)
     assert fake.cancelled == []
+
+
+def nested(depth: int, leaf: str) -> orjson.Fragment:
+    """`leaf` inside `depth` lists, as JSON bytes (orjson reads 1,024 levels, writes 254)."""
+    return orjson.Fragment(b"[" * depth + orjson.dumps(leaf) + b"]" * depth)
+
+
+async def test_text_nested_in_too_many_lists_is_the_upstreams_failure(tmp_path: Path) -> None:
+    # Each list level of a text is a Python call: 600 would pass the recursion limit.
+    deep = relay_event("progress", {"turn": "t-1", "answer": {"so_far": nested(600, "x")}})
+    held = Reply(parts=(RELAY_STREAM[1], deep), hold_after=1)
+    fake = FakeRelay()
+    async with serve(RELAY, fake, tmp_path) as served:
+        fake.replies.append(Reply(parts=(deep,)))
+        with pytest.raises(openai.APIStatusError) as info:
+            await served.client().chat.completions.create(
+                model="relay", messages=HI, extra_headers=CHAT)
+        fake.replies.append(held)
+        events: list[bytes] = []
+        async with aiohttp.ClientSession() as http, http.post(
+            served.proxy.url + "/v1/chat/completions",
+            json={"model": "relay", "stream": True, "messages": HI},
+            headers={"Authorization": f"Bearer {KEY}", **CHAT},
+        ) as resp:
+            assert resp.status == 200
+            async for line in resp.content:
+                if line.startswith(b"data: "):
+                    events.append(line[6:].strip())
+                if b'"Hel"' in line:
+                    held.release.set()
+    assert info.value.status_code == 502
+    assert info.value.code == "upstream_error"
+    assert "nested in more than 32 lists" in info.value.message
+    assert events[-1] == b"[DONE]"
+    error = orjson.loads(events[-2])["error"]
+    assert error["code"] == "upstream_error"
+    assert "nested in more than 32 lists" in error["message"]
+
+
+async def test_an_error_nested_in_too_many_lists_is_still_the_upstreams_reported_error(
+    tmp_path: Path,
+) -> None:
+    failing = relay_event("failed", {"problem": {"detail": nested(600, "tool crashed")}})
+    async with serve(RELAY, FakeRelay(), tmp_path) as served:
+        served.fake.replies.append(Reply(parts=(failing,)))
+        with pytest.raises(openai.APIStatusError) as info:
+            await served.client().chat.completions.create(
+                model="relay", messages=HI, extra_headers=CHAT)
+    assert info.value.status_code == 502
+    assert info.value.message.endswith("Upstream 'relay' reported an error: the request failed")
+
+
+CANCEL_BY_PATH = """\
+    cancel:
+      method: DELETE
+      path: "/sessions/{{{{ session.id }}}}/turns/{{{{ captured.turn }}}}"
+"""
+CANCEL_BY_BODY = """\
+    cancel:
+      method: POST
+      path: "/sessions/{{{{ session.id }}}}/stop"
+      body: {{turn: "{{{{ captured.turn }}}}"}}
+"""
+
+
+@pytest.mark.parametrize("cancel", [CANCEL_BY_PATH, CANCEL_BY_BODY], ids=["path", "body"])
+async def test_a_captured_value_too_deep_to_send_back_skips_the_cancel_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, cancel: str
+) -> None:
+    assert CANCEL_BY_PATH in RELAY
+    deep = relay_event("progress", {"turn": nested(300, "t-1"), "answer": {"so_far": "Hel"}})
+    held = Reply(parts=(deep,), hold_after=1)
+    fake = FakeRelay()
+    async with serve(RELAY.replace(CANCEL_BY_PATH, cancel), fake, tmp_path) as served:
+        fake.replies.append(held)
+        async with aiohttp.ClientSession() as http, http.post(
+            served.proxy.url + "/v1/chat/completions",
+            json={"model": "relay", "stream": True, "messages": HI},
+            headers={"Authorization": f"Bearer {KEY}", **CHAT},
+        ) as resp:
+            async for line in resp.content:
+                if b'"Hel"' in line:
+                    break
+        await wait_for(lambda: any(
+            r.getMessage() == "cancelling a turn on upstream relay failed: A value the upstream "
+            "sent is nested too deeply to send back to it." for r in caplog.records
+        ))
+        # The session's next turn is served: the left turn's lock was let go.
+        reply = await served.client().chat.completions.create(
+            model="relay", messages=HI, extra_headers=CHAT)
+    assert reply.choices[0].message.content == "Hello world"
+    assert fake.cancelled == []

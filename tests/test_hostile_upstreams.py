@@ -78,6 +78,8 @@ OPENROUTER_SYNC_ERROR = orjson.dumps(
      "choices": [{"index": 0, "message": {"role": "assistant", "content": "partial"},
                   "finish_reason": "error"}]}
 )
+# A FastAPI-style error `detail` nested deeper than orjson writes (it reads 1,024 levels).
+DEEP_DETAIL = b'{"detail":' + b"[" * 300 + b"]" * 300 + b"}"
 HTML = (b"<html><head><title>502 Bad Gateway</title></head><body><h1>Bad Gateway</h1>"
         b"<pre>Traceback (most recent call last):\n  File \"app.py\"</pre></body></html>")
 # What Letta streams: a ping with the run id, a token, the stop reason, [DONE].
@@ -186,6 +188,7 @@ SCENARIOS: dict[str, dict[bool, Reply]] = {
     "html500": both(sized(HTML, "500 Internal Server Error", "text/html")),
     "html503": both(sized(HTML, "503 Service Unavailable", "text/html")),
     "html200": both(sized(HTML, "200 OK", "text/html")),
+    "deep-detail": both(sized(DEEP_DETAIL, "500 Internal Server Error")),
     "html-as-sse": both(until_close(HTML)),
     "not-json": both(sized(b"OK", ctype="application/json")),
     "json-not-completion": both(sized(b'{"object":"list","data":[]}')),
@@ -479,6 +482,8 @@ OPENAI_CASES: list[tuple[str, bool, Outcome]] = [
     ("html500", False, Refused(502, "upstream_error", "failed with HTTP 500")),
     ("html500", True, Refused(502, "upstream_error", "failed with HTTP 500")),
     ("html503", False, Refused(502, "upstream_error", "failed with HTTP 503")),
+    ("deep-detail", False, Refused(502, "upstream_error", "failed with HTTP 500")),
+    ("deep-detail", True, Refused(502, "upstream_error", "failed with HTTP 500")),
     ("html200", False, NOT_COMPLETION),
     ("html200", True, NOT_SSE),
     ("html-as-sse", False, NOT_COMPLETION),
@@ -528,6 +533,8 @@ OPENAI_CASES: list[tuple[str, bool, Outcome]] = [
 LETTA_CASES: list[tuple[str, bool, Outcome]] = [
     ("html500", True, Refused(502, "upstream_error", "failed with HTTP 500")),
     ("html500", False, Refused(502, "upstream_error", "failed with HTTP 500")),
+    ("deep-detail", True, Refused(502, "upstream_error", "failed with HTTP 500")),
+    ("deep-detail", False, Refused(502, "upstream_error", "failed with HTTP 500")),
     ("html200", True, Broken("upstream_error", "stream ended before the agent run finished")),
     ("html200", False, Refused(502, "upstream_error", "ended before the agent run finished")),
     ("invalid-json-chunks", True, Broken("upstream_error", "not a JSON object")),

@@ -27,6 +27,7 @@ from proxy.state import AppState
 from proxy.upstreams.custom_extract import session_id_of
 from proxy.upstreams.custom_reader import StreamReader
 from proxy.upstreams.custom_refusal import refusal
+from proxy.upstreams.custom_render import nested_too_deeply
 from proxy.upstreams.custom_requests import RequestSpec
 from proxy.upstreams.custom_sessions import SessionCache
 from proxy.upstreams.custom_spec import CustomSpec
@@ -200,7 +201,10 @@ class CustomCalls(HttpUpstream):
         answered within first_event; its parsed JSON when `parse`."""
         url = self._url(request.target(values))
         body = request.render_body(values)
-        data = None if body is None else orjson.dumps(body)
+        try:
+            data = None if body is None else orjson.dumps(body)
+        except orjson.JSONEncodeError:  # a captured value too deep (cancel)
+            raise nested_too_deeply() from None
         deadlines = self.deadlines(exchange)
         try:
             status, raw, headers = await deadlines.answer(

@@ -37,18 +37,28 @@ __all__ = [
 
 ERROR_LIMIT: Final = 300
 _GENERIC_ERROR: Final = "the request failed"
+# Lists in lists that a text value may nest (content blocks nest two or three): orjson reads
+# 1,024 levels, and each level here is a Python call, which a hostile upstream would run past
+# the interpreter's recursion limit.
+MAX_TEXT_DEPTH: Final = 32
 
 
-def coerce_text(value: Any, join: str = "") -> str:
+def coerce_text(value: Any, join: str = "", depth: int = 0) -> str:
     """A value as text: strings as they are, numbers and booleans spelled as JSON, lists
     concatenated (with `join` between non-empty parts), an object its `text` when it is a
-    text block (`type` absent or "text", not a thought), anything else nothing."""
+    text block (`type` absent or "text", not a thought), anything else nothing. Lists nested
+    deeper than MAX_TEXT_DEPTH are the upstream's failure."""
     if type(value) is str:
         return value
     if value is None:
         return ""
     if type(value) is list:
-        parts = [text for item in value if (text := coerce_text(item, join))]
+        if depth >= MAX_TEXT_DEPTH:
+            raise UpstreamFailed(
+                f"The upstream sent a text value nested in more than {MAX_TEXT_DEPTH} lists."
+            )
+        depth += 1
+        parts = [text for item in value if (text := coerce_text(item, join, depth))]
         return join.join(parts)
     if type(value) is dict:
         block = value.get("text")
@@ -113,7 +123,10 @@ def finish_reason(value: Any) -> str | None:
 
 
 def error_text(value: Any) -> str:
-    text = coerce_text(value)
+    try:
+        text = coerce_text(value)
+    except UpstreamFailed:  # too deep to read as text: the JSON, if orjson can write it
+        text = ""
     if not text and isinstance(value, dict | list) and value:
         try:
             text = orjson.dumps(value).decode()

@@ -35,6 +35,7 @@ __all__ = [
     "Ref",
     "Template",
     "Whole",
+    "nested_too_deeply",
     "stringify",
 ]
 
@@ -60,7 +61,16 @@ def stringify(value: Any) -> str:
         return "false"
     if isinstance(value, int | float):
         return repr(value)
-    return orjson.dumps(value).decode()
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        raise nested_too_deeply() from None
+
+
+def nested_too_deeply() -> UpstreamFailed:
+    """The failure for a value past orjson's 254 levels (it reads 1,024) in a request: only a
+    value captured from an upstream can be, since a client's are bounded (json_body.py)."""
+    return UpstreamFailed("A value the upstream sent is nested too deeply to send back to it.")
 
 
 # -- nodes -----------------------------------------------------------------------------

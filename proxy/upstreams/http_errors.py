@@ -119,7 +119,10 @@ def _parse_error(body: bytes) -> dict[str, Any]:
     if isinstance(detail, str):
         return {"message": detail}
     if detail is not None:
-        return {"message": orjson.dumps(detail).decode()[:1000]}
+        try:
+            return {"message": orjson.dumps(detail).decode()[:1000]}
+        except orjson.JSONEncodeError:  # nested deeper than orjson writes (it reads deeper)
+            return {}
     if isinstance(parsed.get("message"), str):
         return {"message": parsed["message"]}
     return {}
