@@ -8,6 +8,8 @@ import asyncio
 import logging
 import socket
 import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
@@ -32,17 +34,45 @@ def openai_upstream(url: str) -> str:
             "models: {m: {upstream: up}}\n")
 
 
+_STREAM_BODY = orjson.dumps({"model": "m", "stream": True,
+                             "messages": [{"role": "user", "content": "hi"}]})
+STREAM_REQUEST = (
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer "
+    + KEY.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: "
+    + str(len(_STREAM_BODY)).encode() + b"\r\n\r\n" + _STREAM_BODY
+)
+
+
+async def reset(writer: asyncio.StreamWriter) -> None:
+    """Closes with a reset, not a FIN: the proxy learns at once that the connection is gone."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.close()
+    await writer.wait_closed()
+
+
+@asynccontextmanager
+async def embedded(tmp_path: Path, upstream_url: str) -> AsyncIterator[str]:
+    """The proxy's app run as an embedding application would run it, with aiohttp's default
+    `handler_cancellation=False`: a handler outlives the client that left. Its URL."""
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(openai_upstream(upstream_url))
+    runner = web.AppRunner(create_app(TableHolder(routes, (KEY,))), access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()
+
+
 async def stream_request(proxy_url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A streamed chat request on a bare socket, its head read: what follows is the body as
     sent, chunked framing and all."""
     reader, writer = await connect(proxy_url)
-    body = orjson.dumps({"model": "m", "stream": True,
-                         "messages": [{"role": "user", "content": "hi"}]})
-    writer.write(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer "
-        + KEY.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: "
-        + str(len(body)).encode() + b"\r\n\r\n" + body
-    )
+    writer.write(STREAM_REQUEST)
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
     return reader, writer
@@ -178,27 +208,15 @@ async def test_a_write_refused_after_the_client_left_is_not_counted(
             await resp.write(b"data: [DONE]\n\n")
         return resp
 
-    async with answering("/v1/chat/completions", chat) as url:
-        routes = tmp_path / "routes.yaml"
-        routes.write_text(openai_upstream(url))
-        runner = web.AppRunner(create_app(TableHolder(routes, (KEY,))), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
+    async with answering("/v1/chat/completions", chat) as url, embedded(tmp_path, url) as proxy:
         try:
-            host, port = runner.addresses[0][:2]
-            reader, writer = await stream_request(f"http://{host}:{port}")
+            reader, writer = await stream_request(proxy)
             body = await read_until(reader, b"", first + b"\r\n")
-            # A reset, not a FIN: the proxy learns at once that the connection is gone.
-            sock = writer.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            writer.close()
-            await writer.wait_closed()
+            await reset(writer)
             release.set()
             record = await logged(caplog)
         finally:
             release.set()
-            await runner.cleanup()
     assert getattr(record, "error", None) == "client_closed"
     assert vars(record)["bytes"] == len(body)
 
@@ -222,33 +240,16 @@ async def test_a_client_that_left_before_the_streams_head_is_a_499_not_a_500(
         await resp.write(sse_chunk("Hello", "stop") + b"data: [DONE]\n\n")
         return resp
 
-    async with answering("/v1/chat/completions", chat) as url:
-        routes = tmp_path / "routes.yaml"
-        routes.write_text(openai_upstream(url))
-        runner = web.AppRunner(create_app(TableHolder(routes, (KEY,))), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
+    async with answering("/v1/chat/completions", chat) as url, embedded(tmp_path, url) as proxy:
         try:
-            host, port = runner.addresses[0][:2]
-            _, writer = await connect(f"http://{host}:{port}")
-            body = orjson.dumps({"model": "m", "stream": True,
-                                 "messages": [{"role": "user", "content": "hi"}]})
-            writer.write(
-                b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer "
-                + KEY.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: "
-                + str(len(body)).encode() + b"\r\n\r\n" + body
-            )
+            _, writer = await connect(proxy)
+            writer.write(STREAM_REQUEST)
             await asyncio.wait_for(asked.wait(), 10)
-            sock = writer.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            writer.close()
-            await writer.wait_closed()
+            await reset(writer)
             release.set()
             record = await logged(caplog)
         finally:
             release.set()
-            await runner.cleanup()
     assert vars(record)["status"] == 499
     assert getattr(record, "error", None) == "client_closed"
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

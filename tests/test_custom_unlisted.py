@@ -333,19 +333,24 @@ async def test_a_refused_turn_reports_the_configured_error_message(tmp_path: Pat
     assert info.value.message.endswith("input too long")
 
 
+async def _leave_after_hel(proxy_url: str) -> None:
+    """A streamed turn to the relay route, left as soon as its first text has come."""
+    async with aiohttp.ClientSession() as http, http.post(
+        proxy_url + "/v1/chat/completions",
+        json={"model": "relay", "stream": True, "messages": HI},
+        headers={"Authorization": f"Bearer {KEY}", **CHAT},
+    ) as resp:
+        async for line in resp.content:
+            if b'"Hel"' in line:
+                return
+
+
 async def test_a_client_that_leaves_cancels_the_turn_by_its_captured_id(tmp_path: Path) -> None:
     held = Reply(parts=RELAY_STREAM, hold_after=2)
     fake = FakeRelay()
     async with serve(RELAY, fake, tmp_path) as served:
         fake.replies.append(held)
-        async with aiohttp.ClientSession() as http, http.post(
-            served.proxy.url + "/v1/chat/completions",
-            json={"model": "relay", "stream": True, "messages": HI},
-            headers={"Authorization": f"Bearer {KEY}", **CHAT},
-        ) as resp:
-            async for line in resp.content:
-                if b'"Hel"' in line:
-                    break
+        await _leave_after_hel(served.proxy.url)
         await wait_for(lambda: bool(fake.cancelled))
     (cancel,) = fake.cancelled
     (sid,) = fake.sessions
@@ -463,14 +468,7 @@ async def test_a_captured_value_too_deep_to_send_back_skips_the_cancel_with_a_wa
     fake = FakeRelay()
     async with serve(RELAY.replace(CANCEL_BY_PATH, cancel), fake, tmp_path) as served:
         fake.replies.append(held)
-        async with aiohttp.ClientSession() as http, http.post(
-            served.proxy.url + "/v1/chat/completions",
-            json={"model": "relay", "stream": True, "messages": HI},
-            headers={"Authorization": f"Bearer {KEY}", **CHAT},
-        ) as resp:
-            async for line in resp.content:
-                if b'"Hel"' in line:
-                    break
+        await _leave_after_hel(served.proxy.url)
         await wait_for(lambda: any(
             r.getMessage() == "cancelling a turn on upstream relay failed: A value the upstream "
             "sent is nested too deeply to send back to it." for r in caplog.records

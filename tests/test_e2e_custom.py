@@ -8,6 +8,8 @@ event mid-stream, a truncated stream, and a client that leaves.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -415,6 +417,33 @@ def _two_upstreams(block: str, url0: str, url1: str) -> str:
     return PATH_ROUTES.format(blocks=blocks)
 
 
+@asynccontextmanager
+async def _two_recorders() -> AsyncIterator[tuple[str, str, list[str]]]:
+    """Two upstreams that answer every turn `{"reply": "ok"}`, recording each one's raw path
+    in the one list they share."""
+    seen: list[str] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        if request.path == "/models":
+            return web.json_response([])
+        seen.append(request.raw_path)
+        return web.json_response({"reply": "ok"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    async with serving(app) as up0, serving(app) as up1:
+        yield up0, up1, seen
+
+
+async def _circuits_untouched(url: str) -> None:
+    """Neither upstream of `_two_upstreams` counted a failure."""
+    async with aiohttp.ClientSession() as http, http.get(url + "/readyz") as resp:
+        ready = await resp.json()
+    for name in ("cu0", "cu1"):
+        assert ready["upstreams"][name]["state"] == "closed"
+        assert ready["upstreams"][name]["consecutive_failures"] == 0
+
+
 @pytest.mark.parametrize(
     ("model", "user", "param"),
     [
@@ -427,17 +456,7 @@ def _two_upstreams(block: str, url0: str, url1: str) -> str:
 async def test_a_client_value_that_cannot_be_a_path_segment_is_a_400_and_no_upstream_failure(
     make_proxy: ProxyFactory, model: str, user: str | None, param: str
 ) -> None:
-    seen: list[str] = []
-
-    async def answer(request: web.Request) -> web.Response:
-        if request.path == "/models":
-            return web.json_response([])
-        seen.append(request.raw_path)
-        return web.json_response({"reply": "ok"})
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", answer)
-    async with serving(app) as up0, serving(app) as up1:
+    async with _two_recorders() as (up0, up1, seen):
         proxy = await make_proxy(_two_upstreams(PATH_BLOCK, up0, up1))
         client = proxy.client()
         extra = {} if user is None else {"user": user}
@@ -451,11 +470,7 @@ async def test_a_client_value_that_cannot_be_a_path_segment_is_a_400_and_no_upst
             assert body["code"] == "upstream_path_value"
             assert f"`{param}`" in body["message"]
         assert seen == []
-        async with aiohttp.ClientSession() as http, http.get(proxy.url + "/readyz") as resp:
-            ready = await resp.json()
-        for name in ("cu0", "cu1"):
-            assert ready["upstreams"][name]["state"] == "closed"
-            assert ready["upstreams"][name]["consecutive_failures"] == 0
+        await _circuits_untouched(proxy.url)
         # The first upstream still takes the next good request: it was never failed over.
         reply = await client.chat.completions.create(model="flows/a", messages=HI, user="u")
     assert reply.choices[0].message.content == "ok"
@@ -529,17 +544,7 @@ DERIVED_BLOCK = """\
 async def test_a_session_id_made_from_a_client_field_that_cannot_be_a_path_segment_is_a_400(
     make_proxy: ProxyFactory, user: str | None
 ) -> None:
-    seen: list[str] = []
-
-    async def answer(request: web.Request) -> web.Response:
-        if request.path == "/models":
-            return web.json_response([])
-        seen.append(request.raw_path)
-        return web.json_response({"reply": "ok"})
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", answer)
-    async with serving(app) as up0, serving(app) as up1:
+    async with _two_recorders() as (up0, up1, seen):
         proxy = await make_proxy(_two_upstreams(DERIVED_BLOCK, up0, up1))
         client = proxy.client()
         extra = {} if user is None else {"user": user}
@@ -552,10 +557,7 @@ async def test_a_session_id_made_from_a_client_field_that_cannot_be_a_path_segme
             assert (body["param"], body["code"]) == ("user", "upstream_path_value")
             assert "`user`" in body["message"]
         assert seen == []
-        async with aiohttp.ClientSession() as http, http.get(proxy.url + "/readyz") as resp:
-            ready = await resp.json()
-        for name in ("cu0", "cu1"):
-            assert ready["upstreams"][name]["consecutive_failures"] == 0
+        await _circuits_untouched(proxy.url)
         reply = await client.chat.completions.create(
             model="flows/a", messages=HI, user="u", extra_headers=session("s"))
     assert reply.choices[0].message.content == "ok"
