@@ -43,7 +43,7 @@ async def serve(
     exchange = call.exchange
     # The loop of `with_failover`, written out: this is every chat and Responses request's
     # path, and each coroutine layer is paid again at each of its suspensions.
-    failover = Failover(route.upstreams, _on_error(exchange, metrics), metrics.failover)
+    failover = Failover(route.upstreams, _on_error(metrics), metrics.failover)
     while True:
         lease = failover.next() or await failover.queue()
         upstream = lease.upstream
@@ -69,9 +69,9 @@ async def serve(
     return served
 
 
-def _on_error(exchange: Exchange, metrics: Metrics) -> Callable[[Upstream, ProxyError], None]:
+def _on_error(metrics: Metrics) -> Callable[[Upstream, ProxyError], None]:
+    # The exchange already names the upstream: each attempt sets it as it begins.
     def on_error(upstream: Upstream, exc: ProxyError) -> None:
-        exchange.upstream = upstream.name
         # The class's code, not the instance's: an upstream's own codes are unbounded.
         metrics.upstream_error(upstream.name, type(exc).code)
 
@@ -88,7 +88,7 @@ async def with_failover(
     one succeeds; its lease is the caller's to release (the result holds it or the caller
     releases it at once)."""
 
-    failover = Failover(route.upstreams, _on_error(exchange, metrics), metrics.failover)
+    failover = Failover(route.upstreams, _on_error(metrics), metrics.failover)
     while True:
         lease = failover.next() or await failover.queue()
         exchange.upstream = lease.upstream.name

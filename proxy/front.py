@@ -8,11 +8,10 @@ the request.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import re
 import time
-from itertools import chain
+from itertools import chain, count
 from random import getrandbits
 
 from aiohttp import web
@@ -176,7 +175,7 @@ def new_request_id() -> str:
 
 
 _ID_PREFIX = f"{getrandbits(64):016x}"
-_ID_COUNTER = itertools.count(1)
+_ID_COUNTER = count(1)
 
 
 def _finish(

@@ -68,7 +68,9 @@ class Route:
             try:
                 return await asyncio.shield(pending)
             except asyncio.CancelledError:
-                if not pending.cancelled():
+                task = asyncio.current_task()
+                # Cancelled itself (maybe with the lister, its client gone too): it ends.
+                if not pending.cancelled() or (task is not None and task.cancelling()):
                     raise
                 # The request that was listing went away: this one lists instead.
         pending = self._pending = asyncio.get_running_loop().create_future()

@@ -865,6 +865,13 @@ HOSTILE = [
         id="flow-nesting",
     ),
     pytest.param(
+        # Deep enough to pass the limit, not so deep that composing it without the limit
+        # would end in a RecursionError: the limit itself (of either parser) refuses it.
+        OPENAI_V + ROUTE_M + "auth: " + "[" * 150 + "]" * 150 + "\n",
+        ["routes.yaml:7 (file): invalid YAML: nested more than 100 levels deep"],
+        id="flow-nesting-within-the-recursion-limit",
+    ),
+    pytest.param(
         OPENAI_V + ROUTE_M + "".join("  " * i + f"k{i}:\n" for i in range(600)),
         ["routes.yaml:106 (file): invalid YAML: nested more than 100 levels deep"],
         id="block-nesting",
@@ -885,6 +892,14 @@ HOSTILE = [
         OPENAI_V.replace("http://h/v1", '"http://[x"') + ROUTE_M,
         ["routes.yaml:4 upstreams.v.url: the host in [brackets] is not a valid IPv6 address"],
         id="unclosed-ipv6-url",
+    ),
+    pytest.param(
+        # urlsplit refuses it too (a fullwidth '#' would become the real one), and the
+        # message blamed an IPv6 host the URL does not have.
+        OPENAI_V.replace("http://h/v1", '"http://h\uff03x/v1"') + ROUTE_M,
+        ["routes.yaml:4 upstreams.v.url: the host has characters that Unicode normalization "
+         "(NFKC) turns into URL syntax ('/', '?', '#', '@' or ':')"],
+        id="url-host-changed-by-nfkc",
     ),
     pytest.param(
         "upstreams:\n  demo: &base\n    kind: echo\n  demo2:\n    <<: *base\n    kind: echo\n"
@@ -938,6 +953,20 @@ def test_a_number_in_a_custom_body_past_the_length_limit_is_a_problem() -> None:
         "routes.yaml:8 upstreams.h.request.body.seed: a number cannot be longer than 100 "
         "characters"
     ]
+
+
+@pytest.mark.parametrize("digits", ["18446744073709551616", "-9223372036854775809"])
+def test_a_whole_number_in_a_custom_body_that_json_cannot_carry_is_a_problem(digits: str) -> None:
+    # orjson writes integers of 64 bits at most: the file was accepted, and each request then
+    # failed, blamed on the upstream (a 502 its circuit counted) or a 500.
+    body = f"        seed: {digits}\n        message: \"{{{{ input }}}}\"\n"
+    assert problems(CUSTOM_BODY.format(body=body)) == [
+        "routes.yaml:8 upstreams.h.request.body.seed: a whole number must fit in 64 bits "
+        "(-9223372036854775808 to 18446744073709551615) to be sent as JSON"
+    ]
+    fits = "        seed: 18446744073709551615\n        low: -9223372036854775808\n"
+    parse_config(CUSTOM_BODY.format(body=fits + '        message: "{{ input }}"\n'),
+                 "routes.yaml", {})
 
 
 CUSTOM_BODY = (

@@ -21,6 +21,7 @@ from openai.types.chat import ChatCompletionChunk
 from proxy import routing
 from proxy.app import create_app
 from proxy.app_keys import DRAIN
+from proxy.exchange import Exchange
 from proxy.reload import TableHolder
 from tests.conftest import KEY, Proxy, ProxyFactory, closed_port, serving, wait_for
 from tests.fake_letta import FakeLetta, Scenario, sse_events
@@ -267,6 +268,47 @@ async def test_model_listings_that_arrive_together_share_one_walk_of_the_agents(
         for listing in listings:
             assert [m.id for m in (await listing).data] == ["support", "letta/support-bot"]
     assert len(asked) == 1
+
+
+@pytest.mark.parametrize("both", [True, False], ids=["both-cancelled", "lister-cancelled"])
+async def test_a_listing_waiter_lists_itself_only_when_the_lister_alone_went_away(
+    tmp_path: Path, both: bool
+) -> None:
+    # A request waiting for another's listing, both cancelled at once (their clients gone, or
+    # the shutdown), took the listing's cancellation for its own cue to list: it swallowed
+    # its own cancellation and asked the server again for nobody.
+    asked: list[str] = []
+
+    async def agents(request: web.Request) -> web.Response:
+        asked.append(request.path_qs)
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    app = web.Application()
+    app.router.add_get("/v1/agents/", agents)
+    async with serving(app) as url, aiohttp.ClientSession() as http:
+        path = tmp_path / "routes.yaml"
+        path.write_text(routes(url))
+        [route] = [r for r in TableHolder(path, (KEY,)).current.routes if r.name == "letta/*"]
+
+        async def cards() -> list[dict[str, Any]]:
+            return await route.upstream_cards(http, Exchange(0.0, "req", asyncio.current_task()))
+
+        lister = asyncio.create_task(cards())
+        await wait_for(lambda: len(asked) == 1)
+        waiter = asyncio.create_task(cards())
+        await asyncio.sleep(0)  # one step, not a wait: the waiter now awaits the listing
+        lister.cancel()
+        if both:
+            waiter.cancel()
+            await asyncio.wait([lister, waiter], timeout=5)
+            assert lister.cancelled() and waiter.cancelled()
+            assert len(asked) == 1
+        else:
+            await wait_for(lambda: len(asked) == 2)  # the waiter lists in its place
+            assert lister.cancelled() and not waiter.done()
+            waiter.cancel()
+            await asyncio.wait([waiter], timeout=5)
 
 
 async def test_full_history_resent_by_open_webui_reaches_the_agent_as_the_new_turn_only(

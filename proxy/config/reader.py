@@ -25,7 +25,6 @@ from proxy.config.nodes import (
     INT,
     MAX_NUMBER_LENGTH,
     MERGE,
-    NULL,
     STR,
     Block,
     Entries,
@@ -38,6 +37,7 @@ from proxy.config.nodes import (
     locate,
     unknown,
 )
+from proxy.config.plain import PlainValues
 from proxy.config.problems import FILE, Problem
 
 # What a kind's module needs comes from here, whichever module defines it.
@@ -60,10 +60,6 @@ _SCALARS = SafeConstructor()
 # A YAML `"\ud800"` escape, or an environment variable's undecodable bytes (Python decodes
 # them as surrogates): not text, and fatal only later, when encoded for a client or a header.
 _SURROGATE = re.compile("[\ud800-\udfff]")
-# Reader.plain expands aliases, so a few hundred bytes of anchors can name billions of values;
-# per file, not per value, so that many small aliases cannot add up either.
-MAX_PLAIN_VALUES = 100_000
-MAX_PLAIN_DEPTH = 64
 
 
 def has_reference(raw: str) -> bool:
@@ -86,7 +82,7 @@ class Reader:
         self.environ = environ
         self.problems: list[Problem] = []
         self.warnings: list[Problem] = []
-        self._plain_left = MAX_PLAIN_VALUES
+        self._plain = PlainValues(self)
 
     def error(self, node: Node, path: str, message: str) -> None:
         self.problems.append(Problem(self.file, line_of(node), path or FILE, message))
@@ -335,36 +331,8 @@ class Reader:
     def plain(self, node: Node, path: str) -> Any:
         """Any YAML value as plain Python (dict, list, str, int, float, bool, None), strings
         interpolated; for values passed on as data, such as a request body template. A part
-        that is reported comes back as None. Aliases are expanded, within MAX_PLAIN_VALUES
-        for the whole file and MAX_PLAIN_DEPTH levels (an alias to itself is endless)."""
-        return self._plain(node, path, 0)
-
-    def _plain(self, node: Node, path: str, depth: int) -> Any:
-        if self._plain_left < 0:
-            return None
-        self._plain_left -= 1
-        if self._plain_left < 0:
-            self.error(node, path, f"more than {MAX_PLAIN_VALUES} values once YAML aliases "
-                       "are expanded (the limit for a file)")
-            return None
-        if depth > MAX_PLAIN_DEPTH and isinstance(node, (MappingNode, SequenceNode)):
-            self.error(node, path, f"nested more than {MAX_PLAIN_DEPTH} levels deep (a YAML "
-                       "alias inside what it names?)")
-            return None
-        if isinstance(node, MappingNode):
-            return {name: self._plain(value, join(path, name), depth + 1)
-                    for name, (_, value) in self.mapping(node, path).items()}
-        if isinstance(node, SequenceNode):
-            return [self._plain(item, f"{path}[{i}]", depth + 1)
-                    for i, item in enumerate(node.value)]
-        if node.tag == STR:
-            return self.string(node, path)
-        if node.tag in (INT, FLOAT) and not self.not_too_long(node, path):
-            return None
-        if node.tag in (INT, FLOAT, BOOL, NULL):
-            return _SCALARS.construct_object(node)
-        self.error(node, path, f"expected plain data, got {describe(node)}")
-        return None
+        that is reported comes back as None (proxy/config/plain.py has the limits)."""
+        return self._plain.value(node, path, 0)
 
     # -- secrets ---------------------------------------------------------------------------
 

@@ -39,10 +39,14 @@ NOT_FORWARDABLE = frozenset(
 
 def url_problem(url: str) -> str | None:
     try:
-        # urlsplit refuses an unclosed or invalid `[...]` host.
         parts = urlsplit(url)
     except ValueError:
-        return "the host in [brackets] is not a valid IPv6 address"
+        # urlsplit refuses an unclosed or invalid `[...]` host, and a host that NFKC would
+        # turn into another URL (its message repeats the host, which may hold credentials).
+        if "[" in url:
+            return "the host in [brackets] is not a valid IPv6 address"
+        return ("the host has characters that Unicode normalization (NFKC) turns into URL "
+                "syntax ('/', '?', '#', '@' or ':')")
     try:
         parts.port  # noqa: B018 - the property is what validates the port
     except ValueError:

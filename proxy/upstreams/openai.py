@@ -379,8 +379,8 @@ class OpenAI(HttpUpstream):
         if not isinstance(cards, list):
             raise UpstreamFailed(f"Upstream '{self.name}' answered /models with no model list.")
         # An empty id would be listed as the bare prefix, which no request can name.
-        named = (c for c in cards if isinstance(c, dict) and c.get("id"))
-        return [c for c in named if isinstance(c["id"], str)]
+        return [c for c in cards
+                if isinstance(c, dict) and isinstance(c.get("id"), str) and c["id"]]
 
 
 def _closer(resp: aiohttp.ClientResponse) -> Any:
