@@ -12,6 +12,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from proxy import __version__
@@ -24,7 +25,13 @@ from proxy.connection_limits import (
     DEFAULT_KEEPALIVE_TIMEOUT,
 )
 from proxy.memory import return_large_buffers
-from proxy.process_setup import new_loop, raise_open_files_limit, tune_gc
+from proxy.process_setup import (
+    handle_signals_while_starting,
+    hup_while_starting,
+    new_loop,
+    raise_open_files_limit,
+    tune_gc,
+)
 from proxy.workers import SESSION_LOCKS_ENV, run_workers
 
 if TYPE_CHECKING:
@@ -97,6 +104,9 @@ class ServeOptions:
     send_timeout: float = 60.0
     # The routes file as read at start: read once, so that a pipe (`--routes <(...)`) works.
     routes_source: bytes | None = None
+    # Whether to poll it, decided where the path was opened: a `--workers` child, another
+    # process, cannot see the parent's `/dev/fd/N` and would take it for a missing file.
+    routes_polled: bool | None = None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -203,7 +213,9 @@ def check(path: str, *, probe: bool = False) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     from proxy.logs import setup_logging
+    from proxy.reload import pollable
 
+    handle_signals_while_starting()
     setup_logging(args.log_level, args.log_format)
     try:
         source = read_source(args.routes)
@@ -248,6 +260,7 @@ def serve(args: argparse.Namespace) -> int:
         keepalive_timeout=max(0.0, args.keepalive_timeout),
         send_timeout=max(0.1, args.send_timeout),
         routes_source=source,
+        routes_polled=pollable(Path(args.routes)),
     )
     if not _check_id_secret(options.workers):
         return 1
@@ -258,6 +271,7 @@ def serve(args: argparse.Namespace) -> int:
 
 def _worker_process(options: ServeOptions) -> None:
     """A `--workers` child: its exit status is run_worker's, which the parent reports."""
+    handle_signals_while_starting()
     sys.exit(run_worker(options))
 
 
@@ -299,7 +313,8 @@ def run_worker(options: ServeOptions, parsed: Config | None = None) -> int:
             limits[0], limits[0] // 2,
         )
     holder = TableHolder(
-        options.routes, options.extra_keys, source=options.routes_source, parsed=parsed
+        options.routes, options.extra_keys, source=options.routes_source, parsed=parsed,
+        polled=options.routes_polled,
     )
     shared_locks = os.environ.get(SESSION_LOCKS_ENV)
     if shared_locks:
@@ -358,6 +373,8 @@ async def _serve(
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         loop.add_signal_handler(signal.SIGHUP, holder.request_reload)
+        if hup_while_starting():
+            holder.request_reload()
         table = holder.current
         host, port = runner.addresses[0][:2]
         log.info(

@@ -1,11 +1,13 @@
 """The settings of a worker process that the proxy itself does not read: its limit on open
-files, the cyclic garbage collector, and the event loop it runs on."""
+files, the cyclic garbage collector, the event loop it runs on, and the signals that arrive
+while it starts."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import gc
+import signal
 
 
 def raise_open_files_limit() -> tuple[int, int] | None:
@@ -56,3 +58,28 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+# A SIGHUP that came before the server was up: it reloads once it is.
+_hup_while_starting = False
+
+
+def handle_signals_while_starting() -> None:
+    """Until the CLI's `_serve` takes the signals over: SIGTERM or SIGINT ends the start
+    quietly with status 0 (nothing is in flight), and SIGHUP, whose default would kill the
+    process, is kept for later (`hup_while_starting`)."""
+
+    def stop(_signum: int, _frame: object) -> None:
+        raise SystemExit(0)
+
+    def hup(_signum: int, _frame: object) -> None:
+        global _hup_while_starting
+        _hup_while_starting = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, hup)
+
+
+def hup_while_starting() -> bool:
+    return _hup_while_starting

@@ -67,11 +67,13 @@ class TableHolder:
     def __init__(
         self, path: str | Path, extra_keys: Sequence[str] = (), *,
         read_timeout: float = READ_TIMEOUT, source: bytes | None = None,
-        parsed: Config | None = None,
+        parsed: Config | None = None, polled: bool | None = None,
     ) -> None:
         """`source`: the file's bytes when the caller has read them already; a pipe
         (`--routes <(...)`) can be read only once. `parsed`: those bytes' Config, when the
-        caller has parsed them too (a table of 100,000 models takes seconds to parse)."""
+        caller has parsed them too (a table of 100,000 models takes seconds to parse).
+        `polled`: whether to poll the path, when the caller decided it where the path was
+        opened (a `--workers` child cannot see its parent's `/dev/fd/N`)."""
         self.path = Path(path)
         self.extra_keys = tuple(extra_keys)
         self.read_timeout = read_timeout
@@ -79,7 +81,7 @@ class TableHolder:
         self.state = AppState()
         # Polling a pipe or a device would read nothing, or what the next writer sends, as a
         # new table: only a regular file (or one missing for now) is polled.
-        self.polled = _regular_or_missing(self.path)
+        self.polled = pollable(self.path) if polled is None else polled
         raw = source if source is not None else read_source(self.path, timeout=read_timeout)
         config = parsed if parsed is not None and source is not None else self._parse(raw)
         self.current = RouteTable(config, self.extra_keys, self.state)
@@ -123,7 +125,8 @@ class TableHolder:
         return self._install(self._build_config(step))
 
     async def refresh(self, *, force: bool = False) -> Outcome:
-        """`update` with the reading and parsing done off the event loop."""
+        """`update` with the reading, the parsing and the table (but its upstream adapters)
+        built off the event loop."""
         if self._reading is not None and self._reading.is_alive():
             # The last read has not come back from the kernel: do not pile up another.
             content: bytes | OSError = TimeoutError(
@@ -253,7 +256,8 @@ class TableHolder:
             report(self, self.update(self.read(), force=True), before)
 
 
-def _regular_or_missing(path: Path) -> bool:
+def pollable(path: Path) -> bool:
+    """Whether a routes path is polled for changes: a regular file, or one missing for now."""
     try:
         return stat.S_ISREG(os.stat(path).st_mode)
     except OSError:

@@ -35,17 +35,21 @@ def run_workers(options: ServeOptions, worker: Callable[[ServeOptions], Any]) ->
     os.environ[SESSION_LOCKS_ENV] = os.path.join(metrics_dir, "sessions.lock")
     ctx = multiprocessing.get_context("spawn")
     children = [ctx.Process(target=worker, args=(options,)) for _ in range(options.workers)]
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = stopping or signum != signal.SIGHUP
+        for child in children:
+            if child.pid is not None and child.is_alive():
+                os.kill(child.pid, signum)
+
+    # Before the first worker starts: a signal in between would end this process alone.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
     try:
         for child in children:
             child.start()
-
-        def forward(signum: int, _frame: object) -> None:
-            for child in children:
-                if child.pid is not None and child.is_alive():
-                    os.kill(child.pid, signum)
-
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, forward)
         running = list(children)
         while running:
             wait([child.sentinel for child in running])
@@ -54,10 +58,26 @@ def run_workers(options: ServeOptions, worker: Callable[[ServeOptions], Any]) ->
                 child.join()
                 # A dead worker's open streams must stop counting in the pod's gauges.
                 mark_process_dead(child.pid, metrics_dir)  # type: ignore[no-untyped-call]
+                if not stopping:
+                    # Serving on with fewer workers would hide the loss from the supervisor:
+                    # end them all (they drain), exit 1, and let it restart the proxy.
+                    _report_lost(child.pid, child.exitcode)
+                    forward(signal.SIGTERM, None)
     finally:
         if owned:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0 if all(child.exitcode == 0 for child in children) else 1
+
+
+def _report_lost(pid: int | None, code: int | None) -> None:
+    if code == 1:
+        return  # the worker said why itself (it could not listen)
+    if code is not None and code < 0:
+        how = f"was killed by signal {-code} ({signal.strsignal(-code)})"
+    else:
+        how = f"exited with status {code}"
+    print(f"agentproxy: worker {pid} {how}; stopping the other workers", file=sys.stderr,
+          flush=True)
 
 
 def _metrics_dir() -> tuple[str | None, bool]:

@@ -88,7 +88,13 @@ async def serve_process(
         yield Served(proc, log, urls[0])
     finally:
         if proc.poll() is None:
-            proc.kill()
+            # SIGTERM first: a parent killed outright leaves its workers' metrics directory
+            # in the temporary directory.
+            proc.terminate()
+            try:
+                await asyncio.to_thread(proc.wait, 10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         await asyncio.to_thread(proc.wait, 30)
         # Workers outlive a killed parent: end whatever is left of the group.
         with contextlib.suppress(ProcessLookupError):

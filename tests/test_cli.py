@@ -270,8 +270,8 @@ def test_serve_on_a_port_in_use_says_so_in_one_line_and_fails(workers: int) -> N
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr
     line = f"agentproxy: cannot listen on 127.0.0.1:{port}: Address already in use"
-    # One line a worker (each tried the port).
-    assert done.stderr.count(line + "\n") == workers, done.stderr
+    # One line a worker that tried the port: the first to fail has the others stopped.
+    assert 1 <= done.stderr.count(line + "\n") <= workers, done.stderr
 
 
 def test_serve_on_an_address_of_another_host_says_so_in_one_line_and_fails() -> None:
@@ -284,7 +284,7 @@ def test_serve_on_an_address_of_another_host_says_so_in_one_line_and_fails() -> 
     )
 
 
-def serve_from_a_pipe(port: int, log: Path) -> subprocess.Popen[str]:
+def serve_from_a_pipe(port: int, log: Path, workers: int = 1) -> subprocess.Popen[str]:
     """`agentproxy serve --routes <(cat routes.yaml)`, as a shell runs it."""
     read_end, write_end = os.pipe()
     os.write(write_end, (ROOT / "routes.yaml").read_bytes())
@@ -294,7 +294,7 @@ def serve_from_a_pipe(port: int, log: Path) -> subprocess.Popen[str]:
         with log.open("w") as out:
             return subprocess.Popen(
                 [sys.executable, "-m", "proxy", "serve", "--routes", f"/dev/fd/{read_end}",
-                 "--port", str(port), "--reload-interval", "0.02"],
+                 "--port", str(port), "--reload-interval", "0.02", "--workers", str(workers)],
                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True, env=env,
                 pass_fds=(read_end,),
             )
@@ -302,12 +302,16 @@ def serve_from_a_pipe(port: int, log: Path) -> subprocess.Popen[str]:
         os.close(read_end)
 
 
-async def test_serve_reads_routes_from_a_pipe_once_and_keeps_serving(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_serve_reads_routes_from_a_pipe_once_and_keeps_serving(
+    tmp_path: Path, workers: int
+) -> None:
     # The file was read twice, so the second read found the pipe empty and serve crashed; and
-    # polling it would read nothing again.
+    # polling it would read nothing again. `--workers` children, other processes, cannot see
+    # the parent's /dev/fd/N at all: polled, it read as a missing file.
     port = free_port()
     log = tmp_path / "serve.log"
-    proc = serve_from_a_pipe(port, log)
+    proc = serve_from_a_pipe(port, log, workers)
     try:
         await wait_healthy(port, proc)
         url = f"http://127.0.0.1:{port}"
@@ -326,6 +330,61 @@ async def test_serve_reads_routes_from_a_pipe_once_and_keeps_serving(tmp_path: P
         assert proc.wait(30) == 0
         assert "Traceback" not in log.read_text()
     finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def serve_from_a_fifo(fifo: Path, port: int, log: Path) -> tuple[subprocess.Popen[str], int]:
+    """`serve` held in its start, reading routes from a FIFO; returns it and the FIFO's
+    writing end, open (closing it is the end of the file)."""
+    os.mkfifo(fifo)
+    env = {**os.environ, "AGENTPROXY_API_KEYS": "sk-cli-test-key"}
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "--routes", str(fifo), "--port", str(port)],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True, env=env,
+        )
+    deadline = time.monotonic() + 20
+    while True:
+        # A writer can open a FIFO without blocking only once its reader has it open.
+        try:
+            return proc, os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "serve never opened the routes file"
+            time.sleep(0.01)
+
+
+async def test_sighup_while_starting_does_not_end_serve(tmp_path: Path) -> None:
+    # SIGHUP's default action killed the process before its handler was installed.
+    port, fifo, log = free_port(), tmp_path / "routes.yaml", tmp_path / "serve.log"
+    proc, writer = serve_from_a_fifo(fifo, port, log)
+    try:
+        proc.send_signal(signal.SIGHUP)
+        with os.fdopen(writer, "wb") as routes:
+            routes.write((ROOT / "routes.yaml").read_bytes())
+        await wait_healthy(port, proc)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_sigint_while_starting_exits_0_without_a_traceback(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    fifo, log = tmp_path / "routes.yaml", tmp_path / "serve.log"
+    proc, writer = serve_from_a_fifo(fifo, free_port(), log)
+    try:
+        proc.send_signal(signum)
+        assert proc.wait(30) == 0, log.read_text()
+        assert "Traceback" not in log.read_text()
+    finally:
+        os.close(writer)
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)

@@ -4,8 +4,12 @@ deadline, then end with an error event and [DONE]; the process exits 0."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import re
 import signal
+import socket
 from pathlib import Path
 
 import aiohttp
@@ -19,6 +23,12 @@ from tests.fake_openai import FakeOpenAI
 from tests.processes import eventually, serve_process
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def write_routes(tmp_path: Path, **upstreams: FakeOpenAI) -> Path:
@@ -180,3 +190,21 @@ async def test_sigterm_drains_the_served_process_and_it_exits_0(
         assert await served.exit_code() == 0
     log = served.output()
     assert "shutting down" in log and "drain deadline reached: ending 1 requests" in log
+
+
+async def test_a_killed_worker_stops_the_others_and_the_parent_exits_1(tmp_path: Path) -> None:
+    # The parent went on with one worker fewer, saying nothing, until it was stopped.
+    routes = tmp_path / "routes.yaml"
+    routes.write_text("upstreams:\n  demo: {kind: echo}\nmodels:\n  echo: {upstream: demo}\n")
+    async with serve_process(routes, port=free_port(), workers=2) as served:
+        pids = [int(pid) for pid in re.findall(r"pid (\d+)\)", served.output())]
+        assert len(pids) == 2
+        os.kill(pids[0], signal.SIGKILL)
+        assert await served.exit_code() == 1
+        log = served.output()
+    assert f"agentproxy: worker {pids[0]} was killed by signal 9 (Killed); stopping the " \
+        "other workers" in log
+    assert "Traceback" not in log
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pids[1], 0)
+        raise AssertionError("the other worker was left running")
