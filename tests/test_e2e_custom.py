@@ -564,6 +564,47 @@ async def test_a_session_id_made_from_a_client_field_that_cannot_be_a_path_segme
     assert seen == ["/c/u"]
 
 
+CANCEL_PATH_BLOCK = """\
+  {name}:
+    kind: custom
+    url: {url}
+    mode: sync
+    session:
+      id: "{{{{ user }}}}"
+    request:
+      path: /c
+      body: {{message: "{{{{ input }}}}", session: "{{{{ session.id }}}}"}}
+    sync:
+      text: reply
+    cancel: {{path: "/stop/{{{{ session.id }}}}"}}
+    models: {{path: /models, items: "[*]", id: id}}
+"""
+
+
+@pytest.mark.parametrize("user", ["..", ".", ""], ids=["dot-dot", "dot", "empty"])
+async def test_a_session_id_from_a_client_field_that_only_the_cancel_path_uses_is_a_400_too(
+    make_proxy: ProxyFactory, user: str
+) -> None:
+    # Caught up front: the cancel, sent in the background after the client left, could only
+    # fail where the client never sees it.
+    async with _two_recorders() as (up0, up1, seen):
+        proxy = await make_proxy(_two_upstreams(CANCEL_PATH_BLOCK, up0, up1))
+        client = proxy.client()
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as info:
+                await client.chat.completions.create(
+                    model="flows/a", messages=HI, stream=stream, extra_headers=session("s"),
+                    user=user)
+            body: Any = info.value.body
+            assert (body["param"], body["code"]) == ("user", "upstream_path_value")
+        assert seen == []
+        await _circuits_untouched(proxy.url)
+        reply = await client.chat.completions.create(
+            model="flows/a", messages=HI, user="u", extra_headers=session("s"))
+    assert reply.choices[0].message.content == "ok"
+    assert seen == ["/c"]
+
+
 async def _read_first_text_and_leave(url: str, model: str) -> None:
     async with aiohttp.ClientSession() as http, http.post(
         url + "/v1/chat/completions",

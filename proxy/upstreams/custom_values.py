@@ -60,8 +60,9 @@ def session_id(
     the lookup instead.
 
     Raises InvalidRequest when the id, made from the client's fields, cannot be the one path
-    segment that this request's chat call (`stream`: the upstream call streams) or the
-    session's `create` puts it in: the client's fault, not the upstream's."""
+    segment that this request's chat call (`stream`: the upstream call streams), the
+    session's `create` or the block's `cancel` puts it in: the client's fault, not the
+    upstream's."""
     if session.stateless:
         return None
     template = spec.session.id
@@ -75,10 +76,12 @@ def session_id(
 
 
 def _in_path(spec: CustomSpec, stream: bool) -> bool:
-    create = spec.session.create
+    # `cancel` too: it would otherwise fail later, in the background, where the client never
+    # sees why. (A `lookup` cannot use `session.id`, and a looked-up id is never derived.)
+    create, cancel = spec.session.create, spec.cancel
     return "session.id" in spec.call(stream=stream).path.names or (
         create is not None and "session.id" in create.request.path.names
-    )
+    ) or (cancel is not None and "session.id" in cancel.path.names)
 
 
 def with_captured(values: Mapping[str, Any], captured: Mapping[str, Any]) -> dict[str, Any]:
