@@ -132,6 +132,8 @@ def test_an_event_name_without_data_reaches_the_rules_with_a_null_payload() -> N
         pytest.param(b"event:\ndata: 1\n\n", [("message", 1)], id="empty-name-is-message"),
         pytest.param(b"data: x\n", [("message", "x")], id="last-event-without-blank-line"),
         pytest.param(b'data: {"a":"\xc3\xa9"}\n\n', [("message", {"a": "é"})], id="utf8"),
+        pytest.param(b'data: {"a":"h\xff\xfei"}\n\n', [("message", {"a": "h\ufffd\ufffdi"})],
+                     id="json-with-invalid-utf8-parsed-with-replacements"),
     ],
 )
 def test_sse_field_rules(body: bytes, expected: list[Item]) -> None:

@@ -85,3 +85,18 @@ async def test_responses_previous_response_id_is_refused_on_a_custom_route(
     body: Any = info.value.body
     assert body["param"] == "previous_response_id"
     assert served.fake.chats() == []
+
+
+async def test_responses_stream_keeps_an_upstream_event_with_bytes_that_are_not_utf8(
+    tmp_path: Path,
+) -> None:
+    # Dify's JSON with one invalid byte in its text: the text arrives with U+FFFD for it,
+    # never dropped while the answer still says "completed".
+    body = (b'data: {"event": "message", "conversation_id": "c1", "answer": "caf\xe9 ok"}\n\n'
+            b'data: {"event": "message_end", "conversation_id": "c1"}\n\n')
+    async with serve_api(DIFY, tmp_path) as served:
+        served.fake.replies.append(Reply(body=body))
+        final, _ = await stream_final(served.proxy, {"model": DIFY.model, "input": "Hello"},
+                                      headers=CHAT)
+    assert final["status"] == "completed"
+    assert output_text(final) == "caf\ufffd ok"

@@ -330,7 +330,7 @@ async def test_a_clean_eof_before_the_end_event_is_a_truncated_answer(
         served.fake.replies.append(Reply(_default_stream(api), cut_after=api.first_text))
         events = await post_stream(served, api.model)
     assert events[-2]["error"]["message"] == (
-        f"Upstream '{_upstream(api)}''s stream ended before its end event: the answer is "
+        f"Upstream '{_upstream(api)}' ended its stream before its end event: the answer is "
         "truncated.")
 
 

@@ -22,6 +22,7 @@ failure in the same chunk are still returned.
 from __future__ import annotations
 
 import codecs
+from contextlib import suppress
 from typing import Any, Final, Literal, Protocol, TypeAlias
 
 import orjson
@@ -98,6 +99,11 @@ class _Fields(SSEDecoder):
                             payload = orjson.loads(raw)
                         except orjson.JSONDecodeError:
                             payload = raw.decode("utf-8", "replace")
+                            # JSON whose only fault is bytes that are not UTF-8: replaced
+                            # (U+FFFD, as the text framing does), or no rule would match it
+                            # and its text would be lost without a word.
+                            with suppress(orjson.JSONDecodeError):
+                                payload = orjson.loads(payload)
                     else:
                         payload = raw.decode("utf-8", "replace")
                     items.append((self._event or MESSAGE, payload))

@@ -184,7 +184,7 @@ class StreamReader:
         return out
 
     def _unreadable(self, problem: str) -> UpstreamFailed:
-        return UpstreamFailed(f"{self._label}'s stream cannot be read: {problem}.")
+        return UpstreamFailed(f"{self._label} sent a stream that cannot be read: {problem}.")
 
     # -- per event -----------------------------------------------------------------------
 
@@ -287,7 +287,7 @@ class StreamReader:
             return out
         if self._has_end and not self.ended:
             self._failure = UpstreamFailed(
-                f"{self._label}'s stream ended before its end event: the answer is truncated."
+                f"{self._label} ended its stream before its end event: the answer is truncated."
             )
             return out
         out.append(self._factory.finish(self._finish or "stop"))
