@@ -444,6 +444,20 @@ async def _circuits_untouched(url: str) -> None:
         assert ready["upstreams"][name]["consecutive_failures"] == 0
 
 
+async def _refused_for_its_path(
+    client: openai.AsyncOpenAI, param: str, streams: tuple[bool, ...], **request: Any
+) -> None:
+    """One chat request per entry of `streams` (sync or streamed), each a 400
+    `upstream_path_value` that names `param`."""
+    for stream in streams:
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(messages=HI, stream=stream, **request)
+        body: Any = info.value.body
+        assert (body["param"], body["code"]) == (param, "upstream_path_value")
+        assert body["type"] == "invalid_request_error"
+        assert f"`{param}`" in body["message"]
+
+
 @pytest.mark.parametrize(
     ("model", "user", "param"),
     [
@@ -460,15 +474,7 @@ async def test_a_client_value_that_cannot_be_a_path_segment_is_a_400_and_no_upst
         proxy = await make_proxy(_two_upstreams(PATH_BLOCK, up0, up1))
         client = proxy.client()
         extra = {} if user is None else {"user": user}
-        for stream in (False, True, False):
-            with pytest.raises(openai.BadRequestError) as info:
-                await client.chat.completions.create(
-                    model=model, messages=HI, stream=stream, **extra)
-            body: Any = info.value.body
-            assert body["param"] == param
-            assert body["type"] == "invalid_request_error"
-            assert body["code"] == "upstream_path_value"
-            assert f"`{param}`" in body["message"]
+        await _refused_for_its_path(client, param, (False, True, False), model=model, **extra)
         assert seen == []
         await _circuits_untouched(proxy.url)
         # The first upstream still takes the next good request: it was never failed over.
@@ -548,14 +554,8 @@ async def test_a_session_id_made_from_a_client_field_that_cannot_be_a_path_segme
         proxy = await make_proxy(_two_upstreams(DERIVED_BLOCK, up0, up1))
         client = proxy.client()
         extra = {} if user is None else {"user": user}
-        for stream in (False, True, False):
-            with pytest.raises(openai.BadRequestError) as info:
-                await client.chat.completions.create(
-                    model="flows/a", messages=HI, stream=stream, extra_headers=session("s"),
-                    **extra)
-            body: Any = info.value.body
-            assert (body["param"], body["code"]) == ("user", "upstream_path_value")
-            assert "`user`" in body["message"]
+        await _refused_for_its_path(client, "user", (False, True, False), model="flows/a",
+                                    extra_headers=session("s"), **extra)
         assert seen == []
         await _circuits_untouched(proxy.url)
         reply = await client.chat.completions.create(
@@ -590,13 +590,8 @@ async def test_a_session_id_from_a_client_field_that_only_the_cancel_path_uses_i
     async with _two_recorders() as (up0, up1, seen):
         proxy = await make_proxy(_two_upstreams(CANCEL_PATH_BLOCK, up0, up1))
         client = proxy.client()
-        for stream in (False, True):
-            with pytest.raises(openai.BadRequestError) as info:
-                await client.chat.completions.create(
-                    model="flows/a", messages=HI, stream=stream, extra_headers=session("s"),
-                    user=user)
-            body: Any = info.value.body
-            assert (body["param"], body["code"]) == ("user", "upstream_path_value")
+        await _refused_for_its_path(client, "user", (False, True), model="flows/a",
+                                    extra_headers=session("s"), user=user)
         assert seen == []
         await _circuits_untouched(proxy.url)
         reply = await client.chat.completions.create(
