@@ -6,9 +6,11 @@ import json
 from typing import Any
 
 import aiohttp
+import openai
 import pytest
 
 from tests.conftest import KEY, ProxyFactory
+from tests.fake_openai import FakeOpenAI
 
 ECHO_FIRST = """
 upstreams:
@@ -173,3 +175,39 @@ async def test_health_probes_need_no_key(make_proxy: ProxyFactory) -> None:
             assert resp.status == 200
             assert body["status"] == "ready"
             assert body["version"] == proxy.holder.current.version
+
+
+RESPONSES_OUT_OF_BOUNDS = [
+    pytest.param({"temperature": 2.5}, "temperature", id="temperature"),
+    pytest.param({"top_p": 1.5}, "top_p", id="top-p"),
+    pytest.param({"top_logprobs": 21}, "top_logprobs", id="top-logprobs"),
+    pytest.param({"service_tier": "fast"}, "service_tier", id="service-tier"),
+    pytest.param({"metadata": {str(i): "v" for i in range(17)}}, "metadata", id="metadata"),
+    pytest.param({"tools": [{"type": "function", "name": "f"}] * 2}, "tools[1].name",
+                 id="duplicate-tool"),
+    pytest.param({"tool_choice": "required"}, "tool_choice", id="required-without-tools"),
+    pytest.param({"text": {"format": "json_object"}}, "text.format", id="text-format"),
+]
+
+
+@pytest.mark.parametrize("model", ["plain", "native"])
+@pytest.mark.parametrize(("fields", "param"), RESPONSES_OUT_OF_BOUNDS)
+async def test_responses_fields_out_of_openai_bounds_are_a_400_before_any_upstream_call(
+    make_proxy: ProxyFactory, fake_openai: FakeOpenAI, model: str, fields: dict[str, Any],
+    param: str,
+) -> None:
+    proxy = await make_proxy(f"""
+upstreams:
+  up: {{kind: openai, url: "{fake_openai.url}/v1"}}
+  native: {{kind: openai, url: "{fake_openai.url}/v1", responses: native}}
+models:
+  plain: {{upstream: up}}
+  native: {{upstream: native}}
+""")
+    with pytest.raises(openai.BadRequestError) as caught:
+        await proxy.client().responses.create(model=model, input="hi", **fields)
+    err = caught.value
+    assert (err.status_code, err.type, err.param, err.code) == (
+        400, "invalid_request_error", param, "invalid_request_error")
+    assert f"'{param}'" in err.message
+    assert fake_openai.received == []

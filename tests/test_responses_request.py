@@ -219,6 +219,17 @@ def test_sampling_limits_and_user_are_forwarded_and_echoed() -> None:
     assert echo["reasoning"] == {"effort": "low", "summary": None}
 
 
+def test_openai_bounds_and_enums_are_accepted_at_their_limits() -> None:
+    metadata = {f"{i:02}" + "k" * 62: "v" * 512 for i in range(16)}
+    request = parse(input="hi", temperature=2, top_p=0, presence_penalty=-2,
+                    frequency_penalty=2.0, top_logprobs=20, service_tier="flex",
+                    max_output_tokens=1, metadata=metadata)
+    assert (request.chat["temperature"], request.chat["top_p"]) == (2, 0)
+    assert request.echo["top_logprobs"] == 20 and request.echo["metadata"] == metadata
+    # Checked, not translated: no chat server has tiers or Responses-style logprobs.
+    assert "service_tier" not in request.chat and "top_logprobs" not in request.chat
+
+
 def test_streaming_asks_the_upstream_for_usage_and_sync_does_not_stream() -> None:
     streaming = parse(input="hi", stream=True)
     assert streaming.stream and streaming.chat["stream"] is True
@@ -324,6 +335,38 @@ BAD: list[tuple[str, dict[str, Any], str | None]] = [
     ("verbosity", {"input": "x", "text": {"verbosity": "loud"}}, "text.verbosity"),
     ("reasoning-effort", {"input": "x", "reasoning": {"effort": "extreme"}}, "reasoning.effort"),
     ("stream-options", {"input": "x", "stream_options": []}, "stream_options"),
+    ("temperature-above-2", {"input": "x", "temperature": 2.5}, "temperature"),
+    ("temperature-negative", {"input": "x", "temperature": -0.1}, "temperature"),
+    ("temperature-past-64-bits", {"input": "x", "temperature": 1e30}, "temperature"),
+    ("top-p-above-1", {"input": "x", "top_p": 1.5}, "top_p"),
+    ("presence-penalty-below-2", {"input": "x", "presence_penalty": -3}, "presence_penalty"),
+    ("frequency-penalty-above-2", {"input": "x", "frequency_penalty": 2.01},
+     "frequency_penalty"),
+    ("top-logprobs-string", {"input": "x", "top_logprobs": "5"}, "top_logprobs"),
+    ("top-logprobs-bool", {"input": "x", "top_logprobs": True}, "top_logprobs"),
+    ("top-logprobs-above-20", {"input": "x", "top_logprobs": 21}, "top_logprobs"),
+    ("top-logprobs-negative", {"input": "x", "top_logprobs": -1}, "top_logprobs"),
+    ("service-tier-unknown", {"input": "x", "service_tier": "fast"}, "service_tier"),
+    ("service-tier-list", {"input": "x", "service_tier": ["auto"]}, "service_tier"),
+    ("metadata-17-keys", {"input": "x", "metadata": {str(i): "v" for i in range(17)}},
+     "metadata"),
+    ("metadata-long-key", {"input": "x", "metadata": {"k" * 65: "v"}}, "metadata"),
+    ("metadata-long-value", {"input": "x", "metadata": {"k": "v" * 513}}, "metadata"),
+    ("tool-name-empty", {"input": "x", "tools": [{"type": "function", "name": ""}]},
+     "tools[0].name"),
+    ("tool-name-duplicate", {"input": "x", "tools": [WEATHER, TIME, dict(WEATHER)]},
+     "tools[2].name"),
+    ("tool-choice-required-without-tools", {"input": "x", "tool_choice": "required"},
+     "tool_choice"),
+    ("allowed-tools-required-empty", {"input": "x", "tools": [WEATHER], "tool_choice": {
+        "type": "allowed_tools", "mode": "required", "tools": []}}, "tool_choice"),
+    ("text-format-string", {"input": "x", "text": {"format": "json_object"}}, "text.format"),
+    ("text-format-list", {"input": "x", "text": {"format": [{"type": "text"}]}},
+     "text.format"),
+    ("json-schema-empty-name", {"input": "x", "text": {"format": {
+        "type": "json_schema", "name": "", "schema": {}}}}, "text.format.name"),
+    ("include-obfuscation-string", {"input": "x", "stream_options": {
+        "include_obfuscation": "no"}}, "stream_options.include_obfuscation"),
 ]
 
 

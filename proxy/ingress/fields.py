@@ -40,16 +40,29 @@ def opt_bool(obj: dict[str, Any], key: str, param: str | None = None) -> bool | 
     )
 
 
-def opt_number(obj: dict[str, Any], key: str) -> float | int | None:
+def opt_number(
+    obj: dict[str, Any], key: str, *, minimum: float, maximum: float
+) -> float | int | None:
     value = obj.get(key)
-    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
-        return value
-    raise InvalidRequest(
-        f"Invalid type for '{key}': expected a number, got {kind_of(value)}.", param=key
-    )
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise InvalidRequest(
+            f"Invalid type for '{key}': expected a number, got {kind_of(value)}.", param=key
+        )
+    # orjson reads neither NaN nor an infinity, and an integer past 64 bits as a float: a
+    # bound check is all a number needs.
+    if not minimum <= value <= maximum:
+        raise InvalidRequest(
+            f"Invalid value for '{key}': must be between {minimum:g} and {maximum:g}.",
+            param=key,
+        )
+    return value
 
 
-def opt_int(obj: dict[str, Any], key: str, *, minimum: int) -> int | None:
+def opt_int(
+    obj: dict[str, Any], key: str, *, minimum: int, maximum: int | None = None
+) -> int | None:
     value = obj.get(key)
     if value is None:
         return None
@@ -60,5 +73,9 @@ def opt_int(obj: dict[str, Any], key: str, *, minimum: int) -> int | None:
     if value < minimum:
         raise InvalidRequest(
             f"Invalid value for '{key}': must be at least {minimum}.", param=key
+        )
+    if maximum is not None and value > maximum:
+        raise InvalidRequest(
+            f"Invalid value for '{key}': must be at most {maximum}.", param=key
         )
     return value

@@ -21,7 +21,7 @@ from proxy.errors import InvalidRequest, ProxyError
 from proxy.ingress.fields import opt_bool, opt_int, opt_number, opt_str, req_str
 from proxy.ingress.responses_input import translate_input
 from proxy.ingress.responses_tools import translate_tools
-from proxy.json_body import load_object
+from proxy.json_body import kind_of, load_object
 
 __all__ = ["ResponsesRequest", "in_client_terms", "parse_responses_request", "refuse_state"]
 
@@ -68,7 +68,8 @@ def parse_responses_request(raw: bytes) -> ResponsesRequest:
                 param="previous_response_id",
             )
     conversation = _conversation(body.get("conversation")) if "conversation" in body else None
-    if not _RARE.isdisjoint(body):
+    rare = not _RARE.isdisjoint(body)
+    if rare:
         _check_rare(body)
 
     instructions = opt_str(body, "instructions") if "instructions" in body else None
@@ -96,9 +97,9 @@ def parse_responses_request(raw: bytes) -> ResponsesRequest:
 
     # Most of these are absent from most requests: one set check spares a lookup each.
     if not body.keys().isdisjoint(_SAMPLING):
-        for name in _SAMPLING:
+        for name, (low, high) in _SAMPLING.items():
             if name in body:
-                value = opt_number(body, name)
+                value = opt_number(body, name, minimum=low, maximum=high)
                 if value is not None:
                     chat[name] = value
                     echo[name] = value
@@ -127,6 +128,10 @@ def parse_responses_request(raw: bytes) -> ResponsesRequest:
             )
         echo["truncation"] = truncation
     echo["metadata"] = _metadata(body.get("metadata")) if "metadata" in body else {}
+    if rare and "top_logprobs" in body:
+        top_logprobs = opt_int(body, "top_logprobs", minimum=0, maximum=20)
+        if top_logprobs is not None:
+            echo["top_logprobs"] = top_logprobs
     if "text" in body:
         _translate_text(body["text"], chat, echo)
     if "reasoning" in body:
@@ -200,11 +205,18 @@ def in_client_terms(request: ResponsesRequest, err: ProxyError) -> None:
 
 # -- the body -----------------------------------------------------------------------------
 
-# In the order the response object lists them.
-_SAMPLING: Final = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
+# In the order the response object lists them, with the bounds OpenAI holds them to.
+_SAMPLING: Final = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0),
+                    "presence_penalty": (-2.0, 2.0), "frequency_penalty": (-2.0, 2.0)}
 _IDENTIFIERS: Final = ("user", "safety_identifier", "prompt_cache_key")
-# Fields that are only checked, and that nearly no request sets.
-_RARE: Final = frozenset({"prompt", "include", "stream_options"})
+# Fields that nearly no request sets, checked and not translated (`top_logprobs` is echoed).
+_RARE: Final = frozenset({"prompt", "include", "stream_options", "service_tier",
+                          "top_logprobs"})
+_SERVICE_TIERS: Final = ("auto", "default", "flex", "scale", "priority")
+# OpenAI's bounds on `metadata`, which the response object repeats.
+_METADATA_KEYS: Final = 16
+_METADATA_KEY_CHARS: Final = 64
+_METADATA_VALUE_CHARS: Final = 512
 
 
 def _check_rare(body: dict[str, Any]) -> None:
@@ -219,8 +231,20 @@ def _check_rare(body: dict[str, Any]) -> None:
         not isinstance(include, list) or not all(isinstance(x, str) for x in include)
     ):
         raise InvalidRequest("'include' must be an array of strings.", param="include")
-    if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
-        raise InvalidRequest("'stream_options' must be an object.", param="stream_options")
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise InvalidRequest("'stream_options' must be an object.", param="stream_options")
+        opt_bool(options, "include_obfuscation", "stream_options.include_obfuscation")
+    # Checked, and not sent on: a chat server has no tiers, and the answer's `service_tier`
+    # says `default`, the tier it was served at.
+    tier = opt_str(body, "service_tier") if "service_tier" in body else None
+    if tier is not None and tier not in _SERVICE_TIERS:
+        raise InvalidRequest(
+            "Invalid value for 'service_tier': supported values are "
+            + ", ".join(f"'{t}'" for t in _SERVICE_TIERS) + ".",
+            param="service_tier",
+        )
 
 
 def _conversation(value: Any) -> str | None:
@@ -243,6 +267,18 @@ def _metadata(value: Any) -> dict[str, str]:
         raise InvalidRequest(
             "'metadata' must be an object whose values are strings.", param="metadata"
         )
+    if len(value) > _METADATA_KEYS:
+        raise InvalidRequest(
+            f"'metadata' has {len(value)} keys; at most {_METADATA_KEYS} are allowed.",
+            param="metadata",
+        )
+    for key, text in value.items():
+        if len(key) > _METADATA_KEY_CHARS or len(text) > _METADATA_VALUE_CHARS:
+            raise InvalidRequest(
+                f"'metadata' keys must be at most {_METADATA_KEY_CHARS} characters and its "
+                f"values at most {_METADATA_VALUE_CHARS}.",
+                param="metadata",
+            )
     return value
 
 
@@ -256,7 +292,12 @@ def _translate_text(text: Any, chat: dict[str, Any], echo: dict[str, Any]) -> No
     out: dict[str, Any] = {}
     fmt = text.get("format")
     if fmt is not None:
-        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if not isinstance(fmt, dict):
+            raise InvalidRequest(
+                f"Invalid type for 'text.format': expected an object, got {kind_of(fmt)}.",
+                param="text.format",
+            )
+        kind = fmt.get("type")
         if kind == "text":
             out["format"] = {"type": "text"}
         elif kind == "json_object":
@@ -264,6 +305,10 @@ def _translate_text(text: Any, chat: dict[str, Any], echo: dict[str, Any]) -> No
             chat["response_format"] = {"type": "json_object"}
         elif kind == "json_schema":
             name = req_str(fmt, "name", "text.format")
+            if not name:
+                raise InvalidRequest(
+                    "'text.format.name' must be a non-empty string.", param="text.format.name"
+                )
             schema = fmt.get("schema")
             if not isinstance(schema, dict):
                 raise InvalidRequest(

@@ -45,6 +45,10 @@ def translate_tools(body: dict[str, Any], chat: dict[str, Any], echo: dict[str, 
         if tool.get("type") != "function":
             raise _unsupported(tool.get("type"), f"tools[{i}]")
         name = req_str(tool, "name", f"tools[{i}]")
+        if not name:
+            raise InvalidRequest(
+                f"'tools[{i}].name' must be a non-empty string.", param=f"tools[{i}].name"
+            )
         description = opt_str(tool, "description", f"tools[{i}].description")
         parameters = tool.get("parameters")
         if parameters is not None and not isinstance(parameters, dict):
@@ -66,6 +70,8 @@ def translate_tools(body: dict[str, Any], chat: dict[str, Any], echo: dict[str, 
     echo["tools"] = tools
 
     names = {t["name"] for t in tools}
+    if len(names) < len(tools):
+        _duplicate(tools)
     choice = body.get("tool_choice")
     chat_choice: Any = None
     if choice is None:
@@ -115,6 +121,13 @@ def translate_tools(body: dict[str, Any], chat: dict[str, Any], echo: dict[str, 
 
     parallel = opt_bool(body, "parallel_tool_calls")
     echo["parallel_tool_calls"] = True if parallel is None else parallel
+    if chat_choice == "required" and not chat_tools:
+        # Dropped with the tools below, it would let the model answer in text.
+        raise InvalidRequest(
+            "'tool_choice' requires a function call, but no function is offered: add the "
+            "functions to 'tools' (and to the allowed_tools list).",
+            param="tool_choice",
+        )
     # Chat servers refuse tool_choice and parallel_tool_calls without tools.
     if chat_tools:
         chat["tools"] = chat_tools
@@ -129,6 +142,20 @@ def _known(name: str, names: set[str], param: str) -> None:
         raise InvalidRequest(
             f"'{param}' names the function '{name}', which is not among 'tools'.", param=param
         )
+
+
+def _duplicate(tools: list[dict[str, Any]]) -> None:
+    # Two functions of one name: the model's call to it would run either, and a named
+    # `tool_choice` or `allowed_tools` entry could not say which.
+    first: dict[str, int] = {}
+    for i, tool in enumerate(tools):
+        j = first.setdefault(tool["name"], i)
+        if j != i:
+            raise InvalidRequest(
+                f"'tools[{i}].name' is the name of 'tools[{j}]' too: function names must be "
+                "unique.",
+                param=f"tools[{i}].name",
+            )
 
 
 def _unsupported(kind: Any, where: str) -> InvalidRequest:
