@@ -83,6 +83,8 @@ class Scenario:
     held: asyncio.Event = field(default_factory=asyncio.Event)
     # Stop after this many events, without the rest (and without [DONE]): a truncated stream.
     cut_after: int | None = None
+    # Answer 200 with this web page instead of a stream (a broken server or a portal).
+    page: str | None = None
 
 
 @dataclass
@@ -337,6 +339,8 @@ async def _conversation_messages(request: web.Request) -> web.StreamResponse:
 async def _answer(request: web.Request, scenario: Scenario, *, stream: bool) -> web.StreamResponse:
     if scenario.status != 200:
         return web.json_response(scenario.body, status=scenario.status)
+    if scenario.page is not None:
+        return web.Response(text=scenario.page, content_type="text/html")
     if not stream:
         return web.json_response(load_json(scenario.sync))
     return await _replay(request, scenario)

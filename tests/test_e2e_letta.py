@@ -498,6 +498,74 @@ async def test_llm_error_mid_stream_ends_with_an_error_event(
     assert sync_info.value.status_code == 502
 
 
+async def test_a_turn_answered_with_a_web_page_is_a_502_before_the_stream_starts(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
+) -> None:
+    state, url = letta
+    state.default_scenario = Scenario(page="<html><body>Sign in to continue</body></html>")
+    client = (await make(make_proxy, url)).client()
+    for stream in (False, True):
+        with pytest.raises(openai.APIStatusError) as info:
+            await client.chat.completions.create(model="support", messages=HI, stream=stream)
+        assert info.value.status_code == 502
+        assert info.value.code == "upstream_error"
+        assert "without an event stream" in info.value.message
+
+
+def broken_run(*events: dict[str, Any]) -> web.Application:
+    """A Letta whose agent answers every turn with these events, and no stop_reason."""
+
+    async def turn(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for event in events:
+            await resp.write(b"data: " + orjson.dumps(event) + b"\n\n")
+        return resp
+
+    async def cancel(request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post(f"/v1/agents/{AGENT}/messages", turn)
+    app.router.add_post(f"/v1/agents/{AGENT}/messages/cancel", cancel)
+    return app
+
+
+async def test_lettas_error_detail_is_logged_as_one_short_scrubbed_line(
+    make_proxy: ProxyFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    detail = "provider said: key letta-pass-secret\nCRITICAL forged line\n" + "x" * 100_000
+    app = broken_run(
+        {"message_type": "ping", "run_id": RUN_ID},
+        {"message_type": "error_message", "message": "boom", "detail": detail},
+    )
+    async with serving(app) as url:
+        proxy = await make_proxy(
+            f"upstreams:\n  letta: {{kind: letta, url: '{url}', api_key: letta-pass-secret}}\n"
+            f"models:\n  m: {{upstream: letta, agent: {AGENT}}}\n"
+        )
+        with pytest.raises(openai.APIStatusError) as info:
+            await proxy.client().chat.completions.create(model="m", messages=HI)
+    assert info.value.status_code == 502
+    [line] = [r.getMessage() for r in caplog.records if "failed: provider said" in r.getMessage()]
+    assert "\n" not in line and len(line) < 2500
+    assert "letta-pass-secret" not in line and "[redacted]" in line
+
+
+async def test_a_run_id_that_is_no_run_id_is_neither_logged_nor_sent_back(
+    make_proxy: ProxyFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    forged = "run-1\nCRITICAL forged line " + "y" * 1000
+    app = broken_run({"message_type": "ping", "run_id": forged}, {
+        "message_type": "assistant_message", "otid": "o1", "content": "partial"})
+    async with serving(app) as url:
+        proxy = await make_proxy(one_agent_routes(url, "m", AGENT))
+        with pytest.raises(openai.APIStatusError):
+            await proxy.client().chat.completions.create(model="m", messages=HI)
+        await wait_for(lambda: any("no run id" in r.getMessage() for r in caplog.records))
+    assert not any("forged" in r.getMessage() for r in caplog.records)
+
+
 async def test_agent_tools_are_hidden_by_default_and_never_tool_calls(
     make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
 ) -> None:

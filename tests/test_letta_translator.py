@@ -359,6 +359,17 @@ def test_tool_error_result_says_error() -> None:
     assert out == [r("[tool result] web_search error: Timeout calling search\n")]
 
 
+def test_tool_names_that_are_not_text_are_never_shown_as_a_repr() -> None:
+    t = translator(show_tools=True)
+    call = {"message_type": "tool_call_message", "otid": "t1",
+            "tool_call": {"tool_call_id": "c1", "name": "x" * 1000, "arguments": "{}"}}
+    ret = {"message_type": "tool_return_message", "otid": "x", "name": {"a": [1]},
+           "tool_return": "ok", "status": "success", "tool_call_id": 7}
+    out = [*t.feed(data(call)), *t.feed(data(ret))]
+    texts = [o["choices"][0]["delta"]["reasoning_content"] for o in chunks(out)]
+    assert texts == [f"[tool] {'x' * 99}…({{}})\n", "[tool result] tool ok: ok\n"]
+
+
 def test_show_reasoning_streams_reasoning_content() -> None:
     events = [
         PING,
@@ -562,6 +573,44 @@ def test_finish_is_idempotent_and_feed_after_finish_is_ignored() -> None:
     t, _ = run("stream_tokens")
     assert t.finish() == []
     assert t.feed(assistant("late")) == []
+
+
+@pytest.mark.parametrize(
+    "stop_reason", [None, 5, ["end_turn"], {"stop_reason": "end_turn"}, ""],
+    ids=["null", "number", "list", "object", "empty"],
+)
+def test_a_stop_reason_that_is_not_text_ends_with_an_error(stop_reason: Any) -> None:
+    stop = data({"message_type": "stop_reason", "stop_reason": stop_reason})
+    t, out = run_events([assistant("Hi"), stop], include_usage=True)
+    assert out == [ROLE, c("Hi")]
+    assert t.error is not None
+    assert t.error.message == "Letta sent a stop_reason that is not text."
+
+
+def test_a_second_stop_reason_cannot_turn_a_failed_run_into_a_success() -> None:
+    failed = data({"message_type": "stop_reason", "stop_reason": "llm_api_error"})
+    t, out = run_events([assistant("Hi"), failed, END_TURN])
+    assert out == [ROLE, c("Hi")]
+    assert t.error is not None and "llm_api_error" in t.error.message
+
+
+def test_an_error_type_of_any_length_gives_a_short_error_message() -> None:
+    err = data({"message_type": "error_message", "error_type": "e" * 100_000, "message": "boom"})
+    t, _ = run_events([err])
+    assert t.error is not None and len(t.error.message) < 200
+
+
+@pytest.mark.parametrize(
+    "run_id",
+    ["run-1\nCRITICAL forged log line", "../../v1/agents", "r" * 129, "", 5, ["run-1"]],
+    ids=["newline", "path", "huge", "empty", "number", "list"],
+)
+def test_a_run_id_that_is_no_run_id_is_not_taken(run_id: Any) -> None:
+    t = translator()
+    t.feed(data({"message_type": "ping", "run_id": run_id}))
+    assert t.run_id is None
+    t.feed(data({"message_type": "ping", "run_id": "run-f4ded9a4-5697-46b8-80e3-18a12f6139d7"}))
+    assert t.run_id == "run-f4ded9a4-5697-46b8-80e3-18a12f6139d7"
 
 
 def test_run_id_comes_from_the_first_ping() -> None:

@@ -326,6 +326,19 @@ async def test_a_letta_error_mid_stream_is_response_failed(
     assert final["status"] == "failed" and "Letta" in final["error"]["message"]
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["sync", "stream"])
+async def test_a_letta_turn_answered_with_a_web_page_is_a_502_upstream_error(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str], stream: bool
+) -> None:
+    state, url = letta
+    state.default_conversation_scenario = Scenario(page="<html>Sign in to continue</html>")
+    proxy = await make(make_proxy, url)
+    status, _, raw = await post_raw(proxy, {"model": "support", "input": "x", "stream": stream})
+    assert status == 502
+    error = orjson.loads(raw)["error"]
+    assert error["code"] == "upstream_error" and "without an event stream" in error["message"]
+
+
 async def test_responses_client_leaving_cancels_the_letta_run(
     make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
 ) -> None:

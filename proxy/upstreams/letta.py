@@ -28,7 +28,7 @@ import orjson
 
 from proxy.chunks import KEEP_ALIVE, Out
 from proxy.config import ModelSpec
-from proxy.errors import ProxyError
+from proxy.errors import ProxyError, UpstreamFailed
 from proxy.exchange import Exchange
 from proxy.failover import SessionSlot
 from proxy.openai_types import ChunkFactory, accumulate
@@ -36,7 +36,7 @@ from proxy.session_locks import busy
 from proxy.sse import SSEDecoder, SSEError
 from proxy.upstreams.base import Answer, ByteStream, Call, ChunkStream, hold_answer
 from proxy.upstreams.deadlines import Deadlines
-from proxy.upstreams.http import HttpUpstream
+from proxy.upstreams.http import HttpUpstream, is_event_stream
 from proxy.upstreams.http_errors import error_from_response, read_error_body
 from proxy.upstreams.letta_directory import LettaDirectory
 from proxy.upstreams.letta_request import (
@@ -46,7 +46,7 @@ from proxy.upstreams.letta_request import (
     session_summary,
     to_letta_messages,
 )
-from proxy.upstreams.letta_translator import LettaTranslator
+from proxy.upstreams.letta_translator import LettaTranslator, shorten
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 STAINLESS = ("X-Stainless-Package-Version", "1.0.0")
 CANCEL_TIMEOUT = 5.0
 RUN_ID_WAIT = 2.0
+# The most of a Letta error's `detail` that one log line holds.
+DETAIL_LIMIT = 2000
 PER_KEY_HINT = "\0per-key"
 # Between two tries of a turn that Letta answered "conversation busy".
 BUSY_FIRST_PAUSE = 0.05
@@ -164,6 +166,16 @@ class Letta(HttpUpstream):
                         route_name, ref, agent, conversation, wildcard=wildcard
                     )
                 # Letta had the message: it may have stored it before it failed.
+                err.delivered = True
+                raise err
+            if not is_event_stream(resp.headers.get("Content-Type")):
+                # An error page or a JSON body is known to be no answer before the client's
+                # stream is committed: a 502 now, not an error event after the role chunk.
+                deadlines.close()
+                resp.close()
+                err = UpstreamFailed(
+                    f"Upstream '{self.name}' answered the agent's turn without an event stream."
+                )
                 err.delivered = True
                 raise err
         except BaseException:
@@ -286,9 +298,11 @@ class Letta(HttpUpstream):
             yield list(final)
         if translator.error is not None:
             if translator.error_detail:
+                # Scrubbed before it is cut, so no part of a secret survives; one bounded line,
+                # so Letta's text cannot forge log lines of its own nor flood the log.
                 log.warning(
                     "Letta run %s failed: %s", translator.run_id,
-                    self.scrub(translator.error_detail),
+                    shorten(self.scrub(translator.error_detail), DETAIL_LIMIT),
                 )
             raise self.scrubbed(translator.error)
 

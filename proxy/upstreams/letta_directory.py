@@ -102,7 +102,7 @@ class LettaDirectory:
                 f"Route '{route}': {len(agents)} Letta agents are named '{ref}' on upstream "
                 f"'{self.name}' ({shown}); name the agent by its id."
             )
-        agent = self._checked(agents[0], AGENT_ID, "an agent id")
+        agent = self._checked(agents[0], AGENT_ID, "agent id")
         self._agents[ref] = (now + AGENT_TTL, agent)
         return agent
 

@@ -13,6 +13,7 @@ OpenAI client would try to execute itself.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Final
 
 import orjson
@@ -62,8 +63,13 @@ _ERROR_CODES: Final[dict[str, str]] = {
 }
 
 SUMMARY_LIMIT: Final = 200
+NAME_LIMIT: Final = 100
 
 _TOOL_CALL_TYPES: Final = frozenset({"tool_call_message", "approval_request_message"})
+
+# Letta's run ids are `run-<uuid>`. Anything else (a newline, a megabyte) is not taken: the id
+# is logged and sent back in the cancel request, so a hostile server must not choose its text.
+RUN_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 
 
 def letta_usage(stats: dict[str, Any]) -> Usage:
@@ -183,7 +189,7 @@ class LettaTranslator:
             return []
         if self.run_id is None:
             run_id = msg.get("run_id")
-            if isinstance(run_id, str):
+            if isinstance(run_id, str) and RUN_ID.fullmatch(run_id):
                 self.run_id = run_id
         kind = msg.get("message_type")
         if not isinstance(kind, str):
@@ -311,7 +317,10 @@ class LettaTranslator:
                 continue
             call_id = ret.get("tool_call_id")
             name = self._call_names.get(call_id) if isinstance(call_id, str) else None
-            name = name or msg.get("name") or "tool"
+            if not name:
+                # Only text: a number or an object here would reach the client as a repr.
+                named = msg.get("name")
+                name = shorten(named, NAME_LIMIT) if isinstance(named, str) and named else "tool"
             status = "ok" if ret.get("status") != "error" else "error"
             value = ret.get("tool_return")
             text = value if isinstance(value, str) else _json_text(value)
@@ -319,8 +328,15 @@ class LettaTranslator:
         return out
 
     def _on_stop_reason(self, msg: dict[str, Any]) -> None:
+        if self.stop_reason is not None:
+            # The run stops once: a second reason must not turn a failed run into a success.
+            return
         reason = msg.get("stop_reason")
-        reason = reason if isinstance(reason, str) else "unknown"
+        if not isinstance(reason, str) or not reason:
+            # Unreadable, so the run may as well have failed: never a complete answer.
+            self.stop_reason = "malformed"
+            self._fail("Letta sent a stop_reason that is not text.")
+            return
         self.stop_reason = reason
         if reason in ERROR_STOP_REASONS:
             return
@@ -334,7 +350,7 @@ class LettaTranslator:
         text = msg.get("message")
         text = shorten(text) if isinstance(text, str) and text else "the agent run failed"
         reason = self.stop_reason or msg.get("error_type")
-        where = f" ({reason})" if isinstance(reason, str) and reason else ""
+        where = f" ({shorten(reason, 100)})" if isinstance(reason, str) and reason else ""
         self._fail(f"Letta reported an error{where}: {text}", self.stop_reason)
 
     # -- helpers ---------------------------------------------------------------------------
@@ -346,7 +362,7 @@ class LettaTranslator:
         out: list[ChatChunk] = []
         suffix = " (awaiting approval)" if self._awaiting_approval else ""
         for call_id, call in self._calls.items():
-            name = call.name or "tool"
+            name = shorten(call.name, NAME_LIMIT) if call.name else "tool"
             if call_id:
                 self._call_names[call_id] = name
             args = shorten("".join(call.arguments))
