@@ -82,8 +82,12 @@ class Authenticator:
         if presented is None:
             if self.open:
                 return OPEN_GRANT
+            # `Basic ...`, or a Bearer value with a space in it: saying "none was sent" would
+            # send the client looking for a header it did send.
+            why = ("the Authorization header is not 'Bearer <key>'"
+                   if authorization and authorization.strip() else "none was sent")
             raise AuthenticationFailed(
-                "Incorrect API key provided: none was sent. Send it as "
+                f"Incorrect API key provided: {why}. Send it as "
                 "'Authorization: Bearer <key>' or 'X-Api-Key: <key>'."
             )
         # aiohttp decodes header bytes that are not UTF-8 with surrogateescape: encoding back

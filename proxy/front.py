@@ -61,7 +61,8 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> ProxyE
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return body_too_large(request.app[MAX_BODY])
     if exc.status == 404:
-        return NotFound(f"Invalid URL ({request.method} {request.path}).")
+        # The path as sent: decoded, `/v1/chat%2Fcompletions` would read as a path that exists.
+        return NotFound(f"Invalid URL ({request.method} {request.rel_url.raw_path}).")
     err = ProxyError(exc.reason)
     err.status = exc.status
     err.type = "invalid_request_error" if exc.status < 500 else "server_error"

@@ -47,6 +47,10 @@ async def read_body(request: web.Request) -> bytes:
     if "Content-Encoding" in request.headers:
         return await request.read()
     limit = request.app[MAX_BODY]
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        # Refused before it is sent, rather than once --max-body bytes of it have come.
+        raise body_too_large(limit)
     body = await read_whole(request.content, limit)
     if body is None:
         raise body_too_large(limit)

@@ -1,6 +1,6 @@
 """aiohttp's HTTP server, with the proxy's answer to what never reaches a handler.
 
-Three things happen below the application, in aiohttp's connection protocol, that the proxy
+Four things happen below the application, in aiohttp's connection protocol, that the proxy
 must do its own way:
 - a request the HTTP parser refuses, or whose target no route can match, or in an HTTP version
   other than 1.0 and 1.1, gets an OpenAI-shaped error, one log line without header values, and
@@ -9,16 +9,20 @@ must do its own way:
   closes after it (aiohttp's parser does not parse what was pipelined behind it);
 - a client too slow to send its request, or that does not read its answer, is cut off
   (proxy/connection_limits.py): one sweep over the open connections, a few times per shortest
-  limit, instead of a timer per request.
+  limit, instead of a timer per request;
+- an answer given while the request's body is still arriving closes its connection, after
+  discarding a bounded amount of what the client still sends, where aiohttp would discard
+  whatever comes for 10 s.
 
 aiohttp offers no public way to choose the protocol class, so `serve_connections` wraps this
 one application's `_make_handler` (what every runner calls to build its Server): the Server
 is aiohttp's with `__call__` building a ProxyRequestHandler, aiohttp's RequestHandler with a
-few methods overridden. Per request that adds two calls, a set lookup and two attribute reads
-(`_handle_request`, `finish_response`, under 0.2 µs); the rest runs per connection, per sweep
-or on errors only. The overrides read some of aiohttp's private state (the connection's request
-count, current request and message queue, a body's waiter, the request's parsed message, the
-drain waiter of a blocked write):
+few methods overridden. Per request that adds three calls, a set lookup and three attribute
+reads (`_handle_request`, `finish_response` and its check of the body's end, about 0.2 µs);
+the rest runs per connection, per sweep or on errors only. The overrides read some of
+aiohttp's private state (the connection's request count, current request and message queue, a
+body's waiter, the request's parsed message, the drain waiter of a blocked write, the
+lingering time):
 tests/test_connection_limits.py, tests/test_bad_requests.py and tests/test_expect_and_methods.py
 fail if an aiohttp upgrade moves it.
 """
@@ -37,23 +41,28 @@ from aiohttp.web_protocol import ERROR, RequestHandler, RequestPayloadError, _Er
 from aiohttp.web_request import BaseRequest
 
 from proxy import bad_requests
-from proxy.app_keys import EXCHANGE, STATE
+from proxy.app_keys import EXCHANGE, MAX_BODY, STATE
 from proxy.connection_limits import SEND_SLACK, ConnectionLimits
 from proxy.errors import InternalError, ProxyError, RequestTimeout
 from proxy.metrics import Metrics
 from proxy.sse_writer import Streams
+from proxy.upstreams.bulk_read import read_any
 
 log = logging.getLogger("agentproxy.http")
 
 # What the proxy's handlers answer with (errors included: proxy.app.render).
 _HANDLER_ANSWERS = frozenset({web.Response, web.StreamResponse})
 _SERVED_VERSIONS = (HttpVersion11, HttpVersion10)
+# What the proxy reads and discards of a body still arriving after its answer, at most: the
+# default --max-body, or --max-body if larger, so that an upload of any size the proxy accepts,
+# or one over the limit by as much, finishes and its client reads the answer.
+DISCARD_BUDGET = 16 * 2**20
 
 
 class _Policy:
     """What every connection of one server shares."""
 
-    __slots__ = ("limits", "metrics", "new_id", "streams")
+    __slots__ = ("discard_budget", "limits", "metrics", "new_id", "streams")
 
     def __init__(
         self,
@@ -61,12 +70,14 @@ class _Policy:
         metrics: Metrics,
         new_id: Callable[[], str],
         streams: Streams | None,
+        max_body: int,
     ) -> None:
         self.limits = limits
         self.metrics = metrics
         self.new_id = new_id
         # Holds the app's --send-timeout.
         self.streams = streams
+        self.discard_budget = max(max_body, DISCARD_BUDGET)
 
 
 def serve_connections(
@@ -77,7 +88,8 @@ def serve_connections(
 ) -> None:
     """Makes every runner of `app` serve it with ProxyServer. `new_id` mints request ids."""
     state = app.get(STATE)
-    policy = _Policy(limits, metrics, new_id, state.streams if state is not None else None)
+    policy = _Policy(limits, metrics, new_id, state.streams if state is not None else None,
+                     app.get(MAX_BODY, 0))
     make_plain = app._make_handler
 
     def make_handler(**kwargs: Any) -> web.Server:
@@ -321,7 +333,49 @@ class ProxyRequestHandler(RequestHandler):
             # Raised outside the proxy's handlers, which answer in JSON: the router found no
             # route (every path has one, so the target is not a path, or holds a newline).
             resp = self._refuse_target(request, resp)
+        if not request.content.is_eof():
+            return self._answer_then_discard(request, resp, start_time)
         return RequestHandler.finish_response(self, request, resp, start_time)
+
+    async def _answer_then_discard(
+        self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        """An answer given while the request's body is still arriving (a 401, 404 or 413
+        before the body was read, or a handler that never reads it), and the connection's
+        end. The client is still sending: closing at once would reset the connection, and a
+        client still writing (the OpenAI SDK uploading a body over --max-body) would see the
+        reset, not the answer. aiohttp would read on and discard for up to 10 s (its lingering
+        close) whatever comes, an endless chunked body at loopback speed included: gigabytes,
+        a core kept busy. Here the rest is discarded up to a budget in bytes, within the same
+        10 s, and the connection then closes (its answer says so)."""
+        resp.force_close()
+        # A client that waits for a 100 Continue that was not sent (its key was refused) sends
+        # no body. The writer's output_size is reset after a 100 (proxy/app.py), its
+        # buffer_size is not.
+        waiting = request.writer.buffer_size == 0 and request.headers.get(
+            "Expect", "").lower() == "100-continue"
+        answered = await RequestHandler.finish_response(self, request, resp, start_time)
+        payload = request.content
+        budget = payload.total_raw_bytes + self._policy.discard_budget
+        if waiting and payload.total_raw_bytes == 0:
+            budget = -1
+        try:
+            async with asyncio.timeout(self._lingering_time):
+                while payload.total_raw_bytes <= budget and await read_any(payload):
+                    pass
+        except RequestPayloadError as exc:
+            # A body aiohttp could not decode: the handler answered its 400; counted here, as
+            # in log_exception.
+            bad_requests.report(self._policy.metrics, bad_requests.body_refusal(exc), None)
+        except Exception:
+            # Too slow, broken framing, the client gone: whatever ends the read ends the
+            # discarding, and the connection closes as it would have.
+            pass
+        finally:
+            # Nothing left for aiohttp to discard, and what still comes is not parsed.
+            self.close()
+            payload.feed_eof()
+        return answered
 
     def _refuse_target(self, request: BaseRequest, exc: web.HTTPException) -> web.Response:
         request_id = self._policy.new_id()

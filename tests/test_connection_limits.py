@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import openai
 import orjson
 import pytest
 from aiohttp import web
@@ -165,7 +166,13 @@ async def test_a_probe_sent_with_an_unfinished_body_is_answered_and_its_connecti
     assert answer.status == 200
     assert answer.headers["connection"].lower() == "close"
     assert await closed_by_peer(reader) == b""
-    # The rest of the body goes nowhere: the proxy hung up instead of reading on.
+    await hung_up(writer)
+    await serves_others(proxy.url)
+
+
+async def hung_up(writer: asyncio.StreamWriter) -> None:
+    """The rest of an endless chunked body goes nowhere: the proxy hung up instead of reading
+    on (aiohttp would read and discard for 10 s, gigabytes on loopback)."""
     piece = b"x" * 65536
     chunk = b"%x\r\n" % len(piece) + piece + b"\r\n"
     sent = 0
@@ -176,7 +183,89 @@ async def test_a_probe_sent_with_an_unfinished_body_is_answered_and_its_connecti
             sent += len(piece)
     assert sent < 64 * 2**20
     writer.close()
+
+
+def chunked_head(method: bytes, path: bytes, auth: bytes = KEY.encode()) -> bytes:
+    return (
+        method + b" " + path + b" HTTP/1.1\r\nHost: proxy\r\n"
+        b"Authorization: Bearer " + auth + b"\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("head", "status", "code"),
+    [
+        pytest.param(chunked_head(b"GET", b"/v1/models/nowhere"), 404, "model_not_found",
+                     id="unknown-model"),
+        pytest.param(chunked_head(b"POST", b"/v1/nowhere"), 404, "not_found", id="unknown-path"),
+        pytest.param(chunked_head(b"POST", b"/v1/chat/completions", b"sk-wrong-key-0000000"),
+                     401, "invalid_api_key", id="bad-key"),
+        pytest.param(chunked_head(b"PUT", b"/v1/chat/completions"), 405, "method_not_allowed",
+                     id="wrong-method"),
+        pytest.param(chunked_head(b"POST", b"/v1/chat/completions"), 413, "request_too_large",
+                     id="too-large"),
+        pytest.param(chunked_head(b"OPTIONS", b"*"), 400, "invalid_request_error",
+                     id="options-star"),
+    ],
+)
+async def test_an_early_answer_to_an_endless_body_closes_the_connection(
+    make_proxy: ProxyFactory, head: bytes, status: int, code: str | None
+) -> None:
+    proxy = await make_proxy(ROUTES, header_timeout=LONG, body_timeout=LONG,
+                             keepalive_timeout=LONG, max_body=1024)
+    reader, writer = await connect(proxy.url)
+    opening = b'{"model": "echo", "messages": [' + b" " * 2048
+    writer.write(head + b"%x\r\n" % len(opening) + opening + b"\r\n")
+    answer = await read_answer(reader)
+    assert (answer.status, answer.error()["code"]) == (status, code)
+    assert answer.headers["connection"].lower() == "close"
+    await hung_up(writer)
     await serves_others(proxy.url)
+
+
+async def test_a_declared_length_over_the_body_limit_is_refused_before_the_body(
+    make_proxy: ProxyFactory,
+) -> None:
+    proxy = await make_proxy(ROUTES, header_timeout=LONG, body_timeout=LONG,
+                             keepalive_timeout=LONG, max_body=1024)
+    reader, writer = await connect(proxy.url)
+    writer.write(chat_head(1025))  # and no body
+    answer = await read_answer(reader)
+    assert (answer.status, answer.error()["code"]) == (413, "request_too_large")
+    assert answer.headers["connection"].lower() == "close"
+    writer.close()
+
+
+async def test_a_client_still_uploading_past_the_body_limit_reads_its_413(
+    make_proxy: ProxyFactory,
+) -> None:
+    """The 413 goes out after --max-body bytes, while the SDK is still writing the rest: the
+    connection must not be reset under it, or the SDK reports a connection error instead."""
+    proxy = await make_proxy(ROUTES, max_body=65536)
+    client = proxy.client()
+    for _ in range(3):
+        with pytest.raises(openai.APIStatusError) as refused:
+            await client.chat.completions.create(
+                model="echo", messages=[{"role": "user", "content": "x" * (4 * 2**20)}]
+            )
+        assert refused.value.status_code == 413
+        assert refused.value.code == "request_too_large"
+
+
+async def test_an_early_answer_to_a_whole_body_keeps_the_connection(
+    make_proxy: ProxyFactory,
+) -> None:
+    proxy = await make_proxy(ROUTES, header_timeout=LONG, body_timeout=LONG,
+                             keepalive_timeout=LONG)
+    reader, writer = await connect(proxy.url)
+    unknown = CHAT.replace(b'"echo"', b'"nowhere"')
+    for body, status in ((unknown, 404), (CHAT, 200), (CHAT, 200)):
+        writer.write(chat_head(len(body)) + body)
+        answer = await read_answer(reader)
+        assert answer.status == status
+        assert "close" not in answer.headers.get("connection", "").lower()
+    writer.close()
 
 
 async def test_serve_takes_the_limits_from_flags_and_environment(tmp_path: Path) -> None:

@@ -1,10 +1,12 @@
 """`Expect: 100-continue` is answered only once the key is known good, a HEAD request's
 405 is about HEAD (issue 13, item 13), and a request for a protocol upgrade is served without
-one, on a connection that then closes."""
+one, on a connection that then closes; paths are matched as sent and an Authorization header
+not in Bearer form is named in its 401."""
 
 from __future__ import annotations
 
 import logging
+import time
 
 import orjson
 import pytest
@@ -40,10 +42,15 @@ async def test_no_100_continue_before_authentication(
     writer.write(expecting(auth))  # the body waits for a 100 that must not come
     await writer.drain()
     answer = await read_answer(reader)
+    # No body comes without the 100: nothing to wait for before the connection closes.
+    waited = time.monotonic()
+    assert await closed_by_peer(reader) == b""
+    assert time.monotonic() - waited < 5
     writer.close()
     assert answer.interim == []
     assert answer.status == 401
     assert answer.error()["code"] == "invalid_api_key"
+    assert answer.headers["connection"].lower() == "close"
 
 
 @pytest.mark.parametrize(
@@ -157,3 +164,54 @@ async def test_an_upgrade_request_is_served_then_the_connection_closes_saying_so
     assert rest == b""
     again = await exchange(proxy.url, b"GET /healthz HTTP/1.1\r\nHost: proxy\r\n\r\n")
     assert again.status == 200
+
+
+# -- request targets and Authorization headers ----------------------------------------------
+
+IN_STEP = orjson.dumps({"model": "echo", "messages": [{"role": "user", "content": "in step"}]})
+
+
+def raw_post(target: bytes, auth: bytes = b"Authorization: Bearer " + KEY.encode()) -> bytes:
+    return (
+        b"POST " + target + b" HTTP/1.1\r\nHost: proxy\r\n" + auth + b"\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(IN_STEP) + IN_STEP
+    )
+
+
+@pytest.mark.parametrize(
+    "target",
+    [b"/v1/chat%2Fcompletions", b"/v1/chat%2fcompletions", b"/v1/chat/completions%2F"],
+)
+async def test_a_404_names_the_path_as_sent_and_the_connection_stays_in_step(
+    make_proxy: ProxyFactory, target: bytes
+) -> None:
+    """Paths are matched as sent, not decoded; the 404 must not name a path that exists."""
+    proxy = await make_proxy(ROUTES)
+    reader, writer = await connect(proxy.url)
+    writer.write(raw_post(target) + raw_post(b"/v1/chat/completions"))
+    refused, served = await read_answer(reader), await read_answer(reader)
+    writer.close()
+    assert refused.status == 404
+    err = refused.error()
+    assert err["code"] == "not_found"
+    assert err["message"] == f"Invalid URL (POST {target.decode()})."
+    assert served.status == 200
+    assert orjson.loads(served.body)["choices"][0]["message"]["content"] == "in step"
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [b"Basic " + KEY.encode(), b"Bearer " + KEY.encode() + b" extra", b"Token " + KEY.encode()],
+    ids=["basic", "bearer-with-a-space", "other-scheme"],
+)
+async def test_an_authorization_header_not_in_bearer_form_is_named_in_the_401(
+    make_proxy: ProxyFactory, authorization: bytes
+) -> None:
+    proxy = await make_proxy(ROUTES)
+    answer = await exchange(proxy.url, raw_post(b"/v1/chat/completions",
+                                                b"Authorization: " + authorization))
+    assert answer.status == 401
+    err = answer.error()
+    assert err["code"] == "invalid_api_key"
+    assert "Authorization header is not 'Bearer <key>'" in str(err["message"])
+    assert KEY not in str(err["message"])
