@@ -123,6 +123,11 @@ def main() -> int:
     p.add_argument("--log", action="store_true",
                    help="agentproxy with its default access log (else --log-level warning)")
     p.add_argument("--no-relay", action="store_true", help="leave the bare relay out")
+    p.add_argument("--delay-chunk", type=float, default=0.0,
+                   help="fake: seconds between a stream's events (0: as fast as it can). "
+                        "Under valgrind the server runs tens of times slower than the fake, "
+                        "so without a delay it reads a stream in a few big reads; a model "
+                        "server's tokens come apart, one event per read (0.002 gives that)")
     args = p.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     if any(m not in MODES for m in modes):
@@ -135,7 +140,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="agentproxy-instr-") as name:
         tmp = Path(name)
         fake = start_in_session(
-            [sys.executable, str(BENCH / "fake_upstream.py"), "--port", "0"], tmp / "fake.log"
+            [sys.executable, str(BENCH / "fake_upstream.py"), "--port", "0",
+             "--delay-chunk", str(args.delay_chunk)], tmp / "fake.log"
         )
         try:
             deadline = time.monotonic() + 30

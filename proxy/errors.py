@@ -87,6 +87,10 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
     def __init__(self, model: str) -> None:
+        # The client's own word, cut as the access line cuts it: a name of megabytes would
+        # come back whole in every 404.
+        if len(model) > 256:
+            model = model[:256] + "…"
         super().__init__(
             f"The model `{model}` does not exist or you do not have access to it.",
             param="model",

@@ -10,8 +10,9 @@ import aiohttp
 import openai
 import orjson
 import pytest
+from aiohttp import web
 
-from tests.conftest import KEY, Proxy, ProxyFactory, closed_port, wait_for
+from tests.conftest import KEY, Proxy, ProxyFactory, answering, closed_port, wait_for
 from tests.fake_openai import FakeOpenAI
 from tests.raw_http import connect
 
@@ -307,6 +308,16 @@ async def test_unknown_model_is_not_found(proxy: Proxy) -> None:
     assert info.value.param == "model"
 
 
+async def test_an_unknown_model_of_any_length_is_named_short_in_its_404(proxy: Proxy) -> None:
+    client = proxy.client()
+    with pytest.raises(openai.NotFoundError) as info:
+        await client.chat.completions.create(
+            model="x" * 100_000, messages=[{"role": "user", "content": "x"}]
+        )
+    assert f"`{'x' * 256}…`" in info.value.message
+    assert len(info.value.message) < 400
+
+
 async def test_wrong_key_is_an_authentication_error(proxy: Proxy) -> None:
     with pytest.raises(openai.AuthenticationError) as info:
         await proxy.client("sk-wrong-key-000000000").models.list()
@@ -445,3 +456,43 @@ async def test_a_client_that_half_closes_after_its_request_is_taken_as_gone(
         assert await reader.read() == b""
     writer.close()
 
+
+
+async def test_an_event_split_at_a_line_end_reaches_the_client_as_one_event(
+    make_proxy: ProxyFactory,
+) -> None:
+    """An upstream sends a two-line event's first line in one read and its second, which on
+    its own looks like a whole plain event, in the next: the relay must read the second as
+    the rest of the decoder's event, not pass it on alone."""
+    first_seen = asyncio.Event()
+    role = b'data: {"choices":[{"index":0,"delta":{"role":"assistant"},"finish_reason":null}]}'
+    line1 = b'data: {"choices":[{"index":0,"delta":{"content":"a"},"finish_reason":null}]}'
+    line2 = b'data: {"choices":[{"index":0,"delta":{"content":"b"},"finish_reason":null}]}'
+    finish = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}'
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(role + b"\n\n" + line1 + b"\n")
+        # The proxy passed the role event on: it read the first line, whose event is open.
+        await first_seen.wait()
+        await resp.write(line2 + b"\n\n")
+        await resp.write(finish + b"\n\ndata: [DONE]\n\n")
+        return resp
+
+    async with answering("/v1/chat/completions", chat) as url:
+        proxy = await make_proxy(f"""
+upstreams:
+  split: {{kind: openai, url: {url}/v1}}
+models:
+  m: {{upstream: split}}
+""")
+        async with aiohttp.ClientSession() as http, http.post(
+            proxy.url + "/v1/chat/completions",
+            json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]},
+            headers={"Authorization": f"Bearer {KEY}"},
+        ) as resp:
+            assert await resp.content.readuntil(b"\n\n") == role + b"\n\n"
+            first_seen.set()
+            rest = await resp.content.read()
+    assert rest == line1 + b"\n" + line2 + b"\n\n" + finish + b"\n\ndata: [DONE]\n\n"

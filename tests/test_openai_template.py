@@ -134,6 +134,17 @@ def test_a_run_is_every_matching_event_in_a_row_from_its_position() -> None:
     assert end == len(head + stream(texts))
 
 
+def test_a_read_whose_rest_is_one_event_is_read_from_its_position() -> None:
+    # A token stream read as it comes: the rest of the read is one event, which the template
+    # reads alone; one it cannot read exactly is left to the decoder from the same position.
+    head = b'data: {"other":1}\n\n'
+    run, end = template().run(head + stream([" 東京"]), len(head))
+    assert run is not None and run.texts == [" 東京"]
+    assert end == len(head + stream([" 東京"]))
+    assert template().run(head + stream([' "q"']), len(head)) == (None, len(head))
+    assert template().run(head + event("b") + b"\n\n", len(head) + 1) == (None, len(head) + 1)
+
+
 @pytest.mark.parametrize(
     ("stop", "name"),
     [
@@ -207,3 +218,23 @@ def test_the_template_follows_a_stream_from_its_reasoning_to_its_answer() -> Non
         assert list(chat_chunks(out)) == [orjson.loads(e[6:]) for e in events]
         # Each kind's first token teaches its template; the tokens after it are read from it.
         assert [(o.field, o.texts) for o in out if isinstance(o, TextRun)] == expected
+
+
+def test_the_byte_relay_passes_token_events_as_they_are_and_leaves_bad_utf8_to_the_decoder() -> (
+    None
+):
+    # A token stream read as it comes: the byte relay learns the template from its first
+    # token, then passes each token event on as it came, a text holding the word "error"
+    # too (no error member); a token whose text is not UTF-8 is the decoder's, which
+    # replaces what is not UTF-8, as is a read of two events.
+    state = RelayState("up")
+    role = b'data: {"choices":[{"index":0,"delta":{"role":"assistant"},"finish_reason":null}]}'
+    reads = [role + b"\n\n"] + [event(t) + b"\n\n" for t in ["Hi", " there", "error", " 東京"]]
+    assert [state.relay_read(r) for r in reads] == reads
+    assert state.error is None and not state.finished
+    bad = event("x").replace(b'"x"', b'"\xff"') + b"\n\n"
+    assert state.relay_read(bad) is None
+    assert state.relay_read(stream(["a", "b"])) == stream(["a", "b"])
+    finish = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+    assert state.relay_read(finish) == finish
+    assert state.finished

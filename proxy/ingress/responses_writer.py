@@ -59,6 +59,10 @@ __all__ = ["ResponsesWriter"]
 _DELTA: Final = b"%b%b" + SEQ + b"%d" + END
 _UNREADABLE: Final = "The upstream sent a chat completion chunk with a delta of the wrong types."
 _NAMELESS: Final = "The upstream sent a tool call without a function name."
+# A TextRun's field -> the item and part kinds its texts go to.
+_RUN_KINDS: Final = {
+    "content": ("message", "output_text"), "reasoning_content": ("reasoning", "reasoning_text"),
+}
 
 
 class ResponsesWriter:
@@ -109,10 +113,14 @@ class ResponsesWriter:
             self._start()
         for out in batch:
             if isinstance(out, TextRun):
-                if out.field == "content":
-                    self._run(out.texts, "message", "output_text")
-                else:
-                    self._run(out.texts, "reasoning", "reasoning_text")
+                texts = out.texts
+                kind, part_kind = _RUN_KINDS[out.field]
+                if len(texts) != 1:
+                    self._run(texts, kind, part_kind)
+                elif texts[0]:
+                    # A token stream read as it comes: one text a run, which `_text` writes
+                    # for less than the run's loop costs to set up.
+                    self._text(texts[0], kind, part_kind)
                 continue
             if isinstance(out, Comment):
                 self._out.append(encode_comment(out.text))
@@ -149,7 +157,9 @@ class ResponsesWriter:
         if self._held > MAX_ANSWER:
             # Every text is kept for the final object: an endless upstream must end here.
             raise answer_too_large()
-        return self._flush()
+        data = b"".join(self._out)
+        self._out.clear()
+        return data
 
     @property
     def started(self) -> bool:

@@ -33,8 +33,9 @@ from proxy.upstreams.deadlines import Deadlines
 from proxy.upstreams.forwarding import forward
 from proxy.upstreams.http import HttpUpstream, is_event_stream
 from proxy.upstreams.http_errors import read_answer
+from proxy.upstreams.openai_native import ResponsesRelayState
 from proxy.upstreams.openai_options import OpenAIOptions
-from proxy.upstreams.openai_relay import RelayState, ResponsesRelayState, reported_error
+from proxy.upstreams.openai_relay import RelayState, reported_error
 
 _READANY: Final = aiohttp.StreamReader.readany
 
@@ -215,9 +216,11 @@ class OpenAI(HttpUpstream):
         if not is_event_stream(resp.headers.get("Content-Type")):
             resp.close()
             deadlines.close()
+            # Quoted as JSON and cut short: the upstream's text, in the client's message.
+            kind = orjson.dumps(resp.headers.get("Content-Type", "missing")[:100]).decode()
             raise UpstreamFailed(
                 f"Upstream '{self.name}' answered a streaming request without an event stream "
-                f"(Content-Type {resp.headers.get('Content-Type', 'missing')!r})."
+                f"(Content-Type {kind})."
             )
         deadlines.set_keepalive(self.spec.keepalive)
         return resp, deadlines, (time.perf_counter() - started) * 1000.0
@@ -296,6 +299,10 @@ class OpenAI(HttpUpstream):
         state = RelayState(self.name)
         content = resp.content
         read = deadlines.read
+        # Per read, what the decoder need not be asked: whether it was ever fed (else it
+        # holds no part of an event), and whether it was told the stream began.
+        clean = True
+        passed = False
         try:
             while not state.done:
                 # aiohttp's readany(), not read_any: at 64 streams read_any gained the byte
@@ -312,14 +319,17 @@ class OpenAI(HttpUpstream):
                     break
                 comments = decoder.comments
                 plain = (
-                    state.pass_through(chunk)
-                    if decoder.at_boundary and len(chunk) <= decoder.max_line
+                    state.relay_read(chunk)
+                    if (clean or decoder.at_boundary) and len(chunk) <= decoder.max_line
                     else None
                 )
                 if plain is not None:
-                    decoder.passed_over()
+                    if not passed:
+                        decoder.passed_over()
+                        passed = True
                     out = plain
                 else:
+                    clean = False
                     out = state.frame(decoder.feed(chunk))
                 if out:
                     deadlines.sent()

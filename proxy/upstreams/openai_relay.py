@@ -4,7 +4,7 @@ enforce the stream guarantees, and nothing more (no sockets; proxy/upstreams/ope
 Chat completions: a read of whole, plain events passes through as the upstream framed them
 (`pass_through`: a few C-level scans instead of a decode per event); anything unusual goes
 through the SSE decoder and is framed again (`frame`), or decoded into chunks (`decode`) for
-an ingress that needs objects. Native Responses: events framed again up to the terminal one.
+an ingress that needs objects. Native Responses streams: proxy/upstreams/openai_native.py.
 """
 
 from __future__ import annotations
@@ -44,17 +44,11 @@ _DONE_LEN = len(_DONE_EVENT)
 # its tokens turn to) before the decode path stops trying: a server whose tokens cannot be
 # read from one usually never can.
 _TEMPLATE_TRIES = 4
-# The last event of a Responses stream, by `event:` name or, without one, by its data's type.
-_RESPONSES_TERMINAL = frozenset(
-    {"response.completed", "response.incomplete", "response.failed"}
-)
-_RESPONSES_TERMINAL_TYPE = re.compile(
-    r'^\{[^{]*?"type"\s*:\s*"response\.(?:completed|incomplete|failed)"'
-)
-# A terminal type's string anywhere in the event: where `type` comes after the response object
-# (openai-python's models serialise `{"response":{…},"sequence_number":…,"type":…}`) the event
-# is parsed. A text that holds the string has its quotes escaped, so other events rarely are.
-_RESPONSES_TERMINAL_NAME = re.compile(r'"response\.(?:completed|incomplete|failed)"')
+# Reads of one event the byte relay decodes to learn a template from (the role chunk, then
+# a first token, and again where the tokens turn from reasoning to the answer): a stream of
+# tool calls, which teaches none, stops costing a decode a read after these.
+_PEEKS = 8
+
 
 
 def flush_events(decoder: SSEDecoder, upstream: str) -> list[Any]:
@@ -73,7 +67,7 @@ def flush_events(decoder: SSEDecoder, upstream: str) -> list[Any]:
 class RelayState:
     """What the relay must know to enforce the stream guarantees, and nothing more."""
 
-    __slots__ = ("_template", "_tries", "done", "error", "finished", "upstream")
+    __slots__ = ("_peeks", "_template", "_tries", "done", "error", "finished", "upstream")
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
@@ -84,6 +78,7 @@ class RelayState:
         # The decode path's shortcut for token chunks (proxy/upstreams/openai_template.py).
         self._template: TextTemplate | None = None
         self._tries = _TEMPLATE_TRIES
+        self._peeks = _PEEKS
 
     def flush(self, decoder: SSEDecoder) -> list[Any]:
         return flush_events(decoder, self.upstream)
@@ -145,6 +140,30 @@ class RelayState:
         self.done = done
         return chunk
 
+    def relay_read(self, chunk: bytes) -> bytes | None:
+        """`pass_through` for the byte relay, with the decode path's template: a read that is
+        one token event of the stream's template is plain with nothing to check (see
+        TextTemplate.text_at), and a model server sends its tokens one event a read. The
+        template is learned from token events alone in their read that passed the checks,
+        as the decode path learns it; `_PEEKS` such reads at most are decoded to find one."""
+        template = self._template
+        if template is not None and template.text_at(chunk) is not None:
+            return chunk
+        plain = self.pass_through(chunk)
+        if (
+            plain and self._peeks and self._tries and not (self.finished or self.done)
+            # One event: its first line end is its blank line's.
+            and plain.find(b"\n") == len(plain) - 2
+        ):
+            self._peeks -= 1
+            try:
+                parsed = orjson.loads(plain[6:-2])
+            except orjson.JSONDecodeError:
+                return plain
+            if isinstance(parsed, dict):
+                self._learn(plain[:-2], parsed)
+        return plain
+
     def _data(self, ev: Any) -> str | None:
         """An event's data when it is a chunk to pass on; None to skip it or stop."""
         if self.done or self.error is not None:
@@ -202,6 +221,9 @@ class RelayState:
             return self.decode(self.flush(decoder))
         if decoder.at_boundary and len(chunk) <= decoder.max_line:
             template = self._template
+            if template is not None and (text := template.text_at(chunk)) is not None:
+                # One token event, as a model server sends them.
+                return [template.texts([text])]
             if template is not None and chunk.startswith(template.prefix):
                 texts, end = template.run(chunk, 0)
                 if texts is not None:
@@ -341,59 +363,3 @@ def reported_error(upstream: str, parsed: Any, where: str) -> ProxyError:
             message = err
     detail = f": {message[:500]}" if message else ""
     return UpstreamFailed(f"Upstream '{upstream}' reported an error {where}{detail}")
-
-
-class ResponsesRelayState:
-    """A native Responses stream: its events framed again as `event:` + `data:` (so a
-    truncated event never reaches the client) up to the terminal event; `[DONE]` dropped (the
-    writer ends every stream with its own)."""
-
-    __slots__ = ("ended", "failure", "terminal", "upstream")
-
-    def __init__(self, upstream: str) -> None:
-        self.upstream = upstream
-        self.terminal = False
-        self.ended = False
-        # Raised by the reader only after the events before it were passed on.
-        self.failure: ProxyError | None = None
-
-    def flush(self, decoder: SSEDecoder) -> list[Any]:
-        return flush_events(decoder, self.upstream)
-
-    def frame(self, events: list[Any]) -> bytes:
-        out: list[bytes] = []
-        for ev in events:
-            data: str = ev.data
-            if data == "[DONE]":
-                self.ended = True
-                break
-            if not data:
-                continue
-            # SSE names an event without an `event:` line "message".
-            name = "" if ev.event == "message" else ev.event
-            if name == "error" or data.startswith('{"error"'):
-                self.failure = stream_error(self.upstream, data)
-                break
-            if not (data.startswith("{") and data.rstrip().endswith("}")):
-                self.failure = UpstreamFailed(
-                    f"Upstream '{self.upstream}' sent a stream event that is not a JSON object."
-                )
-                break
-            out.append(reframe(data.encode(), name))
-            if name in _RESPONSES_TERMINAL if name else _is_terminal(data):
-                self.terminal = True
-                break
-        return b"".join(out)
-
-
-def _is_terminal(data: str) -> bool:
-    """Whether the data of a Responses event without an `event:` line is a terminal one."""
-    if _RESPONSES_TERMINAL_TYPE.match(data) is not None:
-        return True
-    if _RESPONSES_TERMINAL_NAME.search(data) is None:
-        return False
-    try:
-        parsed = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return False
-    return isinstance(parsed, dict) and parsed.get("type") in _RESPONSES_TERMINAL

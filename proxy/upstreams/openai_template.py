@@ -119,9 +119,12 @@ class TextTemplate:
         costs about its own bytes and one that stops at once (a text that needs an escape)
         about four events' bytes: a read with many such stops stays linear.
         """
+        size = len(read)
+        one = self.text_at(read, pos)
+        if one is not None:
+            return TextRun(self._outer, self._choice, [one], self.field), size
         texts: list[bytes] = []
         start = pos
-        size = len(read)
         window = 4 * self._event
         while start < size:
             pieces = read[start : start + window].split(self._end)
@@ -164,6 +167,28 @@ class TextTemplate:
             del texts[len(decoded) :]
             start = pos + sum(map(len, texts)) + len(texts) * self._event
         return self.texts(decoded), start
+
+    def text_at(self, read: bytes, pos: int = 0) -> str | None:
+        """The text of the event that is all of `read` from `pos` on, its blank line included,
+        when it is an event of the template; else None (it may still start a run).
+
+        A token stream read as it comes gives one event a read: then its text, all between
+        the prefix and the end, holds no quote, backslash or line end (and so no second
+        event either), and the event decodes exactly to the template's chunk with that text.
+        One slice and two scans instead of a run's splits, maps and joins; for the byte
+        relay, instead of `pass_through`'s dozen checks."""
+        end = self._end
+        size = len(read)
+        if not (read.endswith(end) and size - pos >= self._event
+                and read.startswith(self.prefix, pos)):
+            return None
+        text = read[pos + len(self.prefix) : size - len(end)]
+        if _UNSAFE.search(text) is not None:
+            return None
+        try:
+            return text.decode()
+        except UnicodeDecodeError:
+            return None
 
     def texts(self, texts: list[str]) -> TextRun:
         """The chunks of this template's events with `texts`."""
