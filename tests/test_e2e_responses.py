@@ -241,6 +241,104 @@ async def test_an_agents_sdk_agent_runs_its_tool_loop_through_the_proxy(
     assert messages[0] == {"role": "system", "content": "Answer about weather."}
 
 
+async def test_an_agents_sdk_tool_returning_an_image_reaches_the_model_after_the_tool_messages(
+    proxy: Proxy, fake_openai: FakeOpenAI
+) -> None:
+    import agents
+
+    agents.set_tracing_disabled(True)
+    fake_openai.mode = "parallel_tools"
+    png = "data:image/png;base64,iVBORw0KGgo="
+
+    @agents.function_tool
+    def get_weather(city: str) -> Any:  # a ToolOutputImage; Any, as the SDK resolves hints
+        """A satellite picture of a city."""
+        return agents.ToolOutputImage(image_url=png)
+
+    @agents.function_tool
+    def get_time(tz: str) -> str:
+        """The time in a time zone."""
+        return "12:00"
+
+    model = agents.OpenAIResponsesModel(model="mistral", openai_client=proxy.client())
+    agent = agents.Agent(name="looker", tools=[get_weather, get_time], model=model)
+    # The fake calls the tools again while the last message is not a tool result: the
+    # second model call is the one to look at.
+    with pytest.raises(agents.MaxTurnsExceeded):
+        await agents.Runner.run(agent, "Paris: picture and time?", max_turns=2)
+    second = fake_openai.received[1].body
+    assert second is not None
+    messages = second["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "tool", "user"]
+    assert [c["id"] for c in messages[1]["tool_calls"]] == ["call_one", "call_two"]
+    assert {m["tool_call_id"]: m["content"] for m in messages[2:4]} == {
+        "call_one": "", "call_two": "12:00"}
+    assert messages[4]["content"] == [{"type": "image_url", "image_url": {"url": png}}]
+
+
+async def test_a_codex_style_history_reaches_the_upstream_as_equivalent_chat_messages(
+    proxy: Proxy, fake_openai: FakeOpenAI
+) -> None:
+    # As Codex CLI sends it: no item ids, a developer message beside the instructions,
+    # reasoning with encrypted content, parallel calls answered in another order, nulls.
+    await proxy.client().responses.create(
+        model="mistral", instructions="You are a coding agent.", tools=[WEATHER, CLOCK],
+        input=[
+            {"type": "message", "role": "developer",
+             "content": [{"type": "input_text", "text": "Sandbox: read-only."}]},
+            {"type": "message", "role": "user",
+             "content": [{"type": "input_text", "text": "Weather and time?"}]},
+            {"type": "reasoning", "summary": [{"type": "summary_text", "text": "Two calls."}],
+             "content": None, "encrypted_content": "gAAAAB..."},
+            {"type": "message", "role": "assistant", "phase": "commentary",
+             "content": [{"type": "output_text", "text": "Checking.", "annotations": []}]},
+            {"type": "function_call", "name": "get_weather", "arguments": '{"city":"Oslo"}',
+             "call_id": "call_w", "id": None, "status": None},
+            {"type": "function_call", "name": "get_time", "arguments": "{}", "call_id": "call_t"},
+            {"type": "function_call_output", "call_id": "call_t", "output": "09:00"},
+            {"type": "function_call_output", "call_id": "call_w",
+             "output": [{"type": "input_text", "text": "rain"}]},
+            {"type": "message", "role": "assistant",
+             "content": [{"type": "refusal", "refusal": "I will not guess."}]},
+            {"role": "user", "content": "ok"},
+        ],
+    )
+    assert chat_body(fake_openai)["messages"] == [
+        {"role": "system", "content": "You are a coding agent.\n\nSandbox: read-only."},
+        {"role": "user", "content": "Weather and time?"},
+        {"role": "assistant", "content": "Checking.", "tool_calls": [
+            {"id": "call_w", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}},
+            {"id": "call_t", "type": "function",
+             "function": {"name": "get_time", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_t", "content": "09:00"},
+        {"role": "tool", "tool_call_id": "call_w", "content": "rain"},
+        {"role": "assistant", "content": "I will not guess."},
+        {"role": "user", "content": "ok"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("items", "param"),
+    [
+        ([{"role": "user", "content": "q"},
+          {"type": "function_call_output", "call_id": "call_gone", "output": "18C"}],
+         "input[1].call_id"),
+        ([{"role": "user", "content": "q"},
+          {"type": "function_call", "call_id": "call_open", "name": "get_weather",
+           "arguments": "{}"}], "input[1].call_id"),
+    ],
+    ids=["output-without-call", "call-without-output"],
+)
+async def test_a_call_and_output_that_do_not_pair_are_a_400_before_the_upstream(
+    proxy: Proxy, fake_openai: FakeOpenAI, items: list[Any], param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        await proxy.client().responses.create(model="mistral", input=items, tools=[WEATHER])
+    assert info.value.param == param
+    assert fake_openai.received == []
+
+
 # -- how a response ends -------------------------------------------------------------------
 
 

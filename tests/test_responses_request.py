@@ -86,15 +86,24 @@ def test_input_file_with_data_becomes_a_file_part() -> None:
         "file_data": "data:application/pdf;base64,AA", "filename": "a.pdf"}}]
 
 
-def test_assistant_output_text_parts_are_one_string_and_refusals_kept() -> None:
+def test_assistant_output_text_parts_are_one_string() -> None:
     got = messages(input=[
         {"role": "user", "content": "q"},
         {"type": "message", "role": "assistant", "id": "msg_1", "status": "completed",
-         "content": [text("Hel", "output_text"), text("lo", "output_text"),
-                     {"type": "refusal", "refusal": "no"}]},
+         "content": [text("Hel", "output_text"), text("lo", "output_text")]},
         {"role": "user", "content": "again"},
     ])
-    assert got[1] == {"role": "assistant", "content": "Hello", "refusal": "no"}
+    assert got[1] == {"role": "assistant", "content": "Hello"}
+
+
+def test_an_assistant_refusal_is_its_content_which_every_chat_server_renders() -> None:
+    got = messages(input=[
+        {"role": "user", "content": "q"},
+        {"type": "message", "role": "assistant", "id": "msg_1", "status": "completed",
+         "phase": None, "content": [{"type": "refusal", "refusal": "I can't help."}]},
+        {"role": "user", "content": "why?"},
+    ])
+    assert got[1] == {"role": "assistant", "content": "I can't help."}
 
 
 def test_consecutive_function_calls_are_one_assistant_message_then_tool_messages() -> None:
@@ -137,6 +146,54 @@ def test_reasoning_items_are_dropped() -> None:
                            "content": [{"type": "reasoning_text", "text": "secret"}]},
                           {"role": "user", "content": "hi"}])
     assert got == [{"role": "user", "content": "hi"}]
+
+
+def test_instructions_and_leading_system_items_are_one_system_message_later_ones_stay() -> None:
+    got = messages(instructions="Be brief.", input=[
+        {"type": "message", "role": "developer", "content": [text("Sandbox: read-only.")]},
+        {"role": "system", "content": [text("Use "), text("metric units.")]},
+        {"role": "user", "content": "q"},
+        {"role": "developer", "content": "Now writable."},
+        {"role": "user", "content": "go"},
+    ])
+    assert got == [
+        {"role": "system", "content": "Be brief.\n\nSandbox: read-only.\n\nUse metric units."},
+        {"role": "user", "content": "q"},
+        {"role": "system", "content": "Now writable."},
+        {"role": "user", "content": "go"},
+    ]
+
+
+def test_tool_output_images_follow_the_tool_messages_in_a_user_message() -> None:
+    got = messages(input=[
+        {"role": "user", "content": "Screenshot both."},
+        {"type": "function_call", "call_id": "a", "name": "shot", "arguments": "{}"},
+        {"type": "function_call", "call_id": "b", "name": "shot", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "b", "output": [
+            text("second"), {"type": "input_image", "image_url": "data:image/png;base64,BB",
+                             "detail": None, "file_id": None}]},
+        {"type": "function_call_output", "call_id": "a", "output": [
+            {"type": "input_image", "image_url": "data:image/png;base64,AA"}]},
+        {"role": "user", "content": "Compare."},
+    ])
+    assert [m["role"] for m in got] == ["user", "assistant", "tool", "tool", "user", "user"]
+    assert got[2] == {"role": "tool", "tool_call_id": "b", "content": "second"}
+    assert got[3] == {"role": "tool", "tool_call_id": "a", "content": ""}
+    assert got[4]["content"] == [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,BB"}},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}},
+    ]
+
+
+def test_an_empty_content_list_is_an_empty_string_and_original_detail_is_high() -> None:
+    got = messages(input=[
+        {"role": "user", "content": []},
+        {"role": "user", "content": [
+            {"type": "input_image", "image_url": "http://x/a.png", "detail": "original"}]},
+    ])
+    assert got[0] == {"role": "user", "content": ""}
+    assert got[1]["content"] == [
+        {"type": "image_url", "image_url": {"url": "http://x/a.png", "detail": "high"}}]
 
 
 # -- tools, tool_choice, options -----------------------------------------------------------
@@ -288,8 +345,33 @@ BAD: list[tuple[str, dict[str, Any], str | None]] = [
      "input[0].call_id"),
     ("output-number", {"input": [{"type": "function_call_output", "call_id": "c",
                                   "output": 1}]}, "input[0].output"),
-    ("output-image", {"input": [{"type": "function_call_output", "call_id": "c", "output": [
-        {"type": "input_image", "image_url": "http://x"}]}]}, "input[0].output[0]"),
+    ("output-audio", {"input": [{"type": "function_call_output", "call_id": "c", "output": [
+        {"type": "input_audio"}]}]}, "input[0].output[0].type"),
+    ("output-without-its-call", {"input": [
+        {"role": "user", "content": "q"},
+        {"type": "function_call", "call_id": "a", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "a", "output": "1"},
+        {"type": "function_call_output", "call_id": "b", "output": "2"}]}, "input[3].call_id"),
+    ("output-twice", {"input": [
+        {"type": "function_call", "call_id": "a", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "a", "output": "1"},
+        {"type": "function_call_output", "call_id": "a", "output": "1"}]}, "input[2].call_id"),
+    ("output-before-its-call", {"input": [
+        {"type": "function_call_output", "call_id": "a", "output": "1"},
+        {"type": "function_call", "call_id": "a", "name": "f", "arguments": "{}"}]},
+     "input[0].call_id"),
+    ("call-without-output", {"input": [
+        {"role": "user", "content": "q"},
+        {"type": "function_call", "call_id": "a", "name": "f", "arguments": "{}"},
+        {"type": "function_call", "call_id": "b", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "a", "output": "1"}]}, "input[2].call_id"),
+    ("local-shell-call", {"input": [{"type": "local_shell_call", "id": "ls", "call_id": "c",
+                                     "status": "completed", "action": {
+                                         "type": "exec", "command": ["ls"], "env": {}}}]},
+     "input[0].type"),
+    ("custom-tool-call", {"input": [{"type": "custom_tool_call", "call_id": "c",
+                                     "name": "apply_patch", "input": "*** Begin Patch"}]},
+     "input[0].type"),
     ("model-empty", {"model": "", "input": "x"}, "model"),
     ("model-number", {"model": 1, "input": "x"}, "model"),
     ("stream-string", {"input": "x", "stream": "true"}, "stream"),
@@ -492,22 +574,33 @@ def test_any_json_body_parses_or_is_an_invalid_request(body: dict[str, Any],
     assert request.chat["messages"]
 
 
+@st.composite
+def tool_round(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """Parallel calls with distinct ids, then their outputs in any order."""
+    ids = draw(st.lists(st.text(max_size=4), min_size=1, max_size=3, unique=True))
+    calls = [{"type": "function_call", "call_id": i, "name": draw(st.text(min_size=1,
+                                                                          max_size=4)),
+              "arguments": draw(st.text(max_size=8))} for i in ids]
+    outputs = [{"type": "function_call_output", "call_id": i, "output": draw(st.text(max_size=8))}
+               for i in draw(st.permutations(ids))]
+    return calls + outputs
+
+
 WELL_FORMED = st.one_of(
     st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "developer"]),
-                           "content": st.text(max_size=8)}),
-    st.fixed_dictionaries({"type": st.just("function_call"), "call_id": st.text(max_size=4),
-                           "name": st.text(min_size=1, max_size=4),
-                           "arguments": st.text(max_size=8)}),
-    st.fixed_dictionaries({"type": st.just("function_call_output"),
-                           "call_id": st.text(max_size=4), "output": st.text(max_size=8)}),
+                           "content": st.text(max_size=8)}).map(lambda m: [m]),
+    tool_round(),
     st.fixed_dictionaries({"type": st.just("reasoning"), "id": st.text(max_size=4),
-                           "summary": st.just([])}),
+                           "summary": st.just([])}).map(lambda r: [r]),
 )
 
 
 @settings(max_examples=300, deadline=None, derandomize=True, database=None)
-@given(st.lists(WELL_FORMED, max_size=8))
-def test_well_formed_items_always_translate_every_call_and_output(items: list[Any]) -> None:
+@given(st.lists(WELL_FORMED, max_size=5))
+def test_well_formed_items_always_translate_every_call_and_output(
+    rounds: list[list[Any]]
+) -> None:
+    items = [item for round_ in rounds for item in round_]
     items.append({"role": "user", "content": "go"})
     chat = parse(input=items).chat["messages"]
     calls = [c for m in chat for c in m.get("tool_calls", ())]

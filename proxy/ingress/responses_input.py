@@ -2,10 +2,14 @@
 
 A string `input` is one user message; `message` items keep their role (`developer` becomes
 `system`, which every model server accepts) with `input_text`/`output_text` → text and
-`input_image` → `image_url` parts; consecutive `function_call` items → one assistant message
-with `tool_calls`, joined to the assistant text just before them (one model turn);
-`function_call_output` → a `tool` message; `reasoning` items are dropped, since no chat
-upstream can take them back.
+`input_image` → `image_url` parts; the leading system messages (`instructions` and the first
+system/developer items) are one, since many chat templates take a single system message, first;
+an assistant message's text and refusal parts are one string; consecutive `function_call` items
+→ one assistant message with `tool_calls`, joined to the assistant text just before them (one
+model turn); `function_call_output` → a `tool` message, whose images and files (which a tool
+message cannot carry) follow in a user message. Every call needs its output and every output
+its call, as chat servers require. `reasoning` items are dropped, since no chat upstream can
+take them back. The decisions, per item, are listed in docs/responses.md.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ __all__ = ["translate_input"]
 _ROLES: Final = {"user": "user", "assistant": "assistant", "system": "system",
                  "developer": "system"}
 _TEXT_PARTS: Final = frozenset({"input_text", "output_text", "text"})
+# Chat has no `original` (full resolution): `high` is the nearest.
+_DETAILS: Final = {"auto": "auto", "low": "low", "high": "high", "original": "high"}
 
 
 def translate_input(value: Any, messages: list[dict[str, Any]], sources: list[str]) -> None:
@@ -38,6 +44,11 @@ def translate_input(value: Any, messages: list[dict[str, Any]], sources: list[st
             f"Invalid type for 'input': expected a string or an array, got {kind_of(value)}.",
             param="input",
         )
+    # Only the leading system messages merge: a later one keeps its place in the turns.
+    leading = all(m["role"] == "system" for m in messages)
+    calls: dict[str, str] = {}  # call_id → its item's path, until its output comes
+    media: list[dict[str, Any]] = []  # tool outputs' images and files, for a user message
+    media_from = ""  # the first output they came from
     for i, item in enumerate(value):
         param = f"input[{i}]"
         if not isinstance(item, dict):
@@ -48,15 +59,37 @@ def translate_input(value: Any, messages: list[dict[str, Any]], sources: list[st
         kind = item.get("type")
         if kind is None and "role" in item:
             kind = "message"
+        if media and kind != "function_call_output" and kind != "reasoning":
+            _flush_media(media, media_from, messages, sources)
         if kind == "message":
-            messages.append(_message(item, param))
+            message = _message(item, param)
+            if message["role"] != "system":
+                leading = False
+            elif leading and messages:
+                messages[-1]["content"] += "\n\n" + message["content"]
+                continue
+            messages.append(message)
             sources.append(param)
         elif kind == "function_call":
-            _function_call(item, param, messages)
+            leading = False
+            call_id = _function_call(item, param, messages)
+            calls.setdefault(call_id, param)
             if len(sources) < len(messages):
                 sources.append(param)
         elif kind == "function_call_output":
-            messages.append(_function_call_output(item, param))
+            leading = False
+            if not media:
+                media_from = param
+            message = _function_call_output(item, param, media)
+            if calls.pop(message["tool_call_id"], None) is None:
+                raise InvalidRequest(
+                    f"No function_call before '{param}' has its call_id "
+                    f"'{message['tool_call_id']}' (or its output came already): send the "
+                    "call in 'input' before its output; this proxy stores no earlier "
+                    "responses.",
+                    param=f"{param}.call_id",
+                )
+            messages.append(message)
             sources.append(param)
         elif kind == "reasoning":
             continue
@@ -75,6 +108,25 @@ def translate_input(value: Any, messages: list[dict[str, Any]], sources: list[st
                 "completions.",
                 param=f"{param}.type",
             )
+    if media:
+        _flush_media(media, media_from, messages, sources)
+    if calls:
+        call_id, param = next(iter(calls.items()))
+        raise InvalidRequest(
+            f"No function_call_output in 'input' answers '{param}' (call_id '{call_id}'): "
+            "chat models need the output of every call they made.",
+            param=f"{param}.call_id",
+        )
+
+
+def _flush_media(media: list[dict[str, Any]], source: str, messages: list[dict[str, Any]],
+                 sources: list[str]) -> None:
+    """The images and files of the tool outputs just before, as the user message after them
+    (a chat tool message takes text only; a message between tool messages would split them
+    from their calls)."""
+    messages.append({"role": "user", "content": list(media)})
+    sources.append(source)
+    media.clear()
 
 
 def _message(item: dict[str, Any], param: str) -> dict[str, Any]:
@@ -100,15 +152,20 @@ def _message(item: dict[str, Any], param: str) -> dict[str, Any]:
     if chat_role == "assistant":
         return _assistant_message(content, param)
     parts = [_part(part, f"{param}.content[{j}]", chat_role) for j, part in enumerate(content)]
+    if chat_role == "system" or not parts:
+        # Text only (images are refused there): a string, which every template takes and
+        # the leading system messages merge into.
+        return {"role": chat_role, "content": "".join(part["text"] for part in parts)}
     if len(parts) == 1 and parts[0]["type"] == "text":
         return {"role": chat_role, "content": parts[0]["text"]}
     return {"role": chat_role, "content": parts}
 
 
 def _assistant_message(content: list[Any], param: str) -> dict[str, Any]:
-    # Output text parts are segments of one answer: chat takes them back as one string.
+    # Output text parts are segments of one answer: chat takes them back as one string. A
+    # refusal joins it too: most chat servers render no `refusal` field, and the model would
+    # see an empty turn.
     text: list[str] = []
-    refusal: list[str] = []
     for j, part in enumerate(content):
         where = f"{param}.content[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
@@ -117,17 +174,14 @@ def _assistant_message(content: list[Any], param: str) -> dict[str, Any]:
         if kind in _TEXT_PARTS:
             text.append(req_str(part, "text", where))
         elif kind == "refusal":
-            refusal.append(req_str(part, "refusal", where))
+            text.append(req_str(part, "refusal", where))
         else:
             raise InvalidRequest(
                 f"Invalid content part '{where}': assistant messages take output_text and "
                 "refusal parts.",
                 param=where,
             )
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(text)}
-    if refusal:
-        message["refusal"] = "".join(refusal)
-    return message
+    return {"role": "assistant", "content": "".join(text)}
 
 
 def _part(part: Any, param: str, role: str) -> dict[str, Any]:
@@ -149,15 +203,15 @@ def _part(part: Any, param: str, role: str) -> dict[str, Any]:
         image: dict[str, Any] = {"url": url}
         detail = part.get("detail")
         if detail is not None:
-            if detail not in ("auto", "low", "high"):
+            if detail not in _DETAILS:
                 if not isinstance(detail, str):
                     raise _bad_type(detail, f"{param}.detail")
                 raise InvalidRequest(
-                    f"Invalid value for '{param}.detail': supported values are 'auto', 'low' "
-                    "and 'high'.",
+                    f"Invalid value for '{param}.detail': supported values are 'auto', 'low', "
+                    "'high' and 'original'.",
                     param=f"{param}.detail",
                 )
-            image["detail"] = detail
+            image["detail"] = _DETAILS[detail]
         return {"type": "image_url", "image_url": image}
     if kind == "input_file" and role == "user":
         file: dict[str, Any] = {}
@@ -183,9 +237,10 @@ def _part(part: Any, param: str, role: str) -> dict[str, Any]:
     )
 
 
-def _function_call(item: dict[str, Any], param: str, messages: list[dict[str, Any]]) -> None:
+def _function_call(item: dict[str, Any], param: str, messages: list[dict[str, Any]]) -> str:
+    call_id = req_str(item, "call_id", param)
     call = {
-        "id": req_str(item, "call_id", param),
+        "id": call_id,
         "type": "function",
         "function": {
             "name": req_str(item, "name", param),
@@ -198,23 +253,23 @@ def _function_call(item: dict[str, Any], param: str, messages: list[dict[str, An
         last.setdefault("tool_calls", []).append(call)
     else:
         messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+    return call_id
 
 
-def _function_call_output(item: dict[str, Any], param: str) -> dict[str, Any]:
+def _function_call_output(
+    item: dict[str, Any], param: str, media: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The tool message; the output's images and files go to `media`."""
     call_id = req_str(item, "call_id", param)
     output = item.get("output")
     if isinstance(output, list):
         text: list[str] = []
         for j, part in enumerate(output):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if not isinstance(kind, str):
-                raise _bad_part(part, f"{param}.output[{j}]")
-            if kind not in _TEXT_PARTS:
-                raise InvalidRequest(
-                    f"'{param}.output[{j}]': chat completions take text tool results only.",
-                    param=f"{param}.output[{j}]",
-                )
-            text.append(req_str(part, "text", f"{param}.output[{j}]"))
+            chat_part = _part(part, f"{param}.output[{j}]", "user")
+            if chat_part["type"] == "text":
+                text.append(chat_part["text"])
+            else:
+                media.append(chat_part)
         output = "".join(text)
     elif not isinstance(output, str):
         raise InvalidRequest(
