@@ -15,6 +15,7 @@ from tests.custom_e2e import API_IDS, APIS, DIFY, Api, custom_env, serve_api
 from tests.fake_agents import Reply
 from tests.responses_assert import output_text
 from tests.responses_client import comparable, post_raw, stream_final
+from tests.test_custom_unlisted import RELAY, RELAY_STREAM, FakeRelay, relay_event, serve
 
 __all__ = ["custom_env"]
 
@@ -100,3 +101,22 @@ async def test_responses_stream_keeps_an_upstream_event_with_bytes_that_are_not_
                                       headers=CHAT)
     assert final["status"] == "completed"
     assert output_text(final) == "caf\ufffd ok"
+
+
+async def test_responses_an_upstream_content_filter_finish_is_incomplete_for_that_reason(
+    tmp_path: Path,
+) -> None:
+    stream = (*RELAY_STREAM[:-1], relay_event("finished", {"reason": "content_filter"}))
+    fake = FakeRelay()
+    headers = {"X-Session-Id": "relay-chat"}
+    async with serve(RELAY, fake, tmp_path) as served:
+        fake.replies.extend([Reply(parts=stream), Reply(parts=stream)])
+        reply = await served.client().responses.create(
+            model="relay", input="Hello", extra_headers=headers)
+        final, _ = await stream_final(served.proxy, {"model": "relay", "input": "Hello"},
+                                      headers=headers)
+    assert reply.status == final["status"] == "incomplete"
+    assert reply.incomplete_details is not None
+    assert reply.incomplete_details.reason == "content_filter"
+    assert final["incomplete_details"] == {"reason": "content_filter"}
+    assert reply.output_text == output_text(final) == "Hello world"

@@ -145,6 +145,15 @@ mode: sync
         pytest.param({"sync": {"text": "a", "body": {"x": ["{{ sesion.key }}"]}}},
                      "sync.body.x[0]: unknown placeholder `{{ sesion.key }}`; did you mean "
                      "`{{ session.key }}`?", id="unknown-placeholder-in-override"),
+        pytest.param({"request": {"path": "/x", "body": {"n": 10**20}}}, "request.body.n: "
+                     "100000000000000000000 is beyond what JSON can carry exactly",
+                     id="integer-beyond-64-bits"),
+        pytest.param({"sync": {"text": "a", "body": {"t": [float("inf")]}}}, "sync.body.t[0]: "
+                     "inf is not a JSON number", id="infinite-number"),
+        pytest.param({"request": {"path": "/x", "body": {"d": yaml.safe_load("[" * 200 + "]"
+                                                                            * 200)}}},
+                     "request.body.d" + "[0]" * 127 + ": nested more than 128 levels deep",
+                     id="body-nested-too-deep"),
         pytest.param({"request": {"path": "chat"}}, "request.path: a path starts with `/`",
                      id="relative-path"),
         pytest.param({"request": {"path": "/x", "method": "FETCH"}},
@@ -162,14 +171,25 @@ mode: sync
                      "models.path: unknown placeholder `{{ model }}`", id="placeholder-in-models"),
         pytest.param({"session": {"id": "{{ session.id }}"}}, "session.id: the session id "
                      "cannot be made from `{{ session.id }}` itself", id="self-referent-id"),
+        pytest.param({"session": {"from_response": "sid", "create": {"path": "/s"}}},
+                     "session.create: `create` is for ids the proxy derives; with "
+                     "`from_response` the server issues them", id="create-with-issued-ids"),
+        pytest.param({"session": {"lookup": {"path": "/c", "id": "x"},
+                                  "id": "{{ session.uuid }}"}},
+                     "session.id: `id` is for ids the proxy derives; with `lookup` the server "
+                     "issues them", id="id-with-issued-ids"),
         pytest.param({"session": {"lookup": {"path": "/c"}}},
                      "session.lookup: missing required key 'id'", id="lookup-without-id"),
         pytest.param({"session": {"without_hint": "never"}}, "session.without_hint: 'never' is "
                      "not one of new, per_key, stateless", id="bad-without-hint"),
         pytest.param({"session": {"stateless": {"path": "/y"}}}, "session.stateless: used only "
                      "with `without_hint: stateless`", id="stateless-without-stateless"),
-        pytest.param({"session": {"cache": -1}}, "session.cache: expected seconds",
+        pytest.param({"session": {"cache": -1}}, "session.cache: expected a finite number",
                      id="negative-cache"),
+        pytest.param({"session": {"cache": float("nan")}}, "session.cache: expected a finite "
+                     "number", id="nan-cache"),
+        pytest.param({"session": {"cache": float("inf")}}, "session.cache: expected a finite "
+                     "number", id="infinite-cache"),
         pytest.param({"session": {"create": {"path": "/s", "ok": [409, "x"]}}},
                      "session.create.ok: expected HTTP statuses (100-599), got 'x'",
                      id="bad-ok-status"),
@@ -199,6 +219,8 @@ def test_a_problem_names_its_key_path(changes: dict[str, Any], expected: str) ->
                      "compare with a string, number, boolean or null", id="when-mapping"),
         pytest.param({"when": {"type": []}, "text": "t"}, "stream.rules[1].when.type: an empty "
                      "list matches nothing", id="when-empty-list"),
+        pytest.param({"when": {"type": [1, float("nan")]}, "text": "t"},
+                     "stream.rules[1].when.type: NaN equals nothing", id="when-nan"),
         pytest.param({"has": ["ok", "b..c"], "text": "t"}, "stream.rules[1].has[1]: 'b..c'",
                      id="bad-has"),
         pytest.param({"cumulative": True, "recap": True, "text": "t"},

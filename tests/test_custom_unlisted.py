@@ -478,3 +478,20 @@ async def test_a_captured_value_too_deep_to_send_back_skips_the_cancel_with_a_wa
             model="relay", messages=HI, extra_headers=CHAT)
     assert reply.choices[0].message.content == "Hello world"
     assert fake.cancelled == []
+
+
+@pytest.mark.parametrize("reason", ["content_filter", "length", "end_turn", "error"])
+async def test_a_finish_reason_a_client_acts_on_passes_through_and_the_rest_are_stop(
+    reason: str, tmp_path: Path,
+) -> None:
+    stream = (*RELAY_STREAM[:-1], relay_event("finished", {"reason": reason}))
+    fake = FakeRelay()
+    expected = reason if reason in ("content_filter", "length") else "stop"
+    async with serve(RELAY, fake, tmp_path) as served:
+        fake.replies.extend([Reply(parts=stream), Reply(parts=stream)])
+        events = await post_stream(served, "relay", headers=CHAT)
+        reply = await served.client().chat.completions.create(
+            model="relay", messages=HI, extra_headers=CHAT)
+    assert [e["choices"][0]["finish_reason"] for e in events[1:-1]][-1] == expected
+    assert reply.choices[0].finish_reason == expected
+    assert reply.choices[0].message.content == text_of(events) == "Hello world"

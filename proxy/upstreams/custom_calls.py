@@ -87,6 +87,10 @@ class CustomCalls(HttpUpstream):
             for name in (cancel.names if cancel is not None else ())
             if name.startswith(CAPTURED_PREFIX)
         )
+        # An issued id may first come in the answer the client left: the cancel waits for it.
+        self._cancel_needs_id = (
+            cancel is not None and self._issued and "session.id" in cancel.names
+        )
 
     def _url(self, target: str) -> URL:
         return URL(self._root + target, encoded=True)
@@ -146,20 +150,26 @@ class CustomCalls(HttpUpstream):
                 # answer ends meanwhile (then there is nothing to cancel).
                 if (
                     reader is not None
-                    and not self._cancel_needs <= captured.keys()
+                    and not self._has_cancel_values(turn, reader)
                     and not await self._read_on(turn, reader)
                 ):
                     return
                 turn.resp.close()
-                missing = self._cancel_needs - captured.keys()
+                missing = sorted(self._cancel_needs - captured.keys())
+                values = turn.values
+                if self._cancel_needs_id and values["session.id"] is None:
+                    reported = reader.session_id if reader is not None else None
+                    if reported is None:
+                        missing.append("its session id")
+                    values = {**values, "session.id": reported}
                 if missing:
                     log.warning(
                         "could not cancel a turn on upstream %s: the stream never sent %s",
-                        self.name, ", ".join(sorted(missing)),
+                        self.name, ", ".join(missing),
                     )
                     return
                 await self._request(
-                    http, exchange, cancel, with_captured(turn.values, captured), parse=False
+                    http, exchange, cancel, with_captured(values, captured), parse=False
                 )
             log.info("cancelled a turn on upstream %s after the client left", self.name)
         except (ProxyError, TimeoutError) as exc:
@@ -171,12 +181,19 @@ class CustomCalls(HttpUpstream):
             if turn.lock_key is not None:
                 self.state.session_locks.release(turn.lock_key)
 
+    def _has_cancel_values(self, turn: TurnInFlight, reader: StreamReader) -> bool:
+        return self._cancel_needs <= reader.captured.keys() and not (
+            self._cancel_needs_id
+            and turn.values["session.id"] is None
+            and reader.session_id is None
+        )
+
     async def _read_on(self, turn: TurnInFlight, reader: StreamReader) -> bool:
         """Reads the abandoned stream until the cancel's values came; False when the answer
         ended meanwhile (nothing left to cancel)."""
         content = turn.resp.content
         try:
-            while not self._cancel_needs <= reader.captured.keys():
+            while not self._has_cancel_values(turn, reader):
                 data = await content.readany()
                 if not data:
                     return False

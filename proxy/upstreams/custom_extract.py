@@ -41,6 +41,7 @@ _GENERIC_ERROR: Final = "the request failed"
 # 1,024 levels, and each level here is a Python call, which a hostile upstream would run past
 # the interpreter's recursion limit.
 MAX_TEXT_DEPTH: Final = 32
+_PASSED_FINISH: Final = frozenset({"length", "content_filter"})
 
 
 def coerce_text(value: Any, join: str = "", depth: int = 0) -> str:
@@ -118,8 +119,8 @@ def add_usage(old: Usage, new: Usage) -> Usage:
 def finish_reason(value: Any) -> str | None:
     if value is None:
         return None
-    # "length" is the one reason a client acts on (the answer was cut); the rest mean stop.
-    return "length" if value == "length" else "stop"
+    # The reasons a client acts on (the answer was cut, or withheld); the rest mean stop.
+    return value if type(value) is str and value in _PASSED_FINISH else "stop"
 
 
 def error_text(value: Any) -> str:

@@ -128,6 +128,9 @@ def compile_condition(c: Checker, key: Any, value: Any, where: Where) -> Conditi
             c.error(spot, f"compare with a string, number, boolean or null, not "
                              f"{kind_of(item)}")
             return None
+        if isinstance(item, float) and item != item:
+            c.error(spot, "NaN equals nothing: this condition could never hold")
+            return None
     strict = any(isinstance(v, bool | int | float) for v in values)
     return Condition(path, values, strict)
 

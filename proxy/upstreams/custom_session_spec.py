@@ -3,6 +3,7 @@ create calls, `from_response`, `without_hint` and the cache (custom-apis.md §5,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -124,6 +125,13 @@ def compile_session(
         getter = c.paths(entries["from_response"], (*where, "from_response"))
         if getter is not None:
             options["from_response"] = getter
+    issued = [k for k in ("lookup", "from_response") if entries.get(k) is not None]
+    for name in ("id", "create"):
+        # Both would be accepted and then never used: the server's id wins.
+        if issued and entries.get(name) is not None:
+            c.error((*where, name), f"`{name}` is for ids the proxy derives; with "
+                                    f"`{issued[0]}` the server issues them, so `{name}` "
+                                    "would never be used")
     without_hint = c.choice(entries.get("without_hint", "new"), (*where, "without_hint"),
                             WITHOUT_HINT) or "new"
     options["without_hint"] = without_hint
@@ -137,9 +145,11 @@ def compile_session(
                 c.error((*where, "stateless"), "used only with `without_hint: stateless`")
     if "cache" in entries:
         cache = entries["cache"]
-        if isinstance(cache, bool) or not isinstance(cache, int | float) or cache < 0:
-            c.error((*where, "cache"), f"expected seconds (0 turns the cache off), got "
-                                       f"{cache!r}")
+        # NaN would never expire (every comparison with it is false); inf never does either.
+        if (isinstance(cache, bool) or not isinstance(cache, int | float) or cache < 0
+                or not math.isfinite(cache)):
+            c.error((*where, "cache"), f"expected a finite number of seconds (0 turns the "
+                                       f"cache off), got {cache!r}")
         else:
             options["cache"] = float(cache)
     return CustomSession(**options), stateless

@@ -15,6 +15,7 @@ per request; an unknown placeholder is a compile error that names it.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from collections.abc import Collection, Mapping
 from typing import Any, Final, TypeAlias
@@ -73,6 +74,9 @@ CAPTURED_PREFIX: Final = "captured."
 Where: TypeAlias = tuple[str | int, ...]
 
 _OPEN: Final = "{{"
+_MAX_NESTING: Final = 128
+_INT_MIN: Final = -(2**63)
+_INT_MAX: Final = 2**64 - 1
 _CLOSE: Final = "}}"
 # Only at load: what sits between `{{` and `}}`.
 _INNER = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_-]*)*)(\?)?\s*")
@@ -170,6 +174,9 @@ class _Compiler:
             if len(parts) == 1 and isinstance(parts[0], Ref):
                 return Whole(parts[0])
             return Interp(parts)
+        if isinstance(value, Mapping | list | tuple) and len(where) >= _MAX_NESTING:
+            # orjson writes 254 levels; the values put in (message lists) need some of them.
+            raise TemplateError(f"nested more than {_MAX_NESTING} levels deep", where)
         if isinstance(value, Mapping):
             items: list[tuple[str, Node]] = []
             for key, item in value.items():
@@ -190,7 +197,18 @@ class _Compiler:
             if len(consts) == len(nodes):
                 return Const(consts)
             return ListNode(tuple(nodes))
-        if value is None or isinstance(value, bool | int | float):
+        if value is None or isinstance(value, bool):
+            return Const(value)
+        # What orjson cannot write (or would write as null) would fail or change every
+        # request; the file is the place to say so.
+        if isinstance(value, int):
+            if not _INT_MIN <= value <= _INT_MAX:
+                raise TemplateError(f"{value} is beyond what JSON can carry exactly (64 "
+                                    "bits); quote it to send text", where)
+            return Const(value)
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                raise TemplateError(f"{value!r} is not a JSON number", where)
             return Const(value)
         raise TemplateError(
             f"{value!r} ({type(value).__name__}) is not a JSON value; quote it to send text",

@@ -1,0 +1,152 @@
+"""Cancelling a turn the client left, on a server that issues its session ids in the stream
+(`session.from_response`) and whose cancel names that session: the cancel goes out once,
+with the id the stream reported, however late it came; never a leaked task."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+
+from tests.conftest import wait_for
+from tests.custom_e2e import Served, post_stream
+from tests.fake_agents import FakeAgent, Recorded, Reply
+from tests.test_custom_unlisted import serve
+
+CHAT = {"X-Session-Id": "chat-1"}
+
+ISSUER = """\
+upstreams:
+  issuer:
+    kind: custom
+    url: {url}/issuer
+    mode: stream
+    session:
+      from_response: session
+    request:
+      path: /turns
+      body: {{input: "{{{{ input }}}}", session: "{{{{ session.id? }}}}"}}
+    stream:
+      framing: sse
+      rules:
+        - when: {{kind: delta}}
+          text: text
+          capture: {{turn: turn}}
+        - when: {{kind: done}}
+          end: true
+    cancel:
+      path: "/sessions/{{{{ session.id }}}}/turns/{{{{ captured.turn }}}}/stop"
+    timeouts: {{first_event: 5}}
+models:
+  issuer: {{upstream: issuer}}
+"""
+
+
+def event(**data: Any) -> bytes:
+    return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+class FakeIssuer(FakeAgent):
+    chat_paths = (r"/issuer/turns",)
+
+    def __init__(self, cancel_status: int = 204, cancel_hangs: bool = False) -> None:
+        super().__init__()
+        self.cancelled: list[Recorded] = []
+        self.cancel_status = cancel_status
+        self.cancel_hangs = cancel_hangs
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/issuer/turns", self.turn)
+        app.router.add_post("/issuer/sessions/{tail:.+}", self.cancel)
+        return app
+
+    async def turn(self, request: web.Request) -> web.StreamResponse:
+        await self.record(request)
+        return await self.answer(request, self.next_reply(Reply(parts=(
+            event(kind="delta", text="Hi", turn="t-1", session="s-1"), event(kind="done")))))
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        recorded = await self.record(request)
+        recorded.path = request.raw_path
+        self.cancelled.append(recorded)
+        if self.cancel_hangs:
+            await self.wait_unless_gone(request, asyncio.Event())
+        return web.json_response({"message": "no such turn"}, status=self.cancel_status)
+
+
+async def leave_while_held(served: Served, held: Reply) -> None:
+    """A streaming client that goes away while the upstream holds its answer."""
+    stream = asyncio.create_task(post_stream(served, "issuer", headers=CHAT))
+    await held.held.wait()
+    await wait_for(lambda: served.in_flight == 1)
+    stream.cancel()
+    await asyncio.gather(stream, return_exceptions=True)
+    await wait_for(lambda: served.in_flight == 0)
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["with-the-text", "after-the-client-left"])
+async def test_a_left_turn_is_cancelled_once_in_the_session_the_stream_reported(
+    late: bool, tmp_path: Path
+) -> None:
+    # When the id comes late, the answer goes on after it (the stream is cut unfinished).
+    first = event(kind="delta", text="Hi", turn="t-1", **({} if late else {"session": "s/1"}))
+    later = (event(kind="delta", text=" there", session="s/1"), b": more\n\n", b"")
+    held = Reply(parts=(first, *later) if late else (first, event(kind="done")),
+                 hold_after=1, abort_after=3 if late else None)
+    fake = FakeIssuer()
+    async with serve(ISSUER, fake, tmp_path) as served:
+        fake.replies.append(held)
+        await leave_while_held(served, held)
+        held.release.set()
+        await wait_for(lambda: bool(fake.cancelled))
+    (cancel,) = fake.cancelled
+    assert cancel.path == "/issuer/sessions/s%2F1/turns/t-1/stop"
+
+
+async def test_a_left_turn_that_ends_without_naming_its_session_is_not_cancelled(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    held = Reply(parts=(event(kind="delta", text="Hi", turn="t-1"),), hold_after=1)
+    fake = FakeIssuer()
+    with caplog.at_level(logging.INFO):
+        async with serve(ISSUER, fake, tmp_path) as served:
+            fake.replies.append(held)
+            await leave_while_held(served, held)
+            # The answer ends without ever naming its session: nothing to cancel it by.
+            held.release.set()
+            await wait_for(lambda: fake.completed == 1)
+            await served.client().chat.completions.create(
+                model="issuer", messages=[{"role": "user", "content": "Next"}],
+                extra_headers=CHAT)
+    assert fake.cancelled == []
+    assert "Task was destroyed" not in caplog.text
+    assert "never retrieved" not in caplog.text
+
+
+@pytest.mark.parametrize("hangs", [False, True], ids=["fails", "hangs"])
+async def test_a_cancel_that_fails_or_hangs_is_logged_once_and_leaks_no_task(
+    hangs: bool, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    held = Reply(parts=(event(kind="delta", text="Hi", turn="t-1", session="s-1"),
+                        event(kind="done")), hold_after=1)
+    fake = FakeIssuer(cancel_status=500, cancel_hangs=hangs)
+    with caplog.at_level(logging.INFO):
+        async with serve(ISSUER, fake, tmp_path) as served:
+            fake.replies.append(held)
+            await leave_while_held(served, held)
+            await wait_for(lambda: "cancelling a turn on upstream issuer failed" in caplog.text)
+            # The session is free again: its next turn runs.
+            await served.client().chat.completions.create(
+                model="issuer", messages=[{"role": "user", "content": "Next"}],
+                extra_headers=CHAT)
+            held.release.set()
+    assert [c.path for c in fake.cancelled] == ["/issuer/sessions/s-1/turns/t-1/stop"]
+    assert caplog.text.count("cancelling a turn on upstream issuer failed") == 1
+    assert "Task was destroyed" not in caplog.text
+    assert "never retrieved" not in caplog.text
