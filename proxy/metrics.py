@@ -33,6 +33,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from proxy.errors import ServiceUnavailable
 from proxy.exchange import Exchange
 from proxy.request_series import DURATION, OVERHEAD, REQUESTS, TTFT, RequestSeries
 
@@ -219,6 +220,13 @@ class Metrics:
         """The exposition text; merges every worker's files in multiprocess mode. Call
         `flush` first, on the loop (render itself may run in a thread)."""
         if self.multiprocess_dir:
+            if not os.path.isdir(self.multiprocess_dir):
+                # Removed under the running workers (a temporary-files cleaner): their values
+                # are in files nobody can open any more, and no scrape will see them again.
+                raise ServiceUnavailable(
+                    f"The metrics directory of the workers ({MULTIPROC_ENV}) was removed; "
+                    "restart the proxy to count again."
+                )
             registry = CollectorRegistry()
             MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
             registry.register(self.tasks)

@@ -249,6 +249,10 @@ class TableHolder:
 
     def request_reload(self) -> None:
         """SIGHUP: the watcher re-reads the file at once, even if it looks unchanged."""
+        if self.draining:
+            # Shutting down, and the watcher may be gone: a read here, on the loop, could
+            # hold the end of the drain for the read's whole timeout (a FIFO), for nothing.
+            return
         if self._wakeup is not None:
             self._wakeup.set()
         else:

@@ -25,37 +25,23 @@ log = logging.getLogger(__name__)
 LISTING_TTL = 30.0
 
 
-@dataclass(slots=True)
-class Route:
-    spec: ModelSpec
-    upstreams: tuple[Upstream, ...]
-    # Wildcard routes cache the upstream's model list, so listing stays cheap and new models
-    # still appear within LISTING_TTL seconds.
-    _listing: list[dict[str, Any]] = field(default_factory=list)
-    _listed_at: float = -LISTING_TTL
-    # The listing under way: requests that find the cache stale meanwhile wait for it rather
-    # than each send their own (a Letta server with many agents answers in up to 100 pages).
-    _pending: asyncio.Future[list[dict[str, Any]]] | None = None
+class Listing:
+    """The model list of one sequence of upstreams, cached, so listing stays cheap and new
+    models still appear within LISTING_TTL seconds. The wildcard routes of a table that name
+    the same upstreams share one: each `prefix/*` of one server does not ask it again."""
 
-    # Its upstream keeps conversations, so requests carry a session hint.
-    stateful: bool = False
-    # Every upstream continues a `previous_response_id` itself; one relays `/v1/responses` as
-    # it is. Fixed with the route, so a request does not ask each upstream.
-    chains: bool = field(init=False, default=False)
-    native_responses: bool = field(init=False, default=False)
+    __slots__ = ("_listed_at", "_listing", "_pending", "upstreams")
 
-    def __post_init__(self) -> None:
-        self.chains = all(upstream.chains for upstream in self.upstreams)
-        self.native_responses = any(upstream.native_responses for upstream in self.upstreams)
+    def __init__(self, upstreams: tuple[Upstream, ...]) -> None:
+        self.upstreams = upstreams
+        self._listing: list[dict[str, Any]] = []
+        self._listed_at = -LISTING_TTL
+        # The listing under way: requests that find the cache stale meanwhile wait for it
+        # rather than each send their own (a Letta server with many agents answers in up to
+        # 100 pages).
+        self._pending: asyncio.Future[list[dict[str, Any]]] | None = None
 
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    def owned_by(self) -> str:
-        return self.spec.owned_by or self.upstreams[0].name
-
-    async def upstream_cards(
+    async def cards(
         self, http: aiohttp.ClientSession, exchange: Exchange
     ) -> list[dict[str, Any]]:
         """The upstream's model list, by the same failover and circuit rules as a request."""
@@ -110,6 +96,42 @@ class Route:
         return listing
 
 
+@dataclass(slots=True)
+class Route:
+    spec: ModelSpec
+    upstreams: tuple[Upstream, ...]
+    # Its upstream keeps conversations, so requests carry a session hint.
+    stateful: bool = False
+    # A wildcard route's model list: given by the table, shared with the table's other
+    # wildcard routes to the same upstreams.
+    listing: Listing | None = None
+    # The upstream's listing last seen, and the route's cards made of it (shared: read only).
+    expanded: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None
+    # Every upstream continues a `previous_response_id` itself; one relays `/v1/responses` as
+    # it is. Fixed with the route, so a request does not ask each upstream.
+    chains: bool = field(init=False, default=False)
+    native_responses: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        self.chains = all(upstream.chains for upstream in self.upstreams)
+        self.native_responses = any(upstream.native_responses for upstream in self.upstreams)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def owned_by(self) -> str:
+        return self.spec.owned_by or self.upstreams[0].name
+
+    async def upstream_cards(
+        self, http: aiohttp.ClientSession, exchange: Exchange
+    ) -> list[dict[str, Any]]:
+        """The upstream's model list (cached: see Listing)."""
+        if self.listing is None:
+            self.listing = Listing(self.upstreams)
+        return await self.listing.cards(http, exchange)
+
+
 def _ignore_error(upstream: Upstream, exc: ProxyError) -> None:
     pass
 
@@ -140,12 +162,15 @@ class RouteTable:
         if upstreams is None:
             upstreams = build_upstreams(config, state)
         self.upstreams = upstreams
+        listings: dict[tuple[str, ...], Listing] = {}
         self.routes: list[Route] = [
             Route(
                 m,
-                tuple(upstreams[u] for u in m.upstreams),
+                chosen := tuple(upstreams[u] for u in m.upstreams),
                 stateful=declaration(config.upstreams[m.upstreams[0]].kind).stateful
                 or any(upstreams[u].wants_session for u in m.upstreams),
+                listing=None if m.wildcard_prefix is None
+                else listings.setdefault(tuple(m.upstreams), Listing(chosen)),
             )
             for m in config.models
         ]
@@ -153,6 +178,11 @@ class RouteTable:
         self._wildcards = [
             (r.spec.wildcard_prefix, r) for r in self.routes if r.spec.wildcard_prefix
         ]
+        # Made on first use: the model list of a table of 100,000 models takes a fifth of a
+        # second to build, which every `GET /v1/models` would otherwise spend on the loop.
+        self._cards: list[dict[str, Any] | None] | None = None
+        # Per grant (one per key of the table), for a table without wildcard routes.
+        self._granted: dict[Grant, list[dict[str, Any]]] = {}
         first = self.routes[0] if self.routes else None
         self.default_model = first.name if first and first.spec.wildcard_prefix is None else None
         grants = {k.key: make_grant(k.key, k.models) for k in config.auth.keys}
@@ -189,8 +219,13 @@ class RouteTable:
     async def _wildcard_cards(
         self, route: Route, prefix: str, http: aiohttp.ClientSession, exchange: Exchange
     ) -> list[dict[str, Any]]:
+        """The route's cards, made again only when its upstream was listed again: a Letta
+        server's 10,000 agents are 10,000 cards, which every `GET /v1/models` would build."""
+        listing = await route.upstream_cards(http, exchange)
+        if route.expanded is not None and route.expanded[0] is listing:
+            return route.expanded[1]
         cards = []
-        for card in await route.upstream_cards(http, exchange):
+        for card in listing:
             created = card.get("created")
             owner = card.get("owned_by")
             cards.append(
@@ -200,29 +235,54 @@ class RouteTable:
                     created if isinstance(created, int) else None,
                 )
             )
+        route.expanded = (listing, cards)
         return cards
 
     async def model_cards(
         self, http: aiohttp.ClientSession, exchange: Exchange, grant: Grant
     ) -> list[dict[str, Any]]:
+        """The cards `grant` may see, in route order. Shared and cached: not to be modified."""
+        if not self._wildcards:
+            granted = self._granted.get(grant)
+            if granted is None:
+                granted = self._granted[grant] = [
+                    card for card in self._static_cards()
+                    if card is not None and grant.allows(card["id"])
+                ]
+            return granted
+        # Every wildcard route's upstream is asked at once: a slow one costs its own wait,
+        # not the sum of all of them.
+        listings = iter(await asyncio.gather(*(
+            self._listed(route, prefix, http, exchange) for prefix, route in self._wildcards
+        )))
         cards: list[dict[str, Any]] = []
         seen: set[str] = set()
-        for route in self.routes:
-            prefix = route.spec.wildcard_prefix
-            if prefix is None:
-                new = [self._card(route.name, route.owned_by())]
-            else:
-                try:
-                    new = await self._wildcard_cards(route, prefix, http, exchange)
-                except ProxyError as exc:
-                    # One unreachable upstream must not hide every other model.
-                    log.warning("listing models of %s failed: %s", route.name, exc.message)
-                    continue
-            for card in new:
+        for static in self._static_cards():
+            for card in (static,) if static is not None else next(listings):
                 if card["id"] not in seen and grant.allows(card["id"]):
                     seen.add(card["id"])
                     cards.append(card)
         return cards
+
+    def _static_cards(self) -> list[dict[str, Any] | None]:
+        """Per route, its card; None for a wildcard route, whose cards its upstream lists."""
+        if self._cards is None:
+            self._cards = [
+                None if route.spec.wildcard_prefix is not None
+                else self._card(route.name, route.owned_by())
+                for route in self.routes
+            ]
+        return self._cards
+
+    async def _listed(
+        self, route: Route, prefix: str, http: aiohttp.ClientSession, exchange: Exchange
+    ) -> list[dict[str, Any]]:
+        try:
+            return await self._wildcard_cards(route, prefix, http, exchange)
+        except ProxyError as exc:
+            # One unreachable upstream must not hide every other model.
+            log.warning("listing models of %s failed: %s", route.name, exc.message)
+            return []
 
     async def model_card(
         self, model_id: str, http: aiohttp.ClientSession, exchange: Exchange, grant: Grant

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 # Set by the parent for its workers: the file of their shared session locks.
 SESSION_LOCKS_ENV = "AGENTPROXY_SESSION_LOCK_FILE"
+# What the parent passes on to every worker.
+_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def run_workers(options: ServeOptions, worker: Callable[[ServeOptions], Any]) -> int:
@@ -34,7 +36,10 @@ def run_workers(options: ServeOptions, worker: Callable[[ServeOptions], Any]) ->
     # The workers' shared session locks: a file in the run's own directory.
     os.environ[SESSION_LOCKS_ENV] = os.path.join(metrics_dir, "sessions.lock")
     ctx = multiprocessing.get_context("spawn")
-    children = [ctx.Process(target=worker, args=(options,)) for _ in range(options.workers)]
+    children = [
+        ctx.Process(target=_start_worker, args=(worker, options))
+        for _ in range(options.workers)
+    ]
     stopping = False
 
     def forward(signum: int, _frame: object) -> None:
@@ -45,11 +50,18 @@ def run_workers(options: ServeOptions, worker: Callable[[ServeOptions], Any]) ->
                 os.kill(child.pid, signum)
 
     # Before the first worker starts: a signal in between would end this process alone.
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in _FORWARDED:
         signal.signal(signum, forward)
+    # A new worker is a fresh interpreter, killed by a SIGHUP (its default action) until its
+    # handlers are set: the signals stay blocked while the workers start, and a worker, which
+    # inherits the mask, holds what was sent to it until it can take it (_start_worker).
+    signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
     try:
-        for child in children:
-            child.start()
+        try:
+            for child in children:
+                child.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
         running = list(children)
         while running:
             wait([child.sentinel for child in running])
@@ -67,6 +79,16 @@ def run_workers(options: ServeOptions, worker: Callable[[ServeOptions], Any]) ->
         if owned:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0 if all(child.exitcode == 0 for child in children) else 1
+
+
+def _start_worker(worker: Callable[[ServeOptions], Any], options: ServeOptions) -> None:
+    """A worker's first code: its start-up handlers set, the signals the parent blocked (and
+    any that came meanwhile) are let in."""
+    from proxy.process_setup import handle_signals_while_starting
+
+    handle_signals_while_starting()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
+    worker(options)
 
 
 def _report_lost(pid: int | None, code: int | None) -> None:

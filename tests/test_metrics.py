@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import signal
 import socket
 from pathlib import Path
@@ -200,6 +201,36 @@ async def test_with_two_workers_any_scrape_gives_the_totals(tmp_path: Path) -> N
             assert value(text, "agentproxy_open_streams") == 0
         served.proc.send_signal(signal.SIGTERM)
         assert await served.exit_code() == 0
+
+
+async def test_a_scrape_after_the_workers_metrics_directory_was_removed_is_a_clear_503(
+    tmp_path: Path,
+) -> None:
+    # A temporary-files cleaner may remove it under the running workers: the scrape was a
+    # 500 `internal_error` with a traceback in the log, at every scrape.
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(ECHO_ONLY)
+    metrics_dir = tmp_path / "metrics"
+    async with serve_process(
+        routes, port=free_port(), workers=2, env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    ) as served:
+        shutil.rmtree(metrics_dir)
+        async with aiohttp.ClientSession() as http, http.get(served.url + "/metrics") as r:
+            assert r.status == 503
+            error = (await r.json())["error"]
+        assert error["code"] == "service_unavailable"
+        assert "PROMETHEUS_MULTIPROC_DIR" in error["message"]
+        assert str(tmp_path) not in error["message"]
+        # The requests themselves are served as before.
+        async with aiohttp.ClientSession() as http, http.post(
+            served.url + "/v1/chat/completions",
+            json={"model": "echo", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"Authorization": f"Bearer {KEY}"},
+        ) as resp:
+            assert resp.status == 200
+        served.proc.send_signal(signal.SIGTERM)
+        assert await served.exit_code() == 0
+    assert "Traceback" not in served.output()
 
 
 async def test_asyncio_tasks_gauge_counts_the_loops_tasks_at_scrape_time(

@@ -8,8 +8,10 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import shutil
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -17,14 +19,17 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 import proxy.routing as proxy_routing
 from proxy.app import create_app
+from proxy.app_keys import DRAIN
 from proxy.config import MAX_BYTES
 from proxy.reload import TableHolder, watch
 from tests.conftest import KEY, ProxyFactory, closed_port, serving
 from tests.fake_openai import FakeOpenAI
+from tests.processes import _start as start_process
 from tests.processes import eventually, serve_process
 
 FAST = 0.02  # seconds between looks at the file: the tests wait on conditions, not on time
@@ -634,3 +639,110 @@ async def test_a_reload_builds_the_routes_off_the_event_loop(
     assert [r.name for r in holder.current.routes] == ["first", "second"]
     assert threads["upstream"] == loop_thread
     assert threads["route"] != loop_thread
+
+
+async def test_models_asks_the_upstreams_of_every_wildcard_route_at_once(
+    make_proxy: ProxyFactory,
+) -> None:
+    # Asked one after another, N slow upstreams made `/v1/models` wait N times as long.
+    asked = 0
+    in_flight = 0
+    most = 0
+    both = asyncio.Event()
+
+    async def models(request: web.Request) -> web.Response:
+        nonlocal asked, in_flight, most
+        asked += 1
+        in_flight += 1
+        most = max(most, in_flight)
+        if in_flight == 2:
+            both.set()
+        # Bounded, so that the listing asked alone still ends (and the test fails).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(both.wait(), 5.0)
+        in_flight -= 1
+        return web.json_response({"object": "list", "data": [{"id": f"m{asked}"}]})
+
+    upstream = web.Application()
+    upstream.router.add_get("/v1/models", models)
+    async with serving(upstream) as url:
+        proxy = await make_proxy(
+            f"upstreams:\n  one:\n    kind: openai\n    url: {url}/v1\n"
+            f"  two:\n    kind: openai\n    url: {url}/v1\n"
+            "models:\n  a/*:\n    upstream: one\n  b/*:\n    upstream: two\n"
+        )
+        ids = await model_ids(proxy.url)
+    assert most == 2
+    assert sorted(id[:2] for id in ids) == ["a/", "b/"]
+
+
+async def test_wildcard_routes_to_one_upstream_ask_it_for_its_models_once(
+    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
+) -> None:
+    proxy = await make_proxy(
+        f"upstreams:\n  fake:\n    kind: openai\n    url: {fake_openai.url}/v1\n"
+        "models:\n  a/*:\n    upstream: fake\n  b/*:\n    upstream: fake\n"
+    )
+    ids = await model_ids(proxy.url)
+    assert ids == ["a/llama-3-8b", "a/qwen-2.5", "b/llama-3-8b", "b/qwen-2.5"]
+    assert [r.path for r in fake_openai.received] == ["/v1/models"]
+
+
+def has_children(pid: int) -> bool:
+    return Path(f"/proc/{pid}/task/{pid}/children").read_text().strip() != ""
+
+
+async def test_a_sighup_storm_while_the_workers_start_ends_none_of_them(tmp_path: Path) -> None:
+    # A worker is a fresh interpreter, which a SIGHUP killed (its default action) until its
+    # handlers were set; the parent then ended the others and exited 1.
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(echo_routes("first"))
+    log = tmp_path / "serve.log"
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("AGENTPROXY_")}
+    environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    environ["AGENTPROXY_API_KEYS"] = KEY
+    command = [
+        sys.executable, "-m", "proxy", "serve", "--routes", str(routes), "--host", "127.0.0.1",
+        "--port", str(closed_port()), "--workers", "2",
+    ]
+    proc = start_process(command, log, environ)
+    try:
+        async def spawning() -> bool:
+            # The parent's own handlers are set before its first worker starts.
+            assert proc.poll() is None, log.read_text()
+            return has_children(proc.pid)
+
+        await eventually(spawning, "the first worker to start")
+
+        async def listening_through_the_storm() -> bool:
+            proc.send_signal(signal.SIGHUP)
+            assert proc.poll() is None, log.read_text()
+            return log.read_text().count("listening on") == 2
+
+        await eventually(listening_through_the_storm, "both workers to listen")
+        url = re.findall(r"listening on (http://\S+) ", log.read_text())[0]
+        assert await model_ids(url) == ["first"]
+        assert proc.poll() is None, log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 60) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        await asyncio.to_thread(proc.wait, 30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+async def test_sighup_while_shutting_down_does_not_read_the_file(tmp_path: Path) -> None:
+    # The watcher is gone by the end of the shutdown; a SIGHUP then read (and built) the
+    # file on the event loop, which a FIFO at the path held for 5 s.
+    path = tmp_path / "routes.yaml"
+    path.write_text(echo_routes("first"))
+    holder = TableHolder(path, (KEY,))
+    app = create_app(holder, reload_interval=0)
+    async with serving(app):
+        app[DRAIN].begin()
+    before = holder.current.version
+    path.write_text(echo_routes("first", "second"))
+    holder.request_reload()
+    assert holder.current.version == before
