@@ -3,7 +3,9 @@ an app writes. The bytes themselves come from proxy/sse.py."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import time
+from collections.abc import AsyncIterable, Callable
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -89,6 +91,38 @@ class SSEWriter:
             return False
         finally:
             self.writing_since = 0.0
+        return True
+
+    async def pump(
+        self,
+        items: AsyncIterable[Any],
+        encode: Callable[[Any], bytes] | None,
+        token: Callable[[Any], bool],
+    ) -> bool:
+        """Writes each of `items` (its bytes from `encode`, or the item itself when None)
+        as `write` does, until they end; False as soon as a write finds the client gone. The
+        time to the first item `token` says carries output is the exchange's `ttft`.
+
+        `write`'s body, inlined in the loop: this runs once per upstream read, and a
+        coroutine call per write cost more than the write's own Python."""
+        if self.closed:
+            return False
+        exchange = self.exchange
+        write = self._response.write
+        clock = self._time
+        async for item in items:
+            if exchange.ttft is None and token(item):
+                exchange.ttft = time.perf_counter() - exchange.started
+            data: bytes = item if encode is None else encode(item)
+            self.writing_since = clock()
+            try:
+                await write(data)
+            except ConnectionResetError:
+                self.closed = True
+                self._refused(len(data), False)
+                return False
+            finally:
+                self.writing_since = 0.0
         return True
 
     def abandon(self) -> None:

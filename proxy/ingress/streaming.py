@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from contextlib import aclosing
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiohttp import HttpVersion11, web
 
@@ -81,9 +82,11 @@ async def relay(request: web.Request, served: Served, encoder: Encoder) -> web.S
             metrics.stream_opened()
             try:
                 if isinstance(stream, ByteStream):
-                    whole = await _pump_bytes(writer, stream, served.first, exchange)
+                    whole = await _pump(writer, stream, served.first, exchange, None, has_token)
                 else:
-                    whole = await _pump_chunks(writer, stream, served.first, exchange, encoder)
+                    whole = await _pump(
+                        writer, stream, served.first, exchange, encoder.batch, _has_token
+                    )
                 if whole:
                     tail = encoder.end()
                 else:
@@ -156,41 +159,23 @@ def _unwritable(request: web.Request, exchange: Exchange) -> web.Response:
     return response
 
 
-async def _pump_bytes(
-    writer: SSEWriter, stream: ByteStream, first: bytes | None, exchange: Exchange
+async def _pump(
+    writer: SSEWriter,
+    stream: ByteStream | ChunkStream,
+    first: bytes | list[Out] | None,
+    exchange: Exchange,
+    encode: Callable[[Any], bytes] | None,
+    token: Callable[[Any], bool],
 ) -> bool:
-    """The byte fast path: an openai upstream's chat events, as they came."""
+    """Writes the upstream's answer as it comes: an openai upstream's chat events as bytes
+    (`encode` None, the byte fast path), or chunk batches through the ingress's encoder."""
     if first is not None:
-        if has_token(first):
+        if token(first):
             exchange.ttft = time.perf_counter() - exchange.started
-        if not await writer.write(first):
-            return False
-    async for data in stream:
-        if exchange.ttft is None and has_token(data):
-            exchange.ttft = time.perf_counter() - exchange.started
+        data: bytes = first if encode is None else encode(first)  # type: ignore[assignment]
         if not await writer.write(data):
             return False
-    return True
-
-
-async def _pump_chunks(
-    writer: SSEWriter,
-    stream: ChunkStream,
-    first: list[Out] | None,
-    exchange: Exchange,
-    encoder: Encoder,
-) -> bool:
-    if first is not None:
-        if _has_token(first):
-            exchange.ttft = time.perf_counter() - exchange.started
-        if not await writer.write(encoder.batch(first)):
-            return False
-    async for batch in stream:
-        if exchange.ttft is None and _has_token(batch):
-            exchange.ttft = time.perf_counter() - exchange.started
-        if not await writer.write(encoder.batch(batch)):
-            return False
-    return True
+    return await writer.pump(stream, encode, token)
 
 
 def _has_token(batch: list[Out]) -> bool:

@@ -105,8 +105,8 @@ class Deadlines:
 
     __slots__ = (
         "_exchange", "_first_deadline", "_handle", "_idle", "_keepalive", "_loop", "_time",
-        "_waiting", "_wheel", "_when", "first_event", "last_in", "last_out", "seen", "timeouts",
-        "upstream",
+        "_wheel", "_when", "first_event", "last_in", "last_out", "seen", "timeouts", "upstream",
+        "waiting",
     )
 
     def __init__(
@@ -141,7 +141,7 @@ class Deadlines:
         self.seen = False
         # True only while the request waits in answer() or read(): the one place a deadline
         # may interrupt it.
-        self._waiting = False
+        self.waiting = False
         # A timer of its own, due at `_when`; or none while parked in the wheel (or closed).
         self._handle: asyncio.TimerHandle | None = None
         self._when = 0.0
@@ -151,7 +151,7 @@ class Deadlines:
 
     async def answer(self, awaitable: Awaitable[T]) -> T:
         """Awaits the upstream's answer (a response, a whole body) within first_event."""
-        self._waiting = True
+        self.waiting = True
         try:
             return await awaitable
         except asyncio.CancelledError:
@@ -160,7 +160,7 @@ class Deadlines:
                 raise self.timed_out(reason) from None
             raise
         finally:
-            self._waiting = False
+            self.waiting = False
 
     async def read(
         self,
@@ -168,30 +168,45 @@ class Deadlines:
         take: Callable[[aiohttp.StreamReader], Awaitable[bytes]] = read_any,
     ) -> bytes | None:
         """The upstream's next bytes (b"" at the end), or None when a keep-alive is due.
-        `take` reads them: `read_any`, or aiohttp's `readany` (see proxy/upstreams/openai.py).
+        `take` reads them: `read_any`, or aiohttp's `readany`.
 
         Raises UpstreamTimeout when first_event or idle ran out.
         """
-        self._waiting = True
+        self.waiting = True
         try:
             chunk = await take(content)
-        except asyncio.CancelledError:
-            self._waiting = False
-            reason = self._exchange.take(DEADLINES)
-            if reason is None:
-                raise
-            if reason != "keepalive":
-                raise self.timed_out(reason) from None
-            self.last_out = self._time()
-            self.schedule()
+        except asyncio.CancelledError as exc:
+            self.interrupted(exc)
             return None
-        self._waiting = False
+        self.arrived()
+        return chunk
+
+    # A read's protocol, for a loop that awaits the upstream itself (the openai relay's, once
+    # per event: a coroutine call per read cost more than its own Python): set `waiting`,
+    # await, then `arrived()`, or on CancelledError `interrupted(exc)`, which returns when a
+    # keep-alive is due. `read` is this protocol.
+
+    def arrived(self) -> None:
+        """The awaited read gave bytes: the upstream is not idle."""
+        self.waiting = False
         self.last_in = self._time()
         if not self.seen:
             self.seen = True
             # The deadline is now idle's, which may come before first_event's.
             self._rearm()
-        return chunk
+
+    def interrupted(self, exc: asyncio.CancelledError) -> None:
+        """The awaited read was cancelled: returns when a keep-alive is due; raises
+        UpstreamTimeout when first_event or idle ran out, and `exc` itself when the cancel
+        was not a deadline's."""
+        self.waiting = False
+        reason = self._exchange.take(DEADLINES)
+        if reason is None:
+            raise exc
+        if reason != "keepalive":
+            raise self.timed_out(reason) from None
+        self.last_out = self._time()
+        self.schedule()
 
     def sent(self) -> None:
         """The adapter is about to yield what it read: the client is not idle."""
@@ -266,7 +281,7 @@ class Deadlines:
     def _fire(self) -> None:
         self._handle = None
         now = self._time()
-        if self._waiting:
+        if self.waiting:
             reason = self._due(now)
             if reason is not None:
                 # The waiting method re-arms the timer once it has handled the interruption.

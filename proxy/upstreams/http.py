@@ -292,3 +292,12 @@ def is_event_stream(content_type: str | None) -> bool:
     if content_type is None:
         return False
     return content_type.partition(";")[0].strip().lower() == "text/event-stream"
+
+
+def let_go(resp: aiohttp.ClientResponse, done: bool) -> None:
+    """The end of reading a streamed answer: after its clean end the connection goes back to
+    the pool; otherwise (an error, a client gone) it is closed."""
+    if done:
+        resp.release()
+    else:
+        resp.close()

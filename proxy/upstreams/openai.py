@@ -13,9 +13,10 @@ stateless but Letta's; events relayed as the upstream sent them, `[DONE]` left t
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncGenerator
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar
 
 import aiohttp
 import orjson
@@ -29,15 +30,14 @@ from proxy.session_keys import session_key
 from proxy.sse import KEEPALIVE as _KEEPALIVE
 from proxy.sse import SSEDecoder
 from proxy.upstreams.base import Answer, ByteStream, Call, ChunkStream
+from proxy.upstreams.bulk_read import read_any
 from proxy.upstreams.deadlines import Deadlines
 from proxy.upstreams.forwarding import forward
-from proxy.upstreams.http import HttpUpstream, is_event_stream
+from proxy.upstreams.http import HttpUpstream, is_event_stream, let_go
 from proxy.upstreams.http_errors import read_answer
-from proxy.upstreams.openai_native import ResponsesRelayState
+from proxy.upstreams.openai_native import native_events
 from proxy.upstreams.openai_options import OpenAIOptions
 from proxy.upstreams.openai_relay import RelayState, reported_error
-
-_READANY: Final = aiohttp.StreamReader.readany
 
 
 class OpenAI(HttpUpstream):
@@ -230,49 +230,10 @@ class OpenAI(HttpUpstream):
             call, http, self.responses_url, self._responses_payload(call)
         )
         return ByteStream(
-            self._relay_responses(resp, deadlines), on_close=_closer(resp),
+            native_events(self, resp, deadlines), on_close=_closer(resp),
             deadlines=deadlines, headers=self.relayable_headers(resp.raw_headers),
             upstream_ms=upstream_ms,
         )
-
-    async def _relay_responses(
-        self, resp: aiohttp.ClientResponse, deadlines: Deadlines
-    ) -> AsyncGenerator[bytes, None]:
-        """The upstream's Responses events, each framed again as `event:` + `data:` (so a
-        truncated event never reaches the client), up to its terminal event; its `[DONE]`, if
-        it sends one, is dropped (the writer ends every stream with its own)."""
-        decoder = SSEDecoder()
-        responses = ResponsesRelayState(self.name)
-        content = resp.content
-        read = deadlines.read
-        try:
-            while not (responses.terminal or responses.ended):
-                chunk = await read(content)
-                if chunk is None:
-                    yield _KEEPALIVE
-                    continue
-                comments = decoder.comments
-                out = responses.frame(
-                    decoder.feed(chunk) if chunk else responses.flush(decoder)
-                )
-                if out:
-                    deadlines.sent()
-                    yield out
-                elif decoder.comments != comments:
-                    deadlines.sent()
-                    yield _KEEPALIVE
-                if responses.failure is not None:
-                    # Raised only after the events before it were passed on.
-                    raise responses.failure
-                responses.ended = responses.ended or not chunk
-        except BaseException as exc:
-            raise self.failure(exc, answered=True, what="stream") from None
-        finally:
-            _let_go(resp, responses.terminal)
-        if not responses.terminal:
-            raise UpstreamFailed(
-                f"Upstream '{self.name}' ended the Responses stream without a terminal event."
-            )
 
     async def open_stream(
         self, call: Call, http: aiohttp.ClientSession
@@ -297,21 +258,25 @@ class OpenAI(HttpUpstream):
     ) -> AsyncGenerator[bytes, None]:
         decoder = SSEDecoder()
         state = RelayState(self.name)
-        content = resp.content
-        read = deadlines.read
+        # aiohttp's readany(), not read_any: at 64 streams read_any gained the byte relay no
+        # throughput and doubled its p90 latency (40-56 -> 94-116 ms in three of four
+        # alternating runs; docs/performance.md). Why is not known.
+        readany = resp.content.readany
         # Per read, what the decoder need not be asked: whether it was ever fed (else it
         # holds no part of an event), and whether it was told the stream began.
         clean = True
         passed = False
         try:
             while not state.done:
-                # aiohttp's readany(), not read_any: at 64 streams read_any gained the byte
-                # relay no throughput and doubled its p90 latency (40-56 -> 94-116 ms in
-                # three of four alternating runs; docs/performance.md). Why is not known.
-                chunk = await read(content, _READANY)
-                if chunk is None:
+                # Deadlines.read, inline (its protocol): once per event.
+                deadlines.waiting = True
+                try:
+                    chunk = await readany()
+                except asyncio.CancelledError as exc:
+                    deadlines.interrupted(exc)
                     yield _KEEPALIVE
                     continue
+                deadlines.arrived()
                 if not chunk:
                     out = state.frame(state.flush(decoder))
                     if out:
@@ -343,7 +308,7 @@ class OpenAI(HttpUpstream):
         except BaseException as exc:
             raise self.failure(exc, answered=True, what="stream") from None
         finally:
-            _let_go(resp, state.done)
+            let_go(resp, state.done)
         self._check_end(state)
 
     async def _decode(
@@ -352,13 +317,17 @@ class OpenAI(HttpUpstream):
         decoder = SSEDecoder()
         state = RelayState(self.name)
         content = resp.content
-        read = deadlines.read
         try:
             while not state.done:
-                chunk = await read(content)
-                if chunk is None:
+                # Deadlines.read, inline (its protocol): once per event.
+                deadlines.waiting = True
+                try:
+                    chunk = await read_any(content)
+                except asyncio.CancelledError as exc:
+                    deadlines.interrupted(exc)
                     yield [KEEP_ALIVE]
                     continue
+                deadlines.arrived()
                 comments = decoder.comments
                 out = state.decode_read(decoder, chunk)
                 if out:
@@ -372,7 +341,7 @@ class OpenAI(HttpUpstream):
         except BaseException as exc:
             raise self.failure(exc, answered=True, what="stream") from None
         finally:
-            _let_go(resp, state.done)
+            let_go(resp, state.done)
         self._check_end(state)
 
     def _check_end(self, state: RelayState) -> None:
@@ -400,10 +369,3 @@ def _closer(resp: aiohttp.ClientResponse) -> Any:
 
     return close
 
-
-def _let_go(resp: aiohttp.ClientResponse, done: bool) -> None:
-    # After [DONE] the connection is clean and goes back to the pool; otherwise it is closed.
-    if done:
-        resp.release()
-    else:
-        resp.close()

@@ -1,15 +1,20 @@
-"""The `openai` kind's relay of a native Responses stream (`responses: native`), sans-IO:
-the upstream's events framed again as `event:` + `data:` up to the terminal one."""
+"""The `openai` kind's relay of a native Responses stream (`responses: native`): the
+upstream's events framed again as `event:` + `data:` up to the terminal one (the framing,
+`ResponsesRelayState`, sans-IO; `native_events` reads)."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncGenerator
 from typing import Any
 
+import aiohttp
 import orjson
 
 from proxy.errors import ProxyError, UpstreamFailed
-from proxy.sse import SSEDecoder, reframe
+from proxy.sse import KEEPALIVE, SSEDecoder, reframe
+from proxy.upstreams.deadlines import Deadlines
+from proxy.upstreams.http import HttpUpstream, let_go
 from proxy.upstreams.openai_relay import flush_events, stream_error
 
 # The last event of a Responses stream, by `event:` name or, without one, by its data's type.
@@ -79,3 +84,41 @@ def _is_terminal(data: str) -> bool:
     except orjson.JSONDecodeError:
         return False
     return isinstance(parsed, dict) and parsed.get("type") in _RESPONSES_TERMINAL
+
+
+async def native_events(
+    upstream: HttpUpstream, resp: aiohttp.ClientResponse, deadlines: Deadlines
+) -> AsyncGenerator[bytes, None]:
+    """The upstream's Responses events, each framed again as `event:` + `data:` (so a
+    truncated event never reaches the client), up to its terminal event; its `[DONE]`, if
+    it sends one, is dropped (the writer ends every stream with its own)."""
+    decoder = SSEDecoder()
+    responses = ResponsesRelayState(upstream.name)
+    content = resp.content
+    read = deadlines.read
+    try:
+        while not (responses.terminal or responses.ended):
+            chunk = await read(content)
+            if chunk is None:
+                yield KEEPALIVE
+                continue
+            comments = decoder.comments
+            out = responses.frame(decoder.feed(chunk) if chunk else responses.flush(decoder))
+            if out:
+                deadlines.sent()
+                yield out
+            elif decoder.comments != comments:
+                deadlines.sent()
+                yield KEEPALIVE
+            if responses.failure is not None:
+                # Raised only after the events before it were passed on.
+                raise responses.failure
+            responses.ended = responses.ended or not chunk
+    except BaseException as exc:
+        raise upstream.failure(exc, answered=True, what="stream") from None
+    finally:
+        let_go(resp, responses.terminal)
+    if not responses.terminal:
+        raise UpstreamFailed(
+            f"Upstream '{upstream.name}' ended the Responses stream without a terminal event."
+        )
