@@ -62,6 +62,22 @@ async def test_a_parked_keepalive_arrives_on_time_and_parks_again() -> None:
     deadlines.close()
 
 
+async def test_bytes_relayed_as_they_came_count_as_sent_to_the_client() -> None:
+    # The read's protocol taken inline, ending in relayed(): what was read went straight to
+    # the client, so the next keep-alive is due a whole pace after it, not after the request.
+    deadlines = make(short_wheel(), keepalive=0.3)
+    content = silent_upstream()
+    await asyncio.sleep(0.2)
+    content.feed_data(b"data: x\n\n")
+    deadlines.waiting = True
+    assert await content.readany() == b"data: x\n\n"
+    deadlines.relayed()
+    relayed = time.monotonic()
+    assert await deadlines.read(content) is None  # a keep-alive is due
+    assert time.monotonic() - relayed >= 0.25
+    deadlines.close()
+
+
 async def test_a_parked_first_event_deadline_still_ends_the_wait() -> None:
     deadlines = make(short_wheel(), keepalive=None, first_event=0.3)
     with pytest.raises(UpstreamTimeout, match=r"sent no event within 0\.3 s"):

@@ -461,23 +461,29 @@ async def test_a_client_that_half_closes_after_its_request_is_taken_as_gone(
 async def test_an_event_split_at_a_line_end_reaches_the_client_as_one_event(
     make_proxy: ProxyFactory,
 ) -> None:
-    """An upstream sends a two-line event's first line in one read and its second, which on
-    its own looks like a whole plain event, in the next: the relay must read the second as
-    the rest of the decoder's event, not pass it on alone."""
-    first_seen = asyncio.Event()
+    """An upstream sends a two-line event's first line at the end of one read and its
+    second, which on its own looks like a whole token event of the stream, in the next: the
+    relay must read the second as the rest of the decoder's event, not pass it on alone,
+    though the stream's token events taught it their template."""
+    seen = [asyncio.Event() for _ in range(4)]
+
+    def token(text: str) -> bytes:
+        return (b'data: {"choices":[{"index":0,"delta":{"content":"%s"},"finish_reason":null}]}'
+                % text.encode())
+
     role = b'data: {"choices":[{"index":0,"delta":{"role":"assistant"},"finish_reason":null}]}'
-    line1 = b'data: {"choices":[{"index":0,"delta":{"content":"a"},"finish_reason":null}]}'
-    line2 = b'data: {"choices":[{"index":0,"delta":{"content":"b"},"finish_reason":null}]}'
     finish = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}'
+    # Each write waits for the client to have read what came before, so each is one read.
+    writes = [role + b"\n\n", token("a") + b"\n\n", token("b") + b"\n\n" + token("c") + b"\n",
+              token("d") + b"\n\n", finish + b"\n\ndata: [DONE]\n\n"]
 
     async def chat(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        await resp.write(role + b"\n\n" + line1 + b"\n")
-        # The proxy passed the role event on: it read the first line, whose event is open.
-        await first_seen.wait()
-        await resp.write(line2 + b"\n\n")
-        await resp.write(finish + b"\n\ndata: [DONE]\n\n")
+        for n, data in enumerate(writes):
+            if n:
+                await seen[n - 1].wait()
+            await resp.write(data)
         return resp
 
     async with answering("/v1/chat/completions", chat) as url:
@@ -492,7 +498,11 @@ models:
             json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]},
             headers={"Authorization": f"Bearer {KEY}"},
         ) as resp:
-            assert await resp.content.readuntil(b"\n\n") == role + b"\n\n"
-            first_seen.set()
+            events = []
+            for step in seen:
+                events.append(await resp.content.readuntil(b"\n\n"))
+                step.set()
             rest = await resp.content.read()
-    assert rest == line1 + b"\n" + line2 + b"\n\n" + finish + b"\n\ndata: [DONE]\n\n"
+    assert events == [role + b"\n\n", token("a") + b"\n\n", token("b") + b"\n\n",
+                      token("c") + b"\n" + token("d") + b"\n\n"]
+    assert rest == finish + b"\n\ndata: [DONE]\n\n"

@@ -195,6 +195,14 @@ class Deadlines:
             # The deadline is now idle's, which may come before first_event's.
             self._rearm()
 
+    def relayed(self) -> None:
+        """`arrived()` then `sent()`, in one call: what was read goes straight on."""
+        self.waiting = False
+        self.last_in = self.last_out = self._time()
+        if not self.seen:
+            self.seen = True
+            self._rearm()
+
     def interrupted(self, exc: asyncio.CancelledError) -> None:
         """The awaited read was cancelled: returns when a keep-alive is due; raises
         UpstreamTimeout when first_event or idle ran out, and `exc` itself when the cancel

@@ -266,6 +266,7 @@ class OpenAI(HttpUpstream):
         # holds no part of an event), and whether it was told the stream began.
         clean = True
         passed = False
+        max_line = decoder.max_line
         try:
             while not state.done:
                 # Deadlines.read, inline (its protocol): once per event.
@@ -275,6 +276,16 @@ class OpenAI(HttpUpstream):
                 except asyncio.CancelledError as exc:
                     deadlines.interrupted(exc)
                     yield _KEEPALIVE
+                    continue
+                template = state.template
+                if (
+                    template is not None and (clean or decoder.at_boundary)
+                    and len(chunk) <= max_line and template.text_at(chunk) is not None
+                ):
+                    # One token event of the stream's template (RelayState.relay_read's
+                    # first check, taken here): what a model server sends nearly every read.
+                    deadlines.relayed()
+                    yield chunk
                     continue
                 deadlines.arrived()
                 if not chunk:

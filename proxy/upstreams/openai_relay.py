@@ -67,7 +67,7 @@ def flush_events(decoder: SSEDecoder, upstream: str) -> list[Any]:
 class RelayState:
     """What the relay must know to enforce the stream guarantees, and nothing more."""
 
-    __slots__ = ("_peeks", "_template", "_tries", "done", "error", "finished", "upstream")
+    __slots__ = ("_peeks", "_tries", "done", "error", "finished", "template", "upstream")
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
@@ -75,8 +75,9 @@ class RelayState:
         self.finished = False
         # Raised only after the events before it were passed on.
         self.error: ProxyError | None = None
-        # The decode path's shortcut for token chunks (proxy/upstreams/openai_template.py).
-        self._template: TextTemplate | None = None
+        # The shortcut for token chunks (proxy/upstreams/openai_template.py): the decode
+        # path's, and the byte relay's (which checks it first, itself, for each read).
+        self.template: TextTemplate | None = None
         self._tries = _TEMPLATE_TRIES
         self._peeks = _PEEKS
 
@@ -146,7 +147,7 @@ class RelayState:
         TextTemplate.text_at), and a model server sends its tokens one event a read. The
         template is learned from token events alone in their read that passed the checks,
         as the decode path learns it; `_PEEKS` such reads at most are decoded to find one."""
-        template = self._template
+        template = self.template
         if template is not None and template.text_at(chunk) is not None:
             return chunk
         plain = self.pass_through(chunk)
@@ -220,7 +221,7 @@ class RelayState:
         if not chunk:
             return self.decode(self.flush(decoder))
         if decoder.at_boundary and len(chunk) <= decoder.max_line:
-            template = self._template
+            template = self.template
             if template is not None and (text := template.text_at(chunk)) is not None:
                 # One token event, as a model server sends them.
                 return [template.texts([text])]
@@ -255,12 +256,12 @@ class RelayState:
             decoder.passed_over()
             out += self.decode_passed(plain)
             pos = end + 2
-            if self.done or self.error is not None or self._template is not None:
+            if self.done or self.error is not None or self.template is not None:
                 break
             end = chunk.find(_BOUNDARY, pos)
         if pos == len(chunk) or self.done or self.error is not None:
             return out
-        if self._template is not None:
+        if self.template is not None:
             out += self.decode_read(decoder, chunk[pos:])
         else:
             out += self._at_boundary(decoder, chunk[pos:])
@@ -280,7 +281,7 @@ class RelayState:
 
         A template learned here serves the rest of the read at once."""
         out: list[Out] = []
-        template = self._template
+        template = self.template
         pos = 0
         # Single-line `data: {...}` events, each ended by a blank line.
         end = plain.find(_BOUNDARY)
@@ -312,7 +313,7 @@ class RelayState:
         self._tries -= 1
         learned = TextTemplate.learn(event, chunk, field)
         if learned is not None:
-            self._template = learned
+            self.template = learned
         return learned
 
     def _parsed(self, data: str | bytes, out: list[Out]) -> bool:
