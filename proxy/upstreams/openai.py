@@ -277,16 +277,17 @@ class OpenAI(HttpUpstream):
                     deadlines.interrupted(exc)
                     yield _KEEPALIVE
                     continue
-                template = state.template
-                if (
-                    template is not None and (clean or decoder.at_boundary)
-                    and len(chunk) <= max_line and template.text_at(chunk) is not None
-                ):
-                    # One token event of the stream's template (RelayState.relay_read's
-                    # first check, taken here): what a model server sends nearly every read.
-                    deadlines.relayed()
-                    yield chunk
-                    continue
+                # Whole events, which the relay may take without the decoder.
+                whole = (clean or decoder.at_boundary) and len(chunk) <= max_line
+                if whole:
+                    template = state.template
+                    if template is not None and template.text_at(chunk) is not None:
+                        # One token event of the stream's template (RelayState.relay_read's
+                        # first check, taken here): what a model server sends nearly every
+                        # read.
+                        deadlines.relayed()
+                        yield chunk
+                        continue
                 deadlines.arrived()
                 if not chunk:
                     out = state.frame(state.flush(decoder))
@@ -294,11 +295,7 @@ class OpenAI(HttpUpstream):
                         yield out
                     break
                 comments = decoder.comments
-                plain = (
-                    state.relay_read(chunk)
-                    if (clean or decoder.at_boundary) and len(chunk) <= decoder.max_line
-                    else None
-                )
+                plain = state.learn_through(chunk) if whole else None
                 if plain is not None:
                     if not passed:
                         decoder.passed_over()

@@ -150,6 +150,12 @@ class RelayState:
         template = self.template
         if template is not None and template.text_at(chunk) is not None:
             return chunk
+        return self.learn_through(chunk)
+
+    def learn_through(self, chunk: bytes) -> bytes | None:
+        """`relay_read` after its template's check (which the byte relay's loop takes
+        itself): `pass_through`, and the template learned from a token event alone in its
+        read that passed."""
         plain = self.pass_through(chunk)
         if (
             plain and self._peeks and self._tries and not (self.finished or self.done)
