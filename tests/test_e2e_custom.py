@@ -636,3 +636,38 @@ def _default_stream(api: Api) -> str:
         "langgraph": "langgraph/thread_runs_stream_messages_tuple.response.sse",
     }[api.name]
 
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["sync", "stream"])
+@pytest.mark.parametrize(("fields", "param"), [
+    pytest.param({"n": 3}, "n", id="n"),
+    pytest.param({"logprobs": True}, "logprobs", id="logprobs"),
+    pytest.param({"response_format": {"type": "json_object"}}, "response_format",
+                 id="json_object"),
+    pytest.param({"tools": [{"type": "function", "function": {"name": "f"}}],
+                  "tool_choice": {"type": "function", "function": {"name": "f"}}},
+                 "tool_choice", id="tool_choice"),
+    pytest.param({"web_search_options": {}}, "web_search_options", id="web_search"),
+])
+async def test_a_parameter_a_custom_agent_cannot_honour_is_a_400_before_any_upstream_call(
+    tmp_path: Path, fields: dict[str, Any], param: str, stream: bool
+) -> None:
+    async with serve_api(DIFY, tmp_path) as served:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await served.client().chat.completions.create(
+                model=DIFY.model, messages=HI, stream=stream, extra_headers=HINT,
+                extra_body=fields)
+        assert served.fake.requests == []
+    assert (caught.value.param, caught.value.type) == (param, "invalid_request_error")
+
+
+async def test_parameters_a_custom_agent_ignores_on_purpose_are_still_served(
+    tmp_path: Path,
+) -> None:
+    async with serve_api(DIFY, tmp_path) as served:
+        reply = await served.client().chat.completions.create(
+            model=DIFY.model, messages=HI, extra_headers=HINT, temperature=0.1, max_tokens=5,
+            stop=["\n"], seed=1, tool_choice="none", parallel_tool_calls=False,
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            logprobs=False, modalities=["text"], metadata={"team": "a"}, store=True)
+    assert reply.choices[0].message.content == DIFY.text

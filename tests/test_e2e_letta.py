@@ -820,3 +820,43 @@ async def test_letta_http_errors_become_openai_errors(
         assert info.value.code == code
         assert "'letta'" in info.value.message
     assert "provider said no" not in info.value.message
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["sync", "stream"])
+@pytest.mark.parametrize(("fields", "param"), [
+    pytest.param({"n": 2}, "n", id="n"),
+    pytest.param({"logprobs": True, "top_logprobs": 3}, "logprobs", id="logprobs"),
+    pytest.param({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "answer", "schema": {"type": "object"}}}}, "response_format", id="json_schema"),
+    pytest.param({"tools": [{"type": "function", "function": {"name": "f"}}],
+                  "tool_choice": "required"}, "tool_choice", id="tool_choice"),
+    pytest.param({"modalities": ["text", "audio"], "audio": {"voice": "alloy",
+                                                             "format": "wav"}},
+                 "modalities", id="audio"),
+])
+async def test_a_parameter_an_agent_cannot_honour_is_a_400_before_letta_is_called(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str], fields: dict[str, Any], param: str,
+    stream: bool,
+) -> None:
+    state, url = letta
+    client = (await make(make_proxy, url)).client()
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.chat.completions.create(
+            model="support", messages=HI, stream=stream, extra_body=fields)
+    assert (caught.value.param, caught.value.type) == (param, "invalid_request_error")
+    assert state.requests == []
+
+
+async def test_parameters_an_agent_ignores_on_purpose_are_still_served(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
+) -> None:
+    state, url = letta
+    client = (await make(make_proxy, url)).client()
+    reply = await client.chat.completions.create(
+        model="support", messages=HI, temperature=0.1, max_tokens=5, stop=["\n"], seed=1,
+        tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        tool_choice="auto", n=1, response_format={"type": "text"}, user="u-1",
+        metadata={"team": "a"}, store=True, reasoning_effort="low")
+    assert reply.choices[0].message.content == "Echo: token streaming please"
+    assert set(state.message_posts()[-1].json) == {
+        "messages", "streaming", "stream_tokens", "include_pings"}

@@ -77,6 +77,19 @@ async def test_echo_route_answers_sync_with_the_strict_response_object(proxy: Pr
     assert reply.usage is not None and reply.usage.output_tokens == 2
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["sync", "stream"])
+async def test_a_json_text_format_echo_cannot_honour_is_a_400_naming_text_format(
+    proxy: Proxy, stream: bool
+) -> None:
+    # Translated to the chat `response_format`, which the echo kind refuses: the client is
+    # told of its own field.
+    with pytest.raises(openai.BadRequestError) as info:
+        await proxy.client().responses.create(
+            model="echo", input="hi", text={"format": {"type": "json_object"}}, stream=stream
+        )
+    assert info.value.param == "text.format"
+
+
 async def test_echo_route_stream_passes_the_event_checks_and_the_sdk_accumulates_it(
     proxy: Proxy,
 ) -> None:

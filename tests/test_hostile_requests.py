@@ -445,7 +445,7 @@ BIG = [
     pytest.param(b'{"model":"echo","messages":[{"role":"user","content":"x"}],"stream":true,'
                  b'"stream_options":{"include_usage":true},"n":1e999}', 400, id="float-overflow"),
     pytest.param(b'{"model":"echo","messages":[{"role":"user","content":"x"}],'
-                 b'"n":123456789012345678901234567890}', 200, id="huge-integer"),
+                 b'"seed":123456789012345678901234567890}', 200, id="huge-integer"),
     pytest.param(b'{"model":"o","messages":[{"role":"user","content":"x"}],'
                  b'"n":-123456789012345678901234567890}', 200, id="huge-integer-to-openai"),
     pytest.param(b'{"model":"echo","messages":[{"role":"user","content":"x"}],"model":7}', 400,

@@ -11,6 +11,7 @@ from proxy.upstreams.letta_request import (
     letta_body,
     new_turn_start,
     pick_conversation,
+    refuse_unserved,
     session_summary,
     to_letta_messages,
 )
@@ -314,3 +315,30 @@ def test_pick_conversation_reads_lettas_listing() -> None:
         == "conv-95936ab4-348b-4a75-a4d8-29889f1a0a8f"
     )
     assert pick_conversation(listing, "openai-user:ali") is None
+
+
+@pytest.mark.parametrize("fields", [
+    {"n": 1, "logprobs": False, "top_logprobs": 0, "response_format": {"type": "text"},
+     "tool_choice": "none", "function_call": "auto", "modalities": ["text"], "audio": None},
+    {"tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}}},
+    {"n": None, "web_search_options": None, "moderation": None},
+])
+def test_parameter_values_that_ask_for_one_text_choice_pass(fields: dict[str, Any]) -> None:
+    refuse_unserved(fields)
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"n": True}, "n"),
+    ({"n": "2"}, "n"),
+    ({"response_format": "json"}, "response_format"),
+    ({"tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "required"}}},
+     "tool_choice"),
+    ({"tool_choice": [None]}, "tool_choice"),
+    ({"modalities": "audio"}, "modalities"),
+])
+def test_odd_values_of_a_parameter_agents_cannot_honour_are_refused_by_name(
+    fields: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        refuse_unserved(fields)
+    assert caught.value.param == param

@@ -211,3 +211,64 @@ models:
         400, "invalid_request_error", param, "invalid_request_error")
     assert f"'{param}'" in err.message
     assert fake_openai.received == []
+
+
+# Each asks for another kind of answer than echo's one choice of text (docs/http.md).
+UNSERVED = [
+    pytest.param({"n": 3}, "n", id="n"),
+    pytest.param({"logprobs": True}, "logprobs", id="logprobs"),
+    pytest.param({"top_logprobs": 2}, "top_logprobs", id="top_logprobs"),
+    pytest.param({"response_format": {"type": "json_object"}}, "response_format",
+                 id="json_object"),
+    pytest.param({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "answer", "schema": {"type": "object"}}}}, "response_format", id="json_schema"),
+    pytest.param({"tools": [{"type": "function", "function": {"name": "f"}}],
+                  "tool_choice": "required"}, "tool_choice", id="tool_choice-required"),
+    pytest.param({"tools": [{"type": "function", "function": {"name": "f"}}],
+                  "tool_choice": {"type": "function", "function": {"name": "f"}}},
+                 "tool_choice", id="tool_choice-named"),
+    pytest.param({"functions": [{"name": "f"}], "function_call": {"name": "f"}},
+                 "function_call", id="function_call"),
+    pytest.param({"modalities": ["text", "audio"]}, "modalities", id="modalities"),
+    pytest.param({"audio": {"voice": "alloy", "format": "wav"}}, "audio", id="audio"),
+    pytest.param({"web_search_options": {}}, "web_search_options", id="web_search"),
+    pytest.param({"moderation": {"input": {"mode": "block"}}}, "moderation", id="moderation"),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["sync", "stream"])
+@pytest.mark.parametrize(("fields", "param"), UNSERVED)
+async def test_a_parameter_echo_cannot_honour_is_a_400_naming_it(
+    make_proxy: ProxyFactory, fields: dict[str, Any], param: str, stream: bool
+) -> None:
+    proxy = await make_proxy(ECHO_FIRST)
+    with pytest.raises(openai.BadRequestError) as caught:
+        await proxy.client().chat.completions.create(
+            model="echo", messages=MSG, stream=stream, extra_body=fields)
+    err = caught.value
+    assert (err.status_code, err.type, err.param, err.code) == (
+        400, "invalid_request_error", param, "invalid_request_error")
+
+
+# Parameters whose answer is still the one asked for: served as if absent.
+IGNORED: dict[str, Any] = {
+    "n": 1, "logprobs": False, "top_logprobs": 0, "response_format": {"type": "text"},
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+    "tool_choice": "auto", "parallel_tool_calls": True, "stop": ["\n\n"], "seed": 7,
+    "max_tokens": 5, "max_completion_tokens": 5, "temperature": 0.2, "top_p": 0.9,
+    "presence_penalty": 1.0, "frequency_penalty": 1.0, "logit_bias": {"50256": -100},
+    "modalities": ["text"], "prediction": {"type": "content", "content": "hi"},
+    "store": True, "metadata": {"team": "a"}, "reasoning_effort": "low",
+    "service_tier": "auto", "user": "u-1", "verbosity": "low",
+}
+
+
+async def test_parameters_echo_ignores_on_purpose_are_still_served(
+    make_proxy: ProxyFactory,
+) -> None:
+    proxy = await make_proxy(ECHO_FIRST)
+    reply = await proxy.client().chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": "same answer please"}],
+        extra_body=IGNORED)
+    assert reply.choices[0].message.content == "same answer please"
+    assert len(reply.choices) == 1

@@ -185,6 +185,10 @@ def in_client_terms(request: ResponsesRequest, err: ProxyError) -> None:
     such messages without either API's field names.
     """
     param = err.param
+    if param == "response_format":
+        # The chat field a JSON `text.format` was translated to (a kind that cannot honour it).
+        err.param = "text.format"
+        return
     if param is None or not param.startswith("messages"):
         return
     head, bracket, rest = param.partition("]")

@@ -51,7 +51,7 @@ from proxy.upstreams.custom_options import CustomRoute
 from proxy.upstreams.custom_reader import StreamReader
 from proxy.upstreams.custom_requests import RequestSpec
 from proxy.upstreams.custom_sync import SyncReader
-from proxy.upstreams.custom_turn import ClientSystem
+from proxy.upstreams.custom_turn import ClientSystem, refuse_unserved
 from proxy.upstreams.custom_values import request_values, session_id
 from proxy.upstreams.deadlines import Deadlines
 from proxy.upstreams.forwarding import forward
@@ -113,6 +113,7 @@ class Custom(CustomCalls):
         self, call: Call, http: aiohttp.ClientSession, keepalive: float | None
     ) -> TurnInFlight:
         """The upstream's accepted answer to the turn, with the session lock held."""
+        refuse_unserved(call.body)
         spec = self.custom
         streams = spec.upstream_streams(call.stream)
         without_hint = spec.session.without_hint

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from proxy.errors import InvalidRequest
-from proxy.upstreams.letta_request import new_turn_start
+
+# `refuse_unserved` is the custom kind's check of the chat parameters it cannot honour too.
+from proxy.upstreams.letta_request import new_turn_start, refuse_unserved
 
 __all__ = [
     "CLIENT_SYSTEM",
@@ -23,6 +25,7 @@ __all__ = [
     "ClientSystem",
     "MessageFormat",
     "flatten_content",
+    "refuse_unserved",
     "turn_values",
 ]
 

@@ -18,6 +18,7 @@ from proxy.chunks import Out
 from proxy.exchange import Exchange
 from proxy.openai_types import ChatChunk, ChunkFactory, accumulate, make_usage
 from proxy.upstreams.base import Answer, ByteStream, Call, ChunkStream, Upstream
+from proxy.upstreams.letta_request import refuse_unserved
 
 _PIECES = re.compile(r"\S+\s*|\s+")
 _TOKENS = re.compile(r"\w+|[^\w\s]")
@@ -75,6 +76,7 @@ class Echo(Upstream):
             yield factory.usage(make_usage(prompt, count_tokens(reply)))
 
     async def complete(self, call: Call, http: aiohttp.ClientSession) -> Answer:
+        refuse_unserved(call.body)
         chunks = list(self._chunks(call))
         return Answer(accumulate(chunks), chunks=chunks)
 
@@ -84,6 +86,8 @@ class Echo(Upstream):
     async def open_stream(
         self, call: Call, http: aiohttp.ClientSession
     ) -> ChunkStream | ByteStream:
+        # Here, not in the generator, which runs only once the writer reads it.
+        refuse_unserved(call.body)
         return ChunkStream(self._batches(call))
 
     async def _batches(self, call: Call) -> AsyncGenerator[list[Out], None]:

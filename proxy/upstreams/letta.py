@@ -43,6 +43,7 @@ from proxy.upstreams.letta_request import (
     is_busy,
     letta_body,
     new_turn_start,
+    refuse_unserved,
     session_summary,
     to_letta_messages,
 )
@@ -125,6 +126,8 @@ class Letta(HttpUpstream):
         self, call: Call, http: aiohttp.ClientSession, include_usage: bool,
         keepalive: float | None,
     ) -> _Run:
+        # Before the agent lookup: a refused request costs Letta nothing.
+        refuse_unserved(call.body)
         route = call.route
         exchange = call.exchange
         messages = call.body["messages"]

@@ -9,8 +9,9 @@ agent has its own system prompt and runs its own tools.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from proxy.errors import InvalidRequest
 
@@ -18,6 +19,62 @@ SESSION_PREFIX = "agentproxy-session:"
 
 _DROPPED_ROLES = frozenset({"assistant", "tool", "function"})
 _SYSTEM_ROLES = frozenset({"system", "developer"})
+
+
+def _forces_a_call(choice: Any) -> bool:
+    if choice is None or choice in ("auto", "none"):
+        return False
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        allowed = choice.get("allowed_tools")
+        return not (isinstance(allowed, dict) and allowed.get("mode") == "auto")
+    return True
+
+
+_NO_LOGPROBS: Final = "This model reports no log probabilities."
+_NO_CALLS: Final = (
+    "This model cannot be made to call a tool: it never calls the client's tools (an agent "
+    "runs its own)."
+)
+_TEXT_ONLY: Final = "This model answers in text only, never audio."
+# The chat parameters that ask for another kind of answer than one choice of free text, and
+# what each may hold without asking for one. The kinds that answer with one choice of free
+# text (echo, letta, custom) refuse the rest rather than answer something else; parameters
+# whose answer is still the one asked for (sampling, `max_tokens`, `stop`, `tools` without a
+# forced call, `user`, `metadata`...) are ignored: the table in docs/http.md.
+_UNSERVED: Final[dict[str, tuple[Callable[[Any], bool], str]]] = {
+    "n": (lambda v: v is None or (type(v) is int and v == 1),
+          "This model gives one choice per request, never several."),
+    "logprobs": (lambda v: v is None or v is False, _NO_LOGPROBS),
+    "top_logprobs": (lambda v: v is None or (type(v) is int and v == 0), _NO_LOGPROBS),
+    "response_format": (
+        lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+        "This model answers in free text: it cannot be held to JSON or a JSON schema.",
+    ),
+    "tool_choice": (lambda v: not _forces_a_call(v), _NO_CALLS),
+    "function_call": (lambda v: v is None or v in ("auto", "none"), _NO_CALLS),
+    "modalities": (
+        lambda v: v is None or (isinstance(v, list) and all(m == "text" for m in v)), _TEXT_ONLY
+    ),
+    "audio": (lambda v: v is None, _TEXT_ONLY),
+    "web_search_options": (
+        lambda v: v is None,
+        "This model cannot be asked to search the web: an agent uses its own tools.",
+    ),
+    # Scores or blocking the client would rely on, which nothing here produces.
+    "moderation": (lambda v: v is None, "This model runs no moderation of its input or output."),
+}
+
+
+def refuse_unserved(body: Mapping[str, Any]) -> None:
+    """Raises InvalidRequest naming the first parameter of a chat body that asks for an answer
+    other than one choice of free text (`n: 3`, `logprobs`, a JSON `response_format`, a forced
+    tool call, audio, a web search): served as if it were absent, the client would get
+    something else than it asked for, without knowing. Checked before any upstream call."""
+    if _UNSERVED.keys().isdisjoint(body):
+        return
+    for name, (serves, message) in _UNSERVED.items():
+        if name in body and not serves(body[name]):
+            raise InvalidRequest(message, param=name)
 
 
 def new_turn_start(messages: list[dict[str, Any]]) -> int:
