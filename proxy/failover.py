@@ -182,6 +182,10 @@ class Failover:
         while self._i < len(order):
             upstream = order[self._i]
             self._i += 1
+            if self._failed is not None and not upstream.health.usable(time.monotonic()):
+                # The plan is as old as the request: since then this circuit may have opened,
+                # or another request begun its probe (only one may).
+                continue
             if upstream.health.try_acquire():
                 return self._begin(upstream)
             self._busy.append(upstream)

@@ -221,6 +221,13 @@ class TableHolder:
         self, built: Config | _Failure, table: RouteTable | _Failure | None = None
     ) -> Outcome:
         """Serves `built`, as `table` if that is built already; on the loop."""
+        outcome = self._serve(built, table)
+        # Whether served or rejected, the build may have made state for upstreams the served
+        # table does not name: kept, a routes file edited for months would grow the process.
+        self.state.health.retain(u.health for u in self.current.upstreams.values())
+        return outcome
+
+    def _serve(self, built: Config | _Failure, table: RouteTable | _Failure | None) -> Outcome:
         if isinstance(built, _Failure):
             return self._failed(built)
         if built.version == self.current.version:

@@ -1,9 +1,10 @@
 """What outlives one route table but not the app: circuits, concurrency slots, session locks,
 the deadline wheel, the streams being written, and background tasks.
 
-A reload that leaves an upstream's name and URL alone must neither forget that it keeps
-failing nor let a new table's requests past the concurrency limit or into a session that the
-old table's requests still hold; so this state belongs to the table holder, not to a table.
+A reload that leaves an upstream alone (its name, URL and credentials) must neither forget
+that it keeps failing nor let a new table's requests past the concurrency limit or into a
+session that the old table's requests still hold; so this state belongs to the table
+holder, not to a table.
 It is created with the holder, handed to the app under the `STATE` key, and closed by the
 app's cleanup: background tasks (Letta run cancels) get a short grace, then are cancelled,
 and the wheel's timer stops. Nothing here is a process-wide singleton, so two apps in one

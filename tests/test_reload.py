@@ -746,3 +746,62 @@ async def test_sighup_while_shutting_down_does_not_read_the_file(tmp_path: Path)
     path.write_text(echo_routes("first", "second"))
     holder.request_reload()
     assert holder.current.version == before
+
+
+def pair_of(a_url: str, b_url: str, a_name: str = "a", *, with_a: bool = True) -> str:
+    a = f"  {a_name}: {{kind: openai, url: '{a_url}/v1', circuit: {{failures: 1, cooldown: 60}}}}\n"
+    route = f"[{a_name}, b]" if with_a else "b"
+    return (f"upstreams:\n{a if with_a else ''}  b: {{kind: openai, url: '{b_url}/v1'}}\n"
+            f"models:\n  m: {{upstream: {route}}}\n")
+
+
+async def test_an_upstream_removed_then_named_again_starts_with_a_closed_circuit(
+    make_proxy: ProxyFactory, fake_openai: FakeOpenAI, second_openai: FakeOpenAI
+) -> None:
+    routes = pair_of(fake_openai.url, second_openai.url)
+    proxy = await make_proxy(routes)
+    fake_openai.mode = "error500"
+    hi: list[Any] = [{"role": "user", "content": "hi"}]
+    await proxy.client().chat.completions.create(model="m", messages=hi)
+    _, ready = await get_json(proxy.url + "/readyz")
+    assert ready["upstreams"]["a"]["state"] == "open"  # type: ignore[index]
+    proxy.routes.write_text(pair_of(fake_openai.url, second_openai.url, with_a=False))
+    assert proxy.holder.reload()
+    # Back under the same name and URL: the table that served it is gone, and its record too.
+    fake_openai.mode = "normal"
+    proxy.routes.write_text(routes)
+    assert proxy.holder.reload()
+    _, ready = await get_json(proxy.url + "/readyz")
+    assert ready["upstreams"]["a"]["state"] == "closed"  # type: ignore[index]
+    await proxy.client().chat.completions.create(model="m", messages=hi)
+    assert len(fake_openai.received) == 2
+    assert len(second_openai.received) == 1
+
+
+async def test_upstream_state_does_not_grow_with_reloads_that_rename_upstreams(
+    make_proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = closed_port()
+    url = f"http://127.0.0.1:{port}"
+    proxy = await make_proxy(pair_of(url, url))
+    served = len(proxy.holder.state.health)
+    for n in range(20):
+        proxy.routes.write_text(pair_of(url, url, f"gen{n}"))
+        assert proxy.holder.reload()
+        assert len(proxy.holder.state.health) == served
+    # Rejected after its upstreams were built: their state goes with the table.
+    real_grant = proxy_routing.make_grant
+
+    def failing_grant(key: str, models: Any) -> Any:
+        if key == "sk-doomed-0123456789abcdef":
+            raise RuntimeError("late build failure")
+        return real_grant(key, models)
+
+    monkeypatch.setattr(proxy_routing, "make_grant", failing_grant)
+    for n in range(5):
+        proxy.routes.write_text(pair_of(url, url, f"doomed{n}")
+                                + "auth:\n  keys:\n    - key: sk-doomed-0123456789abcdef\n")
+        assert not proxy.holder.reload()
+        assert len(proxy.holder.state.health) == served
+    _, ready = await get_json(proxy.url + "/readyz")
+    assert set(ready["upstreams"]) == {"gen19", "b"}  # type: ignore[arg-type]

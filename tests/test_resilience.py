@@ -475,6 +475,134 @@ async def test_circuit_state_survives_a_reload_for_an_unchanged_upstream(
     assert (await readyz(proxy))["upstreams"]["a"]["state"] == "closed"
 
 
+def keyed_upstream(fake: FakeOpenAI) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """`fake`'s answer for the right credentials (key `sk-good`, header `X-Tenant: t2`),
+    a 401 for any other."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if (request.headers.get("Authorization") != "Bearer sk-good"
+                or request.headers.get("X-Tenant") != "t2"):
+            return web.json_response({"error": {"message": "bad key"}}, status=401)
+        return await fake.chat(request)
+
+    return handle
+
+
+@pytest.mark.parametrize(
+    ("wrong", "fixed"),
+    [("api_key: sk-bad, headers: {X-Tenant: t2}", "api_key: sk-good, headers: {X-Tenant: t2}"),
+     ("api_key: sk-good, headers: {X-Tenant: t1}", "api_key: sk-good, headers: {X-Tenant: t2}")],
+    ids=["api_key", "headers"],
+)
+async def test_fixing_an_upstreams_credentials_in_a_reload_closes_its_circuit(
+    make_proxy: ProxyFactory, fake_openai: FakeOpenAI, second_openai: FakeOpenAI,
+    wrong: str, fixed: str,
+) -> None:
+    async with answering("/v1/chat/completions", keyed_upstream(fake_openai)) as url:
+        routes = f"""
+upstreams:
+  a: {{kind: openai, url: "{url}/v1", {wrong}, circuit: {{failures: 1, cooldown: 60}}}}
+  b: {{kind: openai, url: "{second_openai.url}/v1"}}
+models:
+  m: {{upstream: [a, b]}}
+"""
+        proxy = await make_proxy(routes)
+        client = proxy.client()
+        await client.chat.completions.create(model="m", messages=HI)
+        assert (await readyz(proxy))["upstreams"]["a"]["state"] == "open"
+        proxy.routes.write_text(routes.replace(wrong, fixed))
+        assert proxy.holder.reload()
+        # The 401s were about the credentials just replaced: `a` serves at once.
+        assert (await readyz(proxy))["upstreams"]["a"]["state"] == "closed"
+        reply = await client.chat.completions.create(model="m", messages=HI)
+        assert reply.choices[0].message.content == "one two three"
+        assert len(fake_openai.received) == 1
+        assert len(second_openai.received) == 1
+
+
+async def test_a_half_open_upstream_takes_one_probe_when_many_requests_reach_it_at_once(
+    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
+) -> None:
+    """Five requests plan the route [x, a] while `a` is half-open, and all reach `a` together,
+    once `x` failed them: the first is the probe, the others must not follow it."""
+    many = 5
+    at_x: list[web.Request] = []
+    all_at_x = asyncio.Event()
+
+    async def failing_together(request: web.Request) -> web.StreamResponse:
+        at_x.append(request)
+        if len(at_x) == many:
+            all_at_x.set()
+        await all_at_x.wait()
+        return web.json_response({"error": {"message": "down"}}, status=500)
+
+    async with answering("/v1/chat/completions", failing_together) as x_url:
+        proxy = await make_proxy(f"""
+upstreams:
+  x: {{kind: openai, url: "{x_url}/v1", circuit: {{failures: 100}}}}
+  a: {{kind: openai, url: "{fake_openai.url}/v1", circuit: {{failures: 1, cooldown: 0.2}}}}
+models:
+  m: {{upstream: [x, a]}}
+  direct: {{upstream: a}}
+""")
+        client = proxy.client()
+        fake_openai.mode = "error500"
+        with pytest.raises(openai.InternalServerError):
+            await client.chat.completions.create(model="direct", messages=HI)
+        await wait_for(lambda: circuit(proxy, "a") == "half-open")
+        fake_openai.mode = "hang"  # the probe never answers
+        requests = [asyncio.ensure_future(client.chat.completions.create(model="m", messages=HI))
+                    for _ in range(many)]
+        try:
+            await wait_for(lambda: sum(r.done() for r in requests) == many - 1)
+            for request in requests:
+                if request.done():
+                    assert isinstance(request.exception(), openai.InternalServerError)
+            # One failed attempt (direct), one probe.
+            assert len(fake_openai.received) == 2
+        finally:
+            for request in requests:
+                request.cancel()
+            await asyncio.gather(*requests, return_exceptions=True)
+
+
+async def test_a_hung_probe_lets_the_next_one_through_after_a_cool_down(
+    make_proxy: ProxyFactory, second_openai: FakeOpenAI
+) -> None:
+    calls = 0
+    forever = asyncio.Event()
+
+    async def upstream(request: web.Request) -> web.StreamResponse:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            await forever.wait()  # every probe hangs, within its 300 s `first_event`
+        return web.json_response({"error": {"message": "down"}}, status=500)
+
+    async with answering("/v1/chat/completions", upstream) as url:
+        proxy = await make_proxy(pair_routes(
+            url, second_openai, "    circuit: {failures: 1, cooldown: 0.2}"))
+        client = proxy.client()
+        tasks: list[asyncio.Future[Any]] = []
+        try:
+            await client.chat.completions.create(model="m", messages=HI)  # opens `a`
+            deadline = time.monotonic() + 5
+            while calls < 3:
+                assert time.monotonic() < deadline, "no second probe after the first hung"
+                before = calls
+                task = asyncio.ensure_future(client.chat.completions.create(model="m",
+                                                                            messages=HI))
+                tasks.append(task)
+                # Served by `b`, or hung at `a`.
+                await wait_for(lambda: task.done() or calls > before)  # noqa: B023
+            assert sum(not t.done() for t in tasks) == 2, "one probe per cool-down, no more"
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            forever.set()
+
+
 async def test_failovers_are_counted_in_metrics(
     make_proxy: ProxyFactory, fake_openai: FakeOpenAI, second_openai: FakeOpenAI
 ) -> None:

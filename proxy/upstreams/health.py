@@ -1,7 +1,7 @@
 """What the proxy knows about each upstream beyond one request: its circuit and its load.
 
 The registry lives with the app (proxy/state.py), not with a route table: a reload that
-leaves an upstream's name and URL alone must neither forget that it keeps failing nor let a
+leaves an upstream alone (its `health_key`) must neither forget that it keeps failing nor let a
 new table's requests past the concurrency limit that the old table's requests still fill.
 Settings (thresholds, limits) are taken from the newest table that names the upstream, when
 that table is committed (`RouteTable.commit`): a table rejected half-way through its build
@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import time
 from collections import deque
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from proxy.config import UpstreamSpec
@@ -37,6 +39,7 @@ class Health:
         "limit",
         "name",
         "opened_at",
+        "probe_began",
         "probing",
         "queue_timeout",
         "threshold",
@@ -48,6 +51,7 @@ class Health:
         self.opened_at = 0.0
         self.last_failure = -math.inf
         self.probing = False
+        self.probe_began = 0.0
         self.failovers = 0
         self.active = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -74,13 +78,17 @@ class Health:
         """May a request be sent here without every other upstream having been ruled out?"""
         if self.failures < self.threshold:
             return True
-        return now >= self.opened_at + self.cooldown and not self.probing
+        # A probe that hangs (no `first_event` limit, or one longer than the cool-down) would
+        # keep the circuit from closing for as long: one more is let through each cool-down.
+        return now >= self.opened_at + self.cooldown and (
+            not self.probing or now >= self.probe_began + self.cooldown)
 
     def begin(self) -> bool:
         """A request starts here; True when it is the probe of an open or half-open circuit."""
         if self.failures < self.threshold:
             return False
         self.probing = True
+        self.probe_began = time.monotonic()
         return True
 
     def succeeded(self) -> None:
@@ -160,15 +168,39 @@ class Health:
         return report
 
 
+# What makes an upstream the same server to its circuit: its name, kind, URL and what it is
+# sent on every request (credentials, headers). A 401 that opened the circuit says nothing
+# about the key that replaced the one it refused.
+Key = tuple[str, str, str, str, tuple[tuple[str, str], ...]]
+
+
+def health_key(spec: UpstreamSpec) -> Key:
+    headers = tuple(sorted((name.lower(), value) for name, value in spec.headers.items()))
+    return (spec.name, spec.kind, spec.url or "", spec.api_key or "", headers)
+
+
 class HealthRegistry:
     def __init__(self) -> None:
-        self._by_upstream: dict[tuple[str, str], Health] = {}
+        self._by_upstream: dict[Key, Health] = {}
 
     def get(self, spec: UpstreamSpec) -> Health:
-        """The state of the upstream `spec` describes, kept while its name and URL stay. An
+        """The state of the upstream `spec` describes, kept while its `health_key` stays. An
         existing one keeps its settings until `configure` (the table's commit)."""
-        key = (spec.name, spec.url or "")
+        key = health_key(spec)
         health = self._by_upstream.get(key)
         if health is None:
             health = self._by_upstream[key] = Health(spec)
         return health
+
+    def retain(self, used: Iterable[Health]) -> None:
+        """Forgets every upstream but those of `used` (the served table's) and those still
+        holding or awaiting a slot: a request of an older table counts against the limit of
+        the upstream it runs on, should a later table name that upstream again."""
+        keep = {id(health) for health in used}
+        self._by_upstream = {
+            key: health for key, health in self._by_upstream.items()
+            if id(health) in keep or health.active > 0 or health.queued > 0
+        }
+
+    def __len__(self) -> int:
+        return len(self._by_upstream)
