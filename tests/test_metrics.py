@@ -175,6 +175,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+async def echo_status(url: str) -> int:
+    """The status of one echo chat request on a connection of its own."""
+    async with aiohttp.ClientSession() as http, http.post(
+        url + "/v1/chat/completions",
+        json={"model": "echo", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"Authorization": f"Bearer {KEY}"},
+    ) as resp:
+        return resp.status
+
+
 async def test_with_two_workers_any_scrape_gives_the_totals(tmp_path: Path) -> None:
     routes = tmp_path / "routes.yaml"
     routes.write_text(ECHO_ONLY)
@@ -185,12 +195,7 @@ async def test_with_two_workers_any_scrape_gives_the_totals(tmp_path: Path) -> N
     ) as served:
         for _ in range(sent):
             # A new connection each time, so SO_REUSEPORT spreads them over both workers.
-            async with aiohttp.ClientSession() as http, http.post(
-                served.url + "/v1/chat/completions",
-                json={"model": "echo", "messages": [{"role": "user", "content": "hi"}]},
-                headers={"Authorization": f"Bearer {KEY}"},
-            ) as resp:
-                assert resp.status == 200
+            assert await echo_status(served.url) == 200
         writers = {p.name.rsplit("_", 1)[1] for p in metrics_dir.glob("counter_*.db")}
         assert len(writers) == 2, "both workers should have served some requests"
         for _ in range(8):
@@ -222,12 +227,7 @@ async def test_a_scrape_after_the_workers_metrics_directory_was_removed_is_a_cle
         assert "PROMETHEUS_MULTIPROC_DIR" in error["message"]
         assert str(tmp_path) not in error["message"]
         # The requests themselves are served as before.
-        async with aiohttp.ClientSession() as http, http.post(
-            served.url + "/v1/chat/completions",
-            json={"model": "echo", "messages": [{"role": "user", "content": "hi"}]},
-            headers={"Authorization": f"Bearer {KEY}"},
-        ) as resp:
-            assert resp.status == 200
+        assert await echo_status(served.url) == 200
         served.proc.send_signal(signal.SIGTERM)
         assert await served.exit_code() == 0
     assert "Traceback" not in served.output()
