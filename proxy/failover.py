@@ -12,7 +12,9 @@ The rules (docs/resilience.md explains why):
 * A request the upstream may already have acted on (its error says `delivered`: a Letta
   message that was sent) is never sent to another upstream, whatever happened to it.
 * When every upstream with a free slot failed or none had one, the request queues for the
-  first busy one, up to its `queue_timeout`, then gets a 429 with `Retry-After`.
+  first busy one, up to its `queue_timeout`, then gets a 429 with `Retry-After`. If that
+  upstream's circuit opened (or its probe began) during the wait, the slot goes back and
+  the request ends as if it had found it so, unless a later busy one now has a free slot.
 * A request that must wait for its session's previous turn gives its slot back for the wait
   (`SessionSlot`) and queues for one again, up to `queue_timeout`, once the session is free.
 """
@@ -202,7 +204,21 @@ class Failover:
         self._queued = True
         if not await health.acquire(health.queue_timeout):
             raise upstream_busy(upstream)
-        return self._begin(upstream)
+        if health.usable(time.monotonic()) or (self._last is None and len(self._order) == 1):
+            return self._begin(upstream)
+        # Its circuit opened, or another request began the probe, during the wait: a second
+        # probe must not follow. With nothing else to try and nothing failed, the request
+        # goes anyway, as one that finds every circuit open does.
+        health.release()
+        for other in self._busy[1:]:
+            if other.health.usable(time.monotonic()) and other.health.try_acquire():
+                return self._begin(other)
+        if self._last is not None:
+            raise self._last
+        raise UpstreamUnavailable(
+            f"Upstream '{upstream.name}' stopped taking requests while this one waited for "
+            "a slot (its circuit opened after failures). Retry later."
+        )
 
     def _begin(self, upstream: Upstream) -> Lease:
         failed = self._failed

@@ -603,6 +603,69 @@ async def test_a_hung_probe_lets_the_next_one_through_after_a_cool_down(
             forever.set()
 
 
+async def test_requests_queued_for_a_half_open_upstream_send_it_one_probe(
+    make_proxy: ProxyFactory,
+) -> None:
+    """`a`'s three slots are held by two requests begun while it was closed and by a probe
+    that hangs (a single-upstream route tries it anyway), old enough that `a` takes another.
+    Three requests that `b` refuses queue for `a`; the two slow ones then end together: the
+    first queued request is the probe, the others must not follow it."""
+    ended = asyncio.Event()
+    slow_done = asyncio.Event()
+    seen: list[str] = []
+
+    async def upstream(request: web.Request) -> web.StreamResponse:
+        which = (await request.json())["messages"][0]["content"]
+        seen.append(which)
+        if which == "fail":
+            return web.json_response({"error": {"message": "down"}}, status=500)
+        await (slow_done if which == "slow" else ended).wait()
+        return web.json_response({"error": {"message": "not this"}}, status=400)
+
+    def ask(model: str, what: str) -> asyncio.Future[Any]:
+        return asyncio.ensure_future(client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": what}]))
+
+    tasks: list[asyncio.Future[Any]] = []
+    async with answering("/v1/chat/completions", upstream) as url:
+        proxy = await make_proxy(f"""
+upstreams:
+  a: {{kind: openai, url: "{url}/v1", max_concurrency: 3, queue_timeout: 30,
+       circuit: {{failures: 1, cooldown: 0.3}}}}
+  b: {{kind: openai, url: "http://127.0.0.1:{closed_port()}/v1", circuit: {{failures: 100}}}}
+models:
+  m: {{upstream: [a, b]}}
+  direct: {{upstream: a}}
+""")
+        client = proxy.client()
+        health = proxy.holder.current.upstreams["a"].health
+        try:
+            tasks += [ask("m", "slow"), ask("m", "slow")]
+            await wait_for(lambda: seen.count("slow") == 2)
+            with pytest.raises(openai.InternalServerError):
+                await client.chat.completions.create(
+                    model="direct", messages=[{"role": "user", "content": "fail"}])
+            tasks.append(ask("direct", "hang"))
+            await wait_for(lambda: "hang" in seen)
+            await wait_for(lambda: health.usable(time.monotonic()))
+            queued = [ask("m", "queued") for _ in range(3)]
+            tasks += queued
+            await wait_for(lambda: health.queued == 3)
+            slow_done.set()
+            await wait_for(lambda: seen.count("queued") > 1
+                           or (seen.count("queued") == 1 and sum(q.done() for q in queued) == 2))
+            assert seen.count("queued") == 1, "one probe, not one per freed slot"
+            for request in queued:
+                if request.done():
+                    assert isinstance(request.exception(), openai.InternalServerError)
+        finally:
+            ended.set()
+            slow_done.set()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def test_failovers_are_counted_in_metrics(
     make_proxy: ProxyFactory, fake_openai: FakeOpenAI, second_openai: FakeOpenAI
 ) -> None:

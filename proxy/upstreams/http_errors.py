@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
@@ -33,6 +35,12 @@ _RETRY_AFTER = re.compile(
     r"[0-9]{1,16}(?:\.[0-9]{1,6})?"
     r"|[A-Za-z]{3}, [0-9]{2} [A-Za-z]{3} [0-9]{4} [0-9]{2}:[0-9]{2}:[0-9]{2} GMT"
 )
+# The longest wait passed on, in seconds: the upstream would otherwise choose how long a client
+# that honours Retry-After stays away (years, from a hostile one). A limit longer than an hour
+# is a quota for the operator to see to, not a back-off.
+MAX_RETRY_AFTER = 3600
+# `retry-after-ms` (Azure OpenAI's; the OpenAI SDKs read it before Retry-After): milliseconds.
+_RETRY_AFTER_MS = re.compile(r"[0-9]{1,16}(?:\.[0-9]{1,6})?")
 
 
 async def read_answer(
@@ -78,11 +86,26 @@ async def read_error_body(resp: aiohttp.ClientResponse) -> bytes:
 
 
 def retry_after(headers: Mapping[str, str]) -> dict[str, str] | None:
-    """The upstream's Retry-After to pass on with its 429, if it is a plain one."""
+    """The upstream's Retry-After and retry-after-ms to pass on with its 429, if they are
+    plain ones, as they came up to MAX_RETRY_AFTER seconds."""
+    out: dict[str, str] = {}
+    ms = headers.get("retry-after-ms")
+    if ms is not None and _RETRY_AFTER_MS.fullmatch(ms) is not None:
+        cap = MAX_RETRY_AFTER * 1000
+        out["retry-after-ms"] = ms if float(ms) <= cap else str(cap)
     retry = headers.get("Retry-After")
     if retry is None or _RETRY_AFTER.fullmatch(retry) is None:
-        return None
-    return {"Retry-After": retry}
+        return out or None
+    if retry[0].isdigit():
+        wait = float(retry)
+    else:
+        try:
+            wait = (parsedate_to_datetime(retry) - datetime.now(UTC)).total_seconds()
+        except ValueError:  # the shape of a date, but none (31 Feb, hour 25)
+            return out or None
+    # Past the cap, in seconds, whatever the form: a date is the same wait, later.
+    out["Retry-After"] = retry if wait <= MAX_RETRY_AFTER else str(MAX_RETRY_AFTER)
+    return out
 
 
 def connection_error(upstream: str, exc: aiohttp.ClientError) -> UpstreamUnavailable:
