@@ -76,8 +76,9 @@ class Lease:
 
     __slots__ = ("_held", "probe", "upstream")
 
-    def __init__(self, upstream: Upstream, probe: bool) -> None:
+    def __init__(self, upstream: Upstream, probe: float) -> None:
         self.upstream = upstream
+        # Its probe's start when it probes an open circuit (Health.begin), else 0.0.
         self.probe = probe
         self._held = True
 

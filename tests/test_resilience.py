@@ -852,3 +852,28 @@ async def test_a_mid_stream_error_message_that_is_not_a_string_reaches_the_clien
     assert caught.value.message.endswith(
         """Upstream 'a' reported an error mid-stream: {"deep":"x"}"""
     ), caught.value.message
+
+
+def test_a_probe_given_up_on_after_a_newer_one_began_leaves_the_newer_ones_turn() -> None:
+    # A hung probe lets one more through each cool-down; when the old one then ends without
+    # a verdict (its client left), the newer probe is still under way: no third may follow.
+    from proxy.config.schema import parse_config
+    from proxy.upstreams.health import HealthRegistry
+
+    config = parse_config(
+        "upstreams:\n  a: {kind: openai, url: 'http://127.0.0.1:1/v1',"
+        " circuit: {failures: 1, cooldown: 0.05}}\nmodels:\n  m: {upstream: a}\n"
+    )
+    health = HealthRegistry().get(config.upstreams["a"])
+    health.failed(time.monotonic())
+    time.sleep(0.06)  # the clock, not synchronisation: the cool-down must have passed
+    old = health.begin()
+    assert old and not health.usable(time.monotonic())
+    time.sleep(0.06)
+    assert health.usable(time.monotonic())  # the old probe hangs: one more goes through
+    newer = health.begin()
+    assert newer
+    health.abandoned(old)
+    assert not health.usable(time.monotonic())
+    health.abandoned(newer)
+    assert health.usable(time.monotonic())

@@ -83,13 +83,14 @@ class Health:
         return now >= self.opened_at + self.cooldown and (
             not self.probing or now >= self.probe_began + self.cooldown)
 
-    def begin(self) -> bool:
-        """A request starts here; True when it is the probe of an open or half-open circuit."""
+    def begin(self) -> float:
+        """A request starts here: when it is the probe of an open or half-open circuit, the
+        probe's start (which names it to `abandoned`); else 0.0."""
         if self.failures < self.threshold:
-            return False
+            return 0.0
         self.probing = True
-        self.probe_began = time.monotonic()
-        return True
+        began = self.probe_began = time.monotonic()
+        return began
 
     def succeeded(self) -> None:
         self.failures = 0
@@ -102,9 +103,11 @@ class Health:
         if self.failures >= self.threshold:
             self.opened_at = now
 
-    def abandoned(self, probe: bool) -> None:
-        """The request ended without telling whether the upstream works (the client left)."""
-        if probe:
+    def abandoned(self, probe: float) -> None:
+        """The request ended without telling whether the upstream works (the client left).
+        `probe` is its `begin()`: a probe given up on after a newer one began (a hung one,
+        past its cool-down) must not end the newer one's turn."""
+        if probe and probe == self.probe_began:
             self.probing = False
 
     # -- concurrency -----------------------------------------------------------------------
