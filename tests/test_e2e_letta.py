@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import re
 import sys
 import tracemalloc
@@ -142,6 +143,34 @@ async def test_stream_delivers_tokens_then_usage_chunk(
     assert len({c.id for c in chunks}) == 1
 
 
+@pytest.mark.parametrize("number", [b"1e400", b"9" * 400])
+async def test_usage_whose_numbers_cannot_be_read_is_usage_not_reported(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str], tmp_path: Path, number: bytes
+) -> None:
+    state, url = letta
+    events = [
+        re.sub(rb'"prompt_tokens":460', b'"prompt_tokens":' + number, e)
+        for e in sse_events("stream_tokens")
+    ]
+    unreadable = tmp_path / "unreadable_usage.sse"
+    unreadable.write_bytes(b"".join(events))
+    client = (await make(make_proxy, url)).client()
+    state.scenarios.append(Scenario(sse=str(unreadable)))
+    reply = await client.chat.completions.create(model="support", messages=HI)
+    assert reply.choices[0].message.content == "Echo: token streaming please"
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage is not None and reply.usage.total_tokens == 0
+    state.scenarios.append(Scenario(sse=str(unreadable)))
+    stream = await client.chat.completions.create(
+        model="support", messages=HI, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = [c async for c in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+        "Echo: token streaming please"
+    )
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 0
+
+
 async def test_agent_given_by_id_needs_no_lookup(
     make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
 ) -> None:
@@ -204,6 +233,39 @@ async def test_an_agent_whose_name_is_not_text_is_listed_by_id(
     client = (await make(make_proxy, url)).client()
     ids = [m.id for m in (await client.models.list()).data]
     assert ids == ["support", "letta/support-bot", f"letta/{odd['id']}"]
+
+
+async def test_listed_agents_have_a_sane_created_and_a_name_a_client_can_send_back(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
+) -> None:
+    state, url = letta
+    state.agents[0]["created_at"] = "2025-01-02T03:04:05Z"
+    odd = [
+        ("0001-01-01T00:00:00Z", "ancient"),
+        ("1969-12-31T23:59:59+00:00", "pre-epoch"),
+        ("0001-01-01T00:00:00", "naive"),
+        ("not a date", "x" * 256),
+        ("2025-01-02T03:04:05Z", "y" * 257),
+        ("2025-01-02T03:04:05Z", "agent-11111111-2222-4333-8444-555555555555"),
+    ]
+    for n, (created_at, name) in enumerate(odd):
+        state.agents.append(copy.deepcopy(state.agents[0]) | {
+            "id": f"agent-00000000-0000-4000-8000-{n:012d}", "name": name,
+            "created_at": created_at})
+    client = (await make(make_proxy, url)).client()
+    cards = (await client.models.list()).data
+    listed = {m.id: m.created for m in cards}
+    table_time = listed["support"]
+    assert listed["letta/support-bot"] == 1735787045
+    for name in ("ancient", "pre-epoch", "naive", "x" * 256):
+        assert listed[f"letta/{name}"] == table_time
+    # Too long to send back, or taken for another agent's id: listed by the agent's own id.
+    assert f"letta/{'y' * 257}" not in listed
+    assert "letta/agent-00000000-0000-4000-8000-000000000004" in listed
+    assert "letta/agent-11111111-2222-4333-8444-555555555555" not in listed
+    assert "letta/agent-00000000-0000-4000-8000-000000000005" in listed
+    reply = await client.chat.completions.create(model=f"letta/{'x' * 256}", messages=HI)
+    assert reply.choices[0].message.content == "Echo: token streaming please"
 
 
 async def listing_peak(make_proxy: ProxyFactory, count: int) -> int:
@@ -431,9 +493,14 @@ async def test_racing_first_requests_settle_on_the_oldest_conversation(
     assert {p.path for p in state.message_posts()} == {f"/v1/conversations/{oldest['id']}/messages"}
 
 
+def cancel_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [m for r in caplog.records if (m := r.getMessage()).startswith("cancelled Letta run")]
+
+
 async def test_closing_the_client_mid_stream_cancels_the_letta_run(
-    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str]
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, "proxy.upstreams.letta")
     state, _ = letta
     proxy = await with_held_runs(make_proxy, letta)
     async with aiohttp.ClientSession() as http:
@@ -443,6 +510,68 @@ async def test_closing_the_client_mid_stream_cancels_the_letta_run(
         resp.close()
     await wait_for(lambda: RUN_ID in state.cancelled_run_ids)
     await wait_for(lambda: len(state.disconnected) == 1)
+    assert cancel_lines(caplog) == [f"cancelled Letta run {RUN_ID} after the client left"]
+
+
+async def test_a_run_cancelled_after_its_stream_broke_is_logged_as_the_upstreams_failure(
+    make_proxy: ProxyFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "proxy.upstreams.letta")
+    app = broken_run({"message_type": "ping", "run_id": RUN_ID}, {
+        "message_type": "assistant_message", "otid": "o1", "content": "partial"})
+    async with serving(app) as url:
+        proxy = await make_proxy(one_agent_routes(url, "m", AGENT))
+        stream = await proxy.client().chat.completions.create(
+            model="m", messages=HI, stream=True
+        )
+        with pytest.raises(openai.APIError):
+            [c async for c in stream]
+        await wait_for(lambda: cancel_lines(caplog))
+    assert cancel_lines(caplog) == [
+        f"cancelled Letta run {RUN_ID} after the upstream's stream failed"
+    ]
+
+
+async def test_a_run_cancelled_after_the_upstream_went_idle_is_logged_as_a_timeout(
+    make_proxy: ProxyFactory, letta: tuple[FakeLetta, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "proxy.upstreams.letta")
+    state, url = letta
+    state.default_scenario = Scenario(hold_after=2)
+    proxy = await make_proxy(
+        f"upstreams:\n  letta: {{kind: letta, url: '{url}', timeouts: {{idle: 0.2}}}}\n"
+        f"models:\n  m: {{upstream: letta, agent: {AGENT}}}\n"
+    )
+    with pytest.raises(openai.APIStatusError) as info:
+        await proxy.client().chat.completions.create(model="m", messages=HI)
+    assert info.value.status_code == 504
+    await wait_for(lambda: RUN_ID in state.cancelled_run_ids)
+    await wait_for(lambda: cancel_lines(caplog))
+    assert cancel_lines(caplog) == [f"cancelled Letta run {RUN_ID} after the upstream timed out"]
+
+
+async def test_a_run_cancelled_by_the_shutdown_drain_is_logged_as_the_shutdown(
+    letta: tuple[FakeLetta, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "proxy.upstreams.letta")
+    state, url = letta
+    state.default_scenario = Scenario(hold_after=2)
+    path = tmp_path / "routes.yaml"
+    path.write_text(routes(url))
+    app = create_app(TableHolder(path, (KEY,)), drain_timeout=0.05)
+    async with serving(app) as proxy_url, aiohttp.ClientSession() as http:
+        async with http.post(
+            proxy_url + "/v1/chat/completions",
+            json={"model": "support", "stream": True, "messages": HI},
+            headers={"Authorization": f"Bearer {KEY}"},
+        ) as resp:
+            await state.default_scenario.held.wait()
+            await app[DRAIN].wait()
+            body = await resp.read()
+        assert body.endswith(b"data: [DONE]\n\n")
+        await wait_for(lambda: RUN_ID in state.cancelled_run_ids)
+        await wait_for(lambda: cancel_lines(caplog))
+    assert cancel_lines(caplog) == [f"cancelled Letta run {RUN_ID} after the proxy's shutdown"]
 
 
 async def test_sync_client_that_gives_up_cancels_the_letta_run(

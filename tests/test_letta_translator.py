@@ -569,6 +569,18 @@ def test_event_that_is_not_json_is_an_error() -> None:
     assert t.error is not None
 
 
+def test_only_the_usage_event_may_carry_numbers_that_cannot_be_read() -> None:
+    usage_event = '{"message_type":"usage_statistics","prompt_tokens":1e400,"total_tokens":-1e400}'
+    t, out = run_events([assistant("Hi"), END_TURN, Event(usage_event)], include_usage=True)
+    assert out == [ROLE, c("Hi"), STOP, usage(0, 0)]
+    assert t.error is None
+    other = '{"message_type":"assistant_message","otid":"o2","content":"x","n":1e400}'
+    t, out = run_events([assistant("Hi"), Event(other), END_TURN])
+    assert out == [ROLE, c("Hi")]
+    assert t.error is not None
+    assert t.error.message == "Letta sent a stream event that is not a JSON object."
+
+
 def test_finish_is_idempotent_and_feed_after_finish_is_ignored() -> None:
     t, _ = run("stream_tokens")
     assert t.finish() == []

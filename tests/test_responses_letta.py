@@ -259,6 +259,26 @@ INPUT_THE_AGENT_CANNOT_TAKE = [
             {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
             {"type": "function_call_output", "call_id": "c", "output": "18C"}]},
         "input", id="ends-with-a-tool-output"),
+    pytest.param(
+        {"input": [
+            {"role": "user", "content": "chart?"},
+            {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c", "output": [
+                {"type": "input_text", "text": "here:"},
+                {"type": "input_image", "image_url": "ftp://x/y.png"}]}]},
+        "input[2].output[1].image_url", id="image-in-a-tool-output"),
+    pytest.param(
+        {"input": [
+            {"role": "user", "content": "charts?"},
+            {"type": "function_call", "call_id": "a", "name": "f", "arguments": "{}"},
+            {"type": "function_call", "call_id": "b", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "a", "output": [
+                {"type": "input_image", "image_url": "https://x/a.png"}]},
+            {"type": "reasoning", "id": "rs_1", "summary": []},
+            {"type": "function_call_output", "call_id": "b", "output": [
+                {"type": "input_text", "text": "and:"},
+                {"type": "input_file", "file_id": "file-1"}]}]},
+        "input[5].output[1].type", id="file-in-a-later-tool-output"),
 ]
 
 

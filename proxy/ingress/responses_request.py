@@ -47,6 +47,8 @@ class ResponsesRequest(NamedTuple):
     """The request's fields that the response object repeats (ResponsesWriter's `echo`)."""
     sources: Sequence[str]
     """Where each chat message came from: `instructions`, `input` (a string) or `input[i]`."""
+    items: Any = None
+    """The client's `input`, where `in_client_terms` finds what a chat message moved."""
 
 
 def parse_responses_request(raw: bytes) -> ResponsesRequest:
@@ -147,6 +149,7 @@ def parse_responses_request(raw: bytes) -> ResponsesRequest:
         store=store,
         echo=MappingProxyType(echo),
         sources=sources,
+        items=body.get("input"),
     )
 
 
@@ -181,8 +184,9 @@ def in_client_terms(request: ResponsesRequest, err: ProxyError) -> None:
 
     An adapter checks the chat messages it is given (a Letta agent takes no files, a custom
     upstream needs text) and names them: `messages[2].content[1].image_url.url` becomes
-    `input[1].content[1].image_url`, `messages` (nothing new to send) `input`. Adapters word
-    such messages without either API's field names.
+    `input[1].content[1].image_url` (a tool output's image `input[3].output[0].image_url`),
+    `messages` (nothing new to send) `input`. Adapters word such messages without either
+    API's field names.
     """
     param = err.param
     if param == "response_format":
@@ -201,10 +205,33 @@ def in_client_terms(request: ResponsesRequest, err: ProxyError) -> None:
         # A string `input` or the instructions: nothing inside it has a path of its own.
         err.param = source
         return
+    if rest.startswith(".content["):
+        source, rest = _from_tool_output(request.items, source, rest)
     if rest.endswith(".image_url.url"):
         # A Responses input_image's `image_url` is the URL itself, a chat part's an object.
         rest = rest.removesuffix(".url")
     err.param = source + rest
+
+
+def _from_tool_output(items: Any, source: str, rest: str) -> tuple[str, str]:
+    """A part of the user message that holds a run of tool outputs' images and files (its
+    source is the first output) as the `input[i].output[k]` it came from."""
+    index, _, after = rest[len(".content[") :].partition("]")
+    if not isinstance(items, list) or not index.isdecimal():
+        return source, rest
+    first, left = int(source[len("input[") : -1]), int(index)
+    # Translated already: items and output parts are objects; a message item ends the loop.
+    for i, item in enumerate(items[first:], first):
+        kind = item.get("type")
+        if kind != "function_call_output" and kind != "reasoning":
+            break
+        output = item.get("output")
+        for k, part in enumerate(output if isinstance(output, list) else ()):
+            if part.get("type") in ("input_image", "input_file"):
+                if left == 0:
+                    return f"input[{i}]", f".output[{k}]{after}"
+                left -= 1
+    return source, rest
 
 
 # -- the body -----------------------------------------------------------------------------

@@ -20,7 +20,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import aiohttp
@@ -33,13 +32,16 @@ from proxy.exchange import Exchange
 from proxy.failover import SessionSlot
 from proxy.openai_types import ChunkFactory, accumulate
 from proxy.session_locks import busy
-from proxy.sse import SSEDecoder, SSEError
+from proxy.sse import SSEError
 from proxy.upstreams.base import Answer, ByteStream, Call, ChunkStream, hold_answer
 from proxy.upstreams.deadlines import Deadlines
 from proxy.upstreams.http import HttpUpstream, is_event_stream
 from proxy.upstreams.http_errors import error_from_response, read_error_body
 from proxy.upstreams.letta_directory import LettaDirectory
 from proxy.upstreams.letta_request import (
+    UPSTREAM_FAILED,
+    LettaRun,
+    cancel_cause,
     is_busy,
     letta_body,
     new_turn_start,
@@ -62,28 +64,6 @@ PER_KEY_HINT = "\0per-key"
 # Between two tries of a turn that Letta answered "conversation busy".
 BUSY_FIRST_PAUSE = 0.05
 BUSY_MAX_PAUSE = 1.0
-
-
-@dataclass(slots=True)
-class _Run:
-    """One Letta run in flight: what closing it must release or cancel."""
-
-    agent_id: str
-    lock_key: str
-    # The conversation the turn runs in; None for the agent's default thread.
-    conversation: str | None
-    resp: aiohttp.ClientResponse
-    translator: LettaTranslator
-    # The turn's deadlines, from the moment the message was sent (not from the lookups).
-    deadlines: Deadlines
-    decoder: SSEDecoder = field(default_factory=SSEDecoder)
-    saw_done: bool = False
-    closed: bool = False
-
-    @property
-    def finished_upstream(self) -> bool:
-        """Letta ended the run itself: nothing left to cancel."""
-        return self.saw_done or self.translator.stop_reason is not None
 
 
 class Letta(HttpUpstream):
@@ -125,7 +105,7 @@ class Letta(HttpUpstream):
     async def _open(
         self, call: Call, http: aiohttp.ClientSession, include_usage: bool,
         keepalive: float | None,
-    ) -> _Run:
+    ) -> LettaRun:
         # Before the agent lookup: a refused request costs Letta nothing.
         refuse_unserved(call.body)
         route = call.route
@@ -191,7 +171,7 @@ class Letta(HttpUpstream):
             show_tools="tools" in route.show,
             include_usage=include_usage,
         )
-        return _Run(agent, lock_key, conversation, resp, translator, deadlines)
+        return LettaRun(agent, lock_key, conversation, resp, translator, deadlines, exchange)
 
     async def _thread(self, call: Call, agent: str, http: aiohttp.ClientSession) -> str | None:
         """The conversation the turn runs in (None: the agent's default thread)."""
@@ -262,7 +242,7 @@ class Letta(HttpUpstream):
         except BaseException as exc:
             raise self.turn_failure(exc) from None
 
-    async def _batches(self, run: _Run) -> AsyncGenerator[list[Out], None]:
+    async def _batches(self, run: LettaRun) -> AsyncGenerator[list[Out], None]:
         """What each upstream read translates to; raises the stream's terminal error.
 
         Letta's pings count as the upstream's activity (they say the run is alive), so a run
@@ -295,11 +275,13 @@ class Letta(HttpUpstream):
                     deadlines.sent()
                     yield out
         except BaseException as exc:
+            run.cause = cancel_cause(exc, run.exchange)
             raise self.failure(exc, answered=True, what="stream") from None
         final = translator.finish()
         if final:
             yield list(final)
         if translator.error is not None:
+            run.cause = UPSTREAM_FAILED
             if translator.error_detail:
                 # Scrubbed before it is cut, so no part of a secret survives; one bounded line,
                 # so Letta's text cannot forge log lines of its own nor flood the log.
@@ -309,7 +291,7 @@ class Letta(HttpUpstream):
                 )
             raise self.scrubbed(translator.error)
 
-    async def _close(self, run: _Run, http: aiohttp.ClientSession) -> None:
+    async def _close(self, run: LettaRun, http: aiohttp.ClientSession) -> None:
         if run.closed:
             return
         run.closed = True
@@ -321,14 +303,14 @@ class Letta(HttpUpstream):
             else:
                 run.resp.close()
             return
-        # The client left (or the stream broke) while the agent was still running: stop the
-        # run too, not just the socket. The run id arrives in Letta's first ping; if it has
-        # not come yet, read on a little for it, in the background (the app awaits it when
-        # it closes). The session lock is released only after, so that the next message of
-        # the conversation never reaches Letta before this run's cancel.
+        # The client left (or the stream broke, or the proxy shuts down) while the agent was
+        # still running: stop the run too, not just the socket. The run id arrives in Letta's
+        # first ping; if it has not come yet, read on a little for it, in the background (the
+        # app awaits it when it closes). The session lock is released only after, so that the
+        # next message of the conversation never reaches Letta before this run's cancel.
         self.state.spawn(self._cancel(run, http), name=f"letta-cancel-{run.agent_id}")
 
-    async def _cancel(self, run: _Run, http: aiohttp.ClientSession) -> None:
+    async def _cancel(self, run: LettaRun, http: aiohttp.ClientSession) -> None:
         task = asyncio.current_task()
         # A record of its own: the deadlines of the cancel call interrupt this task only.
         exchange = Exchange(0.0, "letta-cancel", task)
@@ -338,14 +320,17 @@ class Letta(HttpUpstream):
             run_id = run.translator.run_id
             run.resp.close()
             if run_id is None:
-                log.warning("could not cancel a Letta run of agent %s: no run id", run.agent_id)
+                log.warning(
+                    "could not cancel a Letta run of agent %s after %s: no run id",
+                    run.agent_id, run.cause,
+                )
                 return
             async with asyncio.timeout(CANCEL_TIMEOUT):
                 await self.call_api(
                     http, exchange, "POST", f"/v1/agents/{run.agent_id}/messages/cancel",
                     body={"run_ids": [run_id]},
                 )
-            log.info("cancelled Letta run %s after the client left", run_id)
+            log.info("cancelled Letta run %s after %s", run_id, run.cause)
         except (ProxyError, TimeoutError, RuntimeError) as exc:
             log.warning(
                 "cancelling a Letta run of agent %s failed: %s", run.agent_id,
@@ -355,7 +340,7 @@ class Letta(HttpUpstream):
             run.resp.close()
             self.state.session_locks.release(run.lock_key)
 
-    async def _read_run_id(self, run: _Run) -> None:
+    async def _read_run_id(self, run: LettaRun) -> None:
         try:
             async with asyncio.timeout(RUN_ID_WAIT):
                 async for data in run.resp.content.iter_any():

@@ -31,6 +31,9 @@ AGENT_TTL = 30.0
 # never a session token (those are `SESSION_PREFIX` + a digest), so no hint ever selects it.
 NEW_CONVERSATION_SUMMARY = "agentproxy: Responses API"
 MAX_CACHED_CONVERSATIONS = 10_000
+# The longest agent name a model listing offers: a client sends it back as `model`, the proxy
+# looks it up in a query string, and errors and logs cut a model name at 256 characters.
+MAX_LISTED_NAME = 256
 
 
 class LettaDirectory:
@@ -209,7 +212,11 @@ class LettaDirectory:
         names = Counter(name for name, _ in agents.values())
         cards = []
         for agent_id, (name, created) in agents.items():
-            unique = isinstance(name, str) and name and names[name] == 1
+            # A name that looks like an agent id would be taken for one when sent back.
+            unique = (
+                isinstance(name, str) and 0 < len(name) <= MAX_LISTED_NAME
+                and names[name] == 1 and AGENT_ID.fullmatch(name) is None
+            )
             card: dict[str, Any] = {"id": name if unique else agent_id}
             if created:
                 card["created"] = created
@@ -222,9 +229,11 @@ def _as_list(value: Any) -> list[Any]:
 
 
 def _timestamp(value: Any) -> int | None:
+    """Unix seconds; None (the listing's own time) for what is not a date after 1970."""
     if not isinstance(value, str):
         return None
     try:
-        return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp())
-    except ValueError:
+        seconds = int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp())
+    except (ValueError, OverflowError, OSError):  # not a date, or naive and out of range
         return None
+    return seconds if seconds > 0 else None

@@ -8,14 +8,68 @@ agent has its own system prompt and runs its own tools.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
-from proxy.errors import InvalidRequest
+import aiohttp
+
+from proxy.errors import InvalidRequest, UpstreamTimeout
+from proxy.exchange import Exchange
+from proxy.sse import SSEDecoder
+from proxy.upstreams.deadlines import Deadlines
+from proxy.upstreams.letta_translator import LettaTranslator
 
 SESSION_PREFIX = "agentproxy-session:"
+
+# Why a run was cancelled, for the log line that says so: an operator must tell a client that
+# left from an upstream that failed.
+CLIENT_LEFT: Final = "the client left"
+UPSTREAM_FAILED: Final = "the upstream's stream failed"
+
+
+@dataclass(slots=True)
+class LettaRun:
+    """One Letta run in flight: what closing it must release or cancel."""
+
+    agent_id: str
+    lock_key: str
+    # The conversation the turn runs in; None for the agent's default thread.
+    conversation: str | None
+    resp: aiohttp.ClientResponse
+    translator: LettaTranslator
+    # The turn's deadlines, from the moment the message was sent (not from the lookups).
+    deadlines: Deadlines
+    exchange: Exchange
+    decoder: SSEDecoder = field(default_factory=SSEDecoder)
+    saw_done: bool = False
+    closed: bool = False
+    # Why the stream ended before the run did (see cancel_cause).
+    cause: str = CLIENT_LEFT
+
+    @property
+    def finished_upstream(self) -> bool:
+        """Letta ended the run itself: nothing left to cancel."""
+        return self.saw_done or self.translator.stop_reason is not None
+
+
+def cancel_cause(exc: BaseException, exchange: Exchange) -> str:
+    """Why the exception that ended a run's stream leaves the run to be cancelled."""
+    if isinstance(exc, GeneratorExit):  # the writer stopped taking the stream
+        return CLIENT_LEFT
+    if isinstance(exc, asyncio.CancelledError):
+        reason = exchange.interrupted
+        if reason == "drain":
+            return "the proxy's shutdown"
+        if reason == "send":
+            return "the client stopped reading"
+        return CLIENT_LEFT
+    if isinstance(exc, UpstreamTimeout | TimeoutError):
+        return "the upstream timed out"
+    return UPSTREAM_FAILED
 
 _DROPPED_ROLES = frozenset({"assistant", "tool", "function"})
 _SYSTEM_ROLES = frozenset({"system", "developer"})

@@ -13,6 +13,7 @@ OpenAI client would try to execute itself.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Final
 
@@ -88,6 +89,16 @@ def letta_usage(stats: dict[str, Any]) -> Usage:
     if reasoning is not None:
         usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
     return usage
+
+
+def _is_usage(data: str) -> bool:
+    """Whether `data`, which orjson could not read, is a usage event. Its numbers stay text
+    (Python's `int` refuses over 4300 digits): only its shape counts."""
+    try:
+        msg = json.loads(data, parse_int=str, parse_float=str, parse_constant=str)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(msg, dict) and msg.get("message_type") == "usage_statistics"
 
 
 def _json_text(value: Any) -> str:
@@ -180,6 +191,10 @@ class LettaTranslator:
         try:
             msg = orjson.loads(data)
         except orjson.JSONDecodeError:
+            if event.event != "error" and _is_usage(data):
+                # Numbers past what orjson reads (1e400): usage not reported, as when Letta
+                # sends none, rather than a failed run whose text and stop reason came whole.
+                return []
             msg = None
         if not isinstance(msg, dict):
             if event.event == "error":
