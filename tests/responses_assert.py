@@ -15,21 +15,31 @@ specification, and what openai-python's `responses.stream()` accumulates):
   `function_call_arguments.done` → `output_item.done` with the same id;
 * each `.done` text equals its deltas joined; function-call `.done` arguments equal theirs;
 * the terminal object's `output` equals the items as they were done (same ids, same
-  content), and its output text equals every `output_text` delta joined.
+  content), and its output text equals every `output_text` delta joined;
+* every event parses as openai-python's `ResponseStreamEvent` (a response object as its
+  `Response`) with no field the type does not know, but `SPEC_ONLY`
+  (`assert_response_types`); every item has `id` and `status`, every `output_text` part
+  `annotations` and `logprobs`, which the types leave optional.
 """
 
 from __future__ import annotations
 
 import re
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+import pydantic
+from openai.types.responses import Response, ResponseStreamEvent
 
 from proxy.sse import SSEDecoder
 
-__all__ = ["RESPONSE_REQUIRED", "Parsed", "assert_responses_stream", "parse_sse"]
+__all__ = [
+    "RESPONSE_REQUIRED", "Parsed", "assert_response_types", "assert_responses_stream",
+    "parse_sse",
+]
 
 # ResponseResource's `required` list in the Open Responses specification.
 RESPONSE_REQUIRED = frozenset({
@@ -44,6 +54,16 @@ USAGE_REQUIRED = frozenset({
     "input_tokens", "input_tokens_details", "output_tokens", "output_tokens_details",
     "total_tokens",
 })
+# Response fields the Open Responses specification requires (and OpenAI's API sends) that
+# openai-python's `Response` type does not declare.
+SPEC_ONLY = frozenset({"presence_penalty", "frequency_penalty", "store"})
+_EVENT: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(ResponseStreamEvent)
+# Each event type's model, to name what is wrong with an event the union refuses (the union's
+# own error lists every member's).
+_EVENT_TYPES: dict[str, type[pydantic.BaseModel]] = {
+    typing.get_args(member.model_fields["type"].annotation)[0]: member
+    for member in typing.get_args(typing.get_args(ResponseStreamEvent)[0])
+}
 TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 LIFECYCLE = ("response.created", "response.in_progress", *TERMINAL)
 ID = re.compile(r"[A-Za-z0-9_-]+")
@@ -117,6 +137,7 @@ def assert_responses_stream(
     for n, (name, data) in enumerate(events):
         kind = data.get("type")
         assert isinstance(kind, str), f"event {n} has no type"
+        assert_response_types(data, f"event {n} ({kind})")
         if name is not None:
             assert name == kind, f"event {n}: `event: {name}` but type {kind}"
         assert data.get("sequence_number") == n, (
@@ -282,3 +303,66 @@ def _check_part_event(item: _Item, data: dict[str, Any], part_kind: str, where: 
     assert item.part is not None, f"{where}: no open content part"
     assert item.part["type"] == PART_OF[part_kind][0], f"{where}: wrong part type"
     assert data["content_index"] == len(item.parts), f"{where}: content_index"
+
+
+def assert_response_types(data: dict[str, Any], where: str = "response") -> None:
+    """`data` parses as openai-python's type (a stream event, or a response object if it has
+    no event type) and holds no field that type does not know, nor lacks what the Open
+    Responses specification requires of its items and `output_text` parts."""
+    is_event = not (data.get("object") == "response" and "output" in data)
+    try:
+        model = (
+            _EVENT.validate_python(data, strict=False) if is_event
+            else Response.model_validate(data, strict=False)
+        )
+    except pydantic.ValidationError as exc:
+        member = _EVENT_TYPES.get(data.get("type", "")) if is_event else None
+        if member is None:
+            raise AssertionError(f"{where}: not an openai-python type: {exc}") from None
+        try:
+            member.model_validate(data, strict=False)
+        except pydantic.ValidationError as narrow:
+            exc = narrow
+        raise AssertionError(f"{where}: not an openai-python {member.__name__}: {exc}") from None
+    unknown = _unknown_fields(model, "")
+    assert not unknown, f"{where}: fields the openai-python type does not know: {unknown}"
+    response = data.get("response") if is_event else data
+    items = list(response["output"]) if isinstance(response, dict) else []
+    if is_event and isinstance(data.get("item"), dict):
+        items.append(data["item"])
+    for item in items:
+        assert "id" in item and "status" in item, f"{where}: an item without id or status"
+    parts = [p for i in items if i.get("type") == "message" for p in i.get("content", [])]
+    if is_event and isinstance(data.get("part"), dict):
+        parts.append(data["part"])
+    for part in parts:
+        if part.get("type") == "output_text":
+            assert "annotations" in part and "logprobs" in part, (
+                f"{where}: an output_text part without annotations or logprobs"
+            )
+    if data.get("type") == "response.completed" or (not is_event and data["status"] == "completed"):
+        usage = (response or {}).get("usage") or {}
+        assert "input_tokens_details" in usage and "output_tokens_details" in usage, (
+            f"{where}: a completed response without usage details"
+        )
+
+
+def _unknown_fields(value: Any, path: str) -> list[str]:
+    """Fields openai-python's models kept as extras (they allow any): a misspelled or made-up
+    field of the proxy's."""
+    found: list[str] = []
+    if isinstance(value, pydantic.BaseModel):
+        extra = value.model_extra or {}
+        found += [
+            f"{path}.{key}" for key in extra
+            if not (isinstance(value, Response) and key in SPEC_ONLY)
+        ]
+        for name in type(value).model_fields:
+            found += _unknown_fields(getattr(value, name), f"{path}.{name}")
+    elif isinstance(value, list | tuple):
+        for n, item in enumerate(value):
+            found += _unknown_fields(item, f"{path}[{n}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found += _unknown_fields(item, f"{path}.{key}")
+    return found

@@ -15,7 +15,7 @@ import pytest
 
 from proxy.ingress.responses_writer import ResponsesWriter
 from proxy.openai_types import ChunkFactory
-from tests.responses_assert import assert_responses_stream, parse_sse
+from tests.responses_assert import assert_response_types, assert_responses_stream, parse_sse
 
 F = ChunkFactory("m", "chatcmpl-x")
 
@@ -179,3 +179,77 @@ def test_parsed_events_without_names_are_checked_too() -> None:
     assert_responses_stream(data)
     with pytest.raises(AssertionError):
         assert_responses_stream(data[:-1])
+
+
+# -- what only openai-python's types and the specification's required fields catch ----------
+
+
+def extra_item_field(e: Events) -> Events:
+    e[index_of(e, "response.output_item.added")][1]["item"]["rol"] = "assistant"
+    return e
+
+
+def misspelled_usage_field(e: Events) -> Events:
+    usage = e[-1][1]["response"]["usage"]
+    usage["output_tokens_detail"] = usage["output_tokens_details"]
+    return e
+
+
+def extra_event_field(e: Events) -> Events:
+    e[index_of(e, "response.function_call_arguments.done")][1]["name"] = "f"
+    return e
+
+
+def wrong_field_type(e: Events) -> Events:
+    e[index_of(e, "response.output_text.delta")][1]["logprobs"] = {}
+    return e
+
+
+def unknown_error_code(e: Events) -> Events:
+    e[-1][1]["type"] = "response.failed"
+    e[-1] = ("response.failed", e[-1][1])
+    response = e[-1][1]["response"]
+    response.update(status="failed", error={"code": "upstream_error", "message": "m"})
+    return e
+
+
+def part_without_logprobs(e: Events) -> Events:
+    del e[index_of(e, "response.content_part.added")][1]["part"]["logprobs"]
+    return e
+
+
+def call_without_status(e: Events) -> Events:
+    del e[index_of(e, "response.output_item.added", 1)][1]["item"]["status"]
+    return e
+
+
+def usage_without_details(e: Events) -> Events:
+    del e[-1][1]["response"]["usage"]["input_tokens_details"]
+    return e
+
+
+TYPE_BREAKS: dict[str, tuple[Callable[[Events], Events], str]] = {
+    "extra-item-field": (extra_item_field, r"does not know: \['\.item\.rol'\]"),
+    "misspelled-usage-field": (misspelled_usage_field, "output_tokens_detail'"),
+    "extra-event-field": (extra_event_field, r"does not know: \['\.name'\]"),
+    "wrong-field-type": (wrong_field_type, "ResponseTextDeltaEvent"),
+    "unknown-error-code": (unknown_error_code, "ResponseFailedEvent"),
+    "output-text-part-without-logprobs": (part_without_logprobs, "without annotations or"),
+    "item-without-status": (call_without_status, "an item without id or status"),
+    "usage-without-details": (usage_without_details, "ResponseCompletedEvent"),
+}
+
+
+@pytest.mark.parametrize("name", list(TYPE_BREAKS))
+def test_a_stream_openai_python_or_the_specification_refuses_fails_the_check(name: str) -> None:
+    broken, message = TYPE_BREAKS[name]
+    with pytest.raises(AssertionError, match=message):
+        assert_responses_stream(encode(broken(valid())))
+
+
+def test_a_sync_object_with_a_field_openai_python_does_not_know_fails_the_check() -> None:
+    final = assert_responses_stream(encode(valid()))
+    assert_response_types(final)
+    final["output"][0]["content"][0]["annotation"] = []
+    with pytest.raises(AssertionError, match=r"\.output\[0\]\.content\[0\]\.annotation'"):
+        assert_response_types(final)

@@ -70,7 +70,11 @@ class NativeEncoder:
     def error(self, err: ProxyError) -> bytes:
         start = b""
         created = self._created
-        if created is None:
+        if created is not None:
+            # An upstream's object may lack fields the specification requires (Letta Code's
+            # does): the proxy's own fill them in, the upstream's values win.
+            created = {**self._own(), **created}
+        else:
             created = self._own()
             if not self.events:
                 start = self._event("response.created", created)

@@ -18,7 +18,7 @@ from proxy.ingress.responses_items import PARTS, empty_part
 from proxy.openai_types import MAX_COUNT, ChatCompletion, token_count
 
 __all__ = [
-    "BARE_FAILURE", "INCOMPLETE", "RESPONSE_DEFAULTS", "bare_failure",
+    "BARE_FAILURE", "BARE_REQUIRED", "INCOMPLETE", "RESPONSE_DEFAULTS", "bare_failure",
     "completion_response", "failure_error", "response_base", "responses_usage",
 ]
 
@@ -54,6 +54,11 @@ BARE_FAILURE: Final = (
     "id", "object", "created_at", "status", "model", "output", "usage", "error", "store",
 )
 
+# What openai-python's Response type requires beside BARE_FAILURE, at its defaults.
+BARE_REQUIRED: Final[Mapping[str, Any]] = {
+    key: RESPONSE_DEFAULTS[key] for key in ("tools", "tool_choice", "parallel_tool_calls")
+}
+
 # A stop that cuts the answer short, and the reason an incomplete response gives for it.
 INCOMPLETE: Final = {"length": "max_output_tokens", "content_filter": "content_filter"}
 
@@ -73,10 +78,13 @@ def bare_failure(
     response: Mapping[str, Any], started: bool, emit: Callable[[dict[str, Any]], None]
 ) -> dict[str, Any]:
     """Ends a stream whose response object cannot be encoded (an echoed request nested too
-    deep) with `response.failed` holding the `BARE_FAILURE` fields only, after the start
-    events if they could not go out either (SDKs refuse a stream that does not open with
+    deep) with `response.failed` holding the `BARE_FAILURE` fields and `BARE_REQUIRED`, after
+    the start events if they could not go out either (SDKs refuse a stream that does not open with
     `response.created`); returns the failed object."""
     failed = {key: response[key] for key in BARE_FAILURE}
+    # openai-python's Response requires these; the request's own may be what cannot be
+    # encoded, so the defaults stand in.
+    failed.update(BARE_REQUIRED)
     if not started:
         opened = {**failed, "status": "in_progress", "error": None}
         emit({"type": "response.created", "response": opened})
