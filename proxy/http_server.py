@@ -10,21 +10,19 @@ must do its own way:
 - a client too slow to send its request, or that does not read its answer, is cut off
   (proxy/connection_limits.py): one sweep over the open connections, a few times per shortest
   limit, instead of a timer per request;
-- an answer given while the request's body is still arriving closes its connection, after
-  discarding a bounded amount of what the client still sends, where aiohttp would discard
-  whatever comes for 10 s.
+- an answer given while the body still arrives, or during the drain, closes its connection
+  (the first after a bounded discard, where aiohttp would discard whatever comes for 10 s).
 
 aiohttp offers no public way to choose the protocol class, so `serve_connections` wraps this
 one application's `_make_handler` (what every runner calls to build its Server): the Server
 is aiohttp's with `__call__` building a ProxyRequestHandler, aiohttp's RequestHandler with a
-few methods overridden. Per request that adds three calls, a set lookup and three attribute
-reads (`_handle_request`, `finish_response` and its check of the body's end, about 0.2 µs);
-the rest runs per connection, per sweep or on errors only. The overrides read some of
-aiohttp's private state (the connection's request count, current request and message queue, a
-body's waiter, the request's parsed message, the drain waiter of a blocked write, the
-lingering time):
-tests/test_connection_limits.py, tests/test_bad_requests.py and tests/test_expect_and_methods.py
-fail if an aiohttp upgrade moves it.
+few methods overridden. Per request that adds three calls, a set lookup and a few attribute
+reads (`_handle_request`, `finish_response` and its checks of the body's end and the drain,
+about 0.2 µs); the rest runs per connection, per sweep or on errors only. The overrides read
+some of aiohttp's private state (the connection's request count, current request and message
+queue, a body's waiter, the request's parsed message, the drain waiter of a blocked write, the
+lingering time): tests/test_connection_limits.py, tests/test_bad_requests.py and
+tests/test_expect_and_methods.py fail if an aiohttp upgrade moves it.
 """
 
 from __future__ import annotations
@@ -41,10 +39,11 @@ from aiohttp.web_protocol import ERROR, RequestHandler, RequestPayloadError, _Er
 from aiohttp.web_request import BaseRequest
 
 from proxy import bad_requests
-from proxy.app_keys import EXCHANGE, MAX_BODY, STATE
+from proxy.app_keys import EXCHANGE, MAX_BODY, STATE, TABLES
 from proxy.connection_limits import SEND_SLACK, ConnectionLimits
 from proxy.errors import InternalError, ProxyError, RequestTimeout
 from proxy.metrics import Metrics
+from proxy.reload import TableHolder
 from proxy.sse_writer import Streams
 from proxy.upstreams.bulk_read import read_any
 
@@ -62,7 +61,7 @@ DISCARD_BUDGET = 16 * 2**20
 class _Policy:
     """What every connection of one server shares."""
 
-    __slots__ = ("discard_budget", "limits", "metrics", "new_id", "streams")
+    __slots__ = ("discard_budget", "holder", "limits", "metrics", "new_id", "streams")
 
     def __init__(
         self,
@@ -71,7 +70,10 @@ class _Policy:
         new_id: Callable[[], str],
         streams: Streams | None,
         max_body: int,
+        holder: TableHolder | None = None,
     ) -> None:
+        # Whether the app drains (its answers then close their connections).
+        self.holder = holder
         self.limits = limits
         self.metrics = metrics
         self.new_id = new_id
@@ -89,7 +91,7 @@ def serve_connections(
     """Makes every runner of `app` serve it with ProxyServer. `new_id` mints request ids."""
     state = app.get(STATE)
     policy = _Policy(limits, metrics, new_id, state.streams if state is not None else None,
-                     app.get(MAX_BODY, 0))
+                     app.get(MAX_BODY, 0), app.get(TABLES))
     make_plain = app._make_handler
 
     def make_handler(**kwargs: Any) -> web.Server:
@@ -333,6 +335,11 @@ class ProxyRequestHandler(RequestHandler):
             # Raised outside the proxy's handlers, which answer in JSON: the router found no
             # route (every path has one, so the target is not a path, or holds a newline).
             resp = self._refuse_target(request, resp)
+        holder = self._policy.holder
+        if holder is not None and holder.draining:
+            # The drain closes connections: an answer given meanwhile says so (a stream's
+            # head, already sent, is followed by the close), or a reused one drops a request.
+            resp.force_close()
         if not request.content.is_eof():
             return self._answer_then_discard(request, resp, start_time)
         return RequestHandler.finish_response(self, request, resp, start_time)
@@ -340,24 +347,22 @@ class ProxyRequestHandler(RequestHandler):
     async def _answer_then_discard(
         self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
     ) -> tuple[web.StreamResponse, bool]:
-        """An answer given while the request's body is still arriving (a 401, 404 or 413
-        before the body was read, or a handler that never reads it), and the connection's
-        end. The client is still sending: closing at once would reset the connection, and a
-        client still writing (the OpenAI SDK uploading a body over --max-body) would see the
-        reset, not the answer. aiohttp would read on and discard for up to 10 s (its lingering
-        close) whatever comes, an endless chunked body at loopback speed included: gigabytes,
-        a core kept busy. Here the rest is discarded up to a budget in bytes, within the same
-        10 s, and the connection then closes (its answer says so)."""
+        """An answer given while the body still arrives (a 401, 404 or 413 before it was
+        read), then the connection's end. Closing at once would reset the connection under a
+        client still writing (the SDK's upload past --max-body would see no answer); aiohttp
+        would discard whatever comes for 10 s (an endless body: gigabytes, a core busy). The
+        rest is discarded up to a budget in bytes within those 10 s, then the close."""
         resp.force_close()
-        # A client that waits for a 100 Continue that was not sent (its key was refused) sends
-        # no body. The writer's output_size is reset after a 100 (proxy/app.py), its
-        # buffer_size is not.
+        # A client waiting for a 100 Continue never sent (its key was refused) sends no body;
+        # the writer's buffer_size is not reset after a 100 (proxy/app.py), its output_size is.
         waiting = request.writer.buffer_size == 0 and request.headers.get(
             "Expect", "").lower() == "100-continue"
         answered = await RequestHandler.finish_response(self, request, resp, start_time)
         payload = request.content
         budget = payload.total_raw_bytes + self._policy.discard_budget
-        if waiting and payload.total_raw_bytes == 0:
+        holder = self._policy.holder
+        if (waiting and payload.total_raw_bytes == 0) or (holder is not None and holder.draining):
+            # Nothing will come, or the process is stopping: no discarding to hold it.
             budget = -1
         try:
             async with asyncio.timeout(self._lingering_time):

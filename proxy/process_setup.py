@@ -62,12 +62,18 @@ def tune_gc() -> None:
 
 # A SIGHUP that came before the server was up: it reloads once it is.
 _hup_while_starting = False
+# This process is `agentproxy serve` (or one of its workers), not an application embedding
+# the app: the drain may take SIGTERM and SIGINT over (proxy/shutdown.py).
+_owns_signals = False
 
 
 def handle_signals_while_starting() -> None:
     """Until the CLI's `_serve` takes the signals over: SIGTERM or SIGINT ends the start
     quietly with status 0 (nothing is in flight), and SIGHUP, whose default would kill the
     process, is kept for later (`hup_while_starting`)."""
+
+    global _owns_signals
+    _owns_signals = True
 
     def stop(_signum: int, _frame: object) -> None:
         raise SystemExit(0)
@@ -83,3 +89,7 @@ def handle_signals_while_starting() -> None:
 
 def hup_while_starting() -> bool:
     return _hup_while_starting
+
+
+def owns_signals() -> bool:
+    return _owns_signals

@@ -5,16 +5,20 @@ the aiohttp runner closes the listening sockets and the idle keep-alive connecti
 calls the app's on_shutdown hook, `Drain.wait()`: it waits until every request in flight has
 finished or the drain deadline has passed, then cancels the ones left. A cancelled stream ends
 with an error event and `[DONE]` (see proxy/ingress/streaming.py), any other request answers 503,
-so no client is left with a connection that just drops.
+so no client is left with a connection that just drops. In `agentproxy serve`, a second
+SIGTERM or SIGINT during the wait moves the deadline to that instant.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+from typing import Any
 
 from proxy.errors import ServiceUnavailable
 from proxy.exchange import Exchange
+from proxy.process_setup import owns_signals
 from proxy.reload import TableHolder
 
 log = logging.getLogger(__name__)
@@ -22,6 +26,7 @@ log = logging.getLogger(__name__)
 # After the deadline, how long the cancelled requests get to write their last words.
 ENDING_GRACE = 5.0
 DEFAULT_DRAIN_TIMEOUT = 30.0
+_STOPS = (signal.SIGTERM, signal.SIGINT)
 
 
 def shutting_down() -> ServiceUnavailable:
@@ -58,16 +63,18 @@ class Drain:
     async def wait(self) -> None:
         self.begin()
         assert self.deadline is not None
+        loop = asyncio.get_running_loop()
         tasks = {ex.task: ex for ex in self._tracked if ex.task is not None}
         pending = set(tasks)
         if pending:
             log.info(
                 "draining: %d requests in flight, waiting up to %.3g s", len(pending),
-                max(self.deadline - asyncio.get_running_loop().time(), 0.0),
+                max(self.deadline - loop.time(), 0.0),
             )
-            remaining = self.deadline - asyncio.get_running_loop().time()
+            remaining = self.deadline - loop.time()
             if remaining > 0:
-                _, pending = await asyncio.wait(pending, timeout=remaining)
+                await self._until_done_or_cut(pending, remaining)
+                pending = {t for t in pending if not t.done()}
         left = [tasks[t] for t in pending if tasks[t] in self._tracked]
         if not left:
             return
@@ -75,3 +82,26 @@ class Drain:
         for exchange in left:
             exchange.interrupt("drain")
         await asyncio.wait([ex.task for ex in left if ex.task], timeout=ENDING_GRACE)
+
+    async def _until_done_or_cut(self, pending: set[asyncio.Task[Any]], within: float) -> None:
+        """Waits for `pending` up to `within` s; in `agentproxy serve`, a second SIGTERM or
+        SIGINT cuts the wait short (an operator who does not want to wait for the deadline)."""
+        loop = asyncio.get_running_loop()
+        all_done = asyncio.ensure_future(asyncio.wait(pending, timeout=within))
+        if not owns_signals():
+            await all_done
+            return
+        cut: asyncio.Future[None] = loop.create_future()
+
+        def again() -> None:
+            if not cut.done():
+                log.warning("second signal: ending the drain now")
+                cut.set_result(None)
+
+        for signum in _STOPS:
+            loop.add_signal_handler(signum, again)
+        try:
+            first: set[asyncio.Future[Any]] = {all_done, cut}
+            await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            all_done.cancel()

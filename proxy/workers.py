@@ -11,6 +11,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,10 @@ if TYPE_CHECKING:
 SESSION_LOCKS_ENV = "AGENTPROXY_SESSION_LOCK_FILE"
 # What the parent passes on to every worker.
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# Past the drain deadline: the worker's ending grace (proxy/shutdown.py), its server's close,
+# and a second more.
+_DRAIN_MARGIN = 7.0
+_POLL = 0.5
 
 
 def run_workers(options: ServeOptions, worker: Callable[[ServeOptions], Any]) -> int:
@@ -63,8 +68,23 @@ def run_workers(options: ServeOptions, worker: Callable[[ServeOptions], Any]) ->
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
         running = list(children)
+        kill_at: float | None = None
+        killed = False
         while running:
-            wait([child.sentinel for child in running])
+            if stopping and kill_at is None:
+                # A worker's own drain ends by its deadline plus its grace; one still alive
+                # after that is stuck (stopped, or blocked outside its event loop).
+                kill_at = time.monotonic() + options.drain_timeout + _DRAIN_MARGIN
+            # A signal does not end the wait (PEP 475): it is bounded so the stop is seen.
+            timeout = _POLL if kill_at is None or killed else kill_at - time.monotonic()
+            ended = wait([child.sentinel for child in running], max(timeout, 0.0))
+            if not ended and kill_at is not None and not killed and time.monotonic() >= kill_at:
+                killed = True
+                for child in running:
+                    print(f"agentproxy: worker {child.pid} did not finish its drain within "
+                          f"{options.drain_timeout:g} s; killing it", file=sys.stderr,
+                          flush=True)
+                    child.kill()
             for child in [c for c in running if not c.is_alive()]:
                 running.remove(child)
                 child.join()

@@ -208,3 +208,80 @@ async def test_a_killed_worker_stops_the_others_and_the_parent_exits_1(tmp_path:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pids[1], 0)
         raise AssertionError("the other worker was left running")
+
+
+async def test_an_answer_given_during_the_drain_says_connection_close(
+    tmp_path: Path, fake_openai: FakeOpenAI
+) -> None:
+    # It kept the connection alive, then the server closed it: the client's next request on
+    # it was dropped without an answer.
+    fake_openai.mode = "hang"
+    routes = write_routes(tmp_path, slow=fake_openai)
+    async with serve_process(routes, "--drain-timeout", "5") as served:
+        host, port = served.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        body = json.dumps({"model": "slow", "messages": [{"role": "user", "content": "hi"}]})
+        writer.write(
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer {KEY}"
+            f"\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}"
+            .encode()
+        )
+
+        async def arrived() -> bool:
+            return len(fake_openai.received) == 1
+
+        await eventually(arrived, "the request to reach the upstream")
+        served.proc.send_signal(signal.SIGTERM)
+        await eventually(
+            lambda: asyncio.to_thread(lambda: "draining: 1 requests" in served.output()),
+            "the drain to begin",
+        )
+        fake_openai.release.set()
+        head = (await reader.readuntil(b"\r\n\r\n")).decode().lower()
+        writer.close()
+        assert head.startswith("http/1.1 200")
+        assert "connection: close" in head
+        assert await served.exit_code() == 0
+
+
+async def test_a_worker_stuck_in_its_drain_is_killed_and_the_parent_says_so(
+    tmp_path: Path,
+) -> None:
+    # The parent waited for a stopped worker for ever, and the pod hung until SIGKILL.
+    routes = tmp_path / "routes.yaml"
+    routes.write_text("upstreams:\n  demo: {kind: echo}\nmodels:\n  echo: {upstream: demo}\n")
+    async with serve_process(
+        routes, "--drain-timeout", "0", port=free_port(), workers=2
+    ) as served:
+        pids = [int(pid) for pid in re.findall(r"pid (\d+)\)", served.output())]
+        os.kill(pids[0], signal.SIGSTOP)
+        served.proc.send_signal(signal.SIGTERM)
+        assert await served.exit_code(within=9.5) == 1
+        log = served.output()
+    assert f"agentproxy: worker {pids[0]} did not finish its drain within 0 s; killing it" \
+        in log
+    assert f"worker {pids[1]} did not finish" not in log
+    assert "Traceback" not in log
+
+
+async def test_a_second_signal_ends_the_drain_at_once(
+    tmp_path: Path, fake_openai: FakeOpenAI
+) -> None:
+    # The second SIGTERM or SIGINT changed nothing: the drain ran on to its deadline.
+    fake_openai.mode = "stream_hang"
+    routes = write_routes(tmp_path, slow=fake_openai)
+    async with serve_process(routes, "--drain-timeout", "60") as served, \
+            aiohttp.ClientSession() as http:
+        resp = await post_chat(http, served.url, "slow", stream=True)
+        assert json.loads(await next_event(resp))["choices"][0]["delta"]["role"]
+        served.proc.send_signal(signal.SIGTERM)
+        await eventually(
+            lambda: asyncio.to_thread(lambda: "draining: 1 requests" in served.output()),
+            "the drain to begin",
+        )
+        served.proc.send_signal(signal.SIGINT)
+        assert_ended_by_the_drain(await asyncio.wait_for(remaining_events(resp), 5))
+        assert await served.exit_code(within=5) == 0
+    log = served.output()
+    assert "second signal: ending the drain now" in log
+    assert "Traceback" not in log
