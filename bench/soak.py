@@ -40,11 +40,13 @@ episodes, sampled every `--sample-every` s -> settle -> end (idle). To settle, t
 close their connections and the run waits until the proxy has no open stream and no TCP
 connection besides its listening socket (its pooled upstream connections close after 30 s
 idle), or `--settle` s. Each sample reads the proxy's RSS and file descriptors from /proc
-(sockets classified through /proc/net/tcp) and its asyncio task count from
-`agentproxy_asyncio_tasks` on /metrics.
+(sockets classified through /proc/net/tcp), its asyncio task count from
+`agentproxy_asyncio_tasks` on /metrics, and the concurrency slots held and requests queued for
+one, summed over the upstreams of /readyz.
 
 Verdict, end against baseline (both idle, after warm-up): RSS grew by at most max(8 MiB, 10 %),
-file descriptors by at most 2, sockets and tasks by at most 1, and no stream is left open;
+file descriptors by at most 2, sockets and tasks by at most 1, no stream is left open and
+no concurrency slot held or waited for;
 and after every episode RSS came back within the same margin of its value before the
 episode. Separately: every request had an outcome expected for its kind, the proxy logged no
 traceback, the reload counters match the writes, every slow reader was ended by the send
@@ -296,6 +298,10 @@ class Sample:
     open_streams: int | None
     cpu_s: float
     series: int  # samples on /metrics: a label set per client-chosen value would grow it
+    # Concurrency slots held and requests queued for one, over the upstreams /readyz shows: a
+    # request that left without giving its slot back would hold one for good.
+    slots: int | None = None
+    queued: int | None = None
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -379,17 +385,29 @@ def gauge(metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: s
     return None if value is None else int(value)
 
 
+async def slot_census(base: str) -> tuple[int | None, int | None]:
+    """Slots held and requests queued for one, summed over /readyz's upstreams."""
+    conn = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=conn) as http, http.get(
+        base + "/readyz", timeout=aiohttp.ClientTimeout(total=10)
+    ) as resp:
+        ups = (await resp.json()).get("upstreams") or {}
+    held = sum(int(u.get("active", 0)) for u in ups.values())
+    return held, sum(int(u.get("queued", 0)) for u in ups.values())
+
+
 async def take_sample(phase: str, t: float, pid: int, base: str, ports: Ports) -> Sample:
     status = proc_status(pid)
     fds, sockets, tcp, _ = fd_census(pid, ports)
     cpu = cpu_seconds(pid)
     metrics = await scrape(base)
+    slots, queued = await slot_census(base)
     return Sample(
         phase=phase, t=round(t, 1), rss_kib=status["VmRSS"], hwm_kib=status["VmHWM"],
         threads=status["Threads"], fds=fds, sockets=sockets, tcp=tcp,
         tasks=gauge(metrics, "agentproxy_asyncio_tasks"),
         open_streams=gauge(metrics, "agentproxy_open_streams"), cpu_s=cpu,
-        series=len(metrics),
+        series=len(metrics), slots=slots, queued=queued,
     )
 
 
@@ -930,7 +948,7 @@ class Verdict:
 
 
 FLAT_CHECKS = ("memory", "file descriptors", "sockets", "tasks", "open streams",
-               "memory after each episode")
+               "concurrency slots", "memory after each episode")
 
 
 @dataclass
@@ -975,6 +993,8 @@ def judge(base_s: Sample, end: Sample, tally: Tally, tracebacks: int,
                 and end.tasks - base_s.tasks <= TASK_MARGIN)
     v.check("tasks", tasks_ok, f"{base_s.tasks} -> {end.tasks} (allowed +{TASK_MARGIN})")
     v.check("open streams", end.open_streams == 0, f"{end.open_streams} at the end")
+    v.check("concurrency slots", end.slots == 0 and end.queued == 0,
+            f"{end.slots} held and {end.queued} queued at the end")
     unexpected = sum(n for (kind, outcome), n in tally.counts.items()
                      if outcome not in KIND_BY_NAME[kind].expected)
     v.check("outcomes", unexpected == 0, f"{unexpected} unexpected of {sum(tally.counts.values())}")
@@ -1027,13 +1047,14 @@ def sample_row(s: Sample, prev: Sample | None) -> str:
         cpu = f"{100 * (s.cpu_s - prev.cpu_s) / (s.t - prev.t):.0f}"
     tcp = ", ".join(f"{k} {v}" for k, v in sorted(s.tcp.items()))
     return (f"| {s.phase} | {s.t:.0f} | {s.rss_kib / 1024:.1f} | {s.fds} | {s.sockets} ({tcp}) "
-            f"| {s.tasks} | {s.open_streams} | {cpu} |")
+            f"| {s.tasks} | {s.open_streams} | {s.slots} / {s.queued} | {cpu} |")
 
 
 def report(samples: list[Sample], tally: Tally, v: Verdict, extra: dict[str, Any],
            records: list[Episode]) -> str:
-    lines = ["| phase | t s | RSS MiB | fds | sockets | tasks | open streams | proxy CPU % |",
-             "|---|--:|--:|--:|---|--:|--:|--:|"]
+    lines = ["| phase | t s | RSS MiB | fds | sockets | tasks | open streams | slots held / queued "
+             "| proxy CPU % |",
+             "|---|--:|--:|--:|---|--:|--:|--:|--:|"]
     prev: Sample | None = None
     for s in samples:
         lines.append(sample_row(s, prev if s.phase in ("load", "end") else None))

@@ -23,12 +23,14 @@ log = logging.getLogger(__name__)
 # glibc's mallopt parameter number for the map threshold.
 _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 128 * 1024
+_TUNABLE = "glibc.malloc.mmap_threshold="
 
 
 def return_large_buffers() -> bool:
     """Fixes glibc's map threshold, unless the environment already chose one; False where the
     C library is not glibc (musl, macOS) or refuses."""
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    # Both spellings glibc reads at start; mallopt would override either.
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or _TUNABLE in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     name = ctypes.util.find_library("c")
     if name is None:

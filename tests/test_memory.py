@@ -41,6 +41,17 @@ def test_freed_large_buffers_do_not_stay_in_the_process() -> None:
     assert held_mib("fixed") < 20
 
 
-def test_an_operator_who_set_the_threshold_keeps_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("MALLOC_MMAP_THRESHOLD_", "65536"),
+        ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0:glibc.malloc.mmap_threshold=65536"),
+    ],
+    ids=["malloc-variable", "glibc-tunable"],
+)
+def test_an_operator_who_set_the_threshold_keeps_it(
+    name: str, value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setenv(name, value)
     assert return_large_buffers() is False
