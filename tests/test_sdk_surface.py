@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from tests.conftest import KEY, Proxy, ProxyFactory, answering, wait_for
 from tests.fake_letta import FakeLetta
 from tests.fake_openai import CREATED, FakeOpenAI, embedding_of
+from tests.test_e2e_openai import routes_for
 
 WEATHER_JSON = '{"city": "Paris", "temperature": 21}'
 
@@ -27,25 +28,6 @@ WEATHER_JSON = '{"city": "Paris", "temperature": 21}'
 class Weather(BaseModel):
     city: str
     temperature: int
-
-
-def routes_for(fake: FakeOpenAI) -> str:
-    return f"""
-upstreams:
-  fake:
-    kind: openai
-    url: {fake.url}/v1
-  demo:
-    kind: echo
-models:
-  mistral:
-    upstream: fake
-    model: mistralai/Mistral-7B-Instruct-v0.2
-  "local/*":
-    upstream: fake
-  echo:
-    upstream: demo
-"""
 
 
 @pytest.fixture
