@@ -284,39 +284,6 @@ async def test_the_sync_client_works_from_a_thread(proxy: Proxy) -> None:
     assert ids[0] == "mistral"
 
 
-# -- retries -------------------------------------------------------------------------------------
-
-
-async def test_the_sdk_retries_a_429_after_its_retry_after_and_succeeds(
-    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
-) -> None:
-    calls: list[float] = []
-
-    async def chat(request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        calls.append(time.monotonic())
-        if len(calls) == 1:
-            return web.json_response(
-                {"error": {"message": "Slow down.", "type": "rate_limit_error"}},
-                status=429, headers={"Retry-After": "1"},
-            )
-        return web.json_response(fake_openai.completion(body, fake_openai.answer_chunks(body)))
-
-    async with answering("/v1/chat/completions", chat) as url:
-        proxy = await make_proxy(
-            f"upstreams:\n  busy:\n    kind: openai\n    url: {url}/v1\n"
-            "models:\n  busy:\n    upstream: busy\n"
-        )
-        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=KEY, max_retries=2)
-        proxy.clients.append(client)
-        reply = await client.chat.completions.create(
-            model="busy", messages=[{"role": "user", "content": "again"}])
-    assert reply.choices[0].message.content == "again"
-    assert len(calls) == 2
-    # Waiting the Retry-After second, not the SDK's own half-second backoff.
-    assert calls[1] - calls[0] >= 0.9
-
-
 # -- client timeouts -----------------------------------------------------------------------------
 
 
@@ -408,8 +375,9 @@ async def test_error_answers_carry_the_request_id_the_sdk_reports(proxy: Proxy) 
     # SDK falls back to its own half-second backoff and retries too early.
     "retry-after-ms",
 ])
-async def test_the_sdk_retries_a_429_on_a_stream_after_the_wait_the_upstream_asked(
-    make_proxy: ProxyFactory, fake_openai: FakeOpenAI, header: str
+@pytest.mark.parametrize("stream", [False, True], ids=["sync", "stream"])
+async def test_the_sdk_retries_a_429_after_the_wait_the_upstream_asked_and_succeeds(
+    make_proxy: ProxyFactory, fake_openai: FakeOpenAI, header: str, stream: bool
 ) -> None:
     calls: list[float] = []
 
@@ -422,7 +390,9 @@ async def test_the_sdk_retries_a_429_on_a_stream_after_the_wait_the_upstream_ask
                 {"error": {"message": "Slow down.", "type": "rate_limit_error"}},
                 status=429, headers={header: wait},
             )
-        return await fake_openai.stream(request, body, fake_openai.answer_chunks(body))
+        if stream:
+            return await fake_openai.stream(request, body, fake_openai.answer_chunks(body))
+        return web.json_response(fake_openai.completion(body, fake_openai.answer_chunks(body)))
 
     async with answering("/v1/chat/completions", chat) as url:
         proxy = await make_proxy(
@@ -431,11 +401,17 @@ async def test_the_sdk_retries_a_429_on_a_stream_after_the_wait_the_upstream_ask
         )
         client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=KEY, max_retries=2)
         proxy.clients.append(client)
-        stream = await client.chat.completions.create(
-            model="busy", messages=[{"role": "user", "content": "x y"}], stream=True)
-        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        messages: list[Any] = [{"role": "user", "content": "x y"}]
+        if stream:
+            chunks = await client.chat.completions.create(
+                model="busy", messages=messages, stream=True)
+            text = "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
+        else:
+            reply = await client.chat.completions.create(model="busy", messages=messages)
+            text = reply.choices[0].message.content or ""
     assert text == "x y"
     assert len(calls) == 2
+    # Waiting the second the upstream asked, not the SDK's own half-second backoff.
     assert calls[1] - calls[0] >= 0.9
 
 
