@@ -287,13 +287,19 @@ async def test_the_sync_client_works_from_a_thread(proxy: Proxy) -> None:
 # -- client timeouts -----------------------------------------------------------------------------
 
 
+def impatient_client(proxy: Proxy) -> openai.AsyncOpenAI:
+    """A client that gives up after half a second and does not retry."""
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=KEY, max_retries=0,
+                                timeout=0.5)
+    proxy.clients.append(client)
+    return client
+
+
 async def test_an_sdk_timeout_on_a_stalled_stream_cancels_the_upstream_request(
     proxy: Proxy, fake_openai: FakeOpenAI
 ) -> None:
     fake_openai.mode = "stream_hang"
-    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=KEY, max_retries=0,
-                                timeout=0.5)
-    proxy.clients.append(client)
+    client = impatient_client(proxy)
     stream = await client.chat.completions.create(
         model="mistral", messages=[{"role": "user", "content": "a b"}], stream=True
     )
@@ -308,9 +314,7 @@ async def test_an_sdk_timeout_before_the_answer_cancels_the_upstream_request(
     proxy: Proxy, fake_openai: FakeOpenAI
 ) -> None:
     fake_openai.mode = "hang"
-    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=KEY, max_retries=0,
-                                timeout=0.5)
-    proxy.clients.append(client)
+    client = impatient_client(proxy)
     with pytest.raises(openai.APITimeoutError):
         await client.chat.completions.create(
             model="mistral", messages=[{"role": "user", "content": "a b"}])
@@ -321,9 +325,7 @@ async def test_an_sdk_timeout_on_a_stalled_responses_stream_cancels_the_upstream
     proxy: Proxy, fake_openai: FakeOpenAI
 ) -> None:
     fake_openai.mode = "stream_hang"
-    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=KEY, max_retries=0,
-                                timeout=0.5)
-    proxy.clients.append(client)
+    client = impatient_client(proxy)
     with pytest.raises(openai.APITimeoutError):
         async with client.responses.stream(model="mistral", input="a b") as stream:
             async for _ in stream:
