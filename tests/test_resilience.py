@@ -540,11 +540,13 @@ async def test_a_half_open_upstream_takes_one_probe_when_many_requests_reach_it_
         proxy = await make_proxy(f"""
 upstreams:
   x: {{kind: openai, url: "{x_url}/v1", circuit: {{failures: 100}}}}
-  a: {{kind: openai, url: "{fake_openai.url}/v1", circuit: {{failures: 1, cooldown: 0.2}}}}
+  a: {{kind: openai, url: "{fake_openai.url}/v1", circuit: {{failures: 1, cooldown: 1.0}}}}
 models:
   m: {{upstream: [x, a]}}
   direct: {{upstream: a}}
 """)
+        # The cool-down is also how long the hung probe keeps the others out: long enough
+        # for five requests failed together to reach `a` on a slow machine.
         client = proxy.client()
         fake_openai.mode = "error500"
         with pytest.raises(openai.InternalServerError):
@@ -558,7 +560,8 @@ models:
             for request in requests:
                 if request.done():
                     assert isinstance(request.exception(), openai.InternalServerError)
-            # One failed attempt (direct), one probe.
+            # One failed attempt (direct), one probe (whose request may still be on its way).
+            await wait_for(lambda: len(fake_openai.received) >= 2)
             assert len(fake_openai.received) == 2
         finally:
             for request in requests:
