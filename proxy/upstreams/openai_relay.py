@@ -232,7 +232,7 @@ class RelayState:
                 # One token event, as a model server sends them.
                 return [template.texts([text])]
             if template is not None and chunk.startswith(template.prefix):
-                texts, end = template.run(chunk, 0)
+                texts, end = template.run(chunk, 0, not_one=True)
                 if texts is not None:
                     # Whole events that decode exactly as the template's chunks: nothing
                     # in them for the relay to check.

@@ -108,7 +108,9 @@ class TextTemplate:
             return None
         return template if [probe] == template.texts(["?"]).chunks() else None
 
-    def run(self, read: bytes, pos: int) -> tuple[TextRun | None, int]:
+    def run(
+        self, read: bytes, pos: int, *, not_one: bool = False
+    ) -> tuple[TextRun | None, int]:
         """The chunks of the events of `read` from `pos` on that match the template, one
         after another, and where they end (None and `pos` where the first does not).
 
@@ -117,10 +119,12 @@ class TextTemplate:
         is one event's bytes before its text, then the text, up to the first that is not.
         The window starts at four events and grows fourfold while the run fills it, so a run
         costs about its own bytes and one that stops at once (a text that needs an escape)
-        about four events' bytes: a read with many such stops stays linear.
+        about four events' bytes: a read with many such stops stays linear. The rest of the
+        read alone as one event is read by `text_at` first, unless the caller already found
+        it is not (`not_one`).
         """
         size = len(read)
-        one = self.text_at(read, pos)
+        one = None if not_one else self.text_at(read, pos)
         if one is not None:
             return TextRun(self._outer, self._choice, [one], self.field), size
         texts: list[bytes] = []
