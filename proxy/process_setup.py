@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import signal
+import sys
 
 
 def raise_open_files_limit() -> tuple[int, int] | None:
@@ -76,7 +78,13 @@ def handle_signals_while_starting() -> None:
     _owns_signals = True
 
     def stop(_signum: int, _frame: object) -> None:
-        raise SystemExit(0)
+        # Not SystemExit: a handler runs between any two bytecodes, also inside a weakref
+        # callback or __del__ (an import's module lock has one), where the exception would be
+        # printed with a traceback and swallowed, and the start would go on.
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(0)
 
     def hup(_signum: int, _frame: object) -> None:
         global _hup_while_starting

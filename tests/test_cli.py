@@ -388,3 +388,27 @@ def test_sigterm_or_sigint_while_starting_exits_0_without_a_traceback(
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
+
+
+def test_a_stop_signal_while_starting_ends_the_process_even_inside_a_callback() -> None:
+    # A signal handler runs inside whatever Python code runs then; a weakref callback (as an
+    # import's module lock has) swallows an exception raised there, with a traceback.
+    code = (
+        "import os, signal, weakref\n"
+        "from proxy.process_setup import handle_signals_while_starting\n"
+        "handle_signals_while_starting()\n"
+        "class Held: pass\n"
+        "held = Held()\n"
+        "def gone(_ref):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    sum(range(1000))\n"
+        "ref = weakref.ref(held, gone)\n"
+        "del held\n"
+        "print('the start went on')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    assert "Traceback" not in done.stderr
