@@ -6,6 +6,7 @@ with the stream's final object; what the fake upstream received shows the transl
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -551,6 +552,65 @@ async def test_a_token_stream_reaches_the_client_exactly_in_one_read_or_many(
     assert output_text(final) == "".join(ANSWER) == answer.output_text
     reasoning = [item for item in final["output"] if item["type"] == "reasoning"]
     assert [p["text"] for p in reasoning[0]["content"]] == ["".join(THINKING)]
+
+
+async def test_an_event_split_at_a_line_end_is_decoded_as_one_event_after_the_template(
+    make_proxy: ProxyFactory,
+) -> None:
+    """The decode path's shortcut for a read that is one token event of the stream's
+    template must not take a read that ends the decoder's unfinished event: here its second
+    data line, which on its own looks like a token event. The two lines are one event whose
+    data is no JSON, so the response fails after "b" and no "d" is ever a delta."""
+
+    def token(text: str) -> bytes:
+        return (b'data: {"choices":[{"index":0,"delta":{"content":"%s"},"finish_reason":null}]}'
+                % text.encode())
+
+    role = b'data: {"choices":[{"index":0,"delta":{"role":"assistant"},"finish_reason":null}]}'
+    finish = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}'
+    writes = [role + b"\n\n" + token("a") + b"\n\n", token("b") + b"\n\n" + token("c") + b"\n",
+              token("d") + b"\n\n", finish + b"\n\ndata: [DONE]\n\n"]
+    # Each write waits for the client to have read what the one before brought, so that
+    # each is one read of the proxy's.
+    seen = [asyncio.Event() for _ in writes[1:]]
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for n, data in enumerate(writes):
+            if n:
+                await seen[n - 1].wait()
+            await resp.write(data)
+        return resp
+
+    deltas: list[str] = []
+    types: list[str] = []
+    async with proxy_before(make_proxy, chat, "split") as proxy, aiohttp.ClientSession(
+    ) as http, http.post(
+        proxy.url + "/v1/responses", json={"model": "split", "input": "x", "stream": True},
+        headers={"Authorization": f"Bearer {KEY}"},
+    ) as resp:
+        try:
+            async with asyncio.timeout(10):
+                while not resp.content.at_eof():
+                    event = await resp.content.readuntil(b"\n\n")
+                    if not event.startswith(b"event: "):
+                        continue
+                    data = orjson.loads(event.split(b"\ndata: ", 1)[1])
+                    types.append(data["type"])
+                    if data["type"] == "response.output_text.delta":
+                        deltas.append(data["delta"])
+                    if deltas == ["a"]:
+                        seen[0].set()
+                    elif deltas == ["a", "b"] and not seen[1].is_set():
+                        seen[1].set()
+                    elif seen[1].is_set():
+                        seen[2].set()
+        finally:
+            for step in seen:
+                step.set()
+    assert deltas == ["a", "b"]
+    assert types[-1] == "response.failed"
 
 
 BROKEN_COMPLETIONS = {

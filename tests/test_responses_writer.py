@@ -506,9 +506,10 @@ PIECES: dict[str, Out] = {
         max_size=8,
     ),
     events=st.booleans(),
+    batch=st.sampled_from([1, 3]),
 )
 def test_a_text_run_writes_exactly_what_its_chunks_write(
-    steps: list[str | tuple[str, list[str]]], events: bool
+    steps: list[str | tuple[str, list[str]]], events: bool, batch: int
 ) -> None:
     # A TextRun (of text or of reasoning) wherever a stream may have one: first, after
     # reasoning, text, a refusal part, a tool call or another run, empty texts among its
@@ -524,7 +525,8 @@ def test_a_text_run_writes_exactly_what_its_chunks_write(
             with_runs.append(text_run(step[1], step[0]))
             as_chunks += text_run(step[1], step[0]).chunks()
     tail: list[Out] = [F.finish("stop"), usage(3, 4)]
-    fast, w_fast = run(with_runs + tail, batch=3, w=writer(events=events))
+    # One piece a batch, too: a token stream read as it comes, the writer's shortest path.
+    fast, w_fast = run(with_runs + tail, batch=batch, w=writer(events=events))
     slow, w_slow = run(as_chunks + tail, batch=1, w=writer(events=events))
     assert fast == slow
     assert w_fast.final() == w_slow.final()
@@ -552,8 +554,9 @@ MIB = 1024 * 1024
         pytest.param(call(0, args="x" * MIB), id="tool-call-arguments"),
     ],
 )
-def test_an_answer_past_the_answer_limit_fails_the_response(piece: Out) -> None:
-    w = writer(events=False)
+@pytest.mark.parametrize("events", [True, False], ids=["stream", "sync"])
+def test_an_answer_past_the_answer_limit_fails_the_response(piece: Out, events: bool) -> None:
+    w = writer(events=events)
     w.start()
     with pytest.raises(UpstreamFailed, match=TOO_LARGE):
         for _ in range(MAX_ANSWER // MIB + 1):
@@ -568,3 +571,16 @@ def test_a_flood_of_one_character_tokens_is_bounded_before_its_text_reaches_the_
     w.start()
     with pytest.raises(UpstreamFailed, match=TOO_LARGE):
         w.feed([text_run(["x"] * (MAX_ANSWER // HELD_CHUNK))])
+
+
+@pytest.mark.parametrize("end", ["finish", "fail"])
+def test_a_text_that_comes_after_the_response_ended_writes_nothing(end: str) -> None:
+    w = writer()
+    w.start()
+    w.feed([text_run(["a"])])
+    w.feed([text_run(["b"])])
+    w.finish() if end == "finish" else w.fail(UpstreamFailed("gone"))
+    final = w.final()
+    assert w.feed([text_run(["c"])]) == b""
+    assert w.final() == final
+    assert output_text(final) == "ab"

@@ -28,16 +28,16 @@ Decisions:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from proxy.app_keys import HTTP, METRICS, RESPONSE_IDS, TABLES
-from proxy.chunks import Comment, Out
+from proxy.chunks import Out
 from proxy.dispatch import serve
-from proxy.errors import InvalidRequest, NotFound, ProxyError, UpstreamFailed
+from proxy.errors import InvalidRequest, NotFound
 from proxy.handlers import accept, authenticate, json_response, read_body, resolve_model
 from proxy.ingress.responses_items import new_item_base
 from proxy.ingress.responses_native import NativeEncoder, tracked
@@ -52,39 +52,9 @@ from proxy.ingress.streaming import relay
 from proxy.response_ids import PREFIX as RESPONSE_PREFIX
 from proxy.response_ids import ResponseIds, new_response_id
 from proxy.sessions import session_hint
-from proxy.sse import encode_comment
 from proxy.upstreams.base import ByteStream, Call
 
-__all__ = ["ResponsesEncoder", "create_response", "render_sync", "stored_response"]
-
-
-class ResponsesEncoder:
-    """The relay's Encoder over a ResponsesWriter: the writer starts with the first batch
-    that carries a chunk; keep-alives before it are plain SSE comments."""
-
-    __slots__ = ("writer",)
-
-    def __init__(self, writer: ResponsesWriter) -> None:
-        self.writer = writer
-
-    def batch(self, batch: list[Out]) -> bytes:
-        writer = self.writer
-        if not writer.started and all(isinstance(out, Comment) for out in batch):
-            return b"".join(encode_comment(o.text) for o in batch if isinstance(o, Comment))
-        try:
-            return writer.feed(batch)
-        except (AttributeError, KeyError, TypeError):
-            # A chunk of the wrong shape (the relay checks only that it is an object with a
-            # list of choices): the upstream's failure, ended as one, not the proxy's crash.
-            raise UpstreamFailed(
-                "The upstream sent a chat completion chunk the Responses stream cannot read."
-            ) from None
-
-    def error(self, err: ProxyError) -> bytes:
-        return self.writer.fail(err)
-
-    def end(self) -> bytes:
-        return self.writer.finish()
+__all__ = ["create_response", "render_sync", "stored_response"]
 
 
 async def create_response(request: web.Request) -> web.StreamResponse:
@@ -156,7 +126,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         served.stream = tracked(stream, native_encoder)
         return await relay(request, served, native_encoder)
     writer = _writer(ids, model, grant.key_id, stream.session, parsed.echo)
-    return await relay(request, served, ResponsesEncoder(writer))
+    return await relay(request, served, writer)
 
 
 def _writer(
@@ -195,7 +165,7 @@ async def stored_response(request: web.Request) -> web.Response:
     )
 
 
-def render_sync(writer: ResponsesWriter, batches: Iterable[Iterable[Out]]) -> dict[str, Any]:
+def render_sync(writer: ResponsesWriter, batches: Iterable[Sequence[Out]]) -> dict[str, Any]:
     """The sync answer: the stream's final object, from the same writer fed the same chunks
     (made with `events=False`, since nobody reads the events of a sync answer)."""
     writer.start()

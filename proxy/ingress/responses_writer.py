@@ -11,34 +11,32 @@ the tests (proxy/ingress/responses_object.py).
 Items, in the order the chunks bring them, one open at a time:
 * `reasoning_content` → a `reasoning` item (`rs_`) with one `reasoning_text` part;
 * `content` (and `refusal`) → a `message` item (`msg_`) with `output_text` (`refusal`) parts;
-* each chat tool call (by its `index`) → a `function_call` item (`fc_`), `call_id` = the chat
-  call's id; its arguments stream as `function_call_arguments.delta` (at least one) and end
-  with `.done` carrying exactly what was streamed (`{}` when the upstream sent none).
+* each chat tool call (by its `index`) → a `function_call` item (proxy/ingress/responses_calls.py).
 
 Per event, a text delta is one bytes format of a prefix built once per part, its JSON text
-and its sequence number; a TextRun's texts need no chunk read.
+and its sequence number; a TextRun's texts need no chunk read, and a batch of one TextRun of
+one text for the part already open (a token stream read as it comes) takes a path of its own.
+The writer is the stream relay's Encoder (proxy/ingress/streaming.py) itself: `batch`, `error`
+and `end` are `feed`, `fail` and `finish`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 import orjson
 
 from proxy.chunks import HELD_CHUNK, Comment, Out, TextRun, held_by_calls
 from proxy.errors import ProxyError, UpstreamFailed
+from proxy.ingress.responses_calls import DELTA, UNREADABLE, ResponseEvents
 from proxy.ingress.responses_items import (
-    END,
     PARTS,
-    SEQ,
     OpenCall,
     OpenItem,
     Unencodable,
     empty_part,
-    encode_event,
-    frame,
     new_item_base,
 )
 from proxy.ingress.responses_object import (
@@ -48,29 +46,25 @@ from proxy.ingress.responses_object import (
     response_base,
     responses_usage,
 )
-from proxy.openai_types import ToolCallDelta
 from proxy.sse import DONE, encode_comment
 from proxy.upstreams.http_errors import MAX_ANSWER, answer_too_large
 
 __all__ = ["ResponsesWriter"]
 
-# A delta event from its prefix (proxy/responses_items.py), its JSON text and its sequence
-# number: one bytes format instead of four concatenations.
-_DELTA: Final = b"%b%b" + SEQ + b"%d" + END
-_UNREADABLE: Final = "The upstream sent a chat completion chunk with a delta of the wrong types."
-_NAMELESS: Final = "The upstream sent a tool call without a function name."
+_UNSHAPED: Final = "The upstream sent a chat completion chunk the Responses stream cannot read."
 # A TextRun's field -> the item and part kinds its texts go to.
 _RUN_KINDS: Final = {
     "content": ("message", "output_text"), "reasoning_content": ("reasoning", "reasoning_text"),
 }
+_RUN_PARTS: Final = {field: part_kind for field, (_, part_kind) in _RUN_KINDS.items()}
 
 
-class ResponsesWriter:
+class ResponsesWriter(ResponseEvents):
     """Turns one response's chunk batches into Responses SSE bytes and the final object."""
 
     __slots__ = (
-        "_base", "_call", "_calls", "_clock", "_events", "_final", "_finish_reason", "_held",
-        "_ids", "_item", "_out", "_output", "_seq", "_started", "_usage", "response_id",
+        "_base", "_clock", "_final", "_finish_reason", "_held", "_item", "_started", "_usage",
+        "response_id",
     )
 
     def __init__(
@@ -105,12 +99,42 @@ class ResponsesWriter:
             self._start()
         return self._flush()
 
-    def feed(self, batch: Iterable[Out]) -> bytes:
+    def feed(self, batch: Sequence[Out]) -> bytes:
         """The events for one batch of chunks (keep-alive comments included)."""
+        if len(batch) == 1:
+            # A token stream read as it comes: one text a read, for the part already open.
+            run = batch[0]
+            item = self._item
+            if (
+                type(run) is TextRun and item is not None and len(texts := run.texts) == 1
+                and item.part_kind == _RUN_PARTS[run.field] and self._final is None
+                and self._events and (token := texts[0])
+            ):
+                item.texts.append(token)
+                self._held += len(token) + HELD_CHUNK
+                if self._held > MAX_ANSWER:
+                    raise answer_too_large()
+                seq = self._seq
+                self._seq = seq + 1
+                return DELTA % (item.prefix, orjson.dumps(token), seq)
         if self._final is not None:
             return b""
         if not self._started:
+            if all(type(out) is Comment for out in batch):
+                # Keep-alives before the first chunk: plain comments; nothing has started.
+                return b"".join(encode_comment(o.text) for o in batch if isinstance(o, Comment))
             self._start()
+        try:
+            return self._feed(batch)
+        except (AttributeError, KeyError, TypeError):
+            # A chunk of the wrong shape (the relay checks only that it is an object with a
+            # list of choices): the upstream's failure, ended as one, not the proxy's crash.
+            raise UpstreamFailed(_UNSHAPED) from None
+
+    # The relay's Encoder (proxy/ingress/streaming.py) is the writer itself.
+    batch = feed
+
+    def _feed(self, batch: Iterable[Out]) -> bytes:
         for out in batch:
             if isinstance(out, TextRun):
                 texts = out.texts
@@ -152,7 +176,7 @@ class ResponsesWriter:
                 reason = choice["finish_reason"]
                 if reason is not None:
                     if type(reason) is not str:
-                        raise UpstreamFailed(_UNREADABLE)
+                        raise UpstreamFailed(UNREADABLE)
                     self._finish_reason = reason
         if self._held > MAX_ANSWER:
             # Every text is kept for the final object: an endless upstream must end here.
@@ -160,10 +184,6 @@ class ResponsesWriter:
         data = b"".join(self._out)
         self._out.clear()
         return data
-
-    @property
-    def started(self) -> bool:
-        return self._started
 
     def finish(self) -> bytes:
         """Closes every item, then `response.completed` / `response.incomplete`, then [DONE]."""
@@ -208,22 +228,14 @@ class ResponsesWriter:
         self._out.append(DONE)
         return self._flush()
 
+    error = fail
+    end = finish
+
     def final(self) -> dict[str, Any]:
         """The terminal response object (the sync answer); only after finish() or fail()."""
         if self._final is None:
             raise RuntimeError("the response has not ended: call finish() or fail() first")
         return self._final
-
-    def _flush(self) -> bytes:
-        data = b"".join(self._out)
-        self._out.clear()
-        return data
-
-    def _emit(self, payload: dict[str, Any]) -> None:
-        if self._events:
-            payload["sequence_number"] = self._seq
-            self._out.append(encode_event(frame(payload["type"]), payload))
-        self._seq += 1
 
     def _start(self) -> None:
         self._started = True
@@ -248,7 +260,7 @@ class ResponsesWriter:
 
     def _text(self, text: str, kind: str, part_kind: str) -> None:
         if type(text) is not str:
-            raise UpstreamFailed(_UNREADABLE)
+            raise UpstreamFailed(UNREADABLE)
         item = self._item
         if item is None or item.kind != kind:
             item = self._open_item(kind, part_kind)
@@ -258,7 +270,7 @@ class ResponsesWriter:
         item.texts.append(text)
         self._held += len(text) + HELD_CHUNK
         if self._events:
-            self._out.append(_DELTA % (item.prefix, orjson.dumps(text), self._seq))
+            self._out.append(DELTA % (item.prefix, orjson.dumps(text), self._seq))
         self._seq += 1
 
     def _run(self, texts: list[str], kind: str, part_kind: str) -> None:
@@ -282,7 +294,7 @@ class ResponsesWriter:
         if self._events:
             prefix = item.prefix
             dumps = orjson.dumps
-            self._out += [_DELTA % (prefix, dumps(text), n) for n, text in enumerate(texts, seq)]
+            self._out += [DELTA % (prefix, dumps(text), n) for n, text in enumerate(texts, seq)]
         self._seq = seq + len(texts)
 
     def _open_item(self, kind: str, part_kind: str) -> OpenItem:
@@ -335,64 +347,4 @@ class ResponsesWriter:
             self._item = None
             self._emit({"type": "response.output_item.done", "output_index": item.index,
                         "item": final})
-        call = self._call
-        if call is not None:
-            if not call.name:
-                # No client can run it (the name may come in a later delta, so only now).
-                raise UpstreamFailed(_NAMELESS)
-            self._call = None
-            arguments = "".join(call.args)
-            if not arguments:
-                # Clients json-parse the arguments: a call with none takes an empty object,
-                # and every call streams at least one delta.
-                arguments = "{}"
-                call.args.append(arguments)
-                self._args_delta(call, arguments)
-            self._emit({"type": "response.function_call_arguments.done", "item_id": call.id,
-                        "output_index": call.index, "arguments": arguments})
-            final = call.snapshot(status, arguments)
-            self._output[call.index] = final
-            self._emit({"type": "response.output_item.done", "output_index": call.index,
-                        "item": final})
-
-    def _tool_calls(self, calls: list[ToolCallDelta]) -> None:
-        for delta in calls:
-            chat_index = delta.get("index", 0)
-            function = delta.get("function") or {}
-            args = function.get("arguments") or ""
-            name = function.get("name") or ""
-            if type(args) is not str or type(name) is not str:
-                raise UpstreamFailed(_UNREADABLE)
-            call = self._calls.get(chat_index)
-            if call is None:
-                self._close_open("completed")
-                index = len(self._output)
-                call_id = delta.get("id") or f"call_{self._ids}_{chat_index}"
-                if type(call_id) is not str:
-                    raise UpstreamFailed(_UNREADABLE)
-                call = OpenCall(f"fc_{self._ids}_{index}", index, chat_index, call_id, name)
-                self._calls[chat_index] = call
-                self._call = call
-                self._output.append(call)
-                self._emit({"type": "response.output_item.added", "output_index": index,
-                            "item": call.snapshot("in_progress")})
-            elif call is not self._call:
-                if args or (name and name != call.name):
-                    # Its `.done` already went out with the arguments final: a client would
-                    # run a call whose arguments the upstream then changed.
-                    raise UpstreamFailed(
-                        "The upstream interleaved the arguments of parallel tool calls, which "
-                        "the Responses stream cannot represent after a call was completed."
-                    )
-                continue
-            elif name and name != call.name:
-                call.name += name
-            if args:
-                call.args.append(args)
-                self._args_delta(call, args)
-
-    def _args_delta(self, call: OpenCall, args: str) -> None:
-        if self._events:
-            self._out.append(_DELTA % (call.prefix, orjson.dumps(args), self._seq))
-        self._seq += 1
-
+        self._close_call(status)

@@ -325,6 +325,9 @@ class OpenAI(HttpUpstream):
         decoder = SSEDecoder()
         state = RelayState(self.name)
         content = resp.content
+        max_line = decoder.max_line
+        # Whether the decoder holds no part of an event: asked of it only after it was fed.
+        boundary = True
         try:
             while not state.done:
                 # Deadlines.read, inline (its protocol): once per event.
@@ -335,9 +338,20 @@ class OpenAI(HttpUpstream):
                     deadlines.interrupted(exc)
                     yield [KEEP_ALIVE]
                     continue
+                template = state.template
+                if (
+                    boundary and template is not None and len(chunk) <= max_line
+                    and (text := template.text_at(chunk)) is not None
+                ):
+                    # One token event of the stream's template (RelayState.decode_read's
+                    # first case, taken here): what a model server sends nearly every read.
+                    deadlines.relayed()
+                    yield [template.texts([text])]
+                    continue
                 deadlines.arrived()
                 comments = decoder.comments
                 out = state.decode_read(decoder, chunk)
+                boundary = decoder.at_boundary
                 if out:
                     deadlines.sent()
                     yield out
