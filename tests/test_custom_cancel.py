@@ -9,10 +9,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import openai
 import orjson
 import pytest
 from aiohttp import web
 
+from proxy.app_keys import DRAIN
 from tests.conftest import wait_for
 from tests.custom_e2e import Served, post_stream
 from tests.fake_agents import FakeAgent, Recorded, Reply
@@ -150,3 +152,72 @@ async def test_a_cancel_that_fails_or_hangs_is_logged_once_and_leaks_no_task(
     assert caplog.text.count("cancelling a turn on upstream issuer failed") == 1
     assert "Task was destroyed" not in caplog.text
     assert "never retrieved" not in caplog.text
+
+
+def error_end(events: list[Any]) -> dict[str, Any]:
+    """The error of a stream that ended with an error event and `[DONE]`."""
+    assert events[-1] == "[DONE]"
+    error: dict[str, Any] = events[-2]["error"]
+    return error
+
+
+@pytest.mark.parametrize("bad", ["s" * 513, "s-1\r\nX-Evil: 1"], ids=["too-long", "control"])
+async def test_a_bad_reported_session_id_fails_the_turn_and_is_never_sent_back(
+    bad: str, tmp_path: Path
+) -> None:
+    fake = FakeIssuer()
+    bad_turn = (event(kind="delta", text="Hi", turn="t-1", session=bad), event(kind="done"))
+    async with serve(ISSUER, fake, tmp_path) as served:
+        fake.replies.extend([Reply(parts=bad_turn), Reply(parts=bad_turn)])
+        error = error_end(await post_stream(served, "issuer", headers=CHAT))
+        assert error["code"] == "upstream_error"
+        assert "session id" in error["message"]
+        assert bad not in error["message"]
+        client = served.client()
+        with pytest.raises(openai.APIStatusError) as caught:
+            await client.chat.completions.create(
+                model="issuer", messages=[{"role": "user", "content": "Again"}],
+                extra_headers=CHAT)
+        assert caught.value.status_code == 502
+        assert caught.value.code == "upstream_error"
+        await client.chat.completions.create(
+            model="issuer", messages=[{"role": "user", "content": "Next"}], extra_headers=CHAT)
+    # The bad id was remembered for no later turn of the chat.
+    assert [chat.json.get("session") for chat in fake.chats()] == [None, None, None]
+
+
+@pytest.mark.parametrize("streams", [True, False], ids=["stream", "sync"])
+async def test_a_turn_cancelled_by_the_shutdown_drain_is_logged_as_the_shutdown(
+    streams: bool, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "proxy.upstreams.custom_calls")
+    held = Reply(parts=(event(kind="delta", text="Hi", turn="t-1", session="s-1"),
+                        event(kind="done")), hold_after=1)
+    fake = FakeIssuer()
+
+    def cancel_lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if r.getMessage().startswith("cancelled a turn")]
+
+    async with serve(ISSUER, fake, tmp_path) as served:
+        fake.replies.append(held)
+        if streams:
+            turn = asyncio.create_task(post_stream(served, "issuer", headers=CHAT))
+        else:
+            turn = asyncio.create_task(served.client().chat.completions.create(
+                model="issuer", messages=[{"role": "user", "content": "Hi"}],
+                extra_headers=CHAT))
+        await held.held.wait()
+        drain = served.app[DRAIN]
+        drain.timeout = 0.05
+        await drain.wait()
+        if streams:
+            assert error_end(await turn)["code"] == "service_unavailable"
+        else:
+            with pytest.raises(openai.APIStatusError) as caught:
+                await turn
+            assert caught.value.status_code == 503
+        await wait_for(lambda: bool(cancel_lines()))
+    assert [c.path for c in fake.cancelled] == ["/issuer/sessions/s-1/turns/t-1/stop"]
+    assert cancel_lines() == [
+        "cancelled a turn on upstream issuer because the proxy was shutting down"]

@@ -521,6 +521,12 @@ def test_sync_without_include_usage_has_no_usage_chunk() -> None:
         pytest.param(b'{"responses": []}', "answered without any text", id="require-text"),
         pytest.param(b"[]", "answered without any text", id="rasa-empty-list"),
         pytest.param(b"<html>", "not JSON", id="not-json"),
+        pytest.param(b'{"responses": [{"text": "half"}], "stop_reason": "error"}',
+                     "reported that its turn failed", id="finish-error"),
+        pytest.param(b'{"responses": [{"text": "a"}], "session": "' + b"s" * 513 + b'"}',
+                     "session id longer than 512", id="session-id-too-long"),
+        pytest.param(b'{"responses": [{"text": "a"}], "session": "s\\r\\nX-Evil: 1"}',
+                     "session id with a control character", id="session-id-control"),
     ],
 )
 def test_sync_failures(body: bytes, fragment: str) -> None:

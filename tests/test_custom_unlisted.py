@@ -480,7 +480,7 @@ async def test_a_captured_value_too_deep_to_send_back_skips_the_cancel_with_a_wa
     assert fake.cancelled == []
 
 
-@pytest.mark.parametrize("reason", ["content_filter", "length", "end_turn", "error"])
+@pytest.mark.parametrize("reason", ["content_filter", "length", "end_turn"])
 async def test_a_finish_reason_a_client_acts_on_passes_through_and_the_rest_are_stop(
     reason: str, tmp_path: Path,
 ) -> None:
@@ -495,3 +495,23 @@ async def test_a_finish_reason_a_client_acts_on_passes_through_and_the_rest_are_
     assert [e["choices"][0]["finish_reason"] for e in events[1:-1]][-1] == expected
     assert reply.choices[0].finish_reason == expected
     assert reply.choices[0].message.content == text_of(events) == "Hello world"
+
+
+async def test_a_finish_reason_error_is_the_upstreams_failure_not_an_answer(
+    tmp_path: Path,
+) -> None:
+    stream = (*RELAY_STREAM[:-1], relay_event("finished", {"reason": "error"}))
+    fake = FakeRelay()
+    async with serve(RELAY, fake, tmp_path) as served:
+        fake.replies.extend([Reply(parts=stream), Reply(parts=stream)])
+        events = await post_stream(served, "relay", headers=CHAT)
+        with pytest.raises(openai.APIStatusError) as caught:
+            await served.client().chat.completions.create(
+                model="relay", messages=HI, extra_headers=CHAT)
+    assert events[-1] == "[DONE]"
+    error = events[-2]["error"]
+    assert error["code"] == "upstream_error"
+    assert "reported that its turn failed" in error["message"]
+    assert not any(e["choices"][0].get("finish_reason") for e in events[:-2])
+    assert caught.value.status_code == 502
+    assert caught.value.code == "upstream_error"

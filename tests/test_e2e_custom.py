@@ -499,8 +499,10 @@ ISSUED_BLOCK = """\
 """
 
 
-async def test_a_server_issued_id_that_cannot_be_a_path_segment_is_that_upstreams_failure(
-    make_proxy: ProxyFactory,
+@pytest.mark.parametrize("bad", ["..", "s" * 513, "s\x01"],
+                         ids=["not-a-path-segment", "too-long", "control-character"])
+async def test_a_server_issued_id_that_cannot_be_used_is_that_upstreams_failure(
+    bad: str, make_proxy: ProxyFactory,
 ) -> None:
     seen: list[str] = []
 
@@ -517,7 +519,7 @@ async def test_a_server_issued_id_that_cannot_be_a_path_segment_is_that_upstream
         served.router.add_route("*", "/{tail:.*}", answer)
         return served
 
-    async with serving(app("..")) as up0, serving(app("s1")) as up1:
+    async with serving(app(bad)) as up0, serving(app("s1")) as up1:
         proxy = await make_proxy(_two_upstreams(ISSUED_BLOCK, up0, up1))
         reply = await proxy.client().chat.completions.create(
             model="flows/a", messages=HI, extra_headers=session("issued"))

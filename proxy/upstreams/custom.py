@@ -45,7 +45,7 @@ from proxy.failover import SessionSlot
 from proxy.openai_types import ChunkFactory, accumulate
 from proxy.session_keys import SessionKeys, session_keys
 from proxy.upstreams.base import Answer, ByteStream, Call, ChunkStream, hold_answer
-from proxy.upstreams.custom_calls import CustomCalls, TurnInFlight, let_go
+from proxy.upstreams.custom_calls import CustomCalls, TurnInFlight, left_because, let_go
 from proxy.upstreams.custom_extract import is_json_content_type
 from proxy.upstreams.custom_options import CustomRoute
 from proxy.upstreams.custom_reader import StreamReader
@@ -145,7 +145,7 @@ class Custom(CustomCalls):
             and is_json_content_type(resp.headers.get("Content-Type"))
         )
         turn = TurnInFlight(values, keys.key if lasting else None, lock_key, resp, deadlines,
-                            streamed)
+                            streamed, call.exchange)
         if not streamed and spec.sync is None:
             # A whole answer came, only not one this block can read: nothing to cancel.
             turn.finished = True
@@ -310,6 +310,7 @@ class Custom(CustomCalls):
             return
         # The cancel releases the lock when it is done, so the session's next turn never
         # reaches the upstream while this one still runs there.
+        turn.cause = left_because(turn.exchange)
         self.state.spawn(self._cancel(turn, http), name=f"custom-cancel-{self.name}")
 
 

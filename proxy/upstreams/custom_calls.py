@@ -21,10 +21,10 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from proxy.config import UpstreamSpec
-from proxy.errors import ProxyError, UpstreamFailed
+from proxy.errors import ProxyError, ServiceUnavailable, UpstreamFailed
 from proxy.exchange import Exchange
 from proxy.state import AppState
-from proxy.upstreams.custom_extract import session_id_of
+from proxy.upstreams.custom_extract import id_text, session_id_of
 from proxy.upstreams.custom_reader import StreamReader
 from proxy.upstreams.custom_refusal import refusal
 from proxy.upstreams.custom_render import nested_too_deeply
@@ -37,13 +37,14 @@ from proxy.upstreams.deadlines import Deadlines
 from proxy.upstreams.http import HttpUpstream
 from proxy.upstreams.http_errors import read_answer, read_error_body
 
-__all__ = ["CANCEL_BUDGET", "CustomCalls", "TurnInFlight", "let_go"]
+__all__ = ["CANCEL_BUDGET", "CustomCalls", "TurnInFlight", "left_because", "let_go"]
 
 log = logging.getLogger(__name__)
 
 # The whole of a cancel: reading on for the values it needs, and the request itself.
 CANCEL_BUDGET: Final = 2.0
 _NONE: Final[frozenset[int]] = frozenset()
+CLIENT_LEFT: Final = "after the client left"
 
 
 @dataclass(slots=True)
@@ -59,12 +60,15 @@ class TurnInFlight:
     deadlines: Deadlines
     # Read event by event (a StreamReader, made when reading starts) or as one JSON body.
     streamed: bool
+    exchange: Exchange
     reader: StreamReader | None = None
     session_id: str | None = None
     at_eof: bool = False
     # The upstream ended the answer itself (its end, an error, EOF): nothing to cancel.
     finished: bool = False
     closed: bool = False
+    # Why a turn left unfinished is cancelled, for the log (see left_because).
+    cause: str = CLIENT_LEFT
 
 
 class CustomCalls(HttpUpstream):
@@ -112,7 +116,7 @@ class CustomCalls(HttpUpstream):
         lookup = self.custom.session.lookup
         assert lookup is not None
         found = await self._request(http, exchange, lookup.request, values)
-        return session_id_of(lookup.id(found, "message"))
+        return session_id_of(lookup.id(found, "message"), self._label)
 
     async def _ensure_session(
         self,
@@ -171,7 +175,7 @@ class CustomCalls(HttpUpstream):
                 await self._request(
                     http, exchange, cancel, with_captured(values, captured), parse=False
                 )
-            log.info("cancelled a turn on upstream %s after the client left", self.name)
+            log.info("cancelled a turn on upstream %s %s", self.name, turn.cause)
         except (ProxyError, TimeoutError) as exc:
             message = exc.message if isinstance(exc, ProxyError) else "no answer in time"
             log.warning("cancelling a turn on upstream %s failed: %s", self.name,
@@ -273,7 +277,7 @@ class CustomCalls(HttpUpstream):
         cards: list[dict[str, Any]] = []
         seen: set[str] = set()
         for item in items:
-            ident = session_id_of(models.id(item, "message"))
+            ident = id_text(models.id(item, "message"))
             if ident is None or ident in seen:
                 continue
             seen.add(ident)
@@ -304,6 +308,18 @@ class CustomCalls(HttpUpstream):
     async def _status(self, http: aiohttp.ClientSession) -> int:
         async with self.send(http, "GET", self._url("")) as resp:
             return resp.status
+
+
+def left_because(exchange: Exchange) -> str:
+    """Why the request let go of a turn still running: read when the turn is closed, while
+    the drain's reason is still recorded (a sync answer) or its error already set (a stream,
+    whose writer took the reason)."""
+    reason = exchange.interrupted
+    if reason == "drain" or exchange.error == ServiceUnavailable.code:
+        return "because the proxy was shutting down"
+    if reason == "send" or exchange.error == "send_timeout":
+        return "after the client stopped reading"
+    return CLIENT_LEFT
 
 
 def let_go(turn: TurnInFlight) -> None:

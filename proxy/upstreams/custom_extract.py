@@ -7,6 +7,7 @@ lets a dotted path read content blocks (Anthropic, Gemini parts, n8n `{text_chun
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
@@ -22,18 +23,29 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ERROR_LIMIT",
+    "FAILED_FINISH",
+    "MAX_SESSION_ID",
     "add_usage",
     "coerce_text",
     "error_message_of",
     "error_text",
+    "failed_turn",
     "failure",
     "finish_reason",
+    "id_text",
     "is_json_content_type",
     "message_at",
     "parse_json_body",
     "session_id_of",
     "usage_of",
 ]
+
+# A finish reason that says the upstream's turn failed (its error, not an answer).
+FAILED_FINISH: Final = "error"
+# An upstream-issued session id is kept per session and sent back in every later request:
+# one longer than this, or with a control character, is the upstream's failure.
+MAX_SESSION_ID: Final = 512
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 ERROR_LIMIT: Final = 300
 _GENERIC_ERROR: Final = "the request failed"
@@ -117,10 +129,17 @@ def add_usage(old: Usage, new: Usage) -> Usage:
 
 
 def finish_reason(value: Any) -> str | None:
+    """The finish reason a client gets; FAILED_FINISH is the caller's to raise (failed_turn)."""
     if value is None:
         return None
+    if value == FAILED_FINISH:
+        return FAILED_FINISH
     # The reasons a client acts on (the answer was cut, or withheld); the rest mean stop.
     return value if type(value) is str and value in _PASSED_FINISH else "stop"
+
+
+def failed_turn(label: str) -> UpstreamFailed:
+    return UpstreamFailed(f"{label} reported that its turn failed (finish reason `error`).")
 
 
 def error_text(value: Any) -> str:
@@ -173,11 +192,26 @@ def message_at(paths: Getter, raw: bytes) -> str | None:
     return text or None
 
 
-
-def session_id_of(value: Any) -> str | None:
-    """A session id the upstream issued: a non-empty string, or an integer as text."""
+def id_text(value: Any) -> str | None:
+    """An id the upstream gave: a non-empty string, or an integer as text."""
     if isinstance(value, str) and value:
         return value
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     return None
+
+
+def session_id_of(value: Any, label: str = "The upstream") -> str | None:
+    """A session id the upstream issued (id_text), refused as the upstream's failure when it
+    is longer than MAX_SESSION_ID or holds a control character: it would be kept in memory
+    and sent back in every later request of the session."""
+    ident = id_text(value)
+    if ident is None:
+        return None
+    if len(ident) > MAX_SESSION_ID:
+        raise UpstreamFailed(
+            f"{label} reported a session id longer than {MAX_SESSION_ID} characters."
+        )
+    if _CONTROL.search(ident) is not None:
+        raise UpstreamFailed(f"{label} reported a session id with a control character.")
+    return ident

@@ -26,9 +26,11 @@ from proxy.chunks import Out
 from proxy.errors import UpstreamFailed
 from proxy.openai_types import ChunkFactory, Usage, make_usage
 from proxy.upstreams.custom_extract import (
+    FAILED_FINISH,
     add_usage,
     coerce_text,
     error_message_of,
+    failed_turn,
     failure,
     finish_reason,
     is_json_content_type,
@@ -200,7 +202,12 @@ class StreamReader:
                 self._started = True
                 out.append(self._factory.role())
             if self._from_response is not None and self.session_id is None:
-                self.session_id = session_id_of(self._from_response(payload, name))
+                try:
+                    self.session_id = session_id_of(self._from_response(payload, name),
+                                                    self._label)
+                except UpstreamFailed as exc:
+                    self._failure = exc
+                    break
             index = pick(payload, name)
             if index >= 0:
                 self._matched += 1
@@ -244,6 +251,9 @@ class StreamReader:
                 self._usage = usage
         if rule.finish is not None:
             reason = finish_reason(rule.finish(payload, name))
+            if reason == FAILED_FINISH:
+                self._failure = failed_turn(self._label)
+                return
             if reason is not None:
                 self._finish = reason
         if rule.end:

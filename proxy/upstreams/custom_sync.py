@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any
 from proxy.errors import UpstreamFailed
 from proxy.openai_types import ChatChunk, ChunkFactory, make_usage
 from proxy.upstreams.custom_extract import (
+    FAILED_FINISH,
     coerce_text,
+    failed_turn,
     failure,
     finish_reason,
     parse_json_body,
@@ -54,6 +56,8 @@ def sync_chunks(
         if thought:
             chunks.append(factory.reasoning(thought))
     finish = finish_reason(mapping.finish(payload, event)) if mapping.finish else None
+    if finish == FAILED_FINISH:
+        raise failed_turn(label)
     chunks.append(factory.finish(finish or "stop"))
     if include_usage:
         usage = usage_of(mapping.usage, payload, event) if mapping.usage else None
@@ -92,7 +96,7 @@ class SyncReader:
         assert self._spec.sync is not None  # checked in __init__
         from_response = self._spec.session.from_response
         if from_response is not None:
-            self.session_id = session_id_of(from_response(payload, "message"))
+            self.session_id = session_id_of(from_response(payload, "message"), self._label)
         return sync_chunks(
             self._spec.sync,
             payload,
