@@ -36,8 +36,8 @@ class Delta(TypedDict, total=False):
 class ChunkChoice(TypedDict):
     index: int
     delta: Delta
-    finish_reason: str | None
     logprobs: NotRequired[Any]
+    finish_reason: str | None
 
 
 class Usage(TypedDict, total=False):
@@ -69,8 +69,8 @@ class ChatMessage(TypedDict, total=False):
 class CompletionChoice(TypedDict):
     index: int
     message: ChatMessage
-    finish_reason: str | None
     logprobs: Any
+    finish_reason: str | None
 
 
 class ChatCompletion(TypedDict):
@@ -103,7 +103,10 @@ class ChunkFactory:
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+            # logprobs: null as OpenAI sends it, in its place: strict clients compare shapes.
+            "choices": [
+                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            ],
         }
 
     def role(self) -> ChatChunk:
@@ -214,6 +217,6 @@ def accumulate(chunks: Iterable[ChatChunk]) -> ChatCompletion:
         "object": "chat.completion",
         "created": created or int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
         "usage": usage or make_usage(0, 0),
     }

@@ -104,6 +104,9 @@ def check_chunks(
         assert data.get("usage") is None, data
         for index, choice in enumerate(data["choices"]):
             assert choice["index"] == index
+            if not relayed:
+                # The chunks the proxy makes carry it as OpenAI's do; relayed ones are as sent.
+                assert "logprobs" in choice and choice["logprobs"] is None, data
             delta = choice["delta"]
             assert ("role" in delta) == (n == 0), data
             if "role" in delta:
@@ -202,6 +205,36 @@ async def test_echo_answers_are_strict_openai_objects(make_proxy: ProxyFactory) 
         "upstreams:\n  echo: {kind: echo}\nmodels:\n  parrot: {upstream: echo}\n"
     )
     await check_all(proxy.url, proxy.client(), "parrot")
+
+
+async def test_echo_stream_chunks_carry_null_logprobs_in_openai_order(
+    make_proxy: ProxyFactory,
+) -> None:
+    """Every choice of every chunk has `"logprobs":null` between delta and finish_reason,
+    as OpenAI sends it, on the raw bytes."""
+    proxy = await make_proxy(
+        "upstreams:\n  echo: {kind: echo}\nmodels:\n  parrot: {upstream: echo}\n"
+    )
+    body = {"model": "parrot", "stream": True, "messages": [
+        {"role": "user", "content": "Hello there, world"}
+    ]}
+    async with aiohttp.ClientSession() as http, http.post(
+        proxy.url + "/v1/chat/completions", json=body,
+        headers={"Authorization": f"Bearer {KEY}"},
+    ) as resp:
+        assert resp.status == 200, await resp.text()
+        raw = await resp.read()
+    events = [
+        line[6:] for line in raw.split(b"\n") if line.startswith(b"data: ")
+    ]
+    assert events[-1] == b"[DONE]"
+    chunks = [orjson.loads(event) for event in events[:-1]]
+    assert len(chunks) == 5  # role, three words, finish
+    for event, chunk in zip(events, chunks, strict=False):
+        (choice,) = chunk["choices"]
+        assert list(choice) == ["index", "delta", "logprobs", "finish_reason"], event
+        assert choice["logprobs"] is None
+        assert b',"logprobs":null,"finish_reason":' in event
 
 
 def letta_routes(url: str, show: str) -> str:

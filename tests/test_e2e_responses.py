@@ -353,6 +353,20 @@ async def test_a_call_and_output_that_do_not_pair_are_a_400_before_the_upstream(
     assert fake_openai.received == []
 
 
+async def test_an_empty_call_id_is_a_400_before_the_upstream(
+    proxy: Proxy, fake_openai: FakeOpenAI
+) -> None:
+    """A call and its output both with call_id "" would pair, but name no call: refused."""
+    items = [{"role": "user", "content": "q"},
+             {"type": "function_call", "call_id": "", "name": "get_weather", "arguments": "{}"},
+             {"type": "function_call_output", "call_id": "", "output": "18C"}]
+    with pytest.raises(openai.BadRequestError) as info:
+        await proxy.client().responses.create(model="mistral", input=items, tools=[WEATHER])
+    assert info.value.param == "input[1].call_id"
+    assert info.value.code == "empty_string"
+    assert fake_openai.received == []
+
+
 # -- how a response ends -------------------------------------------------------------------
 
 

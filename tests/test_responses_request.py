@@ -461,6 +461,37 @@ def test_a_bad_field_is_a_400_naming_it(body: dict[str, Any], param: str) -> Non
     assert caught.value.param == param
 
 
+def _call(call_id: str = "c", name: str = "f") -> dict[str, str]:
+    return {"type": "function_call", "call_id": call_id, "name": name, "arguments": "{}"}
+
+
+def _output(call_id: str = "c") -> dict[str, str]:
+    return {"type": "function_call_output", "call_id": call_id, "output": "ok"}
+
+
+# Each would pair (or fail pairing) without the check: "" is an id like any other to a dict.
+EMPTY_ID: list[tuple[str, list[Any], str]] = [
+    ("call-and-output-call-id", [_call(""), _output("")], "input[1].call_id"),
+    ("call-name", [_call(name=""), _output()], "input[1].name"),
+    ("output-call-id", [_call(), _output(), _output("")], "input[3].call_id"),
+]
+
+
+@pytest.mark.parametrize(("items", "param"), [(i, p) for _, i, p in EMPTY_ID],
+                         ids=[n for n, _, _ in EMPTY_ID])
+def test_an_empty_call_id_or_function_name_is_a_400_naming_it(
+    items: list[Any], param: str
+) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        parse(input=[{"role": "user", "content": "q"}, *items])
+    err = caught.value.body()["error"]
+    assert caught.value.status == 400
+    assert err["type"] == "invalid_request_error"
+    assert err["param"] == param
+    assert err["code"] == "empty_string"
+    assert f"Invalid '{param}': empty string." in err["message"]
+
+
 NOT_A_STRING: list[tuple[str, list[Any], str]] = [
     ("user-part", [{"role": "user", "content": [{"type": {}, "text": "x"}]}],
      "input[0].content[0].type"),
@@ -576,8 +607,8 @@ def test_any_json_body_parses_or_is_an_invalid_request(body: dict[str, Any],
 
 @st.composite
 def tool_round(draw: st.DrawFn) -> list[dict[str, Any]]:
-    """Parallel calls with distinct ids, then their outputs in any order."""
-    ids = draw(st.lists(st.text(max_size=4), min_size=1, max_size=3, unique=True))
+    """Parallel calls with distinct (non-empty) ids, then their outputs in any order."""
+    ids = draw(st.lists(st.text(min_size=1, max_size=4), min_size=1, max_size=3, unique=True))
     calls = [{"type": "function_call", "call_id": i, "name": draw(st.text(min_size=1,
                                                                           max_size=4)),
               "arguments": draw(st.text(max_size=8))} for i in ids]

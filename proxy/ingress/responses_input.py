@@ -238,12 +238,12 @@ def _part(part: Any, param: str, role: str) -> dict[str, Any]:
 
 
 def _function_call(item: dict[str, Any], param: str, messages: list[dict[str, Any]]) -> str:
-    call_id = req_str(item, "call_id", param)
+    call_id = _nonempty(item, "call_id", param)
     call = {
         "id": call_id,
         "type": "function",
         "function": {
-            "name": req_str(item, "name", param),
+            "name": _nonempty(item, "name", param),
             "arguments": req_str(item, "arguments", param),
         },
     }
@@ -260,7 +260,7 @@ def _function_call_output(
     item: dict[str, Any], param: str, media: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """The tool message; the output's images and files go to `media`."""
-    call_id = req_str(item, "call_id", param)
+    call_id = _nonempty(item, "call_id", param)
     output = item.get("output")
     if isinstance(output, list):
         text: list[str] = []
@@ -278,6 +278,21 @@ def _function_call_output(
             param=f"{param}.output",
         )
     return {"role": "tool", "tool_call_id": call_id, "content": output}
+
+
+def _nonempty(item: dict[str, Any], key: str, param: str) -> str:
+    """A call's `call_id` or `name`: "" pairs no call with its output and names no function,
+    and OpenAI refuses it, in these words."""
+    value = req_str(item, key, param)
+    if not value:
+        where = f"{param}.{key}"
+        raise InvalidRequest(
+            f"Invalid '{where}': empty string. Expected a string with minimum length 1, but "
+            "got an empty string instead.",
+            param=where,
+            code="empty_string",
+        )
+    return value
 
 
 def _bad_part(part: Any, param: str) -> InvalidRequest:
