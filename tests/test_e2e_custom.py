@@ -88,7 +88,8 @@ async def test_a_stream_keeps_every_streaming_guarantee(api: Api, tmp_path: Path
     assert all(c["model"] == api.model for c in chunks)
     finishes = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
     assert finishes == [chunks[-1]]
-    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "stop"}
+    assert chunks[-1]["choices"][0] == {
+        "index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
     assert not any("usage" in c for c in chunks)
     assert text_of(events) == api.text
     # Asked for, usage comes once, last, in a chunk of its own.
