@@ -1,15 +1,11 @@
 """The official openai-node SDK against the proxy: `responses.create` and `responses.stream`
 on echo, openai, Letta and custom routes, function tools both ways, Letta chaining, and the
-refusals of stateless routes, as a Node.js client sees them (tests/node/client.mjs).
-
-The SDK is installed by `npm ci --prefix tests/node` (`.ci/run` does it); without Node.js or
-without that install these tests are skipped, never reaching for the network themselves.
+refusals of stateless routes, as a Node.js client sees them (tests/node/client.mjs; skipped
+without the Node.js clients installed, tests/node_clients.py).
 """
 
 from __future__ import annotations
 
-import asyncio
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +16,7 @@ from tests.conftest import KEY, Proxy, ProxyFactory
 from tests.custom_e2e import DIFY, custom_env, serve_api
 from tests.fake_letta import FakeLetta
 from tests.fake_openai import FakeOpenAI
+from tests.node_clients import requires_node, run_node
 from tests.responses_client import CLOCK, WEATHER, comparable, post_raw
 from tests.test_e2e_responses import routes_for
 from tests.test_responses_letta import SECRET
@@ -27,28 +24,13 @@ from tests.test_responses_letta import routes as letta_routes
 
 __all__ = ["custom_env"]
 
-NODE_DIR = Path(__file__).parent / "node"
-NODE = shutil.which("node")
-pytestmark = pytest.mark.skipif(
-    NODE is None or not (NODE_DIR / "node_modules" / "openai").is_dir(),
-    reason="openai-node is not installed: npm ci --prefix tests/node",
-)
+pytestmark = requires_node
 CHAT = {"X-Session-Id": "node-0"}
 
 
 async def node_client(proxy: Proxy, *steps: dict[str, Any], key: str = KEY) -> list[Any]:
     """Runs `steps` (see tests/node/client.mjs) with openai-node against `proxy`."""
-    assert NODE is not None
-    plan = {"baseURL": proxy.url + "/v1", "apiKey": key, "steps": list(steps)}
-    proc = await asyncio.create_subprocess_exec(
-        NODE, str(NODE_DIR / "client.mjs"), stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(60):
-        out, err = await proc.communicate(orjson.dumps(plan))
-    assert proc.returncode == 0, err.decode(errors="replace")
-    results: list[Any] = orjson.loads(out)
-    return results
+    return await run_node("client.mjs", proxy.url + "/v1", key, list(steps))
 
 
 def create(params: dict[str, Any], **step: Any) -> dict[str, Any]:
