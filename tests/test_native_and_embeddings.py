@@ -7,7 +7,7 @@ import asyncio
 import base64
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 
 import openai
 import orjson
@@ -374,3 +374,263 @@ async def test_embeddings_nested_deeper_than_the_proxy_writes_are_a_502(
         status, _, raw = await post_raw(proxy, {"model": "e", "input": "x"}, path="/v1/embeddings")
     assert status == 502
     assert orjson.loads(raw)["error"]["code"] == "upstream_error"
+
+
+# -- hostile upstreams and clients on both pass-through paths ---------------------------------
+
+
+def one_route(url: str, options: str = "") -> str:
+    return (f"upstreams:\n  u: {{kind: openai, url: '{url}/v1'{options}}}\n"
+            "models:\n  m: {upstream: u, model: upstream-secret-id}\n")
+
+
+def assert_upstream_error(status: int, raw: bytes, leaked: bytes) -> None:
+    assert status == 502
+    error = orjson.loads(raw)["error"]
+    assert error["type"] == "upstream_error" and error["code"] == "upstream_error"
+    assert leaked not in raw
+
+
+NOT_AN_OBJECT = {
+    "html": (b"<html><body>upstream-secret-id gateway</body></html>", "text/html"),
+    "empty": (b"", "application/json"),
+    "array": (b'[{"object": "response"}]', "application/json"),
+    "string": (b'"upstream-secret-id"', "application/json"),
+}
+
+
+@pytest.mark.parametrize("path", ["/v1/responses", "/v1/embeddings"])
+@pytest.mark.parametrize("body", list(NOT_AN_OBJECT), ids=list(NOT_AN_OBJECT))
+async def test_a_200_that_is_not_a_json_object_is_a_502_never_relayed(
+    make_proxy: ProxyFactory, path: str, body: str
+) -> None:
+    data, ctype = NOT_AN_OBJECT[body]
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=data, content_type=ctype)
+
+    async with answering(path, answer) as url:
+        proxy = await make_proxy(one_route(url, ", responses: native"))
+        status, _, raw = await post_raw(proxy, {"model": "m", "input": "x"}, path=path)
+    assert_upstream_error(status, raw, b"upstream-secret-id")
+
+
+@pytest.mark.parametrize("data", [b"{}", b'{"data": null}', b'{"data": {"0": [1.0]}}',
+                                  b'{"data": "x"}'])
+async def test_embeddings_whose_data_is_not_a_list_are_a_502(
+    make_proxy: ProxyFactory, data: bytes
+) -> None:
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=data, content_type="application/json")
+
+    async with answering("/v1/embeddings", answer) as url:
+        proxy = await make_proxy(one_route(url))
+        status, _, raw = await post_raw(proxy, {"model": "m", "input": "x"}, path="/v1/embeddings")
+    assert_upstream_error(status, raw, b"upstream-secret-id")
+
+
+async def test_a_native_stream_answered_with_html_is_a_502_before_the_commit(
+    make_proxy: ProxyFactory,
+) -> None:
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=b"<html>upstream-secret-id</html>", content_type="text/html")
+
+    async with answering("/v1/responses", answer) as url:
+        proxy = await make_proxy(one_route(url, ", responses: native"))
+        status, _, raw = await post_raw(proxy, {"model": "m", "input": "x", "stream": True})
+    assert_upstream_error(status, raw, b"upstream-secret-id")
+    assert b"text/html" in raw
+
+
+CREATED = (b'event: response.created\ndata: {"type":"response.created","sequence_number":0,'
+           b'"response":{"id":"resp_up","object":"response","status":"in_progress",'
+           b'"output":[]}}\n\n')
+
+
+@pytest.mark.parametrize("ending", [b"", b"data: [DONE]\n\n"], ids=["closed", "done"])
+async def test_a_native_stream_without_a_terminal_event_ends_with_response_failed(
+    make_proxy: ProxyFactory, ending: bytes
+) -> None:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(CREATED + ending)
+        return resp
+
+    async with native_before(make_proxy, answer) as proxy:
+        status, _, raw = await post_raw(proxy, {"model": "m", "input": "x", "stream": True})
+    assert status == 200
+    parsed = parse_sse(raw)
+    assert parsed.done == 1 and raw.endswith(b"data: [DONE]\n\n")
+    name, failed = parsed.events[-1]
+    assert name == failed["type"] == "response.failed" and failed["sequence_number"] == 1
+    assert failed["response"]["id"] == "resp_up"
+    assert failed["response"]["error"]["code"] == "server_error"
+    assert "without a terminal event" in failed["response"]["error"]["message"]
+
+
+async def test_a_native_event_over_the_event_limit_ends_the_stream_with_response_failed(
+    make_proxy: ProxyFactory,
+) -> None:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(CREATED)
+        with suppress(ConnectionResetError):  # the proxy may hang up while it is written
+            await resp.write(b'data: {"type":"response.output_text.delta","delta":"'
+                             + b"x" * (5 * 1024 * 1024) + b'"}\n\n')
+        return resp
+
+    async with native_before(make_proxy, answer) as proxy:
+        status, _, raw = await post_raw(proxy, {"model": "m", "input": "x", "stream": True})
+    assert status == 200 and len(raw) < 64 * 1024
+    name, failed = parse_sse(raw).events[-1]
+    assert name == "response.failed" and failed["response"]["id"] == "resp_up"
+    assert raw.endswith(b"data: [DONE]\n\n")
+
+
+@asynccontextmanager
+async def raw_upstream(reply: bytes) -> AsyncIterator[str]:
+    """An upstream that answers any request with `reply`, bytes aiohttp would not send."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(reply)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+@pytest.mark.parametrize("path", ["/v1/responses", "/v1/embeddings"])
+async def test_a_body_announced_past_the_answer_limit_is_a_502(
+    make_proxy: ProxyFactory, path: str
+) -> None:
+    reply = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+             b"Content-Length: 100000000000\r\n\r\n{\"data\": [")
+    async with raw_upstream(reply) as url:
+        proxy = await make_proxy(one_route(url, ", responses: native"))
+        status, _, raw = await post_raw(proxy, {"model": "m", "input": "x"}, path=path)
+    assert_upstream_error(status, raw, b"upstream-secret-id")
+    assert b"over the proxy's limit" in raw
+
+
+@pytest.mark.parametrize("path", ["/v1/responses", "/v1/embeddings"])
+async def test_a_redirect_on_either_path_is_a_502_and_not_followed(
+    make_proxy: ProxyFactory, fake_openai: FakeOpenAI, path: str
+) -> None:
+    calls: list[str] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        calls.append(request.path)
+        raise web.HTTPTemporaryRedirect(f"{fake_openai.url}{path}")
+
+    async with answering(path, answer) as url:
+        proxy = await make_proxy(one_route(url, ", responses: native"))
+        status, _, raw = await post_raw(proxy, {"model": "m", "input": "x"}, path=path)
+    assert_upstream_error(status, raw, b"upstream-secret-id")
+    assert b"redirect" in raw
+    assert calls == [path] and fake_openai.received == []
+
+
+@pytest.mark.parametrize("model", [None, 7, ""], ids=["missing", "number", "empty"])
+async def test_embeddings_without_a_model_name_is_a_400_naming_model(
+    proxy: Proxy, fake_openai: FakeOpenAI, model: object
+) -> None:
+    body: dict[str, object] = {"input": "x"}
+    if model is not None:
+        body["model"] = model
+    status, _, raw = await post_raw(proxy, body, path="/v1/embeddings")
+    assert status == 400 and orjson.loads(raw)["error"]["param"] == "model"
+    assert fake_openai.received == []
+
+
+async def test_an_embeddings_input_past_max_body_is_a_413_before_any_upstream_call(
+    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
+) -> None:
+    proxy = await make_proxy(native_routes(fake_openai), max_body=64 * 1024)
+    status, _, raw = await post_raw(
+        proxy, {"model": "mistral", "input": ["x" * 1024] * 100}, path="/v1/embeddings")
+    assert status == 413 and orjson.loads(raw)["error"]["type"] == "invalid_request_error"
+    assert fake_openai.received == []
+
+
+async def test_a_client_leaving_a_native_stream_closes_the_upstream_request(
+    make_proxy: ProxyFactory,
+) -> None:
+    gone = asyncio.Event()
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(CREATED)
+        try:
+            await asyncio.Event().wait()  # until the proxy hangs up
+        finally:
+            gone.set()
+        return resp
+
+    async with native_before(make_proxy, answer) as proxy:
+        stream = await proxy.client().responses.create(model="m", input="x", stream=True)
+        async for event in stream:
+            assert event.type == "response.created"
+            break
+        await stream.close()
+        await asyncio.wait_for(gone.wait(), 5)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["sync", "stream"])
+async def test_a_native_upstream_failing_before_the_commit_fails_over_to_the_next(
+    make_proxy: ProxyFactory, fake_openai: FakeOpenAI, stream: bool
+) -> None:
+    async def fails(request: web.Request) -> web.Response:
+        return web.json_response({"error": {"message": "GPU on fire"}}, status=500)
+
+    async with answering("/v1/responses", fails) as url:
+        proxy = await make_proxy(f"""
+upstreams:
+  a: {{kind: openai, url: "{url}/v1", responses: native}}
+  b: {{kind: openai, url: "{fake_openai.url}/v1", responses: native}}
+models:
+  m: {{upstream: [a, b], model: {UPSTREAM_MODEL}}}
+""")
+        status, _, raw = await post_raw(proxy, {"model": "m", "input": "x", "stream": stream})
+    assert status == 200
+    assert [r.path for r in fake_openai.received] == ["/v1/responses"]
+    if stream:
+        assert raw == captured_events() + b"data: [DONE]\n\n"
+    else:
+        assert raw == (LETTA_CODE / "responses_sync.json").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [(b"{}", b"not a response object"),
+     (b'{"error": {"message": "No endpoints found"}}', b"No endpoints found")],
+    ids=["empty-object", "reported-error"],
+)
+async def test_a_native_sync_200_that_is_no_response_object_is_a_502(
+    make_proxy: ProxyFactory, data: bytes, message: bytes
+) -> None:
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=data, content_type="application/json")
+
+    async with native_before(make_proxy, answer) as proxy:
+        status, _, raw = await post_raw(proxy, {"model": "m", "input": "x"})
+    assert_upstream_error(status, raw, b"upstream-secret-id")
+    assert message in raw
+
+
+async def test_a_native_sync_failed_response_is_relayed_as_the_upstream_sent_it(
+    make_proxy: ProxyFactory,
+) -> None:
+    failed = (b'{"id":"resp_up","object":"response","status":"failed","output":[],'
+              b'"error":{"code":"server_error","message":"model crashed"}}')
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=failed, content_type="application/json")
+
+    async with native_before(make_proxy, answer) as proxy:
+        status, _, raw = await post_raw(proxy, {"model": "m", "input": "x"})
+    assert status == 200 and raw == failed

@@ -3,7 +3,8 @@
 The body goes on as the client sent it with `model` rewritten to the upstream's name, and
 the answer comes back with the client's name for the model; everything else, `encoding_format`
 included, is untouched (openai-python asks for base64 and decodes it itself). A route whose
-upstreams do not all serve embeddings is a 400 naming `model`, before any upstream call.
+upstreams do not all serve embeddings, or a request without `model`, is a 400 naming `model`,
+before any upstream call.
 Failover and circuits are those of a chat turn.
 """
 
@@ -26,10 +27,14 @@ __all__ = ["embeddings", "parse_embeddings_request"]
 
 def parse_embeddings_request(raw: bytes) -> dict[str, Any]:
     """The body, checked as far as the proxy needs it: an object with `input`, and `model`
-    a non-empty string when given. The rest is the upstream's to judge."""
+    a non-empty string. The rest is the upstream's to judge."""
     body = load_object(raw)
     model = body.get("model")
-    if model is not None and (not isinstance(model, str) or not model):
+    if model is None:
+        # Not the first model of the table, as chat would take: vectors are only comparable
+        # with those of one model, so the client must name it (OpenAI requires it too).
+        raise InvalidRequest("Missing required parameter: 'model'.", param="model")
+    if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' must be a non-empty string.", param="model")
     text = body.get("input")
     if text is None or text == "" or text == []:

@@ -161,9 +161,16 @@ class OpenAI(HttpUpstream):
         return Answer(completion, headers, upstream_ms, data)
 
     async def respond(self, call: Call, http: aiohttp.ClientSession) -> Answer:
-        _, data, headers, upstream_ms = await self._json_answer(
+        parsed, data, headers, upstream_ms = await self._json_answer(
             call, http, self.responses_url, self._responses_payload(call), "a response object"
         )
+        if not isinstance(parsed.get("output"), list):
+            # Not even a failed response (which lists its output): no client could read it.
+            if parsed.get("error") is not None:  # a 200 that reports an error (OpenRouter's)
+                raise self.scrubbed(reported_error(self.name, parsed, "in its answer"))
+            raise UpstreamFailed(
+                f"Upstream '{self.name}' answered with a body that is not a response object."
+            )
         return Answer(None, headers, upstream_ms, data)
 
     async def embed(self, call: Call, http: aiohttp.ClientSession) -> Answer:
