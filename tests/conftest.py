@@ -57,6 +57,25 @@ async def answering(
         yield url
 
 
+def stepped_stream(
+    writes: list[bytes], steps: list[asyncio.Event]
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """An upstream's event stream written in `writes`, each after the test set the step
+    before it (`steps[n - 1]` for `writes[n]`, once the client read what came before), so
+    that each write is one read of the proxy's."""
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for n, data in enumerate(writes):
+            if n:
+                await steps[n - 1].wait()
+            await resp.write(data)
+        return resp
+
+    return stream
+
+
 def closed_port() -> int:
     """A port of 127.0.0.1 that nothing listens on: connections to it are refused."""
     with socket.socket() as s:

@@ -10,9 +10,16 @@ import aiohttp
 import openai
 import orjson
 import pytest
-from aiohttp import web
 
-from tests.conftest import KEY, Proxy, ProxyFactory, answering, closed_port, wait_for
+from tests.conftest import (
+    KEY,
+    Proxy,
+    ProxyFactory,
+    answering,
+    closed_port,
+    stepped_stream,
+    wait_for,
+)
 from tests.fake_openai import FakeOpenAI
 from tests.raw_http import connect
 
@@ -473,18 +480,9 @@ async def test_an_event_split_at_a_line_end_reaches_the_client_as_one_event(
 
     role = b'data: {"choices":[{"index":0,"delta":{"role":"assistant"},"finish_reason":null}]}'
     finish = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}'
-    # Each write waits for the client to have read what came before, so each is one read.
     writes = [role + b"\n\n", token("a") + b"\n\n", token("b") + b"\n\n" + token("c") + b"\n",
               token("d") + b"\n\n", finish + b"\n\ndata: [DONE]\n\n"]
-
-    async def chat(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for n, data in enumerate(writes):
-            if n:
-                await seen[n - 1].wait()
-            await resp.write(data)
-        return resp
+    chat = stepped_stream(writes, seen)
 
     async with answering("/v1/chat/completions", chat) as url:
         proxy = await make_proxy(f"""

@@ -17,7 +17,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests.conftest import KEY, Proxy, ProxyFactory, answering, closed_port
+from tests.conftest import KEY, Proxy, ProxyFactory, answering, closed_port, stepped_stream
 from tests.fake_openai import FakeOpenAI
 from tests.responses_assert import assert_responses_stream, output_text, parse_sse
 from tests.responses_client import CLOCK, WEATHER, comparable, post_raw, stream_final
@@ -584,18 +584,8 @@ async def test_an_event_split_at_a_line_end_is_decoded_as_one_event_after_the_te
     finish = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}'
     writes = [role + b"\n\n" + token("a") + b"\n\n", token("b") + b"\n\n" + token("c") + b"\n",
               token("d") + b"\n\n", finish + b"\n\ndata: [DONE]\n\n"]
-    # Each write waits for the client to have read what the one before brought, so that
-    # each is one read of the proxy's.
     seen = [asyncio.Event() for _ in writes[1:]]
-
-    async def chat(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for n, data in enumerate(writes):
-            if n:
-                await seen[n - 1].wait()
-            await resp.write(data)
-        return resp
+    chat = stepped_stream(writes, seen)
 
     deltas: list[str] = []
     types: list[str] = []
