@@ -11,7 +11,7 @@ the tests (proxy/ingress/responses_object.py).
 Items, in the order the chunks bring them, one open at a time:
 * `reasoning_content` → a `reasoning` item (`rs_`) with one `reasoning_text` part;
 * `content` (and `refusal`) → a `message` item (`msg_`) with `output_text` (`refusal`) parts;
-* each chat tool call (by its `index`) → a `function_call` item (proxy/ingress/responses_calls.py).
+* each chat tool call (by its `index`) → a `function_call` item (proxy/ingress/responses_events.py).
 
 Per event, a text delta is one bytes format of a prefix built once per part, its JSON text
 and its sequence number; a TextRun's texts need no chunk read, and a batch of one TextRun of
@@ -30,7 +30,7 @@ import orjson
 
 from proxy.chunks import HELD_CHUNK, Comment, Out, TextRun, held_by_calls
 from proxy.errors import ProxyError, UpstreamFailed
-from proxy.ingress.responses_calls import DELTA, UNREADABLE, ResponseEvents
+from proxy.ingress.responses_events import DELTA, UNREADABLE, ResponseEvents
 from proxy.ingress.responses_items import (
     PARTS,
     OpenCall,
