@@ -44,6 +44,8 @@ SCRIPTS: dict[str, tuple[list[dict[str, Any]], str, bool]] = {
     "length": ([{"content": "cut"}], "length", True),
     "content-filter": ([{"content": "filtered"}], "content_filter", False),
     "empty": ([], "stop", False),
+    "namespaced-call": ([{"tool_calls": [{**CALL, "function": {
+        "name": "crm__lookup", "arguments": '{"id":7}'}}]}], "tool_calls", True),
 }
 USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
          "prompt_tokens_details": {"cached_tokens": 1},

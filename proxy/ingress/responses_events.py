@@ -30,7 +30,7 @@ class ResponseEvents:
     """Events out, and the `function_call` items, of a ResponsesWriter (which sets every
     attribute named here in its `__init__`)."""
 
-    __slots__ = ("_call", "_calls", "_events", "_ids", "_out", "_output", "_seq")
+    __slots__ = ("_call", "_calls", "_events", "_ids", "_out", "_output", "_seq", "_tools")
 
     _events: bool
     _seq: int
@@ -39,6 +39,8 @@ class ResponseEvents:
     _output: list[OpenItem | OpenCall | dict[str, Any]]
     _call: OpenCall | None
     _calls: dict[int, OpenCall]
+    # The tools the response echoes: a call's item names a namespaced function as they do.
+    _tools: Any
 
     def _close_open(self, status: str) -> None:
         raise NotImplementedError
@@ -90,7 +92,8 @@ class ResponseEvents:
                 call_id = delta.get("id") or f"call_{self._ids}_{chat_index}"
                 if type(call_id) is not str:
                     raise UpstreamFailed(UNREADABLE)
-                call = OpenCall(f"fc_{self._ids}_{index}", index, chat_index, call_id, name)
+                call = OpenCall(
+                    f"fc_{self._ids}_{index}", index, chat_index, call_id, name, self._tools)
                 self._calls[chat_index] = call
                 self._call = call
                 self._output.append(call)

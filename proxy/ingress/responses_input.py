@@ -18,6 +18,7 @@ from typing import Any, Final
 
 from proxy.errors import InvalidRequest
 from proxy.ingress.fields import req_str
+from proxy.ingress.responses_tools import qualified
 from proxy.json_body import kind_of
 
 __all__ = ["translate_input"]
@@ -239,13 +240,14 @@ def _part(part: Any, param: str, role: str) -> dict[str, Any]:
 
 def _function_call(item: dict[str, Any], param: str, messages: list[dict[str, Any]]) -> str:
     call_id = _nonempty(item, "call_id", param)
+    name = _nonempty(item, "name", param)
+    if item.get("namespace") is not None:
+        # A namespaced function's call, named as the chat model was offered it.
+        name = qualified(_nonempty(item, "namespace", param), name)
     call = {
         "id": call_id,
         "type": "function",
-        "function": {
-            "name": _nonempty(item, "name", param),
-            "arguments": req_str(item, "arguments", param),
-        },
+        "function": {"name": name, "arguments": req_str(item, "arguments", param)},
     }
     last = messages[-1] if messages else None
     if last is not None and last["role"] == "assistant":

@@ -15,6 +15,7 @@ from typing import Any, Final
 
 import orjson
 
+from proxy.ingress.responses_tools import call_name
 from proxy.sse import EVENT_END, event_head
 
 __all__ = [
@@ -111,16 +112,22 @@ class OpenItem:
 
 
 class OpenCall:
-    """An open `function_call` item."""
+    """An open `function_call` item. `name` is the chat call's function name as streamed;
+    the item names it as the client does (`call_name`: a namespaced function's own name and
+    its `namespace`), from the tools the response echoes."""
 
-    __slots__ = ("args", "call_id", "chat_index", "id", "index", "name", "prefix")
+    __slots__ = ("args", "call_id", "chat_index", "id", "index", "name", "prefix", "tools")
 
-    def __init__(self, item_id: str, index: int, chat_index: int, call_id: str, name: str) -> None:
+    def __init__(
+        self, item_id: str, index: int, chat_index: int, call_id: str, name: str,
+        tools: Any = None,
+    ) -> None:
         self.id = item_id
         self.index = index
         self.chat_index = chat_index
         self.call_id = call_id
         self.name = name
+        self.tools = tools
         self.args: list[str] = []
         self.prefix = (
             b'event: response.function_call_arguments.delta\ndata: {"type":'
@@ -129,6 +136,19 @@ class OpenCall:
         )
 
     def snapshot(self, status: str, arguments: str | None = None) -> dict[str, Any]:
-        return {"id": self.id, "type": "function_call", "status": status,
-                "call_id": self.call_id, "name": self.name,
-                "arguments": "".join(self.args) if arguments is None else arguments}
+        return function_call_item(
+            self.id, status, self.call_id, self.name,
+            "".join(self.args) if arguments is None else arguments, self.tools,
+        )
+
+
+def function_call_item(
+    item_id: str, status: str, call_id: str, chat_name: str, arguments: str, tools: Any
+) -> dict[str, Any]:
+    """A `function_call` output item of the chat call of function `chat_name`."""
+    name, namespace = call_name(chat_name, tools)
+    item = {"id": item_id, "type": "function_call", "status": status, "call_id": call_id,
+            "name": name, "arguments": arguments}
+    if namespace is not None:
+        item["namespace"] = namespace
+    return item

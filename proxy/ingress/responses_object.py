@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from proxy.errors import ProxyError, UpstreamFailed
-from proxy.ingress.responses_items import PARTS, empty_part
+from proxy.ingress.responses_items import PARTS, empty_part, function_call_item
 from proxy.openai_types import MAX_COUNT, ChatCompletion, token_count
 
 __all__ = [
@@ -173,7 +173,8 @@ def completion_response(
             if not isinstance(calls, list):
                 raise _not_a_completion()
             for chat_index, call in enumerate(calls):
-                output.append(_function_call(call, ids, len(output), chat_index))
+                output.append(
+                    _function_call(call, ids, len(output), chat_index, base.get("tools")))
         reason = choice.get("finish_reason")
         if reason:
             if not isinstance(reason, str):
@@ -197,7 +198,9 @@ def completion_response(
     return response
 
 
-def _function_call(call: Any, ids: str, index: int, chat_index: int) -> dict[str, Any]:
+def _function_call(
+    call: Any, ids: str, index: int, chat_index: int, tools: Any
+) -> dict[str, Any]:
     if not isinstance(call, dict):
         raise _not_a_completion()
     function = _object(call.get("function"))
@@ -208,8 +211,7 @@ def _function_call(call: Any, ids: str, index: int, chat_index: int) -> dict[str
     if not name:
         # No client can run it; the stream's writer refuses it the same way.
         raise UpstreamFailed("The upstream sent a tool call without a function name.")
-    return {"id": f"fc_{ids}_{index}", "type": "function_call", "status": "completed",
-            "call_id": call_id, "name": name, "arguments": arguments}
+    return function_call_item(f"fc_{ids}_{index}", "completed", call_id, name, arguments, tools)
 
 
 def _message(item_id: str, parts: list[dict[str, Any]]) -> dict[str, Any]:

@@ -77,6 +77,7 @@ class ResponsesWriter(ResponseEvents):
         # serialized at all (their sequence numbers still count, which nothing then reads).
         self._events = events
         self._base = response_base(response_id, model, created_at, echo, store)
+        self._tools = echo.get("tools")
         self._clock = clock
         # Item ids only need to be unique and URL-safe: one random base per response, then
         # the output index (no random draw per item).
