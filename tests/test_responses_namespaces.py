@@ -129,3 +129,21 @@ async def test_codex_clis_first_request_is_served_with_its_tools_offered(
     assert "exec_command" in names and "multi_agent_v1__spawn_agent" in names
     # Its developer messages became one system message, its user messages the turn.
     assert [m["role"] for m in sent["messages"]] == ["system", "user", "user"]
+
+
+async def test_codex_clis_request_after_a_tool_call_sends_the_call_and_its_output_back(
+    make_proxy: ProxyFactory, fake_openai: FakeOpenAI
+) -> None:
+    second = orjson.loads((Path(__file__).parent / "fixtures" / "codex" / "second-request.json")
+                          .read_bytes())
+    proxy = await make_proxy(routes_for(fake_openai))
+    status, _, raw = await post_raw(proxy, {**second, "model": "mistral"})
+    assert status == 200, raw
+    sent = fake_openai.received[-1].body
+    assert sent is not None
+    *_, called, answered = sent["messages"]
+    assert called["role"] == "assistant"
+    assert [(c["id"], c["function"]["name"]) for c in called["tool_calls"]] == [
+        ("call_1", "exec_command")]
+    assert answered["role"] == "tool" and answered["tool_call_id"] == "call_1"
+    assert answered["content"].endswith("hello-from-codex\n")
