@@ -37,7 +37,7 @@ from proxy.front import MAX_HEADER_BYTES, Front, new_request_id
 from proxy.http_server import serve_connections
 from proxy.ingress.chat import chat_completions
 from proxy.ingress.embeddings import embeddings
-from proxy.ingress.responses import create_response, stored_response
+from proxy.ingress.responses import create_response, stored_response, unoffered_endpoint
 from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.reload import Outcome, TableHolder, watch
 from proxy.response_ids import ENV_SECRET, ResponseIds
@@ -214,6 +214,10 @@ def create_app(
         ("POST", "/chat/completions", chat_completions),
         ("POST", "/v1/responses", create_response),
         ("POST", "/responses", create_response),
+        ("POST", "/v1/responses/compact", unoffered_endpoint),
+        ("POST", "/v1/responses/input_tokens", unoffered_endpoint),
+        ("POST", "/responses/compact", unoffered_endpoint),
+        ("POST", "/responses/input_tokens", unoffered_endpoint),
         ("GET", "/v1/responses/{response_id}", stored_response),
         ("DELETE", "/v1/responses/{response_id}", stored_response),
         ("POST", "/v1/responses/{response_id}/cancel", stored_response),

@@ -246,6 +246,22 @@ async def test_stored_response_calls_are_404s_saying_nothing_is_stored(proxy: Pr
         assert "stores no responses" in info.value.message
 
 
+@pytest.mark.parametrize(("endpoint", "says"), [
+    ("compact", "does not compact conversations"), ("input_tokens", "does not count input tokens"),
+])
+async def test_compaction_and_token_counting_are_404s_saying_why(
+    proxy: Proxy, endpoint: str, says: str
+) -> None:
+    client = proxy.client()
+    with pytest.raises(openai.NotFoundError) as info:
+        if endpoint == "compact":
+            await client.responses.compact(model="echo", input="hi")
+        else:
+            await client.responses.input_tokens.count(model="echo", input="hi")
+    assert info.value.code == "not_found"
+    assert says in info.value.message
+
+
 # -- embeddings ----------------------------------------------------------------------------------
 
 

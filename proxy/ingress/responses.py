@@ -54,7 +54,7 @@ from proxy.response_ids import ResponseIds, new_response_id
 from proxy.sessions import session_hint
 from proxy.upstreams.base import ByteStream, Call
 
-__all__ = ["create_response", "render_sync", "stored_response"]
+__all__ = ["create_response", "render_sync", "stored_response", "unoffered_endpoint"]
 
 
 async def create_response(request: web.Request) -> web.StreamResponse:
@@ -152,6 +152,27 @@ def _identity(
     # A signed id's start is the same for every turn of a conversation: the item ids draw
     # their own.
     return ids().mint(model, session, key_id), True, new_item_base()
+
+
+# What the Responses API offers beside responses that the proxy cannot: the reason for each.
+_UNOFFERED: dict[str, str] = {
+    "compact": (
+        "This proxy does not compact conversations: OpenAI's compaction item is readable only "
+        "by OpenAI's models. Compact on the client (Codex CLI does so for providers other "
+        "than OpenAI) or resend a shorter conversation in `input`."
+    ),
+    "input_tokens": (
+        "This proxy does not count input tokens: the count depends on the upstream model's "
+        "tokenizer, which the proxy does not have. A response's `usage` reports what was used."
+    ),
+}
+
+
+async def unoffered_endpoint(request: web.Request) -> web.Response:
+    """`POST /v1/responses/compact` and `/input_tokens`: a 404 saying why, not a 405 from
+    the stored-response routes that the same paths would otherwise match."""
+    authenticate(request, request.app[TABLES].current)
+    raise NotFound(_UNOFFERED[request.path.rsplit("/", 1)[1]])
 
 
 async def stored_response(request: web.Request) -> web.Response:
