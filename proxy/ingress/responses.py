@@ -158,8 +158,8 @@ def _identity(
 _UNOFFERED: dict[str, str] = {
     "compact": (
         "This proxy does not compact conversations: OpenAI's compaction item is readable only "
-        "by OpenAI's models. Compact on the client (Codex CLI does so for providers other "
-        "than OpenAI) or resend a shorter conversation in `input`."
+        "by OpenAI's models. Compact on the client, or resend a shorter conversation in "
+        "`input`."
     ),
     "input_tokens": (
         "This proxy does not count input tokens: the count depends on the upstream model's "
