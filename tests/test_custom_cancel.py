@@ -221,3 +221,36 @@ async def test_a_turn_cancelled_by_the_shutdown_drain_is_logged_as_the_shutdown(
     assert [c.path for c in fake.cancelled] == ["/issuer/sessions/s-1/turns/t-1/stop"]
     assert cancel_lines() == [
         "cancelled a turn on upstream issuer because the proxy was shutting down"]
+
+
+@pytest.mark.parametrize("streams", [True, False], ids=["stream", "sync"])
+async def test_a_turn_its_idle_timeout_ended_is_cancelled_and_logged_as_timed_out(
+    streams: bool, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "proxy.upstreams.custom_calls")
+    held = Reply(parts=(event(kind="delta", text="Hi", turn="t-1", session="s-1"),
+                        event(kind="done")), hold_after=1)
+    fake = FakeIssuer()
+    impatient = ISSUER.replace("timeouts: {{first_event: 5}}",
+                               "timeouts: {{first_event: 5, idle: 0.2}}")
+    assert impatient != ISSUER
+
+    def cancel_lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if r.getMessage().startswith("cancelled a turn")]
+
+    async with serve(impatient, fake, tmp_path) as served:
+        fake.replies.append(held)
+        if streams:
+            assert error_end(await post_stream(served, "issuer", headers=CHAT))["code"] == (
+                "upstream_timeout")
+        else:
+            with pytest.raises(openai.APIStatusError) as caught:
+                await served.client().chat.completions.create(
+                    model="issuer", messages=[{"role": "user", "content": "Hi"}],
+                    extra_headers=CHAT)
+            assert caught.value.status_code == 504
+        await wait_for(lambda: bool(cancel_lines()))
+    assert [c.path for c in fake.cancelled] == ["/issuer/sessions/s-1/turns/t-1/stop"]
+    assert cancel_lines() == [
+        "cancelled a turn on upstream issuer after its first_event or idle timeout ran out"]

@@ -40,12 +40,18 @@ from multidict import CIMultiDict
 
 from proxy.chunks import KEEP_ALIVE, Out
 from proxy.config import ModelSpec
-from proxy.errors import UpstreamFailed
+from proxy.errors import UpstreamFailed, UpstreamTimeout
 from proxy.failover import SessionSlot
 from proxy.openai_types import ChunkFactory, accumulate
 from proxy.session_keys import SessionKeys, session_keys
 from proxy.upstreams.base import Answer, ByteStream, Call, ChunkStream, hold_answer
-from proxy.upstreams.custom_calls import CustomCalls, TurnInFlight, left_because, let_go
+from proxy.upstreams.custom_calls import (
+    TIMED_OUT,
+    CustomCalls,
+    TurnInFlight,
+    left_because,
+    let_go,
+)
 from proxy.upstreams.custom_extract import is_json_content_type
 from proxy.upstreams.custom_options import CustomRoute
 from proxy.upstreams.custom_reader import StreamReader
@@ -290,6 +296,8 @@ class Custom(CustomCalls):
             if reader is not None and reader.done:
                 # An error event, or a stream that cannot be read: the answer is over.
                 turn.finished = True
+            elif isinstance(exc, UpstreamTimeout):
+                turn.cause = TIMED_OUT
             raise self.failure(
                 exc, answered=True, what="stream" if turn.streamed else "answer"
             ) from None
@@ -310,7 +318,8 @@ class Custom(CustomCalls):
             return
         # The cancel releases the lock when it is done, so the session's next turn never
         # reaches the upstream while this one still runs there.
-        turn.cause = left_because(turn.exchange)
+        if turn.cause != TIMED_OUT:
+            turn.cause = left_because(turn.exchange)
         self.state.spawn(self._cancel(turn, http), name=f"custom-cancel-{self.name}")
 
 

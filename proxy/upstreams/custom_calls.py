@@ -37,7 +37,7 @@ from proxy.upstreams.deadlines import Deadlines
 from proxy.upstreams.http import HttpUpstream
 from proxy.upstreams.http_errors import read_answer, read_error_body
 
-__all__ = ["CANCEL_BUDGET", "CustomCalls", "TurnInFlight", "left_because", "let_go"]
+__all__ = ["CANCEL_BUDGET", "TIMED_OUT", "CustomCalls", "TurnInFlight", "left_because", "let_go"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 CANCEL_BUDGET: Final = 2.0
 _NONE: Final[frozenset[int]] = frozenset()
 CLIENT_LEFT: Final = "after the client left"
+TIMED_OUT: Final = "after its first_event or idle timeout ran out"
 
 
 @dataclass(slots=True)
@@ -313,7 +314,8 @@ class CustomCalls(HttpUpstream):
 def left_because(exchange: Exchange) -> str:
     """Why the request let go of a turn still running: read when the turn is closed, while
     the drain's reason is still recorded (a sync answer) or its error already set (a stream,
-    whose writer took the reason)."""
+    whose writer took the reason). A turn the upstream's deadline ended says so itself
+    (TIMED_OUT): its reason was taken when the read raised."""
     reason = exchange.interrupted
     if reason == "drain" or exchange.error == ServiceUnavailable.code:
         return "because the proxy was shutting down"
