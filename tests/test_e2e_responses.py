@@ -136,6 +136,31 @@ async def test_openai_route_translates_to_chat_and_rewrites_the_model(
     assert KEY not in str(fake_openai.received[-1].headers)
 
 
+async def test_newer_request_fields_of_openai_python_reach_the_chat_upstream_translated(
+    proxy: Proxy, fake_openai: FakeOpenAI
+) -> None:
+    moderation: Any = {"model": "omni-moderation-latest", "policy": {"output": {"mode": "block"}}}
+    reply = await proxy.client().responses.create(
+        model="mistral", input="hi", service_tier="fast", text={"verbosity": "low"},
+        reasoning={"effort": "low", "generate_summary": "concise"}, moderation=moderation,
+    )
+    assert reply.output_text == "hi" and reply.reasoning is not None
+    assert reply.reasoning.summary == "concise" and reply.text is not None
+    assert reply.text.verbosity == "low"
+    sent = chat_body(fake_openai)
+    assert (sent["verbosity"], sent["reasoning_effort"]) == ("low", "low")
+    assert sent["moderation"] == moderation and "service_tier" not in sent
+
+
+async def test_moderation_on_an_echo_route_is_a_400_naming_it(proxy: Proxy) -> None:
+    # Echo moderates nothing: run as if absent, the client would trust unmoderated text.
+    with pytest.raises(openai.BadRequestError) as info:
+        await proxy.client().responses.create(
+            model="echo", input="hi", moderation={"model": "omni-moderation-latest"}
+        )
+    assert info.value.param == "moderation"
+
+
 async def test_openai_route_stream_asks_the_upstream_for_usage(
     proxy: Proxy, fake_openai: FakeOpenAI
 ) -> None:

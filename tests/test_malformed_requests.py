@@ -181,7 +181,7 @@ RESPONSES_OUT_OF_BOUNDS = [
     pytest.param({"temperature": 2.5}, "temperature", id="temperature"),
     pytest.param({"top_p": 1.5}, "top_p", id="top-p"),
     pytest.param({"top_logprobs": 21}, "top_logprobs", id="top-logprobs"),
-    pytest.param({"service_tier": "fast"}, "service_tier", id="service-tier"),
+    pytest.param({"service_tier": "turbo"}, "service_tier", id="service-tier"),
     pytest.param({"metadata": {str(i): "v" for i in range(17)}}, "metadata", id="metadata"),
     pytest.param({"tools": [{"type": "function", "name": "f"}] * 2}, "tools[1].name",
                  id="duplicate-tool"),

@@ -287,6 +287,32 @@ def test_openai_bounds_and_enums_are_accepted_at_their_limits() -> None:
     assert "service_tier" not in request.chat and "top_logprobs" not in request.chat
 
 
+@pytest.mark.parametrize("tier", ["fast", "ultrafast"])
+def test_the_newer_service_tiers_are_accepted_and_not_sent_on(tier: str) -> None:
+    request = parse(input="hi", service_tier=tier)
+    assert "service_tier" not in request.chat and "service_tier" not in request.echo
+
+
+def test_text_verbosity_is_sent_as_the_chat_verbosity_and_echoed() -> None:
+    request = parse(input="hi", text={"verbosity": "low"})
+    assert request.chat["verbosity"] == "low"
+    assert request.echo["text"] == {"format": {"type": "text"}, "verbosity": "low"}
+    assert "verbosity" not in parse(input="hi", text={"format": {"type": "text"}}).chat
+
+
+def test_the_deprecated_generate_summary_is_taken_as_summary() -> None:
+    request = parse(input="hi", reasoning={"effort": "high", "generate_summary": "concise"})
+    assert request.echo["reasoning"] == {"effort": "high", "summary": "concise"}
+    both = parse(input="hi", reasoning={"summary": "detailed", "generate_summary": "concise"})
+    assert both.echo["reasoning"]["summary"] == "detailed"
+
+
+def test_moderation_is_sent_as_the_chat_moderation() -> None:
+    moderation = {"model": "omni-moderation-latest", "policy": {"output": {"mode": "block"}}}
+    assert parse(input="hi", moderation=moderation).chat["moderation"] == moderation
+    assert "moderation" not in parse(input="hi", moderation=None).chat
+
+
 def test_streaming_asks_the_upstream_for_usage_and_sync_does_not_stream() -> None:
     streaming = parse(input="hi", stream=True)
     assert streaming.stream and streaming.chat["stream"] is True
@@ -428,7 +454,10 @@ BAD: list[tuple[str, dict[str, Any], str | None]] = [
     ("top-logprobs-bool", {"input": "x", "top_logprobs": True}, "top_logprobs"),
     ("top-logprobs-above-20", {"input": "x", "top_logprobs": 21}, "top_logprobs"),
     ("top-logprobs-negative", {"input": "x", "top_logprobs": -1}, "top_logprobs"),
-    ("service-tier-unknown", {"input": "x", "service_tier": "fast"}, "service_tier"),
+    ("service-tier-unknown", {"input": "x", "service_tier": "turbo"}, "service_tier"),
+    ("moderation-string", {"input": "x", "moderation": "omni-moderation-latest"}, "moderation"),
+    ("generate-summary", {"input": "x", "reasoning": {"generate_summary": "long"}},
+     "reasoning.generate_summary"),
     ("service-tier-list", {"input": "x", "service_tier": ["auto"]}, "service_tier"),
     ("metadata-17-keys", {"input": "x", "metadata": {str(i): "v" for i in range(17)}},
      "metadata"),

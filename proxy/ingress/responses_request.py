@@ -6,9 +6,9 @@ adapter understands, the stream flag, the state fields a route must honour or re
 (`refuse_state`), and the fields the response object echoes.
 
 The input items become messages in `responses_input`, function `tools` and `tool_choice` the
-chat forms in `responses_tools`; here `instructions` becomes the first (system) message,
-`max_output_tokens` `max_tokens`, `text.format` `response_format`, `reasoning.effort`
-`reasoning_effort`.
+chat forms in `responses_tools`, `text` and `reasoning` in `responses_fields`; here
+`instructions` becomes the first (system) message, `max_output_tokens` `max_tokens` and
+`moderation` chat's own `moderation`.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from types import MappingProxyType
 from typing import Any, Final, NamedTuple
 
 from proxy.errors import InvalidRequest, ProxyError
-from proxy.ingress.fields import opt_bool, opt_int, opt_number, opt_str, req_str
+from proxy.ingress.fields import opt_bool, opt_int, opt_number, opt_str
+from proxy.ingress.responses_fields import translate_reasoning, translate_text
 from proxy.ingress.responses_input import translate_input
 from proxy.ingress.responses_tools import translate_tools
-from proxy.json_body import kind_of, load_object
+from proxy.json_body import load_object
 
 __all__ = ["ResponsesRequest", "in_client_terms", "parse_responses_request", "refuse_state"]
 
-_EFFORTS: Final = frozenset({"none", "minimal", "low", "medium", "high", "xhigh", "max"})
 _RESEND: Final = (
     "resend the whole conversation in `input` (earlier messages, function calls and their "
     "outputs)"
@@ -134,10 +134,14 @@ def parse_responses_request(raw: bytes) -> ResponsesRequest:
         top_logprobs = opt_int(body, "top_logprobs", minimum=0, maximum=20)
         if top_logprobs is not None:
             echo["top_logprobs"] = top_logprobs
+    if rare and body.get("moderation") is not None:
+        # Chat's field of the same shape: an `openai` upstream runs it, the other kinds refuse
+        # it (they moderate nothing). Dropped, unmoderated text would pass for checked.
+        chat["moderation"] = body["moderation"]
     if "text" in body:
-        _translate_text(body["text"], chat, echo)
+        translate_text(body["text"], chat, echo)
     if "reasoning" in body:
-        _translate_reasoning(body["reasoning"], chat, echo)
+        translate_reasoning(body["reasoning"], chat, echo)
 
     return ResponsesRequest(
         chat=chat,
@@ -240,10 +244,10 @@ def _from_tool_output(items: Any, source: str, rest: str) -> tuple[str, str]:
 _SAMPLING: Final = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0),
                     "presence_penalty": (-2.0, 2.0), "frequency_penalty": (-2.0, 2.0)}
 _IDENTIFIERS: Final = ("user", "safety_identifier", "prompt_cache_key")
-# Fields that nearly no request sets, checked and not translated (`top_logprobs` is echoed).
+# Fields that nearly no request sets, checked (`top_logprobs` is echoed, `moderation` sent on).
 _RARE: Final = frozenset({"prompt", "include", "stream_options", "service_tier",
-                          "top_logprobs"})
-_SERVICE_TIERS: Final = ("auto", "default", "flex", "scale", "priority")
+                          "top_logprobs", "moderation"})
+_SERVICE_TIERS: Final = ("auto", "default", "flex", "scale", "priority", "fast", "ultrafast")
 # OpenAI's bounds on `metadata`, which the response object repeats.
 _METADATA_KEYS: Final = 16
 _METADATA_KEY_CHARS: Final = 64
@@ -267,6 +271,9 @@ def _check_rare(body: dict[str, Any]) -> None:
         if not isinstance(options, dict):
             raise InvalidRequest("'stream_options' must be an object.", param="stream_options")
         opt_bool(options, "include_obfuscation", "stream_options.include_obfuscation")
+    moderation = body.get("moderation")
+    if moderation is not None and not isinstance(moderation, dict):
+        raise InvalidRequest("'moderation' must be an object.", param="moderation")
     # Checked, and not sent on: a chat server has no tiers, and the answer's `service_tier`
     # says `default`, the tier it was served at.
     tier = opt_str(body, "service_tier") if "service_tier" in body else None
@@ -311,92 +318,3 @@ def _metadata(value: Any) -> dict[str, str]:
                 param="metadata",
             )
     return value
-
-
-# -- tools, text, reasoning -----------------------------------------------------------------
-
-def _translate_text(text: Any, chat: dict[str, Any], echo: dict[str, Any]) -> None:
-    if text is None:
-        return
-    if not isinstance(text, dict):
-        raise InvalidRequest("'text' must be an object.", param="text")
-    out: dict[str, Any] = {}
-    fmt = text.get("format")
-    if fmt is not None:
-        if not isinstance(fmt, dict):
-            raise InvalidRequest(
-                f"Invalid type for 'text.format': expected an object, got {kind_of(fmt)}.",
-                param="text.format",
-            )
-        kind = fmt.get("type")
-        if kind == "text":
-            out["format"] = {"type": "text"}
-        elif kind == "json_object":
-            out["format"] = {"type": "json_object"}
-            chat["response_format"] = {"type": "json_object"}
-        elif kind == "json_schema":
-            name = req_str(fmt, "name", "text.format")
-            if not name:
-                raise InvalidRequest(
-                    "'text.format.name' must be a non-empty string.", param="text.format.name"
-                )
-            schema = fmt.get("schema")
-            if not isinstance(schema, dict):
-                raise InvalidRequest(
-                    "'text.format.schema' must be a JSON Schema object.",
-                    param="text.format.schema",
-                )
-            description = opt_str(fmt, "description", "text.format.description")
-            strict = opt_bool(fmt, "strict", "text.format.strict")
-            out["format"] = {"type": "json_schema", "name": name, "schema": schema,
-                             "description": description, "strict": bool(strict)}
-            json_schema: dict[str, Any] = {"name": name, "schema": schema}
-            if description is not None:
-                json_schema["description"] = description
-            if strict is not None:
-                json_schema["strict"] = strict
-            chat["response_format"] = {"type": "json_schema", "json_schema": json_schema}
-        else:
-            raise InvalidRequest(
-                "Invalid value for 'text.format.type': supported values are 'text', "
-                "'json_object' and 'json_schema'.",
-                param="text.format.type",
-            )
-    verbosity = opt_str(text, "verbosity", "text.verbosity")
-    if verbosity is not None:
-        if verbosity not in ("low", "medium", "high"):
-            raise InvalidRequest(
-                "Invalid value for 'text.verbosity': supported values are 'low', 'medium' "
-                "and 'high'.",
-                param="text.verbosity",
-            )
-        out["verbosity"] = verbosity
-    if out:
-        out.setdefault("format", {"type": "text"})
-        echo["text"] = out
-
-
-def _translate_reasoning(value: Any, chat: dict[str, Any], echo: dict[str, Any]) -> None:
-    if value is None:
-        return
-    if not isinstance(value, dict):
-        raise InvalidRequest("'reasoning' must be an object.", param="reasoning")
-    effort = opt_str(value, "effort", "reasoning.effort")
-    if effort is not None and effort not in _EFFORTS:
-        raise InvalidRequest(
-            "Invalid value for 'reasoning.effort': supported values are "
-            + ", ".join(f"'{e}'" for e in sorted(_EFFORTS)) + ".",
-            param="reasoning.effort",
-        )
-    summary = opt_str(value, "summary", "reasoning.summary")
-    if summary is not None and summary not in ("auto", "concise", "detailed"):
-        raise InvalidRequest(
-            "Invalid value for 'reasoning.summary': supported values are 'auto', 'concise' "
-            "and 'detailed'.",
-            param="reasoning.summary",
-        )
-    if effort is not None:
-        chat["reasoning_effort"] = effort
-    echo["reasoning"] = {"effort": effort, "summary": summary}
-
-
