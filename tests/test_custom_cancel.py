@@ -186,20 +186,33 @@ async def test_a_bad_reported_session_id_fails_the_turn_and_is_never_sent_back(
     assert [chat.json.get("session") for chat in fake.chats()] == [None, None, None]
 
 
+# How the proxy let go of a turn still running -> the client's end (the stream's error code,
+# a sync answer's status) and why the cancel's log line says it was cancelled.
+LET_GO = {
+    "drain": ("service_unavailable", 503, "because the proxy was shutting down"),
+    "idle-timeout": ("upstream_timeout", 504, "after its first_event or idle timeout ran out"),
+}
+
+
 @pytest.mark.parametrize("streams", [True, False], ids=["stream", "sync"])
-async def test_a_turn_cancelled_by_the_shutdown_drain_is_logged_as_the_shutdown(
-    streams: bool, tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("ending", list(LET_GO))
+async def test_a_turn_the_proxy_let_go_of_is_cancelled_and_logged_with_why(
+    streams: bool, ending: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    code, status, why = LET_GO[ending]
     caplog.set_level(logging.INFO, "proxy.upstreams.custom_calls")
     held = Reply(parts=(event(kind="delta", text="Hi", turn="t-1", session="s-1"),
                         event(kind="done")), hold_after=1)
     fake = FakeIssuer()
+    routes = ISSUER if ending == "drain" else ISSUER.replace(
+        "timeouts: {{first_event: 5}}", "timeouts: {{first_event: 5, idle: 0.2}}")
+    assert (routes == ISSUER) == (ending == "drain")
 
     def cancel_lines() -> list[str]:
         return [r.getMessage() for r in caplog.records
                 if r.getMessage().startswith("cancelled a turn")]
 
-    async with serve(ISSUER, fake, tmp_path) as served:
+    async with serve(routes, fake, tmp_path) as served:
         fake.replies.append(held)
         if streams:
             turn = asyncio.create_task(post_stream(served, "issuer", headers=CHAT))
@@ -207,50 +220,17 @@ async def test_a_turn_cancelled_by_the_shutdown_drain_is_logged_as_the_shutdown(
             turn = asyncio.create_task(served.client().chat.completions.create(
                 model="issuer", messages=[{"role": "user", "content": "Hi"}],
                 extra_headers=CHAT))
-        await held.held.wait()
-        drain = served.app[DRAIN]
-        drain.timeout = 0.05
-        await drain.wait()
+        if ending == "drain":
+            await held.held.wait()
+            drain = served.app[DRAIN]
+            drain.timeout = 0.05
+            await drain.wait()
         if streams:
-            assert error_end(await turn)["code"] == "service_unavailable"
+            assert error_end(await turn)["code"] == code
         else:
             with pytest.raises(openai.APIStatusError) as caught:
                 await turn
-            assert caught.value.status_code == 503
+            assert caught.value.status_code == status
         await wait_for(lambda: bool(cancel_lines()))
     assert [c.path for c in fake.cancelled] == ["/issuer/sessions/s-1/turns/t-1/stop"]
-    assert cancel_lines() == [
-        "cancelled a turn on upstream issuer because the proxy was shutting down"]
-
-
-@pytest.mark.parametrize("streams", [True, False], ids=["stream", "sync"])
-async def test_a_turn_its_idle_timeout_ended_is_cancelled_and_logged_as_timed_out(
-    streams: bool, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.INFO, "proxy.upstreams.custom_calls")
-    held = Reply(parts=(event(kind="delta", text="Hi", turn="t-1", session="s-1"),
-                        event(kind="done")), hold_after=1)
-    fake = FakeIssuer()
-    impatient = ISSUER.replace("timeouts: {{first_event: 5}}",
-                               "timeouts: {{first_event: 5, idle: 0.2}}")
-    assert impatient != ISSUER
-
-    def cancel_lines() -> list[str]:
-        return [r.getMessage() for r in caplog.records
-                if r.getMessage().startswith("cancelled a turn")]
-
-    async with serve(impatient, fake, tmp_path) as served:
-        fake.replies.append(held)
-        if streams:
-            assert error_end(await post_stream(served, "issuer", headers=CHAT))["code"] == (
-                "upstream_timeout")
-        else:
-            with pytest.raises(openai.APIStatusError) as caught:
-                await served.client().chat.completions.create(
-                    model="issuer", messages=[{"role": "user", "content": "Hi"}],
-                    extra_headers=CHAT)
-            assert caught.value.status_code == 504
-        await wait_for(lambda: bool(cancel_lines()))
-    assert [c.path for c in fake.cancelled] == ["/issuer/sessions/s-1/turns/t-1/stop"]
-    assert cancel_lines() == [
-        "cancelled a turn on upstream issuer after its first_event or idle timeout ran out"]
+    assert cancel_lines() == [f"cancelled a turn on upstream issuer {why}"]
