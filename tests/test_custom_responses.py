@@ -60,22 +60,6 @@ async def test_responses_instructions_and_input_items_reach_the_agent_as_the_tur
     assert call.json["query"] == "Hi there"
 
 
-async def test_responses_stream_after_an_upstream_error_event_ends_failed(
-    tmp_path: Path,
-) -> None:
-    async with serve_api(DIFY, tmp_path) as served:
-        served.fake.replies.append(Reply("dify/error_stream.sse"))
-        status, _, raw = await post_raw(
-            served.proxy, {"model": DIFY.model, "input": "Hello", "stream": True},
-            headers=CHAT)
-    assert status == 200
-    events = [orjson.loads(line[6:]) for line in raw.split(b"\n")
-              if line.startswith(b"data: {")]
-    failed = events[-1]
-    assert failed["type"] == "response.failed"
-    assert "Rate limit reached" in failed["response"]["error"]["message"]
-
-
 async def test_responses_previous_response_id_is_refused_on_a_custom_route(
     tmp_path: Path,
 ) -> None:

@@ -216,7 +216,9 @@ async def test_a_custom_upstream_error_event_is_a_strictly_typed_response_failed
             served.proxy, {"model": DIFY.model, "input": "Hello", "stream": True},
             headers={"X-Session-Id": "chat-0"})
     assert status == 200
-    assert assert_responses_stream(raw)["status"] == "failed"
+    failed = assert_responses_stream(raw)
+    assert failed["status"] == "failed"
+    assert "Rate limit reached" in failed["error"]["message"]
 
 
 @pytest.mark.parametrize("mode", ["", "stream_error_event", "midstream_drop"],
